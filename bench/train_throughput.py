@@ -1,0 +1,120 @@
+"""Training throughput: deepzip's step vs a plain PyTorch loop, same model, batch and run.
+
+deepzip: the in-memory uint8 CIFAR-10 tensor, batch-wise crop/flip, bf16 autocast and
+channels_last (CPU) or AMP (CUDA). Baseline: fp32, a per-sample ``DataLoader`` over a
+``Dataset`` applying torchvision-style transforms (pad+random crop, flip, normalize) to
+each image in Python, as most CIFAR training scripts do.
+
+    python bench/train_throughput.py --data-dir ../shared/data [--steps 40] [--workers 0]
+
+Prints images/s of each, their ratio, and the share of step time spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from deepzip.data import CIFAR10_MEAN, CIFAR10_STD, BatchLoader, load_cifar10
+from deepzip.models import get
+from deepzip.train import _autocast, default_device
+
+
+class PerSampleCifar(Dataset):
+    """torchvision-style per-image transforms, written in plain torch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float() / 255  # ToTensor
+        x = F.pad(x, (4, 4, 4, 4))  # RandomCrop(32, padding=4)
+        dy, dx = torch.randint(0, 9, (2,)).tolist()
+        x = x[:, dy:dy + 32, dx:dx + 32]
+        if torch.rand(()) < 0.5:  # RandomHorizontalFlip
+            x = x.flip(2)
+        return (x - self.mean) / self.std, self.labels[i]  # Normalize
+
+
+def measure(model, batches, steps, autocast, device, channels_last) -> tuple[float, float]:
+    """(images/s, share of wall time spent fetching batches) over ``steps`` steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    it = iter(batches)
+    data_t, n = 0.0, 0
+    for step in range(steps + 5):
+        if step == 5:  # warm-up done
+            sync(device)
+            t0, data_t, n = time.perf_counter(), 0.0, 0
+        td = time.perf_counter()
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync(device)
+        data_t += time.perf_counter() - td
+        with autocast:
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(y)
+    sync(device)
+    total = time.perf_counter() - t0
+    return n / total, data_t / total
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
+    args = ap.parse_args()
+    device = default_device()
+    train = load_cifar10(args.data_dir, train=True)
+
+    torch.manual_seed(0)
+    ours_loader = BatchLoader(train, args.batch_size, train=True, device=device,
+                              channels_last=True)
+    autocast, _ = _autocast(device, "auto")
+    ours, ours_data = measure(get("resnet20").to(device), _cycle(ours_loader), args.steps,
+                              autocast, device, channels_last=True)
+
+    torch.manual_seed(0)
+    base_loader = DataLoader(PerSampleCifar(train.images, train.labels), args.batch_size,
+                             shuffle=True, drop_last=True, num_workers=args.workers,
+                             persistent_workers=args.workers > 0)
+    fp32, _ = _autocast(device, "fp32")
+    base, base_data = measure(get("resnet20").to(device), _cycle(base_loader), args.steps,
+                              fp32, device, channels_last=False)
+
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch_size}, {args.steps} timed steps each")
+    print(f"deepzip   : {ours:8.0f} images/s, data {ours_data * 100:5.1f}% of step time")
+    print(f"plain fp32: {base:8.0f} images/s, data {base_data * 100:5.1f}% of step time "
+          f"(DataLoader, {args.workers} workers)")
+    print(f"ratio     : {ours / base:.2f}x")
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""deepzip: Deep Compression (pruning, trained weight sharing, Huffman coding) for PyTorch."""
+
+from .errors import DeepzipError
+from .models import ModelSpec, load_checkpoint, pretrained, save_checkpoint
+from .train import TrainConfig, evaluate, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DeepzipError",
+    "ModelSpec",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "load_checkpoint",
+    "pretrained",
+    "save_checkpoint",
+]

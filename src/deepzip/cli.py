@@ -1,0 +1,330 @@
+"""The ``deepzip`` command: a thin layer over the Python API.
+
+User mistakes (bad arguments, missing files, mismatched checkpoints) end with one line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .data import BatchLoader, load_cifar10, parse_normalize
+from .errors import DeepzipError
+from .models import ModelSpec, available, load_checkpoint, pretrained, save_checkpoint
+from .train import TrainConfig, default_device, evaluate, fit
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ "
+                   "(default: $DEEPZIP_DATA, then ~/.cache/deepzip/data)")
+    g.add_argument("--download", action="store_true",
+                   help="download CIFAR-10 into the data folder if it is missing")
+    g.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="use only the first N images of each split (quick runs)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, positional: bool) -> None:
+    if positional:
+        p.add_argument("model", metavar="MODEL",
+                       help="checkpoint path, or the name of a shipped model (resnet20)")
+    p.add_argument("--arch", default=None, choices=available(),
+                   help="architecture of a checkpoint without deepzip metadata "
+                        "(default: resnet20)")
+    p.add_argument("--normalize", default=None, metavar="SPEC",
+                   help="input normalization the weights were trained with: cifar, imagenet "
+                        "or R,G,B/R,G,B (default: from the checkpoint, else cifar)")
+
+
+def _spec_overrides(args: argparse.Namespace, spec: ModelSpec) -> ModelSpec:
+    if args.normalize:
+        mean, std = parse_normalize(args.normalize)
+        spec = dataclasses.replace(spec, mean=mean, std=std)
+    return spec
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec]:
+    """MODEL argument -> (model, spec): a checkpoint file or a shipped model's name."""
+    if not os.path.exists(args.model) and args.model in ("resnet20",):
+        model, spec = pretrained(args.model)
+    else:
+        spec = ModelSpec(arch=args.arch) if args.arch else None
+        if spec is not None and args.normalize:
+            spec = _spec_overrides(args, spec)
+        model, spec = load_checkpoint(args.model, spec)
+    return model, _spec_overrides(args, spec)
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device is None:
+        return default_device()
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise DeepzipError(f"bad --device {args.device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeepzipError("--device cuda requested but CUDA is not available")
+    return dev
+
+
+def _load_split(args: argparse.Namespace, train: bool):
+    split = load_cifar10(args.data_dir, train=train, download=args.download)
+    if args.subset is not None:
+        if args.subset < 1:
+            raise DeepzipError(f"--subset must be >= 1, got {args.subset}")
+        split = split.subset(args.subset)
+    return split
+
+
+def test_loader(args: argparse.Namespace, spec: ModelSpec,
+                batch_size: int = 500) -> BatchLoader:
+    return BatchLoader(_load_split(args, train=False), batch_size, mean=spec.mean,
+                       std=spec.std, device=_device(args))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    mean, std = parse_normalize(args.normalize or "cifar")
+    spec = ModelSpec(arch=args.arch or "resnet20", mean=mean, std=std)
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        seed=args.seed, precision=args.precision,
+    )
+    torch.manual_seed(cfg.seed)
+    model = spec.build()
+    device = _device(args)
+    train = BatchLoader(_load_split(args, train=True), cfg.batch_size, train=True,
+                        mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
+                        channels_last=cfg.channels_last)
+    test = test_loader(args, spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
+    t0 = time.time()
+    history = fit(model, train, cfg, test_loader=test, out_dir=out, resume=args.resume,
+                  desc=spec.arch)
+    save_checkpoint(model, spec, out / "model.pt")
+    final = history[-1] if history else {}
+    print(f"saved {out / 'model.pt'}; test accuracy {final.get('test_acc', float('nan')):.4f}"
+          f" after {len(history)} epochs ({(time.time() - t0) / 60:.1f} min this run)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, spec = resolve_model(args)
+    model.to(_device(args))
+    loss, acc = evaluate(model, test_loader(args, spec, args.batch_size))
+    n = args.subset or 10000
+    result = {"model": args.model, "arch": spec.arch, "test_acc": acc, "test_loss": loss,
+              "images": n, "mean": list(spec.mean), "std": list(spec.std)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model}: test accuracy {acc * 100:.2f}% on {n} CIFAR-10 test images "
+              f"(loss {loss:.4f})")
+    return 0
+
+
+def _write_json(path: Path, obj: object) -> None:
+    from .atomic import atomic_write
+
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _prune_config(args: argparse.Namespace):
+    from .prune import PruneConfig
+
+    amount = {"percentile": args.q, "std": args.s, "global": args.sparsity}[args.method]
+    if amount is None:
+        flag = {"percentile": "--q", "std": "--s", "global": "--sparsity"}[args.method]
+        raise DeepzipError(f"--method {args.method} needs {flag}")
+    return PruneConfig(args.method, amount, include=args.include or ["*"],
+                       exclude=args.exclude or [])
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .prune import bake_, finetune_after_prune, prune_, sparsity_of
+    from .report import summary
+
+    pcfg = _prune_config(args)
+    model, spec = resolve_model(args)
+    device = _device(args)
+    test = test_loader(args, spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    _, acc0 = evaluate(model, test)
+    prune_(model, pcfg)
+    _, acc1 = evaluate(model, test)
+    result = {"method": pcfg.method, "amount": pcfg.amount, "sparsity": sparsity_of(model),
+              "acc_before": acc0, "acc_pruned": acc1}
+    print(f"pruned ({pcfg.method} {pcfg.amount}): sparsity {result['sparsity']:.4f}, "
+          f"accuracy {acc0 * 100:.2f}% -> {acc1 * 100:.2f}%")
+    if args.finetune_epochs:
+        cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+                          weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed)
+        train = BatchLoader(_load_split(args, train=True), cfg.batch_size, train=True,
+                            mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
+                            channels_last=cfg.channels_last)
+        finetune_after_prune(model, train, cfg, test_loader=test, out_dir=out,
+                             resume=args.resume, desc="retrain")
+        _, result["acc_retrained"] = evaluate(model, test)
+        result["finetune"] = dataclasses.asdict(cfg)
+        print(f"after {cfg.epochs} epochs of masked retraining: "
+              f"{result['acc_retrained'] * 100:.2f}%")
+    bake_(model)
+    save_checkpoint(model, spec, out / "model.pt")
+    _write_json(out / "prune.json", {**result, "summary": summary(model)})
+    print(f"saved {out / 'model.pt'} and {out / 'prune.json'}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .report import plot_filter_norms, structure, summary, text_table
+
+    model, _ = resolve_model(args)
+    s = summary(model)
+    if args.structure:
+        s["structure"] = structure(model, args.structure)
+    if args.plot:
+        plot_filter_norms(model, args.structure or [n["name"] for n in s["layers"][:1]],
+                          args.plot, title=str(args.model))
+    if args.json:
+        print(json.dumps(s))
+        return 0
+    rows = s["layers"] + [{"name": "total", **s["total"]}]
+    print(text_table(rows, ["name", "shape", "params", "nonzero", "sparsity"]))
+    print(f"(+{s['total']['other_params']} bias/BatchNorm parameters, not pruned)")
+    for name, st in s.get("structure", {}).items():
+        zf = st["filter_zero_fraction"]
+        print(f"{name}: {st['empty_filters']}/{len(zf)} all-zero filters, "
+              f"{st['empty_channels']}/{len(st['channel_zero_fraction'])} all-zero input "
+              f"channels; filter zero fraction {min(zf):.2f}..{max(zf):.2f}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .prune import sensitivity, targets_from_sensitivity
+    from .report import plot_sensitivity, write_csv
+
+    model, spec = resolve_model(args)
+    model.to(_device(args))
+    test = test_loader(args, spec)
+    try:
+        levels = tuple(float(v) for v in args.levels.split(","))
+    except ValueError:
+        raise DeepzipError(f"bad --levels {args.levels!r}: use e.g. 0.1,0.5,0.9") from None
+    rows = sensitivity(model, lambda m: evaluate(m, test)[1], levels)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "sensitivity.csv", rows)
+    plot_sensitivity(rows, out / "sensitivity.png")
+    targets = targets_from_sensitivity(rows, args.max_drop)
+    _write_json(out / "sensitivity.json", {"rows": rows, "max_drop": args.max_drop,
+                                           "targets": targets})
+    print(f"wrote {out}/sensitivity.csv, .json, .png; per-layer targets within "
+          f"{args.max_drop * 100:.1f} points: " + ", ".join(f"{k}={v}" for k, v in
+                                                           targets.items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepzip", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"deepzip {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model from scratch on CIFAR-10")
+    t.add_argument("--model", dest="arch", default="resnet20", choices=available())
+    t.add_argument("--normalize", default=None, metavar="SPEC",
+                   help="cifar (default), imagenet, or R,G,B/R,G,B")
+    d = TrainConfig()
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--schedule", default=d.schedule, choices=["cosine", "multistep",
+                                                              "onecycle", "constant"])
+    t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp16", "fp32"])
+    t.add_argument("--out", required=True, help="output folder (checkpoints, log, model.pt)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _add_data_args(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="test accuracy of a model on CIFAR-10")
+    _add_model_args(e, positional=True)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_data_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("prune", help="magnitude-prune a model, optionally retrain with masks")
+    _add_model_args(pr, positional=True)
+    pr.add_argument("--method", default="percentile", choices=["percentile", "std", "global"])
+    pr.add_argument("--q", type=float, help="percentile: fraction of each layer to prune")
+    pr.add_argument("--s", type=float, help="std: prune |w| < s * std(w) per layer")
+    pr.add_argument("--sparsity", type=float, help="global: model-wide fraction to prune")
+    pr.add_argument("--include", action="append", metavar="GLOB",
+                    help="only layers matching (repeatable; default all Conv/Linear)")
+    pr.add_argument("--exclude", action="append", metavar="GLOB",
+                    help="skip layers matching, e.g. --exclude conv1 --exclude linear")
+    pr.add_argument("--finetune-epochs", type=int, default=0)
+    ft = TrainConfig(lr=0.01)
+    pr.add_argument("--lr", type=float, default=ft.lr)
+    pr.add_argument("--batch-size", type=int, default=ft.batch_size)
+    pr.add_argument("--weight-decay", type=float, default=ft.weight_decay)
+    pr.add_argument("--schedule", default="cosine",
+                    choices=["cosine", "multistep", "onecycle", "constant"])
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", "-o", required=True, help="output folder (model.pt, prune.json)")
+    pr.add_argument("--resume", action="store_true", help="continue retraining from OUT")
+    _add_data_args(pr)
+    pr.set_defaults(func=cmd_prune)
+
+    sm = sub.add_parser("summary", help="per-layer parameters, nonzeros and sparsity")
+    _add_model_args(sm, positional=True)
+    sm.add_argument("--structure", nargs="+", metavar="LAYER",
+                    help="per-filter/per-channel zero fraction and L1 norm of these layers")
+    sm.add_argument("--plot", metavar="PNG", help="plot per-filter L1 norms of --structure")
+    sm.add_argument("--json", action="store_true")
+    sm.set_defaults(func=cmd_summary)
+
+    se = sub.add_parser("sensitivity", help="prune each layer alone at several levels")
+    _add_model_args(se, positional=True)
+    se.add_argument("--levels", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    se.add_argument("--max-drop", type=float, default=0.01,
+                    help="accuracy budget per layer for the derived targets (0.01 = 1 point)")
+    se.add_argument("--out", "-o", required=True)
+    _add_data_args(se)
+    se.set_defaults(func=cmd_sensitivity)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DeepzipError as e:
+        print(f"deepzip: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepzip: interrupted", file=sys.stderr)
+        return 130

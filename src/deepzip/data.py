@@ -1,0 +1,262 @@
+"""CIFAR-10 from the standard python layout, held in memory as uint8, with batch augmentation.
+
+Why not torchvision's dataset + DataLoader: per-image PIL transforms in Python cost more
+than a ResNet-20 training step on a small CPU. Here the whole set is one uint8 tensor and
+random-crop/flip run on whole batches as tensor ops (see ``bench/train_throughput.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DeepzipError
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BatchLoader",
+    "Cifar10",
+    "download_cifar10",
+    "load_cifar10",
+    "parse_normalize",
+    "resolve_data_root",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_TGZ_MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+ENV_VAR = "DEEPZIP_DATA"
+_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+_TEST_FILES = ["test_batch"]
+
+
+def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``cifar`` | ``imagenet`` | ``R,G,B/R,G,B`` -> (mean, std)."""
+    key = text.strip().lower()
+    if key == "cifar":
+        return CIFAR10_MEAN, CIFAR10_STD
+    if key == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        mean_s, std_s = key.split("/")
+        mean = tuple(float(v) for v in mean_s.split(","))
+        std = tuple(float(v) for v in std_s.split(","))
+    except ValueError:
+        mean = std = ()
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise DeepzipError(
+            f"bad --normalize {text!r}: use cifar, imagenet, or R,G,B/R,G,B with positive std"
+        )
+    return mean, std
+
+
+def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data root: ``data_dir``, else ``$DEEPZIP_DATA``, else the per-user cache folder."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "deepzip" / "data"
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Allows only what a CIFAR batch needs: numpy arrays and builtin containers."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            raw = _RestrictedUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DeepzipError(f"{path}: not a CIFAR-10 batch ({e})") from None
+    if not isinstance(raw, dict):
+        raise DeepzipError(f"{path}: not a CIFAR-10 batch (top level is not a dict)")
+    d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    if "data" not in d or "labels" not in d:
+        raise DeepzipError(f"{path}: missing 'data' or 'labels'")
+    data, labels = d["data"], np.asarray(d["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        raise DeepzipError(f"{path}: 'data' must be uint8 of shape (N, 3072)")
+    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+        raise DeepzipError(f"{path}: 'labels' must be N integers")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DeepzipError(f"{path}: labels outside 0..9")
+    return data, labels
+
+
+@dataclass
+class Cifar10:
+    """One split in memory: ``images`` uint8 (N, 3, 32, 32), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def subset(self, n: int) -> Cifar10:
+        """The first ``n`` images (for quick tests and smoke runs)."""
+        return Cifar10(self.images[:n], self.labels[:n])
+
+
+def download_cifar10(root: Path) -> None:
+    """Fetch the official tarball, verify its md5, unpack into ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        tgz = Path(tmp) / "cifar-10-python.tar.gz"
+        try:
+            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as r, open(tgz, "wb") as f:
+                shutil.copyfileobj(r, f)
+        except OSError as e:
+            raise DeepzipError(f"download of {CIFAR10_URL} failed: {e}") from None
+        md5 = hashlib.md5(tgz.read_bytes()).hexdigest()
+        if md5 != CIFAR10_TGZ_MD5:
+            raise DeepzipError(f"downloaded archive has md5 {md5}, expected {CIFAR10_TGZ_MD5}")
+        with tarfile.open(tgz) as t:
+            t.extractall(tmp, filter="data")
+        shutil.move(str(Path(tmp) / FOLDER), str(root / FOLDER))
+
+
+def load_cifar10(
+    root: str | os.PathLike[str] | None = None, train: bool = True, download: bool = False
+) -> Cifar10:
+    """Load one split from ``root/cifar-10-batches-py`` (the torchvision layout).
+
+    >>> test = load_cifar10("../shared/data", train=False)  # doctest: +SKIP
+    >>> test.images.shape
+    torch.Size([10000, 3, 32, 32])
+    """
+    base = resolve_data_root(root)
+    folder = base / FOLDER
+    files = _TRAIN_FILES if train else _TEST_FILES
+    if not all((folder / f).is_file() for f in files):
+        if not download:
+            raise DeepzipError(
+                f"CIFAR-10 not found at {folder}; pass --data-dir DIR (the folder holding "
+                f"{FOLDER}/) or --download"
+            )
+        download_cifar10(base)
+    parts = [_read_batch(folder / f) for f in files]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    expected = 50000 if train else 10000
+    if len(labels) != expected:
+        raise DeepzipError(f"{folder}: expected {expected} images, found {len(labels)}")
+    images = torch.from_numpy(data).view(-1, 3, 32, 32)
+    return Cifar10(images, torch.from_numpy(labels.astype(np.int64)))
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with ``pad``-pixel zero padding and random horizontal flip, per image.
+
+    Works on a whole (B, C, H, W) batch with one gather: no per-image Python.
+    """
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dev = x.device
+    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device="cpu").to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device="cpu").to(dev)
+    flip = torch.rand(b, generator=generator, device="cpu").to(dev) < 0.5
+    rows = oy + torch.arange(h, device=dev)  # (B, H)
+    cols = ox + torch.arange(w, device=dev)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    bidx = torch.arange(b, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class BatchLoader:
+    """Iterates normalized float batches from an in-memory uint8 split.
+
+    Shuffling and augmentation draw from a seeded generator, so a run is reproducible and
+    ``state_dict()`` lets an interrupted run resume with the same stream.
+    """
+
+    def __init__(
+        self,
+        split: Cifar10,
+        batch_size: int = 128,
+        *,
+        train: bool = False,
+        mean: tuple[float, ...] = CIFAR10_MEAN,
+        std: tuple[float, ...] = CIFAR10_STD,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise DeepzipError(f"batch size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.channels_last = channels_last
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
+        self.std = torch.tensor(std, device=self.device).view(shape) * 255
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = self.labels.numel()
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.train else self.labels.numel()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.labels.numel()
+        if self.train:  # drop the last partial batch: BatchNorm dislikes tiny batches
+            order = torch.randperm(n, generator=self.generator).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.train:
+                x = augment_batch(x, self.generator)
+            x = (x.float() - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,255 @@
+"""One training loop for everything: baseline training, masked retraining, centroid training.
+
+Later stages reuse :func:`fit` through two hooks instead of copying it: ``param_filter``
+picks which parameters the optimizer updates, and ``after_step`` runs after every
+optimizer step (e.g. to re-apply masks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .atomic import atomic_torch_save, atomic_write
+from .data import BatchLoader
+from .errors import DeepzipError
+
+__all__ = ["TrainConfig", "default_device", "evaluate", "fit", "lr_factor"]
+
+SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Settings for :func:`fit`. Defaults are the recipe of the shipped ResNet-20 baseline."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of the run
+    gamma: float = 0.1  # multistep: lr factor at each milestone
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    precision: str = "auto"  # training autocast; evaluation is always fp32
+    channels_last: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the log, not used
+
+    def __post_init__(self) -> None:
+        self.milestones = tuple(float(m) for m in self.milestones)
+        problems = []
+        if self.epochs < 0:
+            problems.append(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if any(not 0 < m < 1 for m in self.milestones):
+            problems.append(f"milestones are fractions in (0, 1), got {self.milestones}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if problems:
+            raise DeepzipError("bad training config: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DeepzipError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` of ``total`` (a pure function)."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)  # progress after warmup, in [0, 1)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "multistep":
+        return cfg.gamma ** sum(step >= m * total for m in cfg.milestones)
+    if cfg.schedule == "onecycle":  # 30% linear ramp from lr/25, then cosine to ~0
+        peak = 0.3
+        if t < peak:
+            return 0.04 + 0.96 * t / peak
+        return 0.5 * (1 + math.cos(math.pi * (t - peak) / (1 - peak)))
+    return 1.0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager,
+                                                             bool]:
+    """(context, needs_grad_scaler) for the training forward pass."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16"
+    if precision == "fp32":
+        return contextlib.nullcontext(), False
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), precision == "fp16"
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy, in fp32 (no autocast)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        out = model(x.float())
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    if n == 0:
+        raise DeepzipError("evaluation set is empty")
+    return loss_sum / n, correct / n
+
+
+def fit(
+    model: nn.Module,
+    train_loader: BatchLoader,
+    cfg: TrainConfig,
+    *,
+    test_loader: BatchLoader | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    param_filter: Callable[[str, nn.Parameter], bool] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    desc: str = "train",
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place with SGD; return per-epoch metrics.
+
+    With ``out_dir``, each epoch atomically rewrites ``checkpoint.pt`` and
+    ``metrics.jsonl``; ``resume=True`` continues from that checkpoint.
+
+    >>> loader = BatchLoader(train, 128, train=True)  # doctest: +SKIP
+    >>> history = fit(model, loader, TrainConfig(epochs=1))  # doctest: +SKIP
+    """
+    device = train_loader.device
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if param_filter is not None:
+        named = [(n, p) for n, p in named if param_filter(n, p)]
+    if not named:
+        raise DeepzipError("no parameters to train (param_filter selected none)")
+    opt = torch.optim.SGD([p for _, p in named], lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov and cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise DeepzipError("training set is smaller than one batch")
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, cfg, steps_per_epoch))
+    autocast, use_scaler = _autocast(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt_path = out / "checkpoint.pt" if out else None
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt_path.is_file():
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            train_loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["torch_rng"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"])
+            print(f"resuming {desc} from {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            with autocast:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if after_step is not None:
+                after_step(model)
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.numel()
+            if i % 20 == 0:
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                                acc=f"{correct.item() / seen:.3f}", img_s=f"{rate:.0f}")
+        train_time = time.perf_counter() - t0
+        rec: dict[str, Any] = {
+            "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+            "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "images_per_s": seen / train_time, "train_time_s": train_time,
+        }
+        if test_loader is not None:
+            rec["test_loss"], rec["test_acc"] = evaluate(model, test_loader)
+        history.append(rec)
+        print(f"{desc} epoch {epoch + 1}/{cfg.epochs} " + " ".join(
+            f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"), flush=True)
+        if out:
+            atomic_torch_save({
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "loader": train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
+                "history": history, "epoch": epoch + 1, "config": _plain(asdict(cfg)),
+            }, ckpt_path)
+            with atomic_write(out / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in history)
+    if out:
+        with atomic_write(out / "train_config.json", "w") as f:
+            json.dump(_plain(asdict(cfg)), f, indent=2)
+    return history
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -1,0 +1,171 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from deepzip import DeepzipError, TrainConfig, fit
+from deepzip.data import BatchLoader, Cifar10
+from deepzip.models import get
+from deepzip.prune import (
+    AGPSchedule,
+    PruneConfig,
+    agp_sparsity,
+    bake_,
+    global_masks,
+    masks,
+    percentile_mask,
+    prunable_layers,
+    prune_,
+    restore_masks_,
+    sensitivity,
+    sparsity_of,
+    std_mask,
+    std_threshold,
+    targets_from_sensitivity,
+)
+from deepzip.report import structure, summary
+
+
+@pytest.mark.parametrize("shape", [(7,), (16, 3, 3, 3), (64, 32, 3, 3), (10, 64), (1,)])
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.64, 0.75, 0.99])
+def test_percentile_sparsity_within_one_weight(shape, q):
+    w = torch.randn(shape)
+    mask = percentile_mask(w, q)
+    assert abs((mask == 0).sum().item() - q * w.numel()) <= 0.5 + 1e-9
+    kept, pruned = w[mask == 1].abs(), w[mask == 0].abs()
+    if kept.numel() and pruned.numel():
+        assert pruned.max() <= kept.min()
+
+
+def test_percentile_with_ties_is_exact():
+    w = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    assert (percentile_mask(w, 0.75) == 0).sum() == 6
+
+
+def test_std_threshold_is_s_times_std():
+    w = torch.randn(1000)
+    for s in [0.0, 0.25, 0.5, 1.0]:
+        thr = std_threshold(w, s)
+        assert thr == pytest.approx(s * w.std().item(), rel=1e-6)
+        assert torch.equal(std_mask(w, s), (w.abs() >= thr).float())
+
+
+def test_global_meets_sparsity_exactly():
+    ws = {"a": torch.randn(100, 10), "b": torch.randn(37) * 3, "c": torch.randn(5, 5, 3, 3)}
+    n = sum(w.numel() for w in ws.values())
+    for sp in [0.0, 0.3, 0.8, 0.95]:
+        ms = global_masks(ws, sp)
+        assert sum(int((m == 0).sum()) for m in ms.values()) == round(sp * n)
+    ms = global_masks(ws, 0.5)
+    assert (ms["b"] == 0).float().mean() < (ms["a"] == 0).float().mean()  # larger weights
+
+
+@pytest.mark.parametrize("bad", [lambda: percentile_mask(torch.randn(3), 1.0),
+                                 lambda: percentile_mask(torch.randn(3), -0.1),
+                                 lambda: std_threshold(torch.randn(3), -1),
+                                 lambda: std_threshold(torch.randn(3), float("nan")),
+                                 lambda: global_masks({"a": torch.randn(3)}, 1.0),
+                                 lambda: PruneConfig("magic", 0.5),
+                                 lambda: PruneConfig("percentile", 1.5),
+                                 lambda: PruneConfig("std", -0.5)])
+def test_out_of_range_is_a_clear_error(bad):
+    with pytest.raises(DeepzipError):
+        bad()
+
+
+def test_prune_model_include_exclude_and_bake_keeps_outputs():
+    torch.manual_seed(0)
+    model = get("resnet20").eval()
+    x = torch.randn(4, 3, 32, 32)
+    sp = prune_(model, PruneConfig("percentile", 0.5, exclude=["conv1", "linear"]))
+    assert "conv1" not in sp and "linear" not in sp and len(sp) == 18
+    assert all(abs(v - 0.5) < 1e-3 for v in sp.values())
+    assert isinstance(model.layer1[0].conv1.weight_orig, nn.Parameter)
+    out = model(x)
+    bake_(model)
+    assert not masks(model)
+    assert isinstance(model.layer1[0].conv1.weight, nn.Parameter)
+    assert torch.equal(model(x), out)
+    assert set(model.state_dict()) == set(get("resnet20").state_dict())
+    restored = restore_masks_(model)
+    assert len(restored) == 18 and torch.equal(model(x), out)
+
+
+def test_repeated_pruning_tightens_and_keeps_zeros():
+    torch.manual_seed(0)
+    model = get("resnet20")
+    prune_(model, PruneConfig("percentile", 0.5))
+    first = {n: m.clone() for n, m in masks(model).items()}
+    sp = prune_(model, PruneConfig("percentile", 0.64))
+    for n, m in masks(model).items():
+        assert torch.all(m <= first[n])
+        assert abs(sp[n] - 0.64) < 2 / m.numel() + 1e-6
+
+
+def _random_loader(n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return BatchLoader(Cifar10(images, torch.randint(0, 10, (n,), generator=g)), 64,
+                       train=True, channels_last=True)
+
+
+def test_masks_survive_training_with_momentum_and_weight_decay():
+    torch.manual_seed(0)
+    model = get("resnet20")
+    prune_(model, PruneConfig("global", 0.8))
+    before = {n: m.clone() for n, m in masks(model).items()}
+    fit(model, _random_loader(), TrainConfig(epochs=6, lr=0.1, momentum=0.9,
+                                             weight_decay=5e-3, schedule="constant"))
+    for name, m in prunable_layers(model):
+        assert torch.equal(m.weight_mask, before[name])
+        assert torch.all(m.weight[before[name] == 0] == 0), name
+    changed = model.layer2[0].conv1.weight[before["layer2.0.conv1"] == 1]
+    assert changed.abs().sum() > 0
+    assert sparsity_of(bake_(model)) == pytest.approx(0.8, abs=1e-5)
+
+
+def test_agp_ramp_and_hook():
+    assert agp_sparsity(0, 0.0, 0.8, 0, 100) == 0.0
+    assert agp_sparsity(100, 0.0, 0.8, 0, 100) == pytest.approx(0.8)
+    assert agp_sparsity(50, 0.0, 0.8, 0, 100) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert agp_sparsity(200, 0.0, 0.8, 0, 100) == pytest.approx(0.8)
+    torch.manual_seed(0)
+    model = get("resnet20")
+    agp = AGPSchedule(model, final=0.7, start=0, end=16, frequency=4,
+                      per_layer={"linear": 0.3})
+    fit(model, _random_loader(), TrainConfig(epochs=2, lr=0.01), after_step=agp)  # 16 steps
+    sp = {n: 1 - float(m.mean()) for n, m in masks(model).items()}
+    assert sp["linear"] == pytest.approx(0.3, abs=1e-3)
+    assert sp["layer3.2.conv2"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_summary_and_structure():
+    model = get("resnet20")
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[3] = 0  # one all-zero filter
+    s = summary(model)
+    assert s["total"]["params"] + s["total"]["other_params"] == 269_722
+    row = next(r for r in s["layers"] if r["name"] == "layer1.0.conv1")
+    assert row["nonzero"] == 2304 - 144 and row["sparsity"] == pytest.approx(1 / 16)
+    st = structure(model, ["layer1.0.conv1"])["layer1.0.conv1"]
+    assert st["empty_filters"] == 1 and st["filter_zero_fraction"][3] == 1.0
+    assert st["empty_channels"] == 0 and len(st["channel_l1"]) == 16
+    with pytest.raises(DeepzipError, match="no Conv/Linear layer"):
+        structure(model, ["layer9"])
+
+
+def test_sensitivity_leaves_model_alone_and_targets():
+    model = get("resnet20")
+    ref = copy.deepcopy(model.state_dict())
+    rows = sensitivity(model, lambda m: 1 - sparsity_of(m), (0.5, 0.9), progress=False)
+    assert len(rows) == 1 + 20 * 2
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    r = next(r for r in rows if r["layer"] == "linear" and r["level"] == 0.9)
+    assert r["accuracy"] == pytest.approx(1 - 576 / 268336, abs=1e-6)
+    fake = [{"layer": "(none)", "level": 0, "accuracy": 0.9},
+            {"layer": "a", "level": 0.5, "accuracy": 0.9}, {"layer": "a", "level": 0.7,
+                                                           "accuracy": 0.85},
+            {"layer": "a", "level": 0.9, "accuracy": 0.9},  # lucky point after a failure
+            {"layer": "b", "level": 0.5, "accuracy": 0.7}]
+    assert targets_from_sensitivity(fake, 0.01) == {"a": 0.5, "b": 0.0}
