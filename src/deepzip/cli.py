@@ -23,6 +23,8 @@ from . import __version__
 from .data import BatchLoader, load_cifar10, parse_normalize
 from .errors import DeepzipError
 from .models import ModelSpec, available, load_checkpoint, pretrained, save_checkpoint
+from .prune import FINETUNE
+from .quantize import CENTROID_TRAINING, INITS
 from .train import TrainConfig, default_device, evaluate, fit
 
 
@@ -49,23 +51,21 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool) -> None:
                         "or R,G,B/R,G,B (default: from the checkpoint, else cifar)")
 
 
-def _spec_overrides(args: argparse.Namespace, spec: ModelSpec) -> ModelSpec:
-    if args.normalize:
-        mean, std = parse_normalize(args.normalize)
-        spec = dataclasses.replace(spec, mean=mean, std=std)
-    return spec
-
-
 def resolve_model(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec]:
-    """MODEL argument -> (model, spec): a checkpoint file or a shipped model's name."""
+    """MODEL argument -> (model, spec): a checkpoint file or a shipped model's name.
+
+    ``--normalize`` overrides the checkpoint's own normalization; ``--arch`` names the
+    architecture of a checkpoint that carries no deepzip metadata.
+    """
+    norm = parse_normalize(args.normalize) if args.normalize else None  # fail before loading
     if not os.path.exists(args.model) and args.model in ("resnet20",):
         model, spec = pretrained(args.model)
     else:
-        spec = ModelSpec(arch=args.arch) if args.arch else None
-        if spec is not None and args.normalize:
-            spec = _spec_overrides(args, spec)
-        model, spec = load_checkpoint(args.model, spec)
-    return model, _spec_overrides(args, spec)
+        model, spec = load_checkpoint(args.model, ModelSpec(arch=args.arch) if args.arch
+                                      else None)
+    if norm:
+        spec = dataclasses.replace(spec, mean=norm[0], std=norm[1])
+    return model, spec
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -95,6 +95,29 @@ def test_loader(args: argparse.Namespace, spec: ModelSpec,
                        std=spec.std, device=_device(args))
 
 
+def train_loader(args: argparse.Namespace, spec: ModelSpec, cfg: TrainConfig) -> BatchLoader:
+    return BatchLoader(_load_split(args, train=True), cfg.batch_size, train=True,
+                       mean=spec.mean, std=spec.std, device=_device(args), seed=cfg.seed,
+                       channels_last=cfg.channels_last)
+
+
+def _add_finetune_args(p: argparse.ArgumentParser, what: str, d: TrainConfig) -> None:
+    g = p.add_argument_group(what)
+    g.add_argument("--finetune-epochs", type=int, default=0, help=f"{what} epochs (0: none)")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", default=d.schedule,
+                   choices=["cosine", "multistep", "onecycle", "constant"])
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--resume", action="store_true", help=f"continue {what} from OUT")
+
+
+def _finetune_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
+                       weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     mean, std = parse_normalize(args.normalize or "cifar")
     spec = ModelSpec(arch=args.arch or "resnet20", mean=mean, std=std)
@@ -106,10 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(cfg.seed)
     model = spec.build()
-    device = _device(args)
-    train = BatchLoader(_load_split(args, train=True), cfg.batch_size, train=True,
-                        mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
-                        channels_last=cfg.channels_last)
+    train = train_loader(args, spec, cfg)
     test = test_loader(args, spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,13 +197,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"pruned ({pcfg.method} {pcfg.amount}): sparsity {result['sparsity']:.4f}, "
           f"accuracy {acc0 * 100:.2f}% -> {acc1 * 100:.2f}%")
     if args.finetune_epochs:
-        cfg = TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
-                          weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed)
-        train = BatchLoader(_load_split(args, train=True), cfg.batch_size, train=True,
-                            mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
-                            channels_last=cfg.channels_last)
-        finetune_after_prune(model, train, cfg, test_loader=test, out_dir=out,
-                             resume=args.resume, desc="retrain")
+        cfg = _finetune_config(args)
+        finetune_after_prune(model, train_loader(args, spec, cfg), cfg, test_loader=test,
+                             out_dir=out, resume=args.resume, desc="retrain")
         _, result["acc_retrained"] = evaluate(model, test)
         result["finetune"] = dataclasses.asdict(cfg)
         print(f"after {cfg.epochs} epochs of masked retraining: "
@@ -192,6 +208,50 @@ def cmd_prune(args: argparse.Namespace) -> int:
     save_checkpoint(model, spec, out / "model.pt")
     _write_json(out / "prune.json", {**result, "summary": summary(model)})
     print(f"saved {out / 'model.pt'} and {out / 'prune.json'}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import QuantizeConfig, codebooks, dequantize_, quantize_, train_centroids
+    from .report import plot_weight_sharing
+
+    qcfg = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv,
+                          bits_linear=args.bits_linear, init=args.init, seed=args.seed,
+                          exclude=args.exclude or [])
+    model, spec = resolve_model(args)
+    model.to(_device(args))
+    test = test_loader(args, spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, acc0 = evaluate(model, test)
+    names = args.plot_layers or []
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in names}
+    layers = quantize_(model, qcfg)
+    _, acc1 = evaluate(model, test)
+    result = {"config": dataclasses.asdict(qcfg), "acc_before": acc0, "acc_quantized": acc1,
+              "layers": layers}
+    print(f"quantized ({args.init} init): accuracy {acc0 * 100:.2f}% -> {acc1 * 100:.2f}%")
+    if args.finetune_epochs:
+        cfg = _finetune_config(args)
+        train_centroids(model, train_loader(args, spec, cfg), cfg, test_loader=test,
+                        out_dir=out, resume=args.resume, desc="centroids")
+        _, result["acc_trained"] = evaluate(model, test)
+        result["finetune"] = dataclasses.asdict(cfg)
+        print(f"after {cfg.epochs} epochs of centroid training: "
+              f"{result['acc_trained'] * 100:.2f}%")
+    books = codebooks(model)
+    missing = [n for n in names if n not in books]
+    if missing:
+        raise DeepzipError(f"--plot-layers: no quantized layer {', '.join(missing)}")
+    after = {n: books[n].codebook.detach().clone() for n in names}
+    dequantize_(model)
+    if names:
+        weights = dict(model.named_modules())
+        plot_weight_sharing([(n, before[n], weights[n].weight, after[n]) for n in names],
+                            out / "weights.png", title=f"{args.model}, {args.init} init")
+    save_checkpoint(model, spec, out / "model.pt")
+    _write_json(out / "quantize.json", result)
+    print(f"saved {out / 'model.pt'} and {out / 'quantize.json'}")
     return 0
 
 
@@ -286,18 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only layers matching (repeatable; default all Conv/Linear)")
     pr.add_argument("--exclude", action="append", metavar="GLOB",
                     help="skip layers matching, e.g. --exclude conv1 --exclude linear")
-    pr.add_argument("--finetune-epochs", type=int, default=0)
-    ft = TrainConfig(lr=0.01)
-    pr.add_argument("--lr", type=float, default=ft.lr)
-    pr.add_argument("--batch-size", type=int, default=ft.batch_size)
-    pr.add_argument("--weight-decay", type=float, default=ft.weight_decay)
-    pr.add_argument("--schedule", default="cosine",
-                    choices=["cosine", "multistep", "onecycle", "constant"])
-    pr.add_argument("--seed", type=int, default=0)
+    _add_finetune_args(pr, "masked retraining", FINETUNE)
     pr.add_argument("--out", "-o", required=True, help="output folder (model.pt, prune.json)")
-    pr.add_argument("--resume", action="store_true", help="continue retraining from OUT")
     _add_data_args(pr)
     pr.set_defaults(func=cmd_prune)
+
+    q = sub.add_parser("quantize", help="k-means weight sharing, optionally trained centroids")
+    _add_model_args(q, positional=True)
+    q.add_argument("--bits", type=int, default=5, help="bits per shared weight (1..8)")
+    q.add_argument("--bits-conv", type=int, help="bits for conv layers (overrides --bits)")
+    q.add_argument("--bits-linear", type=int, help="bits for linear layers")
+    q.add_argument("--init", default="linear", choices=list(INITS))
+    q.add_argument("--exclude", action="append", metavar="GLOB", help="layers to leave alone")
+    q.add_argument("--plot-layers", nargs="+", metavar="LAYER",
+                   help="plot these layers' weights before/after (OUT/weights.png)")
+    _add_finetune_args(q, "centroid training", CENTROID_TRAINING)
+    q.add_argument("--out", "-o", required=True, help="output folder (model.pt, quantize.json)")
+    _add_data_args(q)
+    q.set_defaults(func=cmd_quantize)
 
     sm = sub.add_parser("summary", help="per-layer parameters, nonzeros and sparsity")
     _add_model_args(sm, positional=True)

@@ -12,7 +12,16 @@ from torch import nn
 from .errors import DeepzipError
 from .prune import prunable_layers
 
-__all__ = ["markdown_table", "plot_filter_norms", "structure", "summary", "text_table"]
+__all__ = [
+    "markdown_table",
+    "plot_filter_norms",
+    "plot_sensitivity",
+    "plot_weight_sharing",
+    "structure",
+    "summary",
+    "text_table",
+    "write_csv",
+]
 
 
 def summary(model: nn.Module) -> dict[str, Any]:
@@ -160,5 +169,42 @@ def plot_sensitivity(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str
     ax.set_title("Pruning sensitivity, one layer at a time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]],
+                        path: str | os.PathLike[str], title: str = "") -> None:
+    """Per layer, the nonzero weight distribution before and after weight sharing.
+
+    ``layers``: (name, weights before, weights after, codebook). Centroids are marked as
+    vertical lines on the "before" histogram; "after" shows how many weights share each.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3 * len(layers)), squeeze=False)
+    for (name, before, after, centroids), (ax0, ax1) in zip(layers, axes, strict=True):
+        b = before.detach().flatten().float()
+        b = b[b != 0].cpu().numpy()
+        a = after.detach().flatten().float()
+        a = a[a != 0].cpu()
+        ax0.hist(b, bins=120, color="tab:gray")
+        for c in centroids.detach().cpu().tolist():
+            ax0.axvline(c, color="tab:red", lw=0.6, alpha=0.8)
+        ax0.set_title(f"{name}: {len(b)} nonzero weights, before (red: centroids)")
+        values, counts = torch.unique(a, return_counts=True)
+        span = float(values.max() - values.min()) if len(values) > 1 else 1.0
+        ax1.bar(values.numpy(), counts.numpy(), width=span / 150 + 1e-9, color="tab:red")
+        ax1.set_title(f"{name}: after, {len(values)} shared values")
+        ax1.set_xlim(ax0.get_xlim())
+        for ax in (ax0, ax1):
+            ax.set_xlabel("weight value")
+            ax.set_ylabel("count")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

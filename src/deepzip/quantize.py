@@ -1,0 +1,298 @@
+"""Weight sharing: per-layer 1-D k-means (pure functions) and trained centroids (adapters).
+
+The functional core exploits the 1-D structure: values are sorted once, each cluster is
+then a contiguous run, assignment is ``searchsorted`` on centroid midpoints, and cluster
+sums come from prefix sums, so one Lloyd iteration costs O(k log n) after the sort.
+
+A quantized layer's weight is ``codebook[indices] * mask``, installed as a PyTorch
+parametrization. Autograd of that gather gives each centroid the sum of the gradients of
+the weights assigned to it: the trained quantization of Deep Compression, with the
+indices and the pruning mask fixed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .data import BatchLoader
+from .errors import DeepzipError
+from .prune import bake_, prunable_layers
+from .train import TrainConfig, fit
+
+__all__ = [
+    "INITS",
+    "KMeansResult",
+    "QuantizeConfig",
+    "SharedWeight",
+    "codebooks",
+    "dequantize_",
+    "distinct_nonzero",
+    "init_centroids",
+    "kmeans_1d",
+    "quantize_",
+    "train_centroids",
+]
+
+INITS = ("linear", "kmeans++", "random", "density", "optimal")
+MAX_BITS = 8
+
+
+@dataclass
+class KMeansResult:
+    """Sorted ``centroids`` (K <= 2^bits), ``labels`` per input value, squared ``error``."""
+
+    centroids: np.ndarray
+    labels: np.ndarray
+    error: float
+    iterations: int
+
+
+class _Sorted:
+    """Sorted values with prefix sums of x and x^2: O(1) sum and SSE of any run."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.v = np.sort(values.astype(np.float64))
+        self.s1 = np.concatenate([[0.0], np.cumsum(self.v)])
+        self.s2 = np.concatenate([[0.0], np.cumsum(self.v * self.v)])
+
+    def bounds(self, centroids: np.ndarray) -> np.ndarray:
+        """Run boundaries [0, b1, ..., n] for sorted centroids (nearest-centroid rule)."""
+        mid = (centroids[1:] + centroids[:-1]) / 2
+        return np.concatenate([[0], np.searchsorted(self.v, mid, side="right"), [len(self.v)]])
+
+    def stats(self, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cnt = np.diff(b)
+        s1 = self.s1[b[1:]] - self.s1[b[:-1]]
+        s2 = self.s2[b[1:]] - self.s2[b[:-1]]
+        return cnt, s1, s2
+
+
+def init_centroids(values: np.ndarray, k: int, method: str = "linear",
+                   seed: int = 0) -> np.ndarray:
+    """``k`` starting centroids for 1-D data (sorted, possibly fewer if values repeat).
+
+    linear: evenly spaced over [min, max] (Deep Compression's default); density: evenly
+    spaced in the cumulative distribution; random: k distinct data values (Forgy);
+    kmeans++: D^2 sampling (Arthur & Vassilvitskii); optimal: the exact 1-D k-means
+    optimum (Wang & Song's dynamic programme, via the ``ckmeans`` package).
+    """
+    if method not in INITS:
+        raise DeepzipError(f"k-means init must be one of {INITS}, got {method!r}")
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    uniq = np.unique(v)
+    if len(uniq) <= k:
+        return uniq
+    rng = np.random.default_rng(seed)
+    if method == "linear":
+        c = np.linspace(v[0], v[-1], k)
+    elif method == "density":
+        c = np.quantile(v, (np.arange(k) + 0.5) / k)
+    elif method == "random":
+        c = rng.choice(uniq, size=k, replace=False)
+    elif method == "kmeans++":
+        c = _kmeanspp(v if len(v) <= 200_000 else rng.choice(v, 200_000, replace=False), k, rng)
+    else:
+        c = _optimal(v, k)
+    return np.unique(c)
+
+
+def _kmeanspp(v: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    chosen = [v[rng.integers(len(v))]]
+    d2 = (v - chosen[0]) ** 2
+    for _ in range(k - 1):
+        total = d2.sum()
+        if total <= 0:
+            break
+        x = v[min(np.searchsorted(np.cumsum(d2), rng.random() * total), len(v) - 1)]
+        chosen.append(x)
+        d2 = np.minimum(d2, (v - x) ** 2)
+    return np.array(chosen)
+
+
+def _optimal(v: np.ndarray, k: int) -> np.ndarray:
+    import ckmeans
+
+    if k <= 255:
+        return np.array([c.mean() for c in ckmeans.ckmeans(v, k)])
+    # ckmeans stops at 255 groups: take that optimum and split its costliest group at the
+    # best point, so 8-bit codebooks use all 256 entries.
+    groups = ckmeans.ckmeans(v, 255)
+    sse = [float(((g - g.mean()) ** 2).sum()) for g in groups]
+    g = _Sorted(groups[int(np.argmax(sse))])
+    n = len(g.v)
+    i = np.arange(1, n)
+    left = g.s2[i] - g.s1[i] ** 2 / i
+    right = (g.s2[n] - g.s2[i]) - (g.s1[n] - g.s1[i]) ** 2 / (n - i)
+    cut = int(i[np.argmin(left + right)])
+    extra = [g.v[:cut].mean(), g.v[cut:].mean()]
+    return np.array([c.mean() for j, c in enumerate(groups) if j != np.argmax(sse)] + extra)
+
+
+def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear", *,
+              seed: int = 0, max_iter: int = 300, tol: float = 1e-10) -> KMeansResult:
+    """Cluster 1-D ``values`` into at most ``2**bits`` centroids with Lloyd's algorithm.
+
+    Deterministic for a given ``seed``. Fewer distinct values than clusters: each value
+    is its own centroid (error 0). No values: an empty codebook.
+
+    >>> r = kmeans_1d(np.array([0.1, 0.11, 0.5, 0.52]), bits=1)
+    >>> np.round(r.centroids, 3).tolist(), r.labels.tolist()
+    ([0.105, 0.51], [0, 0, 1, 1])
+    """
+    if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
+        raise DeepzipError(f"bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    x = (values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor)
+         else np.asarray(values, dtype=np.float64)).ravel()
+    if not np.isfinite(x).all():
+        raise DeepzipError("cannot cluster NaN or infinite weights")
+    if x.size == 0:
+        return KMeansResult(np.zeros(0), np.zeros(0, np.int64), 0.0, 0)
+    s = _Sorted(x)
+    c = init_centroids(s.v, 2 ** bits, init, seed)
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
+        cnt, s1, _ = s.stats(s.bounds(c))
+        new = np.where(cnt > 0, s1 / np.maximum(cnt, 1), c)  # an empty cluster keeps its place
+        new.sort()
+        shift = np.abs(new - c).max()
+        c = new
+        if shift <= tol * max(1.0, np.abs(c).max()):
+            break
+    cnt, s1, s2 = s.stats(s.bounds(c))
+    err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
+    labels = np.searchsorted((c[1:] + c[:-1]) / 2, x, side="left")
+    return KMeansResult(c, labels.astype(np.int64), err, it)
+
+
+# ---------------------------------------------------------------- module adapters
+class SharedWeight(nn.Module):
+    """Parametrization ``weight = codebook[indices] * mask`` (indices and mask fixed)."""
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor,
+                 bits: int) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(codebook.clone())
+        self.register_buffer("indices", indices)
+        self.register_buffer("mask", mask)
+        self.bits = bits
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        if self.codebook.numel() == 0:
+            return torch.zeros_like(self.mask)
+        return self.codebook[self.indices] * self.mask
+
+
+@dataclass
+class QuantizeConfig:
+    """Bits and k-means settings. ``bits_conv``/``bits_linear`` override ``bits`` by layer
+    type (the paper used more bits for conv than for fully connected layers);
+    ``per_layer`` overrides by name.
+
+    >>> quantize_(model, QuantizeConfig(bits=5, init="linear"))  # doctest: +SKIP
+    """
+
+    bits: int = 5
+    bits_conv: int | None = None
+    bits_linear: int | None = None
+    per_layer: dict[str, int] = field(default_factory=dict)
+    init: str = "linear"
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+    max_iter: int = 300
+
+    def __post_init__(self) -> None:
+        for b in [self.bits, self.bits_conv, self.bits_linear, *self.per_layer.values()]:
+            if b is not None and (not isinstance(b, int) or not 1 <= b <= MAX_BITS):
+                raise DeepzipError(f"bits must be integers in 1..{MAX_BITS}, got {b!r}")
+        if self.init not in INITS:
+            raise DeepzipError(f"k-means init must be one of {INITS}, got {self.init!r}")
+
+    def bits_for(self, name: str, module: nn.Module) -> int:
+        for pattern, b in self.per_layer.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return b
+        if isinstance(module, nn.Linear) and self.bits_linear is not None:
+            return self.bits_linear
+        if not isinstance(module, nn.Linear) and self.bits_conv is not None:
+            return self.bits_conv
+        return self.bits
+
+
+def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, Any]]:
+    """Share weights in place: each selected layer's nonzero weights -> a k-means codebook.
+
+    Pruning masks are baked first; zeros stay zero and are not a cluster. Returns per layer
+    ``{bits, clusters, error, iterations}``.
+    """
+    bake_(model)
+    layers = list(prunable_layers(model, config.include, config.exclude))
+    if not layers:
+        raise DeepzipError("no Conv/Linear layers match the include/exclude patterns")
+    out = {}
+    for name, m in layers:
+        if parametrize.is_parametrized(m, "weight"):
+            raise DeepzipError(f"{name} is already quantized; dequantize_ it first")
+        bits = config.bits_for(name, m)
+        w = m.weight.detach()
+        mask = (w != 0).to(w.dtype)
+        r = kmeans_1d(w[w != 0], bits, config.init, seed=config.seed, max_iter=config.max_iter)
+        indices = torch.zeros(w.shape, dtype=torch.long, device=w.device)
+        indices[w != 0] = torch.from_numpy(r.labels).to(w.device)
+        codebook = torch.from_numpy(r.centroids).to(w)
+        parametrize.register_parametrization(
+            m, "weight", SharedWeight(codebook, indices, mask, bits), unsafe=True)
+        out[name] = {"bits": bits, "clusters": len(r.centroids), "error": r.error,
+                     "iterations": r.iterations}
+    return out
+
+
+def codebooks(model: nn.Module) -> dict[str, SharedWeight]:
+    """The weight-sharing parametrization of each quantized layer, by layer name."""
+    return {name: m.parametrizations.weight[0] for name, m in model.named_modules()
+            if parametrize.is_parametrized(m, "weight")
+            and isinstance(m.parametrizations.weight[0], SharedWeight)}
+
+
+CENTROID_TRAINING = TrainConfig(epochs=10, lr=0.01, weight_decay=0.0, schedule="cosine")
+
+
+def train_centroids(model: nn.Module, train_loader: BatchLoader,
+                    cfg: TrainConfig = CENTROID_TRAINING, *, train_other: bool = True,
+                    **fit_kwargs: Any) -> list[dict[str, Any]]:
+    """Fine-tune the shared values with :func:`deepzip.train.fit`, indices and masks fixed.
+
+    Trains the codebooks and, with ``train_other``, the parameters that are not shared
+    weights (biases, BatchNorm); never the unused original weights under the
+    parametrization. Weight decay should be 0: it would pull shared values to zero.
+    """
+    if not codebooks(model):
+        raise DeepzipError("model has no quantized layers; call quantize_ first")
+
+    def select(name: str, _p: nn.Parameter) -> bool:
+        if name.endswith("parametrizations.weight.0.codebook"):
+            return True
+        return train_other and "parametrizations.weight.original" not in name
+
+    return fit(model, train_loader, cfg, param_filter=select, **fit_kwargs)
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Make shared weights plain ``weight`` parameters holding ``codebook[indices] * mask``."""
+    for _, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model
+
+
+def distinct_nonzero(model: nn.Module) -> dict[str, int]:
+    """Distinct nonzero values per Conv/Linear weight (<= 2^bits after quantization)."""
+    return {n: int(torch.unique(m.weight.detach()[m.weight.detach() != 0]).numel())
+            for n, m in prunable_layers(model)}

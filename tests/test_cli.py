@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepzip import TrainConfig, evaluate, fit
+from deepzip.cli import main
+from deepzip.data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader
+from deepzip.models import get, load_checkpoint
+
+
+def run(capsys, *argv):
+    capsys.readouterr()  # drop what earlier steps printed
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_python_dash_m_and_console_script():
+    r = subprocess.run([sys.executable, "-m", "deepzip", "--version"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.startswith("deepzip ")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "no-such.pt"], "no such checkpoint"),
+    (["eval", "resnet20", "--normalize", "bogus"], "bad --normalize"),
+    (["eval", "resnet20", "--data-dir", "/nonexistent"], "--download"),
+    (["prune", "resnet20", "--method", "std", "-o", "/tmp/x"], "needs --s"),
+    (["summary", "resnet20", "--structure", "layer7"], "no Conv/Linear layer"),
+    (["train", "--epochs", "-3", "--out", "/tmp/x", "--data-dir", "/nonexistent"],
+     "epochs must be >= 0"),
+])
+def test_user_errors_are_one_line(capsys, argv, match):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    assert err.count("\n") == 1 and match in err and "Traceback" not in err
+
+
+def test_public_imagenet_checkpoint_evaluates(capsys, tmp_path, data_root, cifar_train,
+                                              cifar_test):
+    """A checkpoint in the common public layout, trained with ImageNet normalization."""
+    torch.manual_seed(0)
+    model = get("resnet20")
+    train = BatchLoader(cifar_train.subset(2560), 128, train=True, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD, channels_last=True)
+    fit(model, train, TrainConfig(epochs=2, lr=0.05))
+    test = BatchLoader(cifar_test.subset(1000), 500, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    _, expected = evaluate(model, test)
+    path = tmp_path / "resnet20-public.th"
+    torch.save({"state_dict": {f"module.{k}": v.contiguous()
+                               for k, v in model.state_dict().items()},
+                "best_prec1": expected * 100}, path)
+
+    rc, out, _ = run(capsys, "eval", path, "--normalize", "imagenet", "--data-dir", data_root,
+                     "--subset", 1000, "--json")
+    assert rc == 0
+    got = json.loads(out)
+    assert got["test_acc"] == expected and got["test_acc"] > 0.2
+    assert got["mean"] == list(IMAGENET_MEAN)
+    rc, out, _ = run(capsys, "eval", path, "--data-dir", data_root, "--subset", 1000, "--json")
+    assert json.loads(out)["test_acc"] != expected  # the wrong normalization is noticed
+
+
+def test_train_prune_summary_commands(capsys, tmp_path, data_root):
+    rc, out, _ = run(capsys, "train", "--epochs", 1, "--subset", 1024, "--data-dir", data_root,
+                     "--out", tmp_path / "t")
+    assert rc == 0 and (tmp_path / "t" / "model.pt").is_file()
+    assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
+    rc, out, _ = run(capsys, "prune", tmp_path / "t" / "model.pt", "--method", "percentile",
+                     "--q", 0.5, "--exclude", "linear", "--finetune-epochs", 1, "--subset", 1024,
+                     "--data-dir", data_root, "-o", tmp_path / "p")
+    assert rc == 0 and "masked retraining" in out
+    model, _ = load_checkpoint(tmp_path / "p" / "model.pt")
+    assert (model.layer2[1].conv2.weight == 0).float().mean() == pytest.approx(0.5, abs=1e-3)
+    assert (model.linear.weight == 0).sum() == 0
+    report = json.loads((tmp_path / "p" / "prune.json").read_text())
+    assert {"acc_before", "acc_pruned", "acc_retrained", "summary"} <= set(report)
+    rc, out, _ = run(capsys, "summary", tmp_path / "p" / "model.pt", "--json")
+    assert rc == 0 and json.loads(out)["total"]["sparsity"] > 0.45
+    rc, out, _ = run(capsys, "summary", tmp_path / "p" / "model.pt", "--structure", "conv1",
+                     "layer3.2.conv2", "--plot", tmp_path / "f.png")
+    assert rc == 0 and "all-zero filters" in out and (tmp_path / "f.png").stat().st_size > 0

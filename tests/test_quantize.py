@@ -1,0 +1,136 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepzip import DeepzipError, TrainConfig
+from deepzip.data import BatchLoader, Cifar10
+from deepzip.models import get
+from deepzip.prune import PruneConfig, prune_
+from deepzip.quantize import (
+    INITS,
+    QuantizeConfig,
+    codebooks,
+    dequantize_,
+    distinct_nonzero,
+    init_centroids,
+    kmeans_1d,
+    quantize_,
+    train_centroids,
+)
+
+
+def _sse(x, c):
+    return float(((x[:, None] - c[None, :]) ** 2).min(1).sum())
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("bits", [1, 3, 5, 8])
+def test_kmeans_is_a_lloyd_fixed_point(init, bits):
+    x = np.random.default_rng(1).standard_normal(3000) * 0.1
+    r = kmeans_1d(x, bits, init)
+    assert len(r.centroids) <= 2 ** bits and np.all(np.diff(r.centroids) > 0)
+    assert r.error == pytest.approx(_sse(x, r.centroids), rel=1e-9)
+    assert np.array_equal(r.labels, np.abs(x[:, None] - r.centroids).argmin(1))
+    for j in np.unique(r.labels):  # each centroid is the mean of its members
+        assert r.centroids[j] == pytest.approx(x[r.labels == j].mean(), abs=1e-12)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+def test_optimal_init_error_is_lowest(bits):
+    for seed in range(3):
+        x = np.random.default_rng(seed).laplace(size=2000) * 0.05
+        errs = {init: kmeans_1d(x, bits, init, seed=seed).error for init in INITS}
+        assert all(errs["optimal"] <= e * (1 + 1e-9) for e in errs.values()), errs
+
+
+def test_kmeans_deterministic_and_edge_cases():
+    x = np.random.default_rng(0).standard_normal(500)
+    for init in ["random", "kmeans++"]:
+        a, b = kmeans_1d(x, 4, init, seed=7), kmeans_1d(x, 4, init, seed=7)
+        assert np.array_equal(a.centroids, b.centroids)
+    empty = kmeans_1d(np.array([]), 5)
+    assert empty.centroids.size == 0 and empty.labels.size == 0
+    few = kmeans_1d(np.array([0.3, -0.2, 0.3]), 5)
+    assert few.centroids.tolist() == [-0.2, 0.3] and few.error == 0
+    one = kmeans_1d(np.array([1.5]), 1)
+    assert one.centroids.tolist() == [1.5] and one.labels.tolist() == [0]
+    for bad in [0, 9, 2.5]:
+        with pytest.raises(DeepzipError, match="bits"):
+            kmeans_1d(x, bad)
+    with pytest.raises(DeepzipError, match="init"):
+        init_centroids(x, 4, "magic")
+    with pytest.raises(DeepzipError, match="NaN"):
+        kmeans_1d(np.array([1.0, np.nan]), 2)
+
+
+def test_quantize_model_keeps_zeros_and_limits_values():
+    torch.manual_seed(0)
+    model = get("resnet20").eval()
+    prune_(model, PruneConfig("percentile", 0.6))
+    zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))}
+    info = quantize_(model, QuantizeConfig(bits=4, bits_linear=3))
+    assert info["linear"]["bits"] == 3 and info["conv1"]["bits"] == 4
+    for name, n in distinct_nonzero(model).items():
+        assert n <= 2 ** info[name]["bits"]
+    for name, m in model.named_modules():
+        if name in zeros:
+            assert torch.equal(m.weight == 0, zeros[name]), name
+    assert set(codebooks(model)) == set(zeros)
+    with pytest.raises(DeepzipError, match="already quantized"):
+        quantize_(model, QuantizeConfig())
+
+
+def test_centroid_gradient_is_sum_of_member_gradients():
+    """Hand check on a 2x3 linear layer with 1-bit sharing."""
+    layer = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 0.0, 0.9], [0.12, 1.0, 0.08]]))
+    model = nn.Sequential(layer)
+    quantize_(model, QuantizeConfig(bits=1))
+    cb = codebooks(model)["0"]
+    assert cb.codebook.tolist() == pytest.approx([0.1, 0.95])
+    assert cb.indices.tolist() == [[0, 0, 1], [0, 1, 0]]
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    g_out = torch.tensor([[1.0, -2.0]])
+    (layer(x) * g_out).sum().backward()
+    # dL/dW[i,j] = g_out[i] * x[j]; cluster 0 = (0,0),(1,0),(1,2); cluster 1 = (0,2),(1,1)
+    dw = g_out.T @ x
+    expected = [dw[0, 0] + dw[1, 0] + dw[1, 2], dw[0, 2] + dw[1, 1]]
+    assert cb.codebook.grad.tolist() == pytest.approx([float(e) for e in expected])
+    # the pruned zero at (0,1) gets no share of any centroid's gradient
+    assert layer.weight[0, 1] == 0
+
+
+def test_trained_centroids_keep_structure():
+    torch.manual_seed(0)
+    model = get("resnet20")
+    prune_(model, PruneConfig("percentile", 0.5))
+    quantize_(model, QuantizeConfig(bits=3))
+    zeros = {n: (cb.mask == 0).clone() for n, cb in codebooks(model).items()}
+    before = {n: cb.codebook.detach().clone() for n, cb in codebooks(model).items()}
+    idx = {n: cb.indices.clone() for n, cb in codebooks(model).items()}
+    g = torch.Generator().manual_seed(0)
+    data = Cifar10(torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=g),
+                   torch.randint(0, 10, (256,), generator=g))
+    train_centroids(model, BatchLoader(data, 64, train=True),
+                    TrainConfig(epochs=2, lr=0.05, weight_decay=0))
+    moved = 0
+    for n, cb in codebooks(model).items():
+        assert torch.equal(cb.indices, idx[n])
+        moved += not torch.equal(cb.codebook, before[n])
+    assert moved > 0
+    dequantize_(model)
+    assert not codebooks(model)
+    for n, m in model.named_modules():
+        if n in zeros:
+            assert torch.all(m.weight[zeros[n]] == 0)
+    assert all(v <= 8 for v in distinct_nonzero(model).values())
+    assert isinstance(model.conv1.weight, nn.Parameter)
+
+
+def test_bad_config():
+    for bad in [dict(bits=0), dict(bits_conv=9), dict(per_layer={"x": 3.5}), dict(init="x")]:
+        with pytest.raises(DeepzipError):
+            QuantizeConfig(**bad)
