@@ -83,3 +83,49 @@ def test_train_prune_summary_commands(capsys, tmp_path, data_root):
     rc, out, _ = run(capsys, "summary", tmp_path / "p" / "model.pt", "--structure", "conv1",
                      "layer3.2.conv2", "--plot", tmp_path / "f.png")
     assert rc == 0 and "all-zero filters" in out and (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_quantize_encode_inspect_decode_eval(capsys, tmp_path, data_root):
+    from deepzip.models import ModelSpec, save_checkpoint
+    from deepzip.prune import PruneConfig, bake_, prune_
+
+    torch.manual_seed(0)
+    model = get("resnet20")
+    prune_(model, PruneConfig("percentile", 0.7))
+    save_checkpoint(bake_(model), ModelSpec(), tmp_path / "pruned.pt")
+    rc, out, _ = run(capsys, "quantize", tmp_path / "pruned.pt", "--bits", 4, "--bits-linear", 3,
+                     "--init", "density", "--finetune-epochs", 1, "--subset", 512,
+                     "--plot-layers", "conv1", "linear", "--data-dir", data_root,
+                     "-o", tmp_path / "q")
+    assert rc == 0 and "centroid training" in out
+    assert (tmp_path / "q" / "weights.png").stat().st_size > 0
+    q = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    assert q["layers"]["linear"]["bits"] == 3 and "acc_trained" in q
+
+    dz = tmp_path / "m.dzip"
+    rc, out, _ = run(capsys, "encode", tmp_path / "q" / "model.pt", "-o", dz,
+                     "--raw-dtype", "float32")
+    assert rc == 0 and "real compression" in out and "assignment formula" in out
+    rc, out, _ = run(capsys, "inspect", dz, "--json")
+    info = json.loads(out)
+    assert info["file_bytes"] == dz.stat().st_size and info["real_ratio"] > 5
+    linear = next(r for r in info["tensors"] if r["name"] == "linear.weight")
+    assert linear["bits"] <= 3 and linear["clusters"] <= 8
+
+    ev = [("eval", p, "--subset", 500, "--data-dir", data_root, "--json")
+          for p in (tmp_path / "q" / "model.pt", dz)]
+    accs = [json.loads(run(capsys, *a)[1])["test_acc"] for a in ev]
+    assert accs[0] == accs[1]  # the decoded file scores exactly what the checkpoint does
+    rc, out, _ = run(capsys, "decode", dz, "-o", tmp_path / "back.pt")
+    back, _ = load_checkpoint(tmp_path / "back.pt")
+    ref, _ = load_checkpoint(tmp_path / "q" / "model.pt")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_corrupt_dzip_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.dzip"
+    bad.write_bytes(b"DZIP\x00\r\n\x1a" + b"\x01\x00" + b"\x00" * 30)
+    for cmd in (["inspect", bad], ["eval", bad], ["decode", bad, "-o", tmp_path / "x.pt"]):
+        rc, _, err = run(capsys, *cmd)
+        assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err

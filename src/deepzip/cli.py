@@ -60,12 +60,28 @@ def resolve_model(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec]:
     norm = parse_normalize(args.normalize) if args.normalize else None  # fail before loading
     if not os.path.exists(args.model) and args.model in ("resnet20",):
         model, spec = pretrained(args.model)
+    elif _is_dzip(args.model):
+        from . import dzip
+
+        arch = ModelSpec(arch=args.arch) if args.arch else None
+        model = dzip.load(args.model, arch.build() if arch else None)
+        spec = arch or dzip.load_state(args.model)[1] or ModelSpec()
     else:
         model, spec = load_checkpoint(args.model, ModelSpec(arch=args.arch) if args.arch
                                       else None)
     if norm:
         spec = dataclasses.replace(spec, mean=norm[0], std=norm[1])
     return model, spec
+
+
+def _is_dzip(path: str) -> bool:
+    from .dzip import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -255,6 +271,59 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_table(info: dict) -> str:
+    from .report import text_table
+
+    rows = [{**r, "shape": r["shape"], "huffman": r.get("huffman_avg", "")}
+            for r in info["tensors"] if "clusters" in r]
+    other = [r for r in info["tensors"] if "clusters" not in r]
+    rows.append({"name": f"other ({len(other)} tensors)", "params": sum(r["params"] for r in
+                                                                       other),
+                 "encoding": "raw", "bytes": sum(r["bytes"] for r in other)})
+    rows.append({"name": "header", "bytes": info["header_bytes"]})
+    table = text_table(rows, ["name", "shape", "params", "nonzero", "clusters", "bits",
+                              "huffman", "encoding", "gap_bits", "bytes"])
+    return (f"{table}\n\nfile: {info['file_bytes']:,} bytes; fp32 state_dict (torch.save): "
+            f"{info['state_dict_bytes']:,} bytes\n"
+            f"real compression: {info['real_ratio']:.2f}x on disk\n" + (
+                f"assignment formula: {info['formula_ratio']:.2f}x "
+                f"({info['shared_nonzero']:,} of {info['shared_weights']:,} weights nonzero, "
+                f"Huffman {info['huffman_avg']:.3f} bits on average)"
+                if info["formula_ratio"] else
+                "assignment formula: n/a (no shared weights: run deepzip quantize first)"))
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from . import dzip
+
+    model, spec = resolve_model(args)
+    out = Path(args.output)
+    dzip.save(model, out, spec=spec, raw_dtype=args.raw_dtype,
+              codebook_dtype=args.codebook_dtype)
+    print(_size_table(dzip.inspect(out)))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import dzip
+
+    info = dzip.inspect(args.file)
+    print(json.dumps(info) if args.json else _size_table(info))
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from . import dzip
+
+    state, spec = dzip.load_state(args.file)
+    model = dzip.load(args.file, (ModelSpec(arch=args.arch) if args.arch else spec or
+                                  ModelSpec()).build())
+    save_checkpoint(model, spec or ModelSpec(arch=args.arch or "resnet20"), args.output)
+    print(f"wrote {args.output} ({len(state)} tensors, fp32 state_dict)")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .report import plot_filter_norms, structure, summary, text_table
 
@@ -364,6 +433,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", "-o", required=True, help="output folder (model.pt, quantize.json)")
     _add_data_args(q)
     q.set_defaults(func=cmd_quantize)
+
+    en = sub.add_parser("encode", help="write a quantized model as a compressed .dzip file")
+    _add_model_args(en, positional=True)
+    en.add_argument("-o", "--output", required=True, metavar="FILE.dzip")
+    en.add_argument("--raw-dtype", default="float16", choices=["float16", "float32"],
+                    help="storage of BatchNorm, biases and unshared weights")
+    en.add_argument("--codebook-dtype", default="float32", choices=["float16", "float32"])
+    en.set_defaults(func=cmd_encode)
+
+    ins = sub.add_parser("inspect", help="per-layer sizes and compression ratios of a .dzip")
+    ins.add_argument("file", metavar="FILE.dzip")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    de = sub.add_parser("decode", help="turn a .dzip file back into a PyTorch checkpoint")
+    de.add_argument("file", metavar="FILE.dzip")
+    de.add_argument("-o", "--output", required=True, metavar="FILE.pt")
+    de.add_argument("--arch", default=None, choices=available())
+    de.set_defaults(func=cmd_decode)
 
     sm = sub.add_parser("summary", help="per-layer parameters, nonzeros and sparsity")
     _add_model_args(sm, positional=True)

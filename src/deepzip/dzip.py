@@ -101,7 +101,6 @@ class _Encoded:
     meta: dict[str, Any]
     parts: dict[str, bytes]
     nonzero: int
-    index_bits_nonzero: float  # Huffman bits of the nonzeros' cluster indices alone
 
     @property
     def nbytes(self) -> int:
@@ -116,7 +115,6 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
     idx = np.searchsorted(book, values)
     k = len(book)
     book_bytes = book.astype(_STORE[codebook_dtype]).tobytes()
-    nonzero_code = HuffmanCode.from_symbols(idx, max(k, 1))
     base = {"clusters": k, "codebook_dtype": codebook_dtype}
 
     dense_syms = np.full(flat.size, k, dtype=np.int64)
@@ -125,7 +123,7 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
     data, nbits = encode(dense_syms, code)
     best = _Encoded({**base, "encoding": "dense", "index_nbits": nbits},
                     {"codebook": book_bytes, "index_lengths": _pack_lengths(code.lengths),
-                     "indices": data}, len(nz), nonzero_code.bits(idx))
+                     "indices": data}, len(nz))
     for gap_bits in range(1, 9):
         runs, syms = _sparse_entries(nz, idx, flat.size, k, gap_bits)
         gcode = HuffmanCode.from_symbols(runs, 1 << gap_bits)
@@ -139,7 +137,7 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
                          "entries": len(runs), "gap_nbits": gbits, "index_nbits": ibits},
                         {"codebook": book_bytes, "gap_lengths": _pack_lengths(gcode.lengths),
                          "index_lengths": _pack_lengths(icode.lengths), "gaps": gdata,
-                         "indices": idata}, len(nz), nonzero_code.bits(idx))
+                         "indices": idata}, len(nz))
         if cand.nbytes < best.nbytes:
             best = cand
     return best
@@ -300,8 +298,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
             enc = _encode_shared(_round(t.float(), codebook_dtype).numpy(), codebook_dtype)
             entry.update(enc.meta)
             parts = enc.parts
-            info = {"nonzero": enc.nonzero, "huffman_bits_nonzero": enc.index_bits_nonzero,
-                    "bits": max(1, math.ceil(math.log2(max(enc.meta["clusters"], 1))))}
+            info = {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]}
         else:
             store = _raw_store(t, raw_dtype)
             entry.update({"encoding": "raw", "store": store})
@@ -316,7 +313,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
         tensors.append(entry)
         report.append({"name": key, "shape": list(t.shape), "params": t.numel(),
                        "encoding": entry["encoding"], "bytes": sum(len(b) for b in parts.values()),
-                       **info, **{k: entry[k] for k in ("clusters", "gap_bits") if k in entry}})
+                       **info})
     header = {"format": "deepzip", "version": VERSION,
               "model": spec.to_dict() if spec else None, "tensors": tensors}
     hdr = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
@@ -445,17 +442,56 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     return model.eval()
 
 
-def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The header and per-tensor byte counts of a ``.dzip`` file, without decoding weights."""
+def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
+    """Per-tensor and total sizes of a ``.dzip`` file, both ways.
+
+    ``formula``: the assignment's ratio, 32 bits x weights / sum(nonzero x Huffman bits of
+    the nonzeros' cluster indices), over shared weights only. ``real``: bytes of the fp32
+    ``state_dict`` written by ``torch.save`` over bytes of this file; the one we lead with.
+    """
     header, data, head = _read(path)
-    rows = []
+    state, spec = load_state(path)
+    rows, weights, coded_bits = [], 0, 0.0
     for e in header["tensors"]:
-        if not isinstance(e, dict) or not isinstance(e.get("parts"), dict):
-            raise DeepzipFormatError("bad tensor entry")
-        nbytes = sum(p[1] for p in e["parts"].values() if isinstance(p, list) and len(p) == 3)
-        rows.append({**{k: v for k, v in e.items() if k != "parts"}, "bytes": nbytes})
-    return {"model": header.get("model"), "tensors": rows, "header_bytes": head,
-            "file_bytes": head + len(data)}
+        t = state[e["name"]]
+        nbytes = sum(p[1] for p in e["parts"].values())
+        row = {"name": e["name"], "shape": e["shape"], "params": t.numel(),
+               "encoding": e["encoding"], "bytes": nbytes,
+               "nonzero": int(torch.count_nonzero(t))}
+        if e["encoding"] in ("dense", "sparse"):
+            k = e["clusters"]
+            hbits = _nonzero_huffman_bits(t.float().numpy().ravel())
+            row.update(clusters=k, bits=max(1, math.ceil(math.log2(max(k, 1)))),
+                       huffman_avg=hbits / row["nonzero"] if row["nonzero"] else 0.0,
+                       gap_bits=e.get("gap_bits", ""))
+            weights += t.numel()
+            coded_bits += hbits
+        rows.append(row)
+    if model is None and spec is not None:
+        model = spec.build()
+    if model is not None:
+        load_state_dict_strict(model, state)
+        fp32 = state_dict_bytes(model)
+    else:
+        fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
+                   for t in state.values())
+    shared = [r for r in rows if "clusters" in r]
+    nonzero = sum(r["nonzero"] for r in shared)
+    return {
+        "model": header.get("model"), "tensors": rows, "header_bytes": head,
+        "file_bytes": head + len(data), "state_dict_bytes": fp32,
+        "real_ratio": fp32 / (head + len(data)),
+        "shared_weights": weights, "shared_nonzero": nonzero,
+        "huffman_avg": coded_bits / nonzero if nonzero else 0.0,
+        "formula_ratio": 32 * weights / coded_bits if coded_bits else None,
+    }
+
+
+def _nonzero_huffman_bits(flat: np.ndarray) -> int:
+    """Huffman-coded bits of the nonzeros' cluster indices, code built on them alone."""
+    values = flat[flat != 0]
+    idx = np.searchsorted(np.unique(values), values)
+    return HuffmanCode.from_symbols(idx, max(int(idx.max(initial=0)) + 1, 1)).bits(idx)
 
 
 def state_dict_bytes(model: nn.Module) -> int:

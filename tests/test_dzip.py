@@ -1,0 +1,203 @@
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepzip import DeepzipError
+from deepzip.dzip import (
+    DeepzipFormatError,
+    _decode_shared,
+    _encode_shared,
+    inspect,
+    load,
+    load_state,
+    round_to_file_precision_,
+    save,
+    state_dict_bytes,
+)
+from deepzip.models import ModelSpec, get
+from deepzip.prune import PruneConfig, prune_
+from deepzip.quantize import QuantizeConfig, quantize_
+
+
+def _sparse_quantized(shape, sparsity, clusters, seed=0):
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    book = np.sort(rng.standard_normal(clusters)).astype(np.float32) if clusters else []
+    w = np.zeros(n, dtype=np.float32)
+    keep = rng.random(n) >= sparsity
+    if clusters:
+        w[keep] = rng.choice(book, keep.sum())
+    return w.reshape(shape)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (16, 3, 3, 3), (64, 64, 3, 3), (10, 64)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("clusters", [1, 2, 32, 256])
+def test_shared_tensor_roundtrip(shape, sparsity, clusters):
+    w = _sparse_quantized(shape, sparsity, clusters)
+    enc = _encode_shared(w, "float32")
+    out = _decode_shared(enc.meta, enc.parts, w.size)
+    assert np.array_equal(out, w.ravel())
+    assert out.tobytes() == w.ravel().tobytes()  # bit-identical, signs of zero included
+
+
+def test_sparse_layout_wins_when_sparse_and_fillers_cover_long_gaps():
+    w = np.zeros(100_000, np.float32)
+    w[[5, 70_000, 99_999]] = [0.5, -0.25, 0.5]
+    enc = _encode_shared(w, "float32")
+    assert enc.meta["encoding"] == "sparse" and enc.nbytes < 300  # dense: >= 12,500 bytes
+    assert np.array_equal(_decode_shared(enc.meta, enc.parts, w.size), w)
+    dense = _encode_shared(_sparse_quantized((4096,), 0.0, 4), "float32")
+    assert dense.meta["encoding"] == "dense"
+
+
+def _model(seed=0, sparsity=0.8, bits=4):
+    torch.manual_seed(seed)
+    m = get("resnet20").eval()
+    for mod in m.modules():  # non-trivial BatchNorm statistics
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 2)
+    prune_(m, PruneConfig("percentile", sparsity))
+    quantize_(m, QuantizeConfig(bits=bits))
+    return m
+
+
+@pytest.mark.parametrize("raw,book", [("float16", "float32"), ("float32", "float16"),
+                                      ("float32", "float32")])
+def test_model_roundtrip_is_exact(tmp_path, raw, book):
+    m = _model()
+    round_to_file_precision_(m, raw, book)
+    x = torch.randn(4, 3, 32, 32)
+    ref = m(x)
+    path = tmp_path / "m.dzip"
+    report = save(m, path, spec=ModelSpec(), raw_dtype=raw, codebook_dtype=book)
+    assert report["file_bytes"] == path.stat().st_size
+    loaded = load(path)
+    assert not loaded.training
+    assert torch.equal(loaded(x), ref)
+    info = inspect(path)
+    assert info["file_bytes"] == path.stat().st_size
+    assert {r["name"] for r in info["tensors"]} == set(get("resnet20").state_dict())
+
+
+def test_file_is_really_smaller(tmp_path):
+    m = _model(sparsity=0.9, bits=4)
+    report = save(m, tmp_path / "m.dzip", spec=ModelSpec())
+    assert state_dict_bytes(m) / report["file_bytes"] > 25
+
+
+def test_unshared_and_custom_models_roundtrip(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(),
+                                      nn.Linear(8 * 28 * 28, 5))
+            self.register_buffer("steps", torch.tensor(3, dtype=torch.int64))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    quantize_(net, QuantizeConfig(bits=3, exclude=["body.4"]))  # the Linear stays fp32
+    save(net, tmp_path / "n.dzip", raw_dtype="float32")
+    with pytest.raises(DeepzipError, match="no architecture"):
+        load(tmp_path / "n.dzip")
+    back = load(tmp_path / "n.dzip", Net())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(back.body(x), net.body(x)) and back.steps.item() == 3
+
+
+# ------------------------------------------------------------------ robustness
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("f") / "m.dzip"
+    save(_model(sparsity=0.7, bits=3), path, spec=ModelSpec())
+    return path.read_bytes()
+
+
+def _load_bytes(tmp_path, data):
+    p = tmp_path / "x.dzip"
+    p.write_bytes(data)
+    return load_state(p)
+
+
+def test_truncation_at_every_section_boundary(tmp_path, good_file):
+    info_path = tmp_path / "ok.dzip"
+    info_path.write_bytes(good_file)
+    info = inspect(info_path)
+    head = info["header_bytes"]
+    cuts = {0, 4, 8, 12, 19, 20, head - 1, head, len(good_file) - 1}
+    for t in info["tensors"]:
+        cuts.add(head + t.get("bytes", 0))
+    offset = head
+    header = _header(good_file)
+    for t in header["tensors"]:
+        for off, length, _ in t["parts"].values():
+            cuts.update({head + off, head + off + length - 1})
+    for cut in sorted(c for c in cuts if 0 <= c < len(good_file)):
+        with pytest.raises(DeepzipFormatError):
+            _load_bytes(tmp_path, good_file[:cut])
+    assert offset == head
+
+
+def _header(data):
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    return json.loads(zlib.decompress(data[20:20 + hlen]))
+
+
+def _with_header(data, header):
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    hdr = zlib.compress(json.dumps(header).encode())
+    return data[:12] + struct.pack("<II", len(hdr), zlib.crc32(hdr)) + hdr + data[20 + hlen:]
+
+
+def test_bit_flips_never_crash(tmp_path, good_file):
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        data = bytearray(good_file)
+        for _ in range(rng.integers(1, 4)):
+            pos = int(rng.integers(len(data)))
+            data[pos] ^= 1 << int(rng.integers(8))
+        try:
+            _load_bytes(tmp_path, bytes(data))
+        except DeepzipFormatError:
+            pass  # the CRCs catch flips in the header and every part
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda t: t.update(shape=[2 ** 30, 2 ** 30]),
+    lambda t: t.update(shape=[-1]),
+    lambda t: t.update(shape="big"),
+    lambda t: t.update(dtype="object"),
+    lambda t: t.update(encoding="lzma"),
+    lambda t: t.update(clusters=10 ** 9),
+    lambda t: t.update(entries=10 ** 12),
+    lambda t: t.update(index_nbits=10 ** 12),
+    lambda t: t.update(gap_bits=40),
+    lambda t: t["parts"].update(indices=[0, 10 ** 12, 0]),
+    lambda t: t["parts"].update(indices=[-5, 3, 0]),
+    lambda t: t["parts"].pop("codebook"),
+    lambda t: t.update(codebook_dtype="float64"),
+])
+def test_hostile_headers_are_rejected(tmp_path, good_file, mutate):
+    header = _header(good_file)
+    target = next(t for t in header["tensors"] if t["encoding"] == "sparse")
+    mutate(target)
+    with pytest.raises(DeepzipFormatError):
+        _load_bytes(tmp_path, _with_header(good_file, header))
+
+
+def test_not_a_dzip_file(tmp_path):
+    buf = io.BytesIO()
+    torch.save(get("resnet20").state_dict(), buf)
+    for data in [b"", b"DZIP", buf.getvalue(), b"DZIP\x00\r\n\x1a" + b"\xff" * 40]:
+        with pytest.raises(DeepzipFormatError):
+            _load_bytes(tmp_path, data)
+    with pytest.raises(DeepzipError, match="cannot read"):
+        load(tmp_path / "missing.dzip")
