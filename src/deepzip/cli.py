@@ -324,6 +324,66 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_path(name: str | None) -> str:
+    """A recipe file, or the name of one shipped with deepzip (seed, default, smoke)."""
+    from importlib import resources
+
+    if name is None:
+        name = "default"
+    if os.path.exists(name):
+        return name
+    ref = resources.files("deepzip") / "recipes" / f"{name}.yaml"
+    if ref.is_file():
+        return str(ref)
+    shipped = sorted(p.name.removesuffix(".yaml") for p in
+                     (resources.files("deepzip") / "recipes").iterdir())
+    raise DeepzipError(f"no recipe file {name!r}; shipped recipes: {', '.join(shipped)}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .pipeline import DataSource, Pipeline
+    from .recipe import load_recipe
+
+    path = _recipe_path(args.recipe)
+    recipe = load_recipe(path)
+    if args.model:
+        recipe.model = args.model
+    out = Path(args.out or f"runs/{recipe.name}")
+    if args.restart and out.exists():
+        shutil.rmtree(out)
+    data = DataSource(args.data_dir, args.download, args.subset, _device(args))
+    pipe = Pipeline(recipe, out, data)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, out / "recipe.yaml")
+    (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
+    s = pipe.run()["summary"]
+    fr = f"{s['formula_ratio']:.1f}x" if s["formula_ratio"] else "n/a"
+    print(f"\n{recipe.name}: accuracy {s['baseline_acc'] * 100:.2f}% -> "
+          f"{s['decoded_acc'] * 100:.2f}% (decoded .dzip), {s['file_bytes']:,} bytes on disk: "
+          f"{s['real_ratio']:.1f}x real, {fr} by the assignment's formula\n"
+          f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from .report import markdown_table, plot_pareto
+
+    reports = []
+    for d in args.runs:
+        f = Path(d) / "report.json"
+        if not f.is_file():
+            raise DeepzipError(f"no report.json in {d} (run deepzip run first)")
+        reports.append(json.loads(f.read_text()))
+    plot_pareto(reports, args.output)
+    rows = [r["summary"] for r in reports]
+    print(markdown_table(rows, ["recipe", "baseline_acc", "decoded_acc", "sparsity",
+                                "formula_ratio", "real_ratio", "file_bytes"]))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from .report import plot_filter_norms, structure, summary, text_table
 
@@ -433,6 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", "-o", required=True, help="output folder (model.pt, quantize.json)")
     _add_data_args(q)
     q.set_defaults(func=cmd_quantize)
+
+    r = sub.add_parser("run", help="the whole pipeline: prune, quantize, encode, verify, report")
+    r.add_argument("recipe", nargs="?", default=None, metavar="RECIPE",
+                   help="recipe file or shipped name: default (the default), seed, smoke")
+    r.add_argument("--model", default=None, help="start from this checkpoint instead")
+    r.add_argument("--out", default=None, help="run folder (default runs/RECIPE-NAME)")
+    r.add_argument("--restart", action="store_true", help="discard an earlier run in --out")
+    _add_data_args(r)
+    r.set_defaults(func=cmd_run)
+
+    pa = sub.add_parser("pareto", help="accuracy vs real compression across runs")
+    pa.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pa.add_argument("-o", "--output", default="pareto.png")
+    pa.set_defaults(func=cmd_pareto)
 
     en = sub.add_parser("encode", help="write a quantized model as a compressed .dzip file")
     _add_model_args(en, positional=True)

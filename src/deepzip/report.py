@@ -208,3 +208,140 @@ def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
         fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """``report.md``, ``report.json`` and ``layers.png`` for one pipeline run."""
+    import json
+    from pathlib import Path
+
+    from .atomic import atomic_write
+
+    out = Path(out)
+    st = state["stages"]
+    enc, ver = st["encode"], st["verify"]
+    base_acc = st["baseline"]["accuracy"]
+    layers = [t for t in enc["tensors"] if "clusters" in t]
+    for t in layers:
+        t["sparsity"] = 1 - t["nonzero"] / t["params"] if t["params"] else 0.0
+    summary_row = {
+        "recipe": recipe.name,
+        "baseline_acc": base_acc,
+        "pruned_acc": st["prune"].get("accuracy"),
+        "quantized_acc": st["quantize"].get("accuracy"),
+        "decoded_acc": ver["accuracy"],
+        "loss_points": (base_acc - ver["accuracy"]) * 100,
+        "sparsity": st["prune"].get("sparsity"),
+        "huffman_avg_bits": enc["huffman_avg"],
+        "formula_ratio": enc["formula_ratio"],
+        "file_bytes": enc["file_bytes"],
+        "state_dict_bytes": enc["state_dict_bytes"],
+        "real_ratio": enc["real_ratio"],
+        "same_predictions": f"{ver['same_predictions']}/{ver['images']}",
+    }
+    report = {"summary": summary_row, "stages": st,
+              "seconds": {k: v.get("seconds") for k, v in st.items()}}
+    with atomic_write(out / "report.json", "w") as f:
+        json.dump(report, f, indent=2)
+    _plot_layers(layers, out / "layers.png", recipe.name)
+    acc_rows = [{"model": name, "test_acc": st[k].get(key)} for name, k, key in [
+        ("baseline", "baseline", "accuracy"), ("pruned + retrained", "prune", "accuracy"),
+        ("quantized (k-means)", "quantize", "accuracy_kmeans"),
+        ("quantized (final, file precision)", "quantize", "accuracy"),
+        ("decoded from .dzip", "verify", "accuracy")] if st[k].get(key) is not None]
+    fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
+    acc_line = (f"{base_acc * 100:.2f}% -> {ver['accuracy'] * 100:.2f}% "
+                f"({-summary_row['loss_points']:+.2f} points)")
+    size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (fp32 "
+                 f"state_dict): {enc['real_ratio']:.2f}x")
+    md = f"""# deepzip run: {recipe.name}
+
+{recipe.description}
+
+Made by `deepzip run` with the recipe in `recipe.yaml` beside this file (the exact
+settings are also in `report.json`). All accuracies: full CIFAR-10 test set unless the
+run used `--subset`, fp32.
+
+## Result
+
+| | |
+|---|---|
+| accuracy, baseline -> decoded .dzip | {acc_line} |
+| **real size on disk** | **{size_line}** |
+| assignment's formula | {fmt_ratio} |
+| weight sparsity | {(summary_row['sparsity'] or 0) * 100:.1f}% |
+| Huffman, average bits per nonzero index | {enc['huffman_avg']:.3f} |
+| decoded model agrees with the in-memory model | {summary_row['same_predictions']} predictions |
+
+{markdown_table(acc_rows, ["model", "test_acc"])}
+
+## Time per stage
+
+{markdown_table([{"stage": k, "seconds": v} for k, v in report["seconds"].items()],
+                ["stage", "seconds"])}
+
+## Per layer
+
+{markdown_table(layers, ["name", "shape", "params", "nonzero", "sparsity", "clusters", "bits",
+                         "huffman_avg", "encoding", "gap_bits", "bytes"])}
+
+Other tensors (BatchNorm, biases): {sum(t['bytes'] for t in enc['tensors']
+                                       if 'clusters' not in t):,} bytes;
+header: {enc['header_bytes']:,} bytes.
+
+![per-layer sparsity and bytes](layers.png)
+"""
+    with atomic_write(out / "report.md", "w") as f:
+        f.write(md)
+    return report
+
+
+def _plot_layers(layers: Sequence[dict[str, Any]], path: os.PathLike[str] | str,
+                 title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = range(len(layers))
+    ax.bar(x, [t["bytes"] for t in layers], color="tab:blue", label="bytes in .dzip")
+    ax.set_ylabel("bytes")
+    ax.set_xticks(list(x), [t["name"].removesuffix(".weight") for t in layers], rotation=75,
+                  fontsize=7)
+    ax2 = ax.twinx()
+    ax2.plot(list(x), [t["sparsity"] for t in layers], "o-", color="tab:red", label="sparsity")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("sparsity")
+    ax.set_title(f"{title}: per-layer size and sparsity")
+    fig.legend(loc="upper left")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str) -> None:
+    """Accuracy against real on-disk compression, one point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in reports:
+        s = r["summary"]
+        ax.scatter(s["real_ratio"], s["decoded_acc"] * 100, color="tab:blue")
+        ax.annotate(s["recipe"], (s["real_ratio"], s["decoded_acc"] * 100), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    if reports:
+        base = reports[0]["summary"]["baseline_acc"] * 100
+        ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline {base:.2f}%")
+        ax.axhline(base - 1, color="tab:red", ls=":", lw=1, label="baseline - 1 point")
+    ax.set_xscale("log")
+    ax.set_xlabel("real compression on disk (fp32 state_dict bytes / .dzip bytes)")
+    ax.set_ylabel("test accuracy of the decoded model (%)")
+    ax.set_title("Accuracy vs. real compression")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -197,6 +197,8 @@ def fit(
             torch.set_rng_state(state["torch_rng"])
             history = list(state["history"])
             start_epoch = int(state["epoch"])
+            if "hook" in state and hasattr(after_step, "load_state_dict"):
+                after_step.load_state_dict(state["hook"])
             print(f"resuming {desc} from {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -242,6 +244,8 @@ def fit(
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 "loader": train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
                 "history": history, "epoch": epoch + 1, "config": _plain(asdict(cfg)),
+                **({"hook": after_step.state_dict()} if hasattr(after_step, "state_dict")
+                   else {}),
             }, ckpt_path)
             with atomic_write(out / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in history)

@@ -1,0 +1,188 @@
+"""Pipeline recipes: YAML files validated into dataclasses before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DeepzipError
+from .prune import METHODS
+from .quantize import INITS, MAX_BITS
+from .train import TrainConfig
+
+__all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "load_recipe"]
+
+
+@dataclass
+class PruneStep:
+    """One step of iterative pruning: prune to ``amount``, then retrain ``epochs``."""
+
+    method: str = "percentile"
+    amount: float = 0.5
+    epochs: int = 10
+
+
+@dataclass
+class AGPStage:
+    """Gradual pruning during ``epochs`` of training (Zhu & Gupta): sparsity ramps from
+    ``initial`` to ``final`` (or ``per_layer``) between ``start_epoch`` and ``end_epoch``."""
+
+    final: float = 0.8
+    initial: float = 0.0
+    epochs: int = 30
+    start_epoch: float = 0.0
+    end_epoch: float = 20.0
+    frequency: int = 50  # optimizer steps between mask updates
+    per_layer: dict[str, float] = field(default_factory=dict)
+    sensitivity_max_drop: float | None = None  # derive per_layer targets from a scan
+
+
+@dataclass
+class PruneStage:
+    schedule: str = "iterative"  # iterative | agp | none
+    steps: list[PruneStep] = field(default_factory=list)
+    agp: AGPStage | None = None
+    exclude: list[str] = field(default_factory=list)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+
+
+@dataclass
+class QuantizeStage:
+    bits: int = 5
+    bits_conv: int | None = None
+    bits_linear: int | None = None
+    per_layer: dict[str, int] = field(default_factory=dict)
+    init: str = "linear"
+    exclude: list[str] = field(default_factory=list)
+    epochs: int = 0  # centroid training
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EncodeStage:
+    raw_dtype: str = "float16"
+    codebook_dtype: str = "float32"
+
+
+@dataclass
+class Recipe:
+    """A whole compression run. See ``recipes/*.yaml``."""
+
+    name: str = "default"
+    description: str = ""
+    model: str = "resnet20"
+    seed: int = 0
+    prune: PruneStage = field(default_factory=PruneStage)
+    quantize: QuantizeStage | None = field(default_factory=QuantizeStage)
+    encode: EncodeStage = field(default_factory=EncodeStage)
+
+    def validate(self) -> None:
+        p = self.prune
+        problems = []
+        if p.schedule not in ("iterative", "agp", "none"):
+            problems.append(f"prune.schedule must be iterative, agp or none, not {p.schedule!r}")
+        if p.schedule == "iterative" and not p.steps:
+            problems.append("prune.schedule iterative needs prune.steps")
+        if p.schedule == "agp" and p.agp is None:
+            problems.append("prune.schedule agp needs a prune.agp section")
+        for i, s in enumerate(p.steps):
+            if s.method not in METHODS:
+                problems.append(f"prune.steps[{i}].method must be one of {METHODS}")
+            if s.epochs < 0:
+                problems.append(f"prune.steps[{i}].epochs must be >= 0")
+            if s.method != "std" and not 0 <= s.amount < 1:
+                problems.append(f"prune.steps[{i}].amount must be in [0, 1)")
+        if p.agp is not None:
+            a = p.agp
+            for v in [a.final, a.initial, *a.per_layer.values()]:
+                if not 0 <= v < 1:
+                    problems.append(f"prune.agp sparsities must be in [0, 1), got {v}")
+            if not 0 <= a.start_epoch <= a.end_epoch <= a.epochs:
+                problems.append("prune.agp needs 0 <= start_epoch <= end_epoch <= epochs")
+            if a.frequency < 1:
+                problems.append("prune.agp.frequency must be >= 1")
+        q = self.quantize
+        if q is not None:
+            for b in [q.bits, q.bits_conv, q.bits_linear, *q.per_layer.values()]:
+                if b is not None and not 1 <= b <= MAX_BITS:
+                    problems.append(f"quantize bits must be in 1..{MAX_BITS}, got {b}")
+            if q.init not in INITS:
+                problems.append(f"quantize.init must be one of {INITS}")
+            if q.epochs < 0:
+                problems.append("quantize.epochs must be >= 0")
+        for d in (self.encode.raw_dtype, self.encode.codebook_dtype):
+            if d not in ("float16", "float32"):
+                problems.append(f"encode dtypes must be float16 or float32, not {d!r}")
+        if problems:
+            raise DeepzipError(f"recipe {self.name!r}: " + "; ".join(problems))
+        for section in (p.train, q.train if q else {}):
+            self.train_config(section, epochs=1)  # unknown or bad training keys fail now
+
+    def train_config(self, overrides: dict[str, Any], epochs: int) -> TrainConfig:
+        return TrainConfig.from_dict({"seed": self.seed, **overrides, "epochs": epochs})
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Dataclass from a mapping, recursively; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise DeepzipError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise DeepzipError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if v is None:
+            return None
+        return _coerce(args[0], v, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    if origin is list:
+        if not isinstance(v, list):
+            raise DeepzipError(f"{where}: expected a list")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if origin is dict:
+        if not isinstance(v, dict):
+            raise DeepzipError(f"{where}: expected a mapping")
+        _, val = typing.get_args(tp)
+        return {str(k): (x if val is Any else _coerce(val, x, f"{where}.{k}"))
+                for k, x in v.items()}
+    if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if tp in (int, str, bool) and (type(v) is tp):
+        return v
+    if tp is Any:
+        return v
+    raise DeepzipError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {v!r}")
+
+
+def load_recipe(path: str | os.PathLike[str] | None) -> Recipe:
+    """Read and validate a recipe file; ``None`` gives the built-in defaults."""
+    if path is None:
+        recipe = Recipe(prune=PruneStage(steps=[PruneStep()]))
+    else:
+        import yaml
+
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise DeepzipError(f"cannot read recipe {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise DeepzipError(f"recipe {path} is not valid YAML: "
+                               f"{str(e).splitlines()[0]}") from None
+        recipe = _build(Recipe, data if data is not None else {}, "recipe")
+    recipe.validate()
+    return recipe

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from deepzip import DeepzipError
+from deepzip.cli import main
+from deepzip.models import ModelSpec, get, save_checkpoint
+from deepzip.pipeline import DataSource, Pipeline
+from deepzip.recipe import load_recipe
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: x\nprune: {schedule: iterative, steps: [{method: percentile, amount: 0.5}]}\n"
+     "bogus: 1\n", "unknown key"),
+    ("prune: {schedule: iterative, steps: [{method: percentile, amount: 1.5}]}", r"\[0, 1\)"),
+    ("prune: {schedule: iterative, steps: [{method: magic, amount: 0.5}]}", "method"),
+    ("prune: {schedule: iterative, steps: [{method: percentile, amount: 0.5, epoch: 3}]}",
+     "unknown key"),
+    ("prune: {schedule: iterative, steps: []}", "needs prune.steps"),
+    ("prune: {schedule: agp}", "needs a prune.agp"),
+    ("prune: {schedule: none}\nquantize: {bits: 12}", "bits"),
+    ("prune: {schedule: none}\nquantize: {bits: five}", "expected int"),
+    ("prune: {schedule: none, train: {learning_rate: 0.1}}", "unknown training"),
+    ("prune: {schedule: none}\nencode: {raw_dtype: float64}", "float16 or float32"),
+    ("prune: [unclosed", "not valid YAML"),
+])
+def test_bad_recipes_fail_before_work(tmp_path, text, match):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(DeepzipError, match=match):
+        load_recipe(p)
+
+
+def test_shipped_recipes_are_valid():
+    for name in ["seed", "default", "smoke"]:
+        r = load_recipe(f"src/deepzip/recipes/{name}.yaml")
+        assert r.name == name
+    seed = load_recipe("recipes/seed.yaml")
+    assert [s.amount for s in seed.prune.steps] == [0.5, 0.6, 0.64]
+    assert seed.quantize.bits == 5
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "start.pt"
+    save_checkpoint(get("resnet20"), ModelSpec(), path)
+    return path
+
+
+def test_smoke_run_end_to_end_and_resume(tmp_path, data_root, start_model, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "smoke", "--model", str(start_model), "--subset", "512", "--data-dir",
+            str(data_root), "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert s["same_predictions"] == "512/512"  # decoded file == in-memory model
+    assert s["quantized_acc"] == s["decoded_acc"]
+    assert s["sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert s["real_ratio"] > 5 and s["formula_ratio"] > s["real_ratio"]
+    for f in ["model.dzip", "report.md", "layers.png", "recipe.yaml", "state.json"]:
+        assert (out / f).is_file()
+    capsys.readouterr()
+    assert main(argv) == 0  # everything done: nothing is retrained
+    log = capsys.readouterr().out
+    assert "[prune]" not in log and "[quantize]" not in log
+    assert json.loads((out / "report.json").read_text())["summary"] == s
+
+
+def test_interrupted_run_resumes_at_its_stage(tmp_path, data_root, start_model, monkeypatch):
+    recipe = load_recipe("recipes/smoke.yaml")
+    recipe.model = str(start_model)
+    data = DataSource(str(data_root), subset=512)
+    logs = []
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, "encode", boom)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(recipe, tmp_path, data, log=logs.append).run()
+    assert set(json.loads((tmp_path / "state.json").read_text())["stages"]) == {
+        "baseline", "prune", "quantize"}
+    monkeypatch.undo()
+    logs.clear()
+    Pipeline(recipe, tmp_path, data, log=logs.append).run()
+    assert not any(m.startswith(("[prune]", "[quantize]")) for m in logs)
+    assert any(m.startswith("[encode]") for m in logs)
+    recipe.quantize.bits = 3
+    with pytest.raises(DeepzipError, match="different recipe"):
+        Pipeline(recipe, tmp_path, data)
