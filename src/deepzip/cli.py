@@ -25,7 +25,14 @@ from .errors import DeepzipError
 from .models import ModelSpec, available, load_checkpoint, pretrained, save_checkpoint
 from .prune import FINETUNE
 from .quantize import CENTROID_TRAINING, INITS
-from .train import TrainConfig, default_device, evaluate, fit
+from .train import (
+    TrainConfig,
+    default_device,
+    evaluate,
+    fit,
+    init_distributed_from_env,
+    is_main_process,
+)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -148,11 +155,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     train = train_loader(args, spec, cfg)
     test = test_loader(args, spec)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
     t0 = time.time()
     history = fit(model, train, cfg, test_loader=test, out_dir=out, resume=args.resume,
                   desc=spec.arch)
+    if not is_main_process():
+        return 0
     save_checkpoint(model, spec, out / "model.pt")
     final = history[-1] if history else {}
     print(f"saved {out / 'model.pt'}; test accuracy {final.get('test_acc', float('nan')):.4f}"
@@ -355,10 +365,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     data = DataSource(args.data_dir, args.download, args.subset, _device(args))
     pipe = Pipeline(recipe, out, data)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, out / "recipe.yaml")
-    (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
-    s = pipe.run()["summary"]
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out / "recipe.yaml")
+        (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
+    report = pipe.run()
+    if not is_main_process():
+        return 0
+    s = report["summary"]
     fr = f"{s['formula_ratio']:.1f}x" if s["formula_ratio"] else "n/a"
     print(f"\n{recipe.name}: accuracy {s['baseline_acc'] * 100:.2f}% -> "
           f"{s['decoded_acc'] * 100:.2f}% (decoded .dzip), {s['file_bytes']:,} bytes on disk: "
@@ -549,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        dist_device = init_distributed_from_env()
+        if dist_device is not None and getattr(args, "device", "") is None:
+            args.device = str(dist_device)
         return args.func(args)
     except DeepzipError as e:
         print(f"deepzip: error: {e}", file=sys.stderr)

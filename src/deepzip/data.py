@@ -31,6 +31,9 @@ __all__ = [
     "IMAGENET_STD",
     "BatchLoader",
     "Cifar10",
+    "apply_augmentation",
+    "augment_batch",
+    "draw_augmentation",
     "download_cifar10",
     "load_cifar10",
     "parse_normalize",
@@ -180,23 +183,33 @@ def load_cifar10(
     return Cifar10(images, torch.from_numpy(labels.astype(np.int64)))
 
 
-def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with ``pad``-pixel zero padding and random horizontal flip, per image.
+def draw_augmentation(b: int, generator: torch.Generator, pad: int = 4
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random (row offset, column offset, flip) for ``b`` images, from ``generator``."""
+    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    return oy, ox, flip
 
-    Works on a whole (B, C, H, W) batch with one gather: no per-image Python.
-    """
+
+def apply_augmentation(x: torch.Tensor, oy: torch.Tensor, ox: torch.Tensor,
+                       flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Crop each image of a padded batch at its offset, mirrored where ``flip``: one gather
+    for the whole (B, C, H, W) batch, no per-image Python."""
     b, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dev = x.device
-    oy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device="cpu").to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device="cpu").to(dev)
-    flip = torch.rand(b, generator=generator, device="cpu").to(dev) < 0.5
-    rows = oy + torch.arange(h, device=dev)  # (B, H)
-    cols = ox + torch.arange(w, device=dev)  # (B, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = oy.to(dev) + torch.arange(h, device=dev)  # (B, H)
+    cols = ox.to(dev) + torch.arange(w, device=dev)  # (B, W)
+    cols = torch.where(flip.to(dev)[:, None], cols.flip(1), cols)
     bidx = torch.arange(b, device=dev)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with ``pad``-pixel zero padding and random horizontal flip, per image."""
+    return apply_augmentation(x, *draw_augmentation(len(x), generator, pad), pad=pad)
 
 
 class BatchLoader:
@@ -204,6 +217,11 @@ class BatchLoader:
 
     Shuffling and augmentation draw from a seeded generator, so a run is reproducible and
     ``state_dict()`` lets an interrupted run resume with the same stream.
+
+    Under torch.distributed (``torchrun``), a training loader shards each global batch of
+    ``batch_size * world_size`` images: every rank draws the same permutation and
+    augmentation parameters and keeps its own slice, so the ranks together see exactly
+    what one process with the global batch would.
     """
 
     def __init__(
@@ -217,9 +235,20 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         seed: int = 0,
         channels_last: bool = False,
+        augment: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise DeepzipError(f"batch size must be >= 1, got {batch_size}")
+        dist_on = train and torch.distributed.is_available() and \
+            torch.distributed.is_initialized()
+        self.world_size = world_size or (torch.distributed.get_world_size() if dist_on else 1)
+        self.rank = rank if rank is not None else (
+            torch.distributed.get_rank() if dist_on else 0)
+        if not 0 <= self.rank < self.world_size:
+            raise DeepzipError(f"rank {self.rank} outside world size {self.world_size}")
+        self.augment = augment
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -233,23 +262,26 @@ class BatchLoader:
 
     def __len__(self) -> int:
         n = self.labels.numel()
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self) * self.batch_size if self.train else self.labels.numel()
+        if self.train:  # drop the last partial batch: BatchNorm dislikes tiny batches
+            return n // (self.batch_size * self.world_size)
+        return -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.labels.numel()
-        if self.train:  # drop the last partial batch: BatchNorm dislikes tiny batches
+        if self.train:
             order = torch.randperm(n, generator=self.generator).to(self.device)
         else:
             order = torch.arange(n, device=self.device)
+        step = self.batch_size * (self.world_size if self.train else 1)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx]
+            idx = order[i * step:(i + 1) * step]
             if self.train:
-                x = augment_batch(x, self.generator)
+                draws = draw_augmentation(len(idx), self.generator) if self.augment else None
+                idx = idx[mine]
+            x = self.images[idx]
+            if self.train and draws is not None:
+                x = apply_augmentation(x, *(d[mine] for d in draws))
             x = (x.float() - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -35,7 +35,7 @@ from .prune import (
 )
 from .quantize import QuantizeConfig, quantize_, train_centroids
 from .recipe import Recipe
-from .train import TrainConfig, evaluate
+from .train import TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Pipeline", "run"]
 
@@ -59,7 +59,8 @@ class Pipeline:
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, data: DataSource,
                  log: Callable[[str], None] = print) -> None:
-        self.recipe, self.out, self.data, self.log = recipe, Path(out_dir), data, log
+        self.recipe, self.out, self.data = recipe, Path(out_dir), data
+        self.log = log if is_main_process() else (lambda _msg: None)
         self.state_path = self.out / "state.json"
         self.state: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "stages": {}}
         self._train: Cifar10 | None = None
@@ -73,9 +74,12 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
     def _save_state(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(self.state_path, "w") as f:
-            json.dump(self.state, f, indent=2)
+        """Rank 0 writes (under torchrun every rank computes the same state)."""
+        if is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.state_path, "w") as f:
+                json.dump(self.state, f, indent=2)
+        barrier()
 
     def _done(self, stage: str) -> dict[str, Any] | None:
         return self.state["stages"].get(stage)
@@ -136,7 +140,8 @@ class Pipeline:
         elif p.schedule == "agp":
             history = self._agp(model, spec)
         bake_(model)
-        save_checkpoint(model, spec, path)
+        if is_main_process():
+            save_checkpoint(model, spec, path)
         self._finish("prune", t0, accuracy=self._acc(model, spec), sparsity=sparsity_of(model),
                      history=history)
         return model, spec
@@ -153,9 +158,10 @@ class Pipeline:
                 self.log("[prune] sensitivity scan for per-layer targets")
                 rows = sensitivity(model, lambda m: self._acc(m, spec),
                                    exclude=self.recipe.prune.exclude)
-                scan.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(scan, "w") as f:
-                    json.dump({"rows": rows}, f)
+                if is_main_process():
+                    scan.parent.mkdir(parents=True, exist_ok=True)
+                    with atomic_write(scan, "w") as f:
+                        json.dump({"rows": rows}, f)
             derived = targets_from_sensitivity(rows, a.sensitivity_max_drop)
             per_layer = {n: max(v, a.final) if n not in a.per_layer else a.per_layer[n]
                          for n, v in derived.items()}
@@ -203,7 +209,8 @@ class Pipeline:
         from .quantize import dequantize_
 
         dequantize_(model)
-        save_checkpoint(model, spec, path)
+        if is_main_process():
+            save_checkpoint(model, spec, path)
         self._finish("quantize", t0, accuracy=acc, accuracy_kmeans=acc_kmeans, layers=layers,
                      history=history)
         return model, spec
@@ -213,8 +220,10 @@ class Pipeline:
         if not self._done("encode"):
             t0 = time.time()
             e = self.recipe.encode
-            dzip.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
-                      codebook_dtype=e.codebook_dtype)
+            if is_main_process():
+                dzip.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
+                          codebook_dtype=e.codebook_dtype)
+            barrier()
             info = dzip.inspect(path)
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
                      f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
@@ -249,6 +258,8 @@ class Pipeline:
         self.verify(model, spec)
         from .report import write_run_report
 
+        if not is_main_process():
+            return {"stages": self.state["stages"]}
         return write_run_report(self.out, self.recipe, self.state)
 
 

@@ -12,21 +12,22 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_torch_save, atomic_write
-from .data import BatchLoader
 from .errors import DeepzipError
 
-__all__ = ["TrainConfig", "default_device", "evaluate", "fit", "lr_factor"]
+__all__ = ["TrainConfig", "default_device", "evaluate", "fit", "init_distributed_from_env",
+           "is_main_process", "lr_factor"]
 
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -124,12 +125,15 @@ def _autocast(device: torch.device, precision: str) -> tuple[contextlib.Abstract
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+             ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy, in fp32 (no autocast)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     loss_sum, correct, n = 0.0, 0, 0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         out = model(x.float())
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -140,12 +144,46 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
+def is_main_process() -> bool:
+    """False on ranks other than 0 under torch.distributed: only rank 0 writes files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op without torch.distributed), e.g. after rank 0 wrote a file."""
+    if _world() > 1:
+        dist.barrier()
+
+
+def init_distributed_from_env() -> torch.device | None:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    NCCL on GPUs (one per local rank), gloo on CPUs. Returns this rank's device, or
+    ``None`` when not launched by torchrun.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def fit(
     model: nn.Module,
-    train_loader: BatchLoader,
+    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     cfg: TrainConfig,
     *,
-    test_loader: BatchLoader | None = None,
+    test_loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     param_filter: Callable[[str, nn.Parameter], bool] | None = None,
@@ -154,22 +192,43 @@ def fit(
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD; return per-epoch metrics.
 
-    With ``out_dir``, each epoch atomically rewrites ``checkpoint.pt`` and
-    ``metrics.jsonl``; ``resume=True`` continues from that checkpoint.
+    ``train_loader`` is a :class:`~deepzip.data.BatchLoader` or any sized iterable of
+    ``(inputs, labels)`` batches (a ``DataLoader``). With ``out_dir``, each epoch
+    atomically rewrites ``checkpoint.pt`` and ``metrics.jsonl``; ``resume=True`` continues
+    from that checkpoint. Parameters that ``param_filter`` rejects are frozen meanwhile.
+    Under ``torchrun`` (an initialized process group) the model trains as
+    DistributedDataParallel, BatchLoaders shard the data, and only rank 0 writes files.
 
     >>> loader = BatchLoader(train, 128, train=True)  # doctest: +SKIP
     >>> history = fit(model, loader, TrainConfig(epochs=1))  # doctest: +SKIP
     """
-    device = train_loader.device
+    device = getattr(train_loader, "device", None) or next(model.parameters()).device
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if param_filter is not None:
-        named = [(n, p) for n, p in named if param_filter(n, p)]
-    if not named:
+    chosen = [(n, p) for n, p in named if param_filter is None or param_filter(n, p)]
+    if not chosen:
         raise DeepzipError("no parameters to train (param_filter selected none)")
-    opt = torch.optim.SGD([p for _, p in named], lr=cfg.lr, momentum=cfg.momentum,
+    frozen = [p for n, p in named if param_filter is not None and not param_filter(n, p)]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        return _fit(model, train_loader, cfg, device, [p for _, p in chosen], test_loader,
+                    out_dir, resume, after_step, desc)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _fit(model, train_loader, cfg, device, params, test_loader, out_dir, resume, after_step,
+         desc) -> list[dict[str, Any]]:
+    main = is_main_process()
+    net: nn.Module = model
+    if _world() > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
@@ -185,33 +244,32 @@ def fit(
     ckpt_path = out / "checkpoint.pt" if out else None
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume and ckpt_path.is_file():
-            state = torch.load(ckpt_path, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+    if out and resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if "loader" in state and hasattr(train_loader, "load_state_dict"):
             train_loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["torch_rng"])
-            history = list(state["history"])
-            start_epoch = int(state["epoch"])
-            if "hook" in state and hasattr(after_step, "load_state_dict"):
-                after_step.load_state_dict(state["hook"])
+        torch.set_rng_state(state["torch_rng"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+        if "hook" in state and hasattr(after_step, "load_state_dict"):
+            after_step.load_state_dict(state["hook"])
+        if main:
             print(f"resuming {desc} from {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        net.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, n
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None, dynamic_ncols=True)
+                   disable=None if main else True, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -220,36 +278,43 @@ def fit(
             sched.step()
             if after_step is not None:
                 after_step(model)
-            loss_sum += loss.detach() * y.numel()
-            correct += (logits.argmax(1) == y).sum()
-            seen += y.numel()
+            totals += torch.stack([loss.detach().double() * y.numel(),
+                                   (logits.argmax(1) == y).sum().double(),
+                                   torch.tensor(y.numel(), device=device, dtype=torch.float64)])
             if i % 20 == 0:
-                rate = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                                acc=f"{correct.item() / seen:.3f}", img_s=f"{rate:.0f}")
+                loss_sum, correct, seen = totals.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{seen * _world() / (time.perf_counter() - t0):.0f}")
+        if _world() > 1:
+            dist.all_reduce(totals)
         train_time = time.perf_counter() - t0
+        loss_sum, correct, seen = totals.tolist()
         rec: dict[str, Any] = {
             "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-            "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
+            "train_loss": loss_sum / seen, "train_acc": correct / seen,
             "images_per_s": seen / train_time, "train_time_s": train_time,
         }
         if test_loader is not None:
             rec["test_loss"], rec["test_acc"] = evaluate(model, test_loader)
         history.append(rec)
+        if not main:
+            continue
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs} " + " ".join(
             f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"), flush=True)
         if out:
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                "loader": train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
+                **({"loader": train_loader.state_dict()} if hasattr(train_loader, "state_dict")
+                   else {}),
+                "torch_rng": torch.get_rng_state(),
                 "history": history, "epoch": epoch + 1, "config": _plain(asdict(cfg)),
                 **({"hook": after_step.state_dict()} if hasattr(after_step, "state_dict")
                    else {}),
             }, ckpt_path)
             with atomic_write(out / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in history)
-    if out:
+    if out and main:
         with atomic_write(out / "train_config.json", "w") as f:
             json.dump(_plain(asdict(cfg)), f, indent=2)
     return history
