@@ -43,3 +43,14 @@ def write_json(path: Path, obj: Any) -> None:
 def write_text(path: Path, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def cached(path: Path, compute):
+    """Run ``compute()`` once: its JSON result is kept at ``path`` and reused on reruns,
+    so a long table script interrupted halfway resumes where it stopped."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    return result

@@ -148,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-        seed=args.seed, precision=args.precision,
+        seed=args.seed, precision=args.precision, compile=args.compile,
     )
     torch.manual_seed(cfg.seed)
     model = spec.build()
@@ -467,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp16", "fp32"])
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (GPUs)")
     t.add_argument("--out", required=True, help="output folder (checkpoints, log, model.pt)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     _add_data_args(t)

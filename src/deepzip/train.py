@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # training autocast; evaluation is always fp32
     channels_last: bool = True
+    compile: bool = False  # torch.compile the training step (worth it on GPUs)
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the log, not used
 
     def __post_init__(self) -> None:
@@ -228,6 +229,8 @@ def _fit(model, train_loader, cfg, device, params, test_loader, out_dir, resume,
     if _world() > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
