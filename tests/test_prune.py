@@ -169,3 +169,15 @@ def test_sensitivity_leaves_model_alone_and_targets():
             {"layer": "a", "level": 0.9, "accuracy": 0.9},  # lucky point after a failure
             {"layer": "b", "level": 0.5, "accuracy": 0.7}]
     assert targets_from_sensitivity(fake, 0.01) == {"a": 0.5, "b": 0.0}
+
+
+def test_agp_global_threshold_meets_model_target_unevenly():
+    torch.manual_seed(0)
+    model = get("resnet20")
+    agp = AGPSchedule(model, final=0.8, start=0, end=8, frequency=4, global_=True)
+    fit(model, _random_loader(), TrainConfig(epochs=1, lr=0.01), after_step=agp)  # 8 steps
+    sp = [1 - float(m.mean()) for m in masks(model).values()]
+    assert sparsity_of(model) == pytest.approx(0.8, abs=1e-4)
+    assert max(sp) - min(sp) > 0.1  # layers differ, unlike per-layer pruning
+    with pytest.raises(DeepzipError):
+        AGPSchedule(model, final=0.8, start=0, end=8, global_=True, per_layer={"linear": 0.5})

@@ -112,3 +112,21 @@ def test_hooks_filter_and_after_step(small):
         assert torch.equal(p, before[n]) != n.startswith("linear"), n
     with pytest.raises(DeepzipError, match="no parameters"):
         fit(model, _loaders(small)[0], TrainConfig(epochs=1), param_filter=lambda n, p: False)
+
+
+def test_distillation_loss():
+    from torch import nn
+
+    from deepzip.train import Distillation
+
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    logits = torch.randn(8, 3)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(Distillation(teacher, alpha=0)(logits, y, x), ce)
+    same = teacher(x).detach()
+    assert Distillation(teacher, alpha=1)(same, y, x).abs() < 1e-6  # imitates perfectly
+    assert Distillation(teacher, alpha=1)(logits, y, x) > 0.01
+    with pytest.raises(DeepzipError):
+        Distillation(teacher, alpha=2)

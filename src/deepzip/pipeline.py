@@ -35,7 +35,7 @@ from .prune import (
 )
 from .quantize import QuantizeConfig, quantize_, train_centroids
 from .recipe import Recipe
-from .train import TrainConfig, barrier, evaluate, is_main_process
+from .train import Distillation, TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Pipeline", "run"]
 
@@ -65,6 +65,7 @@ class Pipeline:
         self.state: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "stages": {}}
         self._train: Cifar10 | None = None
         self._test: BatchLoader | None = None
+        self._teacher: nn.Module | None = None
         if self.state_path.is_file():
             old = json.loads(self.state_path.read_text())
             if old.get("recipe") != self.state["recipe"]:
@@ -101,6 +102,20 @@ class Pipeline:
                            std=spec.std, device=self.data.device, seed=cfg.seed,
                            channels_last=cfg.channels_last)
 
+    def _loss(self, d: Any) -> Distillation | None:
+        """The distillation loss against the baseline, if the stage asks for one."""
+        if d is None:
+            return None
+        if self._teacher is None:
+            self._teacher, _ = self._start_model()
+        return Distillation(self._teacher.to(self.data.device), d.alpha, d.temperature)
+
+    def _start_model(self) -> tuple[nn.Module, ModelSpec]:
+        r = self.recipe
+        if r.model == "resnet20" and not Path(r.model).exists():
+            return pretrained(r.model)
+        return load_checkpoint(r.model)
+
     def _acc(self, model: nn.Module, spec: ModelSpec) -> float:
         return evaluate(model.to(self.data.device), self.test_loader(spec))[1]
 
@@ -111,8 +126,7 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def baseline(self) -> tuple[nn.Module, ModelSpec]:
         r = self.recipe
-        model, spec = (pretrained(r.model) if r.model == "resnet20" and not Path(r.model).exists()
-                       else load_checkpoint(r.model))
+        model, spec = self._start_model()
         model.to(self.data.device)
         if not self._done("baseline"):
             t0 = time.time()
@@ -136,7 +150,8 @@ class Pipeline:
                 cfg = self.recipe.train_config(p.train, step.epochs)
                 history += finetune_after_prune(
                     model, self.train_loader(spec, cfg), cfg, test_loader=self.test_loader(spec),
-                    out_dir=self.out / "prune" / f"step{i}", resume=True, desc=f"prune {i}")
+                    out_dir=self.out / "prune" / f"step{i}", resume=True, desc=f"prune {i}",
+                    loss_fn=self._loss(p.distill))
         elif p.schedule == "agp":
             history = self._agp(model, spec)
         bake_(model)
@@ -171,12 +186,13 @@ class Pipeline:
         prune_(model, PruneConfig("percentile", 0.0, exclude=self.recipe.prune.exclude))
         hook = AGPSchedule(model, a.final, int(a.start_epoch * steps), int(a.end_epoch * steps),
                            initial=a.initial, frequency=a.frequency, per_layer=per_layer,
-                           exclude=self.recipe.prune.exclude)
+                           global_=a.global_threshold, exclude=self.recipe.prune.exclude)
         self.log(f"[prune] gradual pruning to {a.final} over epochs {a.start_epoch}-"
                  f"{a.end_epoch} of {a.epochs}" + (f", per layer {per_layer}" if per_layer else ""))
         return finetune_after_prune(model, loader, cfg, test_loader=self.test_loader(spec),
                                     out_dir=self.out / "prune" / "agp", resume=True,
-                                    after_step=hook, desc="agp")
+                                    after_step=hook, desc="agp",
+                                    loss_fn=self._loss(self.recipe.prune.distill))
 
     def quantize(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         q = self.recipe.quantize
@@ -202,7 +218,7 @@ class Pipeline:
             history = train_centroids(model, self.train_loader(spec, cfg), cfg,
                                       test_loader=self.test_loader(spec),
                                       out_dir=self.out / "quantize" / "train", resume=True,
-                                      desc="centroids")
+                                      desc="centroids", loss_fn=self._loss(q.distill))
         e = self.recipe.encode
         dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype)
         acc = self._acc(model, spec)

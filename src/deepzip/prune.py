@@ -225,7 +225,9 @@ class AGPSchedule:
 
     Every ``frequency`` optimizer steps between ``start`` and ``end``, each layer is pruned
     to its target on the cubic ramp from ``initial`` to its final sparsity (``final``, or
-    ``per_layer[name]``). Masks only grow, so pruned weights never come back.
+    ``per_layer[name]``); with ``global_``, one threshold across all layers meets the
+    model-wide target instead, so big redundant layers give up more. Masks only grow, so
+    pruned weights never come back.
 
     >>> agp = AGPSchedule(model, final=0.8, start=0, end=2000)  # doctest: +SKIP
     >>> fit(model, loader, cfg, after_step=agp)  # doctest: +SKIP
@@ -233,10 +235,13 @@ class AGPSchedule:
 
     def __init__(self, model: nn.Module, final: float, start: int, end: int, *,
                  initial: float = 0.0, frequency: int = 100,
-                 per_layer: Mapping[str, float] | None = None,
+                 per_layer: Mapping[str, float] | None = None, global_: bool = False,
                  include: list[str] | None = None, exclude: list[str] | None = None) -> None:
         self.layers = dict(prunable_layers(model, include, exclude))
         self.per_layer = dict(per_layer or {})
+        if global_ and self.per_layer:
+            raise DeepzipError("AGP: per-layer targets do not combine with global pruning")
+        self.global_ = global_
         for v in [initial, final, *self.per_layer.values()]:
             _check_amount("percentile", v)
         if frequency < 1:
@@ -260,9 +265,15 @@ class AGPSchedule:
             return
         if s > self.end:
             return
-        for name, target in self.targets(s).items():
-            module = self.layers[name]
-            _set_mask(module, percentile_mask(module.weight.detach(), target))
+        targets = self.targets(s)
+        if self.global_:  # one magnitude threshold across layers, at the model-wide target
+            new = global_masks({n: m.weight.detach() for n, m in self.layers.items()},
+                               agp_sparsity(s, self.initial, self.final, self.start, self.end))
+        else:
+            new = {n: percentile_mask(self.layers[n].weight.detach(), t)
+                   for n, t in targets.items()}
+        for name, mask in new.items():
+            _set_mask(self.layers[name], mask)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}

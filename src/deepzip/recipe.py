@@ -37,8 +37,17 @@ class AGPStage:
     start_epoch: float = 0.0
     end_epoch: float = 20.0
     frequency: int = 50  # optimizer steps between mask updates
+    global_threshold: bool = False  # one threshold across layers instead of per layer
     per_layer: dict[str, float] = field(default_factory=dict)
     sensitivity_max_drop: float | None = None  # derive per_layer targets from a scan
+
+
+@dataclass
+class Distill:
+    """Retrain against the uncompressed model's soft outputs (knowledge distillation)."""
+
+    alpha: float = 0.5
+    temperature: float = 4.0
 
 
 @dataclass
@@ -48,6 +57,7 @@ class PruneStage:
     agp: AGPStage | None = None
     exclude: list[str] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    distill: Distill | None = None
 
 
 @dataclass
@@ -60,6 +70,7 @@ class QuantizeStage:
     exclude: list[str] = field(default_factory=list)
     epochs: int = 0  # centroid training
     train: dict[str, Any] = field(default_factory=dict)
+    distill: Distill | None = None
 
 
 @dataclass
@@ -81,7 +92,7 @@ class Recipe:
     encode: EncodeStage = field(default_factory=EncodeStage)
 
     def validate(self) -> None:
-        p = self.prune
+        p, q = self.prune, self.quantize
         problems = []
         if p.schedule not in ("iterative", "agp", "none"):
             problems.append(f"prune.schedule must be iterative, agp or none, not {p.schedule!r}")
@@ -105,7 +116,11 @@ class Recipe:
                 problems.append("prune.agp needs 0 <= start_epoch <= end_epoch <= epochs")
             if a.frequency < 1:
                 problems.append("prune.agp.frequency must be >= 1")
-        q = self.quantize
+            if a.global_threshold and (a.per_layer or a.sensitivity_max_drop is not None):
+                problems.append("prune.agp.global_threshold excludes per-layer targets")
+        for d in (p.distill, q.distill if q else None):
+            if d is not None and (not 0 <= d.alpha <= 1 or d.temperature <= 0):
+                problems.append("distill needs 0 <= alpha <= 1 and temperature > 0")
         if q is not None:
             for b in [q.bits, q.bits_conv, q.bits_linear, *q.per_layer.values()]:
                 if b is not None and not 1 <= b <= MAX_BITS:
