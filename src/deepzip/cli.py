@@ -309,7 +309,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model, spec = resolve_model(args)
     out = Path(args.output)
     dzip.save(model, out, spec=spec, raw_dtype=args.raw_dtype,
-              codebook_dtype=args.codebook_dtype)
+              codebook_dtype=args.codebook_dtype, fold_batchnorm=args.fold_batchnorm)
     print(_size_table(dzip.inspect(out)))
     print(f"wrote {out}")
     return 0
@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--raw-dtype", default="float16", choices=["float16", "float32"],
                     help="storage of BatchNorm, biases and unshared weights")
     en.add_argument("--codebook-dtype", default="float32", choices=["float16", "float32"])
+    en.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=True,
+                    help="store each BatchNorm as its eval-mode scale and shift (default on)")
     en.set_defaults(func=cmd_encode)
 
     ins = sub.add_parser("inspect", help="per-layer sizes and compression ratios of a .dzip")

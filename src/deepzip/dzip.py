@@ -245,20 +245,68 @@ def _raw_store(t: torch.Tensor, raw_dtype: str) -> str:
     return raw_dtype
 
 
+_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _batchnorms(model: nn.Module) -> dict[str, float]:
+    """BatchNorm layers that can be folded (affine, with running statistics): name -> eps."""
+    return {name: m.eps for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+            and m.track_running_stats}
+
+
+def _folded_var(like: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.full_like(like, 1 - eps)
+
+
+def _bn_affine(state: dict[str, torch.Tensor], prefix: str, eps: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm in eval mode is ``x * scale + shift``: (scale, shift) of one layer.
+
+    A layer folded before (mean 0, variance 1 - eps) is taken as it is, so folding twice
+    changes nothing and a folded in-memory model matches its file bit for bit.
+    """
+    w, b, mean, var = (state[f"{prefix}.{k}"].float() for k in _BN_KEYS[:4])
+    if torch.all(mean == 0) and torch.equal(var, _folded_var(var, eps)):
+        return w, b
+    scale = w / torch.sqrt(var + eps)
+    return scale, b - mean * scale
+
+
+def _bn_state(prefix: str, scale: torch.Tensor, shift: torch.Tensor, eps: float
+              ) -> dict[str, torch.Tensor]:
+    """The BatchNorm state that computes ``x * scale + shift`` in eval mode."""
+    return {f"{prefix}.weight": scale, f"{prefix}.bias": shift,
+            f"{prefix}.running_mean": torch.zeros_like(scale),
+            f"{prefix}.running_var": _folded_var(scale, eps),
+            f"{prefix}.num_batches_tracked": torch.tensor(0, dtype=torch.long)}
+
+
 def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
-                             codebook_dtype: str = "float32") -> nn.Module:
-    """Round ``model`` in place exactly as :func:`save` will store it, so the in-memory
-    model and the decoded file give bit-identical outputs. Bakes pruning masks."""
+                             codebook_dtype: str = "float32",
+                             fold_batchnorm: bool = True) -> nn.Module:
+    """Change ``model`` in place exactly as :func:`save` will store it, so the in-memory
+    model and the decoded file give bit-identical outputs: bakes pruning masks, folds
+    BatchNorm (if asked), rounds to the storage dtypes."""
     from .quantize import codebooks
 
     _check_dtypes(raw_dtype, codebook_dtype)
     bake_(model)
-    shared = _shared_names(model, _plain_state(model))
+    state = _plain_state(model)
+    shared = _shared_names(model, state)
+    own = model.state_dict(keep_vars=True)
+    folded = set()
     with torch.no_grad():
+        if fold_batchnorm:
+            for prefix, eps in _batchnorms(model).items():
+                scale, shift = _bn_affine(state, prefix, eps)
+                for key, value in _bn_state(prefix, scale, shift, eps).items():
+                    own[key].copy_(value)
+                folded.update(f"{prefix}.{k}" for k in _BN_KEYS[2:])  # rebuilt, not stored
         for cb in codebooks(model).values():
             cb.codebook.copy_(_round(cb.codebook, codebook_dtype))
-        for key, t in model.state_dict(keep_vars=True).items():
-            if "parametrizations." in key or not t.is_floating_point():
+        for key, t in own.items():
+            if "parametrizations." in key or not t.is_floating_point() or key in folded:
                 continue  # quantized layers: their codebooks were rounded above
             t.copy_(_round(t, codebook_dtype if key in shared else _raw_store(t, raw_dtype)))
     return model
@@ -276,12 +324,16 @@ def _check_dtypes(raw_dtype: str, codebook_dtype: str) -> None:
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | None = None,
-         raw_dtype: str = "float16", codebook_dtype: str = "float32") -> dict[str, Any]:
+         raw_dtype: str = "float16", codebook_dtype: str = "float32",
+         fold_batchnorm: bool = True) -> dict[str, Any]:
     """Write ``model`` as a ``.dzip`` file (atomically); return the per-tensor size report.
 
     Pruned (masked) and quantized (parametrized) models are baked first; the model
-    itself is not changed. Call :func:`round_to_file_precision_` first if the in-memory
-    model must match the file bit for bit (fp16 BatchNorm, fp16 codebooks).
+    itself is not changed. With ``fold_batchnorm``, each BatchNorm layer is stored as the
+    per-channel ``scale, shift`` it computes in eval mode (half the numbers; the loaded
+    model has running mean 0 and variance 1 - eps, the same function). Call
+    :func:`round_to_file_precision_` first if the in-memory model must match the file bit
+    for bit (fp16 BatchNorm, fp16 codebooks, folding).
 
     >>> report = save(model, "resnet20.dzip", spec=spec)  # doctest: +SKIP
     >>> model = load("resnet20.dzip")  # doctest: +SKIP
@@ -289,12 +341,24 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     _check_dtypes(raw_dtype, codebook_dtype)
     state = _plain_state(model)
     shared = _shared_names(model, state)
+    bns = _batchnorms(model) if fold_batchnorm else {}
+    owner = {f"{p}.{k}": p for p in bns for k in _BN_KEYS}
     blobs: list[bytes] = []
     offset = 0
     tensors, report = [], []
     for key, t in state.items():
+        if key in owner and not key.endswith(".weight"):
+            continue  # a folded BatchNorm is written once, at its weight
         entry: dict[str, Any] = {"name": key, "shape": list(t.shape), "dtype": _dtype_name(t)}
-        if key in shared:
+        if key in owner:
+            prefix = owner[key]
+            scale, shift = _bn_affine(state, prefix, bns[prefix])
+            store = _raw_store(torch.cat([scale, shift]), raw_dtype)
+            entry = {"name": prefix, "shape": list(t.shape), "dtype": "float32",
+                     "encoding": "bn", "eps": bns[prefix], "store": store}
+            parts = {"data": torch.cat([scale, shift]).numpy().astype(_STORE[store]).tobytes()}
+            info = {"nonzero": int(torch.count_nonzero(scale))}
+        elif key in shared:
             enc = _encode_shared(_round(t.float(), codebook_dtype).numpy(), codebook_dtype)
             entry.update(enc.meta)
             parts = enc.parts
@@ -311,7 +375,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
             blobs.append(blob)
             offset += len(blob)
         tensors.append(entry)
-        report.append({"name": key, "shape": list(t.shape), "params": t.numel(),
+        report.append({"name": entry["name"], "shape": list(t.shape), "params": t.numel(),
                        "encoding": entry["encoding"], "bytes": sum(len(b) for b in parts.values()),
                        **info})
     header = {"format": "deepzip", "version": VERSION,
@@ -380,9 +444,20 @@ def _parts(entry: dict[str, Any], data: memoryview, needed: tuple[str, ...]) -> 
     return out
 
 
-def _decode_tensor(entry: Any, data: memoryview) -> tuple[str, torch.Tensor]:
+def _decode_entry(entry: Any, data: memoryview) -> dict[str, torch.Tensor]:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
         raise DeepzipFormatError("bad tensor entry")
+    if entry.get("encoding") != "bn":
+        return dict([_decode_tensor(entry, data)])
+    name, eps = entry["name"], entry.get("eps")
+    if not isinstance(eps, float) or not 0 < eps < 1:
+        raise DeepzipFormatError(f"{name!r}: bad BatchNorm eps")
+    _, both = _decode_tensor({**entry, "encoding": "raw",
+                              "shape": [2, *entry.get("shape", [None])]}, data)
+    return _bn_state(name, both[0].contiguous(), both[1].contiguous(), eps)
+
+
+def _decode_tensor(entry: dict[str, Any], data: memoryview) -> tuple[str, torch.Tensor]:
     name, shape = entry["name"], entry.get("shape")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in shape)):
@@ -416,7 +491,9 @@ def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
                                                        ModelSpec | None]:
     """Decode a ``.dzip`` file into a plain state_dict and its model spec (if recorded)."""
     header, data, _ = _read(path)
-    state = dict(_decode_tensor(e, data) for e in header["tensors"])
+    state: dict[str, torch.Tensor] = {}
+    for e in header["tensors"]:
+        state.update(_decode_entry(e, data))
     meta = header.get("model")
     spec = None
     if isinstance(meta, dict):
@@ -453,7 +530,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     state, spec = load_state(path)
     rows, weights, coded_bits = [], 0, 0.0
     for e in header["tensors"]:
-        t = state[e["name"]]
+        t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
         nbytes = sum(p[1] for p in e["parts"].values())
         row = {"name": e["name"], "shape": e["shape"], "params": t.numel(),
                "encoding": e["encoding"], "bytes": nbytes,

@@ -220,7 +220,7 @@ class Pipeline:
                                       out_dir=self.out / "quantize" / "train", resume=True,
                                       desc="centroids", loss_fn=self._loss(q.distill))
         e = self.recipe.encode
-        dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype)
+        dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype, e.fold_batchnorm)
         acc = self._acc(model, spec)
         from .quantize import dequantize_
 
@@ -238,7 +238,7 @@ class Pipeline:
             e = self.recipe.encode
             if is_main_process():
                 dzip.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
-                          codebook_dtype=e.codebook_dtype)
+                          codebook_dtype=e.codebook_dtype, fold_batchnorm=e.fold_batchnorm)
             barrier()
             info = dzip.inspect(path)
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "

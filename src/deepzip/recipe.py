@@ -77,6 +77,7 @@ class QuantizeStage:
 class EncodeStage:
     raw_dtype: str = "float16"
     codebook_dtype: str = "float32"
+    fold_batchnorm: bool = True
 
 
 @dataclass
