@@ -105,3 +105,13 @@ def test_save_checkpoint_roundtrips_spec(tmp_path):
     assert got == spec
     assert not loaded.training
     assert list(tmp_path.iterdir()) == [tmp_path / "m.pt"]  # no temp file left behind
+
+
+def test_shipped_baseline_reaches_its_accuracy(cifar_test):
+    from deepzip import evaluate, pretrained
+    from deepzip.data import BatchLoader
+
+    model, spec = pretrained("resnet20")
+    assert spec.arch == "resnet20" and sum(p.numel() for p in model.parameters()) == 269_722
+    _, acc = evaluate(model, BatchLoader(cifar_test, 1000, mean=spec.mean, std=spec.std))
+    assert acc >= 0.915

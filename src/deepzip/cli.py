@@ -141,6 +141,19 @@ def _finetune_config(args: argparse.Namespace) -> TrainConfig:
                        weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed)
 
 
+def _finetune(args: argparse.Namespace, model: nn.Module, spec: ModelSpec, test: BatchLoader,
+              out: Path, result: dict, train_fn, key: str, what: str) -> None:
+    """The optional retraining of prune and quantize (--finetune-epochs and friends)."""
+    if not args.finetune_epochs:
+        return
+    cfg = _finetune_config(args)
+    train_fn(model, train_loader(args, spec, cfg), cfg, test_loader=test, out_dir=out,
+             resume=args.resume, desc=what)
+    _, result[key] = evaluate(model, test)
+    result["finetune"] = dataclasses.asdict(cfg)
+    print(f"after {cfg.epochs} epochs of {what}: {result[key] * 100:.2f}%")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     mean, std = parse_normalize(args.normalize or "cifar")
     spec = ModelSpec(arch=args.arch or "resnet20", mean=mean, std=std)
@@ -222,14 +235,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
               "acc_before": acc0, "acc_pruned": acc1}
     print(f"pruned ({pcfg.method} {pcfg.amount}): sparsity {result['sparsity']:.4f}, "
           f"accuracy {acc0 * 100:.2f}% -> {acc1 * 100:.2f}%")
-    if args.finetune_epochs:
-        cfg = _finetune_config(args)
-        finetune_after_prune(model, train_loader(args, spec, cfg), cfg, test_loader=test,
-                             out_dir=out, resume=args.resume, desc="retrain")
-        _, result["acc_retrained"] = evaluate(model, test)
-        result["finetune"] = dataclasses.asdict(cfg)
-        print(f"after {cfg.epochs} epochs of masked retraining: "
-              f"{result['acc_retrained'] * 100:.2f}%")
+    _finetune(args, model, spec, test, out, result, finetune_after_prune, "acc_retrained",
+              "masked retraining")
     bake_(model)
     save_checkpoint(model, spec, out / "model.pt")
     _write_json(out / "prune.json", {**result, "summary": summary(model)})
@@ -257,14 +264,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = {"config": dataclasses.asdict(qcfg), "acc_before": acc0, "acc_quantized": acc1,
               "layers": layers}
     print(f"quantized ({args.init} init): accuracy {acc0 * 100:.2f}% -> {acc1 * 100:.2f}%")
-    if args.finetune_epochs:
-        cfg = _finetune_config(args)
-        train_centroids(model, train_loader(args, spec, cfg), cfg, test_loader=test,
-                        out_dir=out, resume=args.resume, desc="centroids")
-        _, result["acc_trained"] = evaluate(model, test)
-        result["finetune"] = dataclasses.asdict(cfg)
-        print(f"after {cfg.epochs} epochs of centroid training: "
-              f"{result['acc_trained'] * 100:.2f}%")
+    _finetune(args, model, spec, test, out, result, train_centroids, "acc_trained",
+              "centroid training")
     books = codebooks(model)
     missing = [n for n in names if n not in books]
     if missing:

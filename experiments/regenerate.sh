@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Regenerates everything in results/ from the shipped baseline, in order, on this machine.
+#   bash experiments/regenerate.sh [DATA_DIR]        (default ../shared/data)
+# Each step is resumable: rerunning skips finished work. Benchmarks are recorded with the
+# command that made them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data}
+mkdir -p results/bench
+
+record() {  # record FILE CMD...: run CMD, append the command and its output to FILE
+  local file=$1; shift
+  { echo "\$ $*"; "$@"; } 2>&1 | grep -v '^\s*$' | tee -a "$file"
+}
+
+rm -f results/bench/*.txt
+record results/bench/train_throughput.txt python bench/train_throughput.py --data-dir "$DATA"
+record results/bench/mask_overhead.txt python bench/mask_overhead.py --data-dir "$DATA"
+record results/bench/kmeans.txt python bench/kmeans.py
+record results/bench/huffman.txt python bench/huffman.py
+
+# The shipped baseline at 5 bits (no pruning): Huffman length, both ratios, and the decoded
+# file's accuracy against the in-memory model's.
+Q5=results/resnet20-5bit; mkdir -p $Q5; rm -f $Q5/*
+deepzip quantize resnet20 --bits 5 --data-dir "$DATA" -o runs/q5
+cp runs/q5/quantize.json $Q5/
+record $Q5/log.txt deepzip eval runs/q5/model.pt --data-dir "$DATA"
+record $Q5/log.txt deepzip encode runs/q5/model.pt -o $Q5/lossless.dzip --raw-dtype float32 --no-fold-batchnorm
+record $Q5/log.txt deepzip eval $Q5/lossless.dzip --data-dir "$DATA"
+record $Q5/log.txt deepzip encode runs/q5/model.pt -o $Q5/compact.dzip
+record $Q5/log.txt deepzip eval $Q5/compact.dzip --data-dir "$DATA"
+python experiments/lab1_prune.py --data-dir "$DATA"
+publish() {  # publish RUN: copy a pipeline run's report and .dzip file into results/
+  mkdir -p "results/$1"
+  cp "runs/$1"/{report.md,report.json,layers.png,recipe.yaml,command.txt,model.dzip} "results/$1/"
+}
+
+deepzip run seed --data-dir "$DATA" --out runs/seed && publish seed
+python experiments/lab3_quantize.py --data-dir "$DATA" --pruned runs/seed/prune/model.pt
+python experiments/lab2_retrain.py --data-dir "$DATA"
+deepzip run default --data-dir "$DATA" --out runs/default && publish default
+deepzip pareto runs/seed runs/default -o results/pareto.png
