@@ -134,3 +134,13 @@ def test_bad_config():
     for bad in [dict(bits=0), dict(bits_conv=9), dict(per_layer={"x": 3.5}), dict(init="x")]:
         with pytest.raises(DeepzipError):
             QuantizeConfig(**bad)
+
+
+def test_every_code_is_used_when_values_allow():
+    """Empty clusters are relocated (split the costliest cluster), 8-bit optimal included."""
+    x = np.random.default_rng(0).laplace(size=5000)
+    for init in INITS:
+        assert len(kmeans_1d(x, 8, init).centroids) == 256, init
+    spiky = np.concatenate([np.zeros(0), np.full(50, 0.01), np.linspace(-3, 3, 7)])
+    r = kmeans_1d(spiky, 4, "linear")  # linear init leaves most codes empty here
+    assert len(r.centroids) == len(np.unique(spiky)) and r.error == 0

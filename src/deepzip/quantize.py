@@ -119,20 +119,45 @@ def _kmeanspp(v: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 def _optimal(v: np.ndarray, k: int) -> np.ndarray:
     import ckmeans
 
+    c = np.array([g.mean() for g in ckmeans.ckmeans(v, min(k, 255))])
     if k <= 255:
-        return np.array([c.mean() for c in ckmeans.ckmeans(v, k)])
-    # ckmeans stops at 255 groups: take that optimum and split its costliest group at the
-    # best point, so 8-bit codebooks use all 256 entries.
-    groups = ckmeans.ckmeans(v, 255)
-    sse = [float(((g - g.mean()) ** 2).sum()) for g in groups]
-    g = _Sorted(groups[int(np.argmax(sse))])
-    n = len(g.v)
-    i = np.arange(1, n)
-    left = g.s2[i] - g.s1[i] ** 2 / i
-    right = (g.s2[n] - g.s2[i]) - (g.s1[n] - g.s1[i]) ** 2 / (n - i)
-    cut = int(i[np.argmin(left + right)])
-    extra = [g.v[:cut].mean(), g.v[cut:].mean()]
-    return np.array([c.mean() for j, c in enumerate(groups) if j != np.argmax(sse)] + extra)
+        return c
+    # ckmeans stops at 255 groups: the 256th code splits the costliest group at its best
+    # point, so 8-bit codebooks use all 256 entries.
+    return _relocate_empty(_Sorted(v), np.append(c, np.inf))  # inf: an empty cluster
+
+
+def _best_split(s: _Sorted, lo: int, hi: int) -> tuple[float, float, float]:
+    """Split the sorted run v[lo:hi] (at least two values) in two where the squared error
+    is least: (error after the split, left mean, right mean)."""
+    i = np.arange(lo + 1, hi)
+    n_left, n_right = i - lo, hi - i
+    s1_left, s1_right = s.s1[i] - s.s1[lo], s.s1[hi] - s.s1[i]
+    sse = (s.s2[hi] - s.s2[lo]) - s1_left ** 2 / n_left - s1_right ** 2 / n_right
+    b = int(np.argmin(sse))
+    return float(sse[b]), float(s1_left[b] / n_left[b]), float(s1_right[b] / n_right[b])
+
+
+def _relocate_empty(s: _Sorted, c: np.ndarray) -> np.ndarray:
+    """Give each empty cluster a job: split the cluster with the largest squared error at
+    its best point, one centroid for each half (the greedy step that lowers the error
+    most), instead of leaving a code unused."""
+    c = np.sort(c)
+    for _ in range(len(c)):
+        b = s.bounds(c)
+        cnt, s1, s2 = s.stats(b)
+        empty = np.flatnonzero(cnt == 0)
+        if not len(empty):
+            break
+        sse = np.where(cnt > 1, s2 - s1 ** 2 / np.maximum(cnt, 1), -1.0)
+        j = int(np.argmax(sse))
+        if sse[j] <= 0:
+            break  # every cluster is a single value: nothing left to split
+        _, left, right = _best_split(s, int(b[j]), int(b[j + 1]))
+        c = np.where(cnt > 0, s1 / np.maximum(cnt, 1), c)
+        c[j], c[empty[0]] = left, right
+        c.sort()
+    return c
 
 
 def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear", *,
@@ -159,7 +184,9 @@ def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear"
     it = 0
     for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
         cnt, s1, _ = s.stats(s.bounds(c))
-        new = np.where(cnt > 0, s1 / np.maximum(cnt, 1), c)  # an empty cluster keeps its place
+        new = np.where(cnt > 0, s1 / np.maximum(cnt, 1), c)
+        if (cnt == 0).any():
+            new = _relocate_empty(s, new)
         new.sort()
         shift = np.abs(new - c).max()
         c = new
