@@ -532,7 +532,8 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     for e in header["tensors"]:
         t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
         nbytes = sum(p[1] for p in e["parts"].values())
-        row = {"name": e["name"], "shape": e["shape"], "params": t.numel(),
+        row = {"name": e["name"], "shape": e["shape"],
+               "params": t.numel() * (2 if e["encoding"] == "bn" else 1),  # bn: scale, shift
                "encoding": e["encoding"], "bytes": nbytes,
                "nonzero": int(torch.count_nonzero(t))}
         if e["encoding"] in ("dense", "sparse"):
