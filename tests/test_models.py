@@ -87,7 +87,7 @@ class Evil:
 def test_checkpoint_with_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"state_dict": Evil()}, f)
+        pickle.dump({"state_dict": Evil()}, f, protocol=2)
     with pytest.raises(DeepzipError, match="cannot read checkpoint"):
         load_checkpoint(path)
     assert "pwned" not in capsys.readouterr().out
