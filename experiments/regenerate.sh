@@ -29,6 +29,7 @@ record $Q5/log.txt deepzip encode runs/q5/model.pt -o $Q5/lossless.dzip --raw-dt
 record $Q5/log.txt deepzip eval $Q5/lossless.dzip --data-dir "$DATA"
 record $Q5/log.txt deepzip encode runs/q5/model.pt -o $Q5/compact.dzip
 record $Q5/log.txt deepzip eval $Q5/compact.dzip --data-dir "$DATA"
+record $Q5/log.txt deepzip inspect $Q5/compact.dzip
 python experiments/lab1_prune.py --data-dir "$DATA"
 publish() {  # publish RUN: copy a pipeline run's report and .dzip file into results/
   mkdir -p "results/$1"
@@ -36,7 +37,7 @@ publish() {  # publish RUN: copy a pipeline run's report and .dzip file into res
 }
 
 deepzip run seed --data-dir "$DATA" --out runs/seed && publish seed
-python experiments/lab3_quantize.py --data-dir "$DATA" --pruned runs/seed/prune/model.pt
+python experiments/lab3_quantize.py --data-dir "$DATA" --pruned runs/seed/prune/model.pt --epochs 1
 python experiments/lab2_retrain.py --data-dir "$DATA"
 deepzip run default --data-dir "$DATA" --out runs/default && publish default
 deepzip pareto runs/seed runs/default -o results/pareto.png
