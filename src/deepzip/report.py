@@ -251,6 +251,8 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
         ("quantized (final, file precision)", "quantize", "accuracy"),
         ("decoded from .dzip", "verify", "accuracy")] if st[k].get(key) is not None]
     fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
+    cmd_file = out / "command.txt"
+    command = cmd_file.read_text().strip() if cmd_file.is_file() else "deepzip run"
     acc_line = (f"{base_acc * 100:.2f}% -> {ver['accuracy'] * 100:.2f}% "
                 f"({-summary_row['loss_points']:+.2f} points)")
     size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (fp32 "
@@ -259,7 +261,7 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
 
 {recipe.description}
 
-Made by `deepzip run` with the recipe in `recipe.yaml` beside this file (the exact
+Made by `{command}` with the recipe in `recipe.yaml` beside this file (the exact
 settings are also in `report.json`). All accuracies: full CIFAR-10 test set unless the
 run used `--subset`, fp32.
 
