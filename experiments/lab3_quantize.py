@@ -64,7 +64,7 @@ def main() -> None:
                                 std=spec.std, seed=cfg.seed, channels_last=cfg.channels_last)
             train_centroids(model, train, cfg, desc=f"{start} {bits}b {init}")
             trained = evaluate(model, test)[1]
-            moved = max(float((cb.codebook - w[n]).abs().max())
+            moved = max(float((cb.codebook.detach() - w[n]).abs().max())
                         for n, cb in codebooks(model).items())
             dequantize_(model)
             weights = [m.weight.detach() for _, m in prunable_layers(model)]

@@ -288,7 +288,7 @@ def codebooks(model: nn.Module) -> dict[str, SharedWeight]:
             and isinstance(m.parametrizations.weight[0], SharedWeight)}
 
 
-CENTROID_TRAINING = TrainConfig(epochs=10, lr=0.01, weight_decay=0.0, schedule="cosine")
+CENTROID_TRAINING = TrainConfig(epochs=10, lr=0.002, weight_decay=0.0, schedule="cosine")
 
 
 def train_centroids(model: nn.Module, train_loader: BatchLoader,
@@ -296,19 +296,29 @@ def train_centroids(model: nn.Module, train_loader: BatchLoader,
                     **fit_kwargs: Any) -> list[dict[str, Any]]:
     """Fine-tune the shared values with :func:`deepzip.train.fit`, indices and masks fixed.
 
-    Trains the codebooks and, with ``train_other``, the parameters that are not shared
-    weights (biases, BatchNorm); never the unused original weights under the
-    parametrization. Weight decay should be 0: it would pull shared values to zero.
+    Each centroid's gradient is the sum of its weights' gradients (Deep Compression);
+    because that sum runs over hundreds or thousands of weights, each layer's codebook
+    trains at ``cfg.lr`` divided by its average cluster size, so a centroid moves about as
+    far as one of its weights would. With ``train_other``, the parameters that are not
+    shared weights (biases, BatchNorm) train too, at ``cfg.lr``; never the unused original
+    weights under the parametrization. Weight decay should be 0: it would pull shared
+    values to zero.
     """
-    if not codebooks(model):
+    books = {f"{name}.parametrizations.weight.0.codebook" if name else
+             "parametrizations.weight.0.codebook": cb for name, cb in codebooks(model).items()}
+    if not books:
         raise DeepzipError("model has no quantized layers; call quantize_ first")
 
     def select(name: str, _p: nn.Parameter) -> bool:
-        if name.endswith("parametrizations.weight.0.codebook"):
-            return True
-        return train_other and "parametrizations.weight.original" not in name
+        return name in books or (train_other and "parametrizations.weight.original" not in name)
 
-    return fit(model, train_loader, cfg, param_filter=select, **fit_kwargs)
+    def scale(name: str, _p: nn.Parameter) -> float:
+        cb = books.get(name)
+        if cb is None or cb.codebook.numel() == 0:
+            return 1.0
+        return cb.codebook.numel() / max(1.0, float(cb.mask.sum()))
+
+    return fit(model, train_loader, cfg, param_filter=select, lr_scale=scale, **fit_kwargs)
 
 
 def dequantize_(model: nn.Module) -> nn.Module:

@@ -219,11 +219,14 @@ def fit(
     param_filter: Callable[[str, nn.Parameter], bool] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    lr_scale: Callable[[str, nn.Parameter], float] | None = None,
     desc: str = "train",
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD; return per-epoch metrics.
 
     ``loss_fn(logits, labels, inputs)`` replaces cross-entropy, e.g. :class:`Distillation`.
+    ``lr_scale(name, param)`` multiplies the learning rate of single parameters (shared
+    weights, whose gradient sums over many weights, need a smaller one).
 
     ``train_loader`` is a :class:`~deepzip.data.BatchLoader` or any sized iterable of
     ``(inputs, labels)`` batches (a ``DataLoader``). With ``out_dir``, each epoch
@@ -247,15 +250,19 @@ def fit(
     for p in frozen:
         p.requires_grad_(False)
     try:
-        return _fit(model, train_loader, cfg, device, [p for _, p in chosen], test_loader,
-                    out_dir, resume, after_step, loss_fn, desc)
+        groups: dict[float, list[nn.Parameter]] = {}
+        for n, p in chosen:
+            groups.setdefault(lr_scale(n, p) if lr_scale else 1.0, []).append(p)
+        param_groups = [{"params": ps, "lr": cfg.lr * k} for k, ps in groups.items()]
+        return _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir,
+                    resume, after_step, loss_fn, desc)
     finally:
         for p in frozen:
             p.requires_grad_(True)
 
 
-def _fit(model, train_loader, cfg, device, params, test_loader, out_dir, resume, after_step,
-         loss_fn, desc) -> list[dict[str, Any]]:
+def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, resume,
+         after_step, loss_fn, desc) -> list[dict[str, Any]]:
     main = is_main_process()
     net: nn.Module = model
     if _world() > 1:
@@ -263,7 +270,7 @@ def _fit(model, train_loader, cfg, device, params, test_loader, out_dir, resume,
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+    opt = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
                           nesterov=cfg.nesterov and cfg.momentum > 0,
                           weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_loader)
