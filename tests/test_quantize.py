@@ -144,3 +144,22 @@ def test_every_code_is_used_when_values_allow():
     spiky = np.concatenate([np.zeros(0), np.full(50, 0.01), np.linspace(-3, 3, 7)])
     r = kmeans_1d(spiky, 4, "linear")  # linear init leaves most codes empty here
     assert len(r.centroids) == len(np.unique(spiky)) and r.error == 0
+
+
+def test_centroid_lr_is_divided_by_cluster_size(monkeypatch):
+    import deepzip.quantize as q
+
+    model = nn.Sequential(nn.Linear(100, 10))
+    quantize_(model, QuantizeConfig(bits=2))
+    seen = {}
+
+    def fake_fit(model, loader, cfg, *, param_filter, lr_scale, **kw):
+        for n, p in model.named_parameters():
+            if param_filter(n, p):
+                seen[n] = lr_scale(n, p)
+
+    monkeypatch.setattr(q, "fit", fake_fit)
+    train_centroids(model, None, TrainConfig(epochs=1))
+    assert seen["0.parametrizations.weight.0.codebook"] == pytest.approx(4 / 1000)
+    assert seen["0.bias"] == 1.0
+    assert "0.parametrizations.weight.original" not in seen

@@ -130,3 +130,13 @@ def test_distillation_loss():
     assert Distillation(teacher, alpha=1)(logits, y, x) > 0.01
     with pytest.raises(DeepzipError):
         Distillation(teacher, alpha=2)
+
+
+def test_lr_scale_per_parameter(small):
+    torch.manual_seed(0)
+    model = get("resnet20")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, _loaders(small)[0], TrainConfig(epochs=1),
+        lr_scale=lambda n, p: 0.0 if n.startswith("linear") else 1.0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == n.startswith("linear"), n
