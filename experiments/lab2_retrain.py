@@ -61,6 +61,7 @@ def main() -> None:
             "acc_before": before, "acc_after": evaluate(model, test)[1],
             "train_config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
             "history": hist, "command": command_line()})
+        table(out, cfg)  # after every setting, so a partial run still shows its rows
     table(out, cfg)
 
 
