@@ -91,3 +91,25 @@ def test_interrupted_run_resumes_at_its_stage(tmp_path, data_root, start_model, 
     recipe.quantize.bits = 3
     with pytest.raises(DeepzipError, match="different recipe"):
         Pipeline(recipe, tmp_path, data)
+
+
+def test_gradual_pruning_with_distillation_path(tmp_path, data_root, start_model):
+    """The default recipe's path: global-threshold AGP, distillation, trained centroids."""
+    recipe_file = tmp_path / "agp.yaml"
+    recipe_file.write_text(f"""
+name: agp-smoke
+model: {start_model}
+prune:
+  schedule: agp
+  agp: {{final: 0.8, epochs: 2, start_epoch: 0, end_epoch: 1, frequency: 2,
+         global_threshold: true}}
+  distill: {{alpha: 0.7, temperature: 4.0}}
+quantize: {{bits: 4, epochs: 1, distill: {{alpha: 0.5, temperature: 2.0}}}}
+encode: {{codebook_dtype: float16}}
+""")
+    recipe = load_recipe(recipe_file)
+    report = Pipeline(recipe, tmp_path / "run", DataSource(str(data_root), subset=512),
+                      log=lambda _m: None).run()
+    s = report["summary"]
+    assert s["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert s["same_predictions"] == "512/512" and s["quantized_acc"] == s["decoded_acc"]
