@@ -13,7 +13,7 @@ from pathlib import Path
 from common import baseline_and_test, command_line, parser, write_json, write_text
 
 from deepzip.prune import PruneConfig, prunable_layers, prune_, sparsity_of
-from deepzip.report import markdown_table, plot_filter_norms, save_figure, summary
+from deepzip.report import markdown_table, plot_filter_norms, pyplot, save_figure, summary
 from deepzip.train import evaluate
 
 # The student's numbers from ../shared/seed (reference points, not truth).
@@ -98,10 +98,7 @@ after pruning at 0.25; the titles count filters that became entirely zero.
 
 
 def _plot(rows, per_layer, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, color in [("std", "tab:blue"), ("percentile", "tab:orange")]:

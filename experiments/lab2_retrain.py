@@ -18,7 +18,7 @@ from common import ROOT, baseline_and_test, command_line, parser, write_json, wr
 
 from deepzip.data import BatchLoader, load_cifar10
 from deepzip.prune import FINETUNE, PruneConfig, finetune_after_prune, prune_, sparsity_of
-from deepzip.report import markdown_table, save_figure
+from deepzip.report import markdown_table, pyplot, save_figure
 from deepzip.train import TrainConfig, evaluate
 
 # The student's numbers from ../shared/seed: (sparsity, before, after); lr 0.001, 20 epochs.
@@ -97,10 +97,7 @@ own 91.4% baseline). Per-epoch logs: `<name>.json` beside this file.
 
 
 def _plot(rows, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, color in [("std", "tab:blue"), ("percentile", "tab:orange")]:

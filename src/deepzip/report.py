@@ -17,6 +17,7 @@ __all__ = [
     "plot_filter_norms",
     "plot_sensitivity",
     "plot_weight_sharing",
+    "pyplot",
     "structure",
     "summary",
     "text_table",
@@ -80,10 +81,7 @@ def structure(model: nn.Module, names: Sequence[str] | None = None) -> dict[str,
 def plot_filter_norms(model: nn.Module, names: Sequence[str], path: str | os.PathLike[str],
                       title: str = "") -> None:
     """Bar plot of per-output-filter L1 norms for the chosen layers (one panel each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     st = structure(model, names)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.2), squeeze=False)
@@ -99,11 +97,21 @@ def plot_filter_norms(model: nn.Module, names: Sequence[str], path: str | os.Pat
     save_figure(fig, path)
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
-    """Save a matplotlib figure atomically and close it."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend (imported lazily: plotting is rare)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
+    """Save a matplotlib figure atomically and close it."""
     from .atomic import atomic_write
+
+    plt = pyplot()
 
     fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
     with atomic_write(path) as f:
@@ -151,10 +159,7 @@ def write_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> N
 
 def plot_sensitivity(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     """Accuracy vs. pruning level, one line per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     base = next(r["accuracy"] for r in rows if r["layer"] == "(none)")
     layers = list(dict.fromkeys(r["layer"] for r in rows if r["layer"] != "(none)"))
@@ -181,10 +186,7 @@ def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
     ``layers``: (name, weights before, weights after, codebook). Centroids are marked as
     vertical lines on the "before" histogram; "after" shows how many weights share each.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3 * len(layers)), squeeze=False)
     for (name, before, after, centroids), (ax0, ax1) in zip(layers, axes, strict=True):
@@ -301,10 +303,7 @@ header: {enc['header_bytes']:,} bytes.
 
 def _plot_layers(layers: Sequence[dict[str, Any]], path: os.PathLike[str] | str,
                  title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(10, 4))
     x = range(len(layers))
@@ -324,10 +323,7 @@ def _plot_layers(layers: Sequence[dict[str, Any]], path: os.PathLike[str] | str,
 
 def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str) -> None:
     """Accuracy against real on-disk compression, one point per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in reports:
