@@ -13,7 +13,14 @@ from pathlib import Path
 from common import baseline_and_test, command_line, parser, write_json, write_text
 
 from deepzip.prune import PruneConfig, prunable_layers, prune_, sparsity_of
-from deepzip.report import markdown_table, plot_filter_norms, pyplot, save_figure, summary
+from deepzip.report import (
+    label_axes,
+    markdown_table,
+    plot_filter_norms,
+    pyplot,
+    save_figure,
+    summary,
+)
 from deepzip.train import evaluate
 
 # The student's numbers from ../shared/seed (reference points, not truth).
@@ -107,12 +114,7 @@ def _plot(rows, per_layer, out: Path) -> None:
                 label=f"{method} (deepzip)")
         ax.plot([x["seed_sparsity"] for x in r], [x["seed_test_acc"] for x in r], "x--",
                 color=color, alpha=0.6, label=f"{method} (assignment)")
-    ax.set_xlabel("model sparsity")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Pruning without retraining")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    label_axes(ax, "model sparsity", "test accuracy", "Pruning without retraining")
     save_figure(fig, out / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -120,11 +122,7 @@ def _plot(rows, per_layer, out: Path) -> None:
         if key.startswith("std") and key != "std=0.0":
             ax.plot(range(len(sp)), list(sp.values()), "o-", label=key)
     ax.set_xticks(range(len(sp)), list(sp), rotation=75, fontsize=7)
-    ax.set_ylabel("sparsity")
-    ax.set_title("Per-layer sparsity, std pruning")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    label_axes(ax, None, "sparsity", "Per-layer sparsity, std pruning")
     save_figure(fig, out / "layer_sparsity.png")
 
 

@@ -18,7 +18,7 @@ from common import ROOT, baseline_and_test, command_line, parser, write_json, wr
 
 from deepzip.data import BatchLoader, load_cifar10
 from deepzip.prune import FINETUNE, PruneConfig, finetune_after_prune, prune_, sparsity_of
-from deepzip.report import markdown_table, pyplot, save_figure
+from deepzip.report import label_axes, markdown_table, pyplot, save_figure
 from deepzip.train import TrainConfig, evaluate
 
 # The student's numbers from ../shared/seed: (sparsity, before, after); lr 0.001, 20 epochs.
@@ -109,12 +109,7 @@ def _plot(rows, out: Path) -> None:
                 label=f"{method}, pruned")
         ax.plot(sp, [x["acc_after"] for x in r], "o-", color=color,
                 label=f"{method}, retrained")
-    ax.set_xlabel("model sparsity")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Masked retraining recovers accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
+    label_axes(ax, "model sparsity", "test accuracy", "Masked retraining recovers accuracy")
     save_figure(fig, out / "accuracy.png")
 
 
