@@ -116,7 +116,8 @@ def label_axes(ax: Any, xlabel: str | None = None, ylabel: str | None = None,
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3, which=grid)
-    ax.legend(**legend)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**legend)
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
