@@ -5,9 +5,9 @@ import torch
 
 from deepzip import DeepzipError
 from deepzip.cli import main
-from deepzip.models import ModelSpec, get, save_checkpoint
+from deepzip.models import ModelSpec, get, load_model, save_checkpoint
 from deepzip.pipeline import DataSource, Pipeline
-from deepzip.recipe import load_recipe
+from deepzip.recipe import Distill, load_recipe
 
 
 @pytest.mark.parametrize("text,match", [
@@ -84,6 +84,9 @@ def test_interrupted_run_resumes_at_its_stage(tmp_path, data_root, start_model, 
     assert set(json.loads((tmp_path / "state.json").read_text())["stages"]) == {
         "baseline", "prune", "quantize"}
     monkeypatch.undo()
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["recipe"]["reference"]  # written by a deepzip that had no such key: still ours
+    (tmp_path / "state.json").write_text(json.dumps(state))
     logs.clear()
     Pipeline(recipe, tmp_path, data, log=logs.append).run()
     assert not any(m.startswith(("[prune]", "[quantize]")) for m in logs)
@@ -91,6 +94,24 @@ def test_interrupted_run_resumes_at_its_stage(tmp_path, data_root, start_model, 
     recipe.quantize.bits = 3
     with pytest.raises(DeepzipError, match="different recipe"):
         Pipeline(recipe, tmp_path, data)
+
+
+def test_reference_model_is_the_baseline(tmp_path, data_root, start_model):
+    """Compressing an already-pruned model still reports the loss against the original."""
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    save_checkpoint(get("resnet20"), ModelSpec(), other)
+    recipe = load_recipe("recipes/smoke.yaml")
+    recipe.prune.schedule, recipe.quantize.epochs = "none", 0
+    recipe.model, recipe.reference = str(other), str(start_model)
+    data = DataSource(str(data_root), subset=512)
+    pipe = Pipeline(recipe, tmp_path / "run", data, log=lambda _m: None)
+    report = pipe.run()
+    ref, spec = load_model(str(start_model))
+    assert report["stages"]["baseline"]["model"] == str(start_model)
+    assert report["summary"]["baseline_acc"] == pipe._acc(ref, spec)
+    assert pipe._loss(Distill()).teacher.state_dict()["conv1.weight"].equal(
+        ref.state_dict()["conv1.weight"])
 
 
 def test_gradual_pruning_with_distillation_path(tmp_path, data_root, start_model):

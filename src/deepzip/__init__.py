@@ -1,7 +1,7 @@
 """deepzip: Deep Compression (pruning, trained weight sharing, Huffman coding) for PyTorch."""
 
 from .errors import DeepzipError
-from .models import ModelSpec, load_checkpoint, pretrained, save_checkpoint
+from .models import ModelSpec, load_checkpoint, load_model, pretrained, save_checkpoint
 from .train import TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "evaluate",
     "fit",
     "load_checkpoint",
+    "load_model",
     "pretrained",
     "save_checkpoint",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .data import BatchLoader, load_cifar10, parse_normalize
 from .errors import DeepzipError
-from .models import ModelSpec, available, load_checkpoint, pretrained, save_checkpoint
+from .models import ModelSpec, available, load_model, save_checkpoint
 from .prune import FINETUNE
 from .quantize import CENTROID_TRAINING, INITS
 from .train import (
@@ -65,17 +65,14 @@ def resolve_model(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec]:
     architecture of a checkpoint that carries no deepzip metadata.
     """
     norm = parse_normalize(args.normalize) if args.normalize else None  # fail before loading
-    if not os.path.exists(args.model) and args.model in ("resnet20",):
-        model, spec = pretrained(args.model)
-    elif _is_dzip(args.model):
+    if _is_dzip(args.model):
         from . import dzip
 
         arch = ModelSpec(arch=args.arch) if args.arch else None
         model = dzip.load(args.model, arch.build() if arch else None)
         spec = arch or dzip.load_state(args.model)[1] or ModelSpec()
     else:
-        model, spec = load_checkpoint(args.model, ModelSpec(arch=args.arch) if args.arch
-                                      else None)
+        model, spec = load_model(args.model, ModelSpec(arch=args.arch) if args.arch else None)
     if norm:
         spec = dataclasses.replace(spec, mean=norm[0], std=norm[1])
     return model, spec
@@ -361,6 +358,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(path)
     if args.model:
         recipe.model = args.model
+    if args.reference:
+        recipe.reference = args.reference
     out = Path(args.out or f"runs/{recipe.name}")
     if args.restart and out.exists():
         shutil.rmtree(out)
@@ -514,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", nargs="?", default=None, metavar="RECIPE",
                    help="recipe file or shipped name: default (the default), seed, smoke")
     r.add_argument("--model", default=None, help="start from this checkpoint instead")
+    r.add_argument("--reference", default=None, metavar="MODEL",
+                   help="measure the accuracy loss against (and distill from) this model "
+                        "instead of the starting one, e.g. --model a pruned checkpoint "
+                        "--reference resnet20")
     r.add_argument("--out", default=None, help="run folder (default runs/RECIPE-NAME)")
     r.add_argument("--restart", action="store_true", help="discard an earlier run in --out")
     _add_data_args(r)

@@ -26,6 +26,7 @@ __all__ = [
     "extract_state_dict",
     "get",
     "load_checkpoint",
+    "load_model",
     "load_state_dict_strict",
     "pretrained",
     "save_checkpoint",
@@ -238,3 +239,13 @@ def pretrained(name: str = "resnet20") -> tuple[nn.Module, ModelSpec]:
         if not path.is_file():
             raise DeepzipError(f"pretrained weights for {name!r} are missing from the install")
         return load_checkpoint(path)
+
+
+def load_model(name_or_path: str, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec]:
+    """A checkpoint file, or the name of a model deepzip ships (a file of that name wins).
+
+    >>> model, spec = load_model("resnet20")  # doctest: +SKIP
+    """
+    if name_or_path in _PRETRAINED and not os.path.exists(name_or_path):
+        return pretrained(name_or_path)
+    return load_checkpoint(name_or_path, spec)

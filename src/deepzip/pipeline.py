@@ -22,7 +22,7 @@ from . import dzip
 from .atomic import atomic_write
 from .data import BatchLoader, Cifar10, load_cifar10
 from .errors import DeepzipError
-from .models import ModelSpec, load_checkpoint, pretrained, save_checkpoint
+from .models import ModelSpec, load_checkpoint, load_model, save_checkpoint
 from .prune import (
     AGPSchedule,
     PruneConfig,
@@ -68,10 +68,14 @@ class Pipeline:
         self._teacher: nn.Module | None = None
         if self.state_path.is_file():
             old = json.loads(self.state_path.read_text())
-            if old.get("recipe") != self.state["recipe"]:
+            try:
+                same = dataclasses.asdict(Recipe.from_dict(old["recipe"])) == self.state["recipe"]
+            except (DeepzipError, KeyError, TypeError):
+                same = False
+            if not same:
                 raise DeepzipError(f"{self.out} holds a run of a different recipe; "
                                    "use another --out or --restart")
-            self.state = old
+            self.state = {**old, "recipe": self.state["recipe"]}
 
     # ------------------------------------------------------------------ helpers
     def _save_state(self) -> None:
@@ -107,14 +111,8 @@ class Pipeline:
         if d is None:
             return None
         if self._teacher is None:
-            self._teacher, _ = self._start_model()
+            self._teacher, _ = load_model(self.recipe.reference or self.recipe.model)
         return Distillation(self._teacher.to(self.data.device), d.alpha, d.temperature)
-
-    def _start_model(self) -> tuple[nn.Module, ModelSpec]:
-        r = self.recipe
-        if r.model == "resnet20" and not Path(r.model).exists():
-            return pretrained(r.model)
-        return load_checkpoint(r.model)
 
     def _acc(self, model: nn.Module, spec: ModelSpec) -> float:
         return evaluate(model.to(self.data.device), self.test_loader(spec))[1]
@@ -125,14 +123,16 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def baseline(self) -> tuple[nn.Module, ModelSpec]:
+        """Evaluate the reference model (the starting one unless the recipe names another)."""
         r = self.recipe
-        model, spec = self._start_model()
+        model, spec = load_model(r.model)
         model.to(self.data.device)
         if not self._done("baseline"):
             t0 = time.time()
-            self.log(f"[baseline] evaluating {r.model}")
-            self._finish("baseline", t0, accuracy=self._acc(model, spec),
-                         sparsity=sparsity_of(model))
+            ref, ref_spec = (model, spec) if r.reference is None else load_model(r.reference)
+            self.log(f"[baseline] evaluating {r.reference or r.model}")
+            self._finish("baseline", t0, accuracy=self._acc(ref, ref_spec),
+                         sparsity=sparsity_of(ref), model=r.reference or r.model)
         return model, spec
 
     def prune(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:

@@ -86,7 +86,8 @@ class Recipe:
 
     name: str = "default"
     description: str = ""
-    model: str = "resnet20"
+    model: str = "resnet20"  # where compression starts: a checkpoint or a shipped name
+    reference: str | None = None  # baseline accuracy and distillation teacher; default model
     seed: int = 0
     prune: PruneStage = field(default_factory=PruneStage)
     quantize: QuantizeStage | None = field(default_factory=QuantizeStage)
@@ -137,6 +138,11 @@ class Recipe:
             raise DeepzipError(f"recipe {self.name!r}: " + "; ".join(problems))
         for section in (p.train, q.train if q else {}):
             self.train_config(section, epochs=1)  # unknown or bad training keys fail now
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """A recipe from its ``asdict`` form; keys added since it was written take defaults."""
+        return _build(cls, data, "recipe")
 
     def train_config(self, overrides: dict[str, Any], epochs: int) -> TrainConfig:
         return TrainConfig.from_dict({"seed": self.seed, **overrides, "epochs": epochs})
@@ -199,6 +205,6 @@ def load_recipe(path: str | os.PathLike[str] | None) -> Recipe:
         except yaml.YAMLError as e:
             raise DeepzipError(f"recipe {path} is not valid YAML: "
                                f"{str(e).splitlines()[0]}") from None
-        recipe = _build(Recipe, data if data is not None else {}, "recipe")
+        recipe = Recipe.from_dict(data if data is not None else {})
     recipe.validate()
     return recipe
