@@ -134,7 +134,8 @@ def test_agp_ramp_and_hook():
     model = get("resnet20")
     agp = AGPSchedule(model, final=0.7, start=0, end=16, frequency=4,
                       per_layer={"linear": 0.3})
-    fit(model, _random_loader(), TrainConfig(epochs=2, lr=0.01), after_step=agp)  # 16 steps
+    hist = fit(model, _random_loader(), TrainConfig(epochs=2, lr=0.01), after_step=agp)
+    assert 0 < hist[0]["sparsity"] < hist[1]["sparsity"] == sparsity_of(model)  # logged ramp
     sp = {n: 1 - float(m.mean()) for n, m in masks(model).items()}
     assert sp["linear"] == pytest.approx(0.3, abs=1e-3)
     assert sp["layer3.2.conv2"] == pytest.approx(0.7, abs=1e-3)

@@ -275,6 +275,12 @@ class AGPSchedule:
         for name, mask in new.items():
             _set_mask(self.layers[name], mask)
 
+    def metrics(self) -> dict[str, float]:
+        """Logged by ``fit`` each epoch: the sparsity reached so far, to watch the ramp."""
+        total = sum(m.weight.numel() for m in self.layers.values())
+        zeros = sum(int((m.weight == 0).sum()) for m in self.layers.values())
+        return {"sparsity": zeros / total if total else 0.0}
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 

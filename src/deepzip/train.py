@@ -2,7 +2,8 @@
 
 Later stages reuse :func:`fit` through two hooks instead of copying it: ``param_filter``
 picks which parameters the optimizer updates, and ``after_step`` runs after every
-optimizer step (e.g. to re-apply masks).
+optimizer step (e.g. to re-apply masks); if it has a ``metrics()`` method, what that
+returns joins each epoch's log (the pruning schedule logs its sparsity so far).
 """
 
 from __future__ import annotations
@@ -339,6 +340,8 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
         }
         if test_loader is not None:
             rec["test_loss"], rec["test_acc"] = evaluate(model, test_loader)
+        if hasattr(after_step, "metrics"):
+            rec.update(after_step.metrics())
         history.append(rec)
         if not main:
             continue
