@@ -333,7 +333,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _recipe_path(name: str | None) -> str:
-    """A recipe file, or the name of one shipped with deepzip (seed, default, smoke)."""
+    """A recipe file, or the name of one shipped with deepzip (default, seed, ...)."""
     from importlib import resources
 
     if name is None:
@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the whole pipeline: prune, quantize, encode, verify, report")
     r.add_argument("recipe", nargs="?", default=None, metavar="RECIPE",
-                   help="recipe file or shipped name: default (the default), seed, smoke")
+                   help="recipe file or shipped name: default (the default), seed, share-3bit, "
+                        "share-5bit, smoke")
     r.add_argument("--model", default=None, help="start from this checkpoint instead")
     r.add_argument("--reference", default=None, metavar="MODEL",
                    help="measure the accuracy loss against (and distill from) this model "
