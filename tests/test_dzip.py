@@ -83,7 +83,8 @@ def test_model_roundtrip_is_exact(tmp_path, raw, book):
     assert not loaded.training
     assert torch.equal(loaded(x), ref)
     info = inspect(path)
-    assert info["file_bytes"] == path.stat().st_size
+    assert info["file_bytes"] == path.stat().st_size == sum(info["bytes_by_kind"].values())
+    assert info["bytes_by_kind"]["positions"] > 0 and info["bytes_by_kind"]["values"] > 0
     assert set(load_state(path)[0]) == set(get("resnet20").state_dict())
     assert sum(r["encoding"] == "bn" for r in info["tensors"]) == 19  # folded BatchNorm
 

@@ -291,8 +291,9 @@ def _size_table(info: dict) -> str:
     rows.append({"name": "header", "bytes": info["header_bytes"]})
     table = text_table(rows, ["name", "shape", "params", "nonzero", "clusters", "bits",
                               "huffman", "encoding", "gap_bits", "bytes"])
-    return (f"{table}\n\nfile: {info['file_bytes']:,} bytes; fp32 state_dict (torch.save): "
-            f"{info['state_dict_bytes']:,} bytes\n"
+    kinds = ", ".join(f"{k} {v:,}" for k, v in info["bytes_by_kind"].items())
+    return (f"{table}\n\nfile: {info['file_bytes']:,} bytes ({kinds}); fp32 state_dict "
+            f"(torch.save): {info['state_dict_bytes']:,} bytes\n"
             f"real compression: {info['real_ratio']:.2f}x on disk\n" + (
                 f"assignment formula: {info['formula_ratio']:.2f}x "
                 f"({info['shared_nonzero']:,} of {info['shared_weights']:,} weights nonzero, "

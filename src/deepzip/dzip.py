@@ -524,8 +524,14 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     return model.eval()
 
 
+# Where a file's bytes go: zero-run positions of sparse layers, cluster indices (a dense
+# layer's indices also say where its zeros are), codebooks, everything else.
+_PART_KIND = {"gaps": "positions", "gap_lengths": "positions", "indices": "values",
+              "index_lengths": "values", "codebook": "codebooks"}
+
+
 def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
-    """Per-tensor and total sizes of a ``.dzip`` file, both ways.
+    """Per-tensor and total sizes of a ``.dzip`` file, both ways, and ``bytes_by_kind``.
 
     ``formula``: the assignment's ratio, 32 bits x weights / sum(nonzero x Huffman bits of
     the nonzeros' cluster indices), over shared weights only. ``real``: bytes of the fp32
@@ -534,9 +540,13 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     header, data, head = _read(path)
     state, spec = load_state(path)
     rows, weights, coded_bits = [], 0, 0.0
+    where = dict.fromkeys(("header", "positions", "values", "codebooks", "other"), 0)
+    where["header"] = head
     for e in header["tensors"]:
         t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
         nbytes = sum(p[1] for p in e["parts"].values())
+        for pname, (_, length) in e["parts"].items():
+            where[_PART_KIND.get(pname, "other")] += length
         row = {"name": e["name"], "shape": e["shape"],
                "params": t.numel() * (2 if e["encoding"] == "bn" else 1),  # bn: scale, shift
                "encoding": e["encoding"], "bytes": nbytes,
@@ -561,7 +571,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     shared = [r for r in rows if "clusters" in r]
     nonzero = sum(r["nonzero"] for r in shared)
     return {
-        "model": header.get("model"), "tensors": rows, "header_bytes": head,
+        "model": header.get("model"), "tensors": rows, "header_bytes": head, "bytes_by_kind": where,
         "file_bytes": head + len(data), "state_dict_bytes": fp32,
         "real_ratio": fp32 / (head + len(data)),
         "shared_weights": weights, "shared_nonzero": nonzero,

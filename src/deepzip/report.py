@@ -298,9 +298,9 @@ run used `--subset`, fp32.
 {markdown_table(layers, ["name", "shape", "params", "nonzero", "sparsity", "clusters", "bits",
                          "huffman_avg", "encoding", "gap_bits", "bytes"])}
 
-Other tensors (BatchNorm, biases): {sum(t['bytes'] for t in enc['tensors']
-                                       if 'clusters' not in t):,} bytes;
-header: {enc['header_bytes']:,} bytes.
+Where the bytes go: {", ".join(f"{k} {v:,}" for k, v in enc.get("bytes_by_kind", {}).items())}
+("positions": the Huffman-coded zero runs of sparse layers; "values": cluster indices;
+"other": BatchNorm, biases).
 
 ![per-layer sparsity and bytes](layers.png)
 """
