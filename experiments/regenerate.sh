@@ -40,4 +40,10 @@ deepzip run seed --data-dir "$DATA" --out runs/seed && publish seed
 python experiments/lab3_quantize.py --data-dir "$DATA" --pruned runs/seed/prune/model.pt --epochs 1
 python experiments/lab2_retrain.py --data-dir "$DATA"
 deepzip run default --data-dir "$DATA" --out runs/default && publish default
-deepzip pareto runs/seed runs/default -o results/pareto.png
+deepzip run small --data-dir "$DATA" --out runs/small && publish small
+# The bits axis from the default's pruned model, and weight sharing alone from the baseline.
+deepzip run share-3bit --model runs/default/prune/model.pt --reference resnet20 \
+  --data-dir "$DATA" --out runs/default-3bit && publish default-3bit
+deepzip run share-5bit --data-dir "$DATA" --out runs/share-5bit && publish share-5bit
+RUNS="runs/share-5bit runs/seed runs/default runs/default-3bit runs/small"
+deepzip pareto $RUNS -o results/pareto.png | tee results/pareto.md

@@ -7,6 +7,7 @@ from deepzip.cli import main
 from deepzip.report import (
     label_axes,
     markdown_table,
+    pareto_front,
     plot_pareto,
     plot_sensitivity,
     pyplot,
@@ -74,13 +75,19 @@ def _report(tmp_path, name, acc, ratio):
     return d
 
 
+def test_pareto_front():
+    pts = [(7.3, 92.0), (12.5, 91.6), (10.0, 91.0), (31.0, 91.5), (50.0, 90.2), (40.0, 90.0)]
+    assert pareto_front(pts) == [(7.3, 92.0), (12.5, 91.6), (31.0, 91.5), (50.0, 90.2)]
+    assert pareto_front([]) == []
+
+
 def test_pareto_command_plots_and_tabulates(tmp_path, capsys):
     runs = [_report(tmp_path, "seed", 0.916, 12.3), _report(tmp_path, "default", 0.912, 31.0)]
     out = tmp_path / "pareto.png"
     assert main(["pareto", *map(str, runs), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
     table = capsys.readouterr().out
-    assert "| seed | 0.9200 | 0.9160 |" in table and "| default |" in table
+    assert "| seed | seed | 0.9200 | 0.9160 |" in table and "| default | default |" in table
     plot_pareto([], tmp_path / "empty.png")  # no runs: an empty plot, not a crash
     assert main(["pareto", str(tmp_path), "-o", str(out)]) == 2
     assert "no report.json" in capsys.readouterr().err

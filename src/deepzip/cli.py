@@ -390,10 +390,12 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         f = Path(d) / "report.json"
         if not f.is_file():
             raise DeepzipError(f"no report.json in {d} (run deepzip run first)")
-        reports.append(json.loads(f.read_text()))
+        report = json.loads(f.read_text())
+        report["summary"]["run"] = Path(d).name
+        reports.append(report)
     plot_pareto(reports, args.output)
     rows = [r["summary"] for r in reports]
-    print(markdown_table(rows, ["recipe", "baseline_acc", "decoded_acc", "sparsity",
+    print(markdown_table(rows, ["run", "recipe", "baseline_acc", "decoded_acc", "sparsity",
                                 "formula_ratio", "real_ratio", "file_bytes"]))
     print(f"wrote {args.output}")
     return 0

@@ -328,16 +328,29 @@ def _plot_layers(layers: Sequence[dict[str, Any]], path: os.PathLike[str] | str,
     save_figure(fig, path)
 
 
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (higher is better on both), by x."""
+    best, front = float("-inf"), []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front[::-1]
+
+
 def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str) -> None:
     """Accuracy against real on-disk compression, one point per run."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in reports:
-        s = r["summary"]
-        ax.scatter(s["real_ratio"], s["decoded_acc"] * 100, color="tab:blue")
-        ax.annotate(s["recipe"], (s["real_ratio"], s["decoded_acc"] * 100), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+    pts = sorted((r["summary"]["real_ratio"], r["summary"]["decoded_acc"] * 100,
+                  r["summary"].get("run") or r["summary"]["recipe"]) for r in reports)
+    for x, y, name in pts:
+        ax.scatter(x, y, color="tab:blue", zorder=3)
+        ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    front = pareto_front([(x, y) for x, y, _ in pts])
+    if len(front) > 1:
+        ax.plot(*zip(*front, strict=True), color="tab:blue", alpha=0.4, label="Pareto front")
     if reports:
         base = reports[0]["summary"]["baseline_acc"] * 100
         ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline {base:.2f}%")
