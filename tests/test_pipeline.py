@@ -93,7 +93,14 @@ def test_interrupted_run_resumes_at_its_stage(tmp_path, data_root, start_model, 
     Pipeline(recipe, tmp_path, data, log=logs.append).run()
     assert not any(m.startswith(("[prune]", "[quantize]")) for m in logs)
     assert any(m.startswith("[encode]") for m in logs)
-    recipe.quantize.bits = 3
+    recipe.quantize.bits = 3  # only a later stage changed: pruning is kept, the rest redone
+    logs.clear()
+    report = Pipeline(recipe, tmp_path, data, log=logs.append).run()
+    assert not any(m.startswith("[prune]") for m in logs)
+    assert any(m.startswith("[quantize]") for m in logs)
+    assert all(t["clusters"] <= 8 for t in report["stages"]["encode"]["tensors"]
+               if "clusters" in t)
+    recipe.prune.steps[0].amount = 0.5
     with pytest.raises(DeepzipError, match="different recipe"):
         Pipeline(recipe, tmp_path, data)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,17 +68,34 @@ class Pipeline:
         self._test: BatchLoader | None = None
         self._teacher: nn.Module | None = None
         if self.state_path.is_file():
-            old = json.loads(self.state_path.read_text())
-            try:
-                same = dataclasses.asdict(Recipe.from_dict(old["recipe"])) == self.state["recipe"]
-            except (DeepzipError, KeyError, TypeError):
-                same = False
-            if not same:
-                raise DeepzipError(f"{self.out} holds a run of a different recipe; "
-                                   "use another --out or --restart")
-            self.state = {**old, "recipe": self.state["recipe"]}
+            self.state = self._resume_state(json.loads(self.state_path.read_text()))
 
     # ------------------------------------------------------------------ helpers
+    def _resume_state(self, old: dict[str, Any]) -> dict[str, Any]:
+        """What of an earlier run in ``out_dir`` still holds for this recipe.
+
+        Same starting model, seed and pruning: the pruned model is kept, and if only the
+        quantize or encode settings changed, those stages are redone (a cheap way to try
+        other bit widths). Anything else is another run's folder: an error.
+        """
+        try:
+            before = dataclasses.asdict(Recipe.from_dict(old["recipe"]))
+        except (DeepzipError, KeyError, TypeError):
+            before = {}
+        now = self.state["recipe"]
+        upstream = ("model", "reference", "seed", "prune")
+        if not before or any(before[k] != now[k] for k in upstream):
+            raise DeepzipError(f"{self.out} holds a run of a different recipe; "
+                               "use another --out or --restart")
+        if any(before[k] != now[k] for k in ("quantize", "encode")):
+            self.log("[resume] quantize/encode settings changed: keeping the pruned model, "
+                     "redoing quantize, encode and verify")
+            for stage in STAGES[STAGES.index("quantize"):]:
+                old["stages"].pop(stage, None)
+            if is_main_process():
+                shutil.rmtree(self.out / "quantize", ignore_errors=True)
+        return {**old, "recipe": now}
+
     def _save_state(self) -> None:
         """Rank 0 writes (under torchrun every rank computes the same state)."""
         if is_main_process():
