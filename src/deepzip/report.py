@@ -220,6 +220,12 @@ def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
     save_figure(fig, path)
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, Any]
                      ) -> dict[str, Any]:
     """``report.md``, ``report.json`` and ``layers.png`` for one pipeline run."""
@@ -290,8 +296,8 @@ run used `--subset`, fp32.
 
 ## Time per stage
 
-{markdown_table([{"stage": k, "seconds": v} for k, v in report["seconds"].items()],
-                ["stage", "seconds"])}
+{markdown_table([{"stage": k, "time": _duration(v)} for k, v in report["seconds"].items()],
+                ["stage", "time"])}
 
 ## Per layer
 
