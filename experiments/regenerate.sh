@@ -44,6 +44,8 @@ deepzip run small --data-dir "$DATA" --out runs/small && publish small
 # The bits axis from the default's pruned model, and weight sharing alone from the baseline.
 deepzip run share-3bit --model runs/default/prune/model.pt --reference resnet20 \
   --data-dir "$DATA" --out runs/default-3bit && publish default-3bit
+deepzip run share-5bit --model runs/default/prune/model.pt --reference resnet20 \
+  --data-dir "$DATA" --out runs/default-5bit && publish default-5bit
 deepzip run share-5bit --data-dir "$DATA" --out runs/share-5bit && publish share-5bit
-RUNS="runs/share-5bit runs/seed runs/default runs/default-3bit runs/small"
+RUNS="runs/share-5bit runs/seed runs/default-5bit runs/default runs/default-3bit runs/small"
 deepzip pareto $RUNS -o results/pareto.png | tee results/pareto.md
