@@ -362,6 +362,14 @@ def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str)
         ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline {base:.2f}%")
         ax.axhline(base - 1, color="tab:red", ls=":", lw=1, label="baseline - 1 point")
     ax.set_xscale("log")
+    if pts:  # readable ratios ("20x") instead of powers of ten
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        lo, hi = pts[0][0], pts[-1][0]
+        ax.set_xticks([t for t in (1, 2, 5, 10, 20, 30, 50, 100, 200, 500, 1000)
+                       if lo / 1.5 <= t <= hi * 1.5])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     label_axes(ax, "real compression on disk (fp32 state_dict bytes / .dzip bytes)",
                "test accuracy of the decoded model (%)", "Accuracy vs. real compression",
                grid="both", loc="lower left")
