@@ -280,7 +280,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _size_table(info: dict) -> str:
-    from .report import text_table
+    from .report import bytes_by_kind_line, text_table
 
     rows = [{**r, "shape": r["shape"], "huffman": r.get("huffman_avg", "")}
             for r in info["tensors"] if "clusters" in r]
@@ -291,7 +291,7 @@ def _size_table(info: dict) -> str:
     rows.append({"name": "header", "bytes": info["header_bytes"]})
     table = text_table(rows, ["name", "shape", "params", "nonzero", "clusters", "bits",
                               "huffman", "encoding", "gap_bits", "bytes"])
-    kinds = ", ".join(f"{k} {v:,}" for k, v in info["bytes_by_kind"].items())
+    kinds = bytes_by_kind_line(info["bytes_by_kind"])
     return (f"{table}\n\nfile: {info['file_bytes']:,} bytes ({kinds}); fp32 state_dict "
             f"(torch.save): {info['state_dict_bytes']:,} bytes\n"
             f"real compression: {info['real_ratio']:.2f}x on disk\n" + (

@@ -544,9 +544,10 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     where["header"] = head
     for e in header["tensors"]:
         t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
-        nbytes = sum(p[1] for p in e["parts"].values())
+        nbytes = 0
         for pname, (_, length) in e["parts"].items():
             where[_PART_KIND.get(pname, "other")] += length
+            nbytes += length
         row = {"name": e["name"], "shape": e["shape"],
                "params": t.numel() * (2 if e["encoding"] == "bn" else 1),  # bn: scale, shift
                "encoding": e["encoding"], "bytes": nbytes,

@@ -13,7 +13,7 @@ import copy
 import fnmatch
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,9 +277,7 @@ class AGPSchedule:
 
     def metrics(self) -> dict[str, float]:
         """Logged by ``fit`` each epoch: the sparsity reached so far, to watch the ramp."""
-        total = sum(m.weight.numel() for m in self.layers.values())
-        zeros = sum(int((m.weight == 0).sum()) for m in self.layers.values())
-        return {"sparsity": zeros / total if total else 0.0}
+        return {"sparsity": _zero_fraction(self.layers.values())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -291,8 +289,12 @@ class AGPSchedule:
 def sparsity_of(model: nn.Module, include: list[str] | None = None,
                 exclude: list[str] | None = None) -> float:
     """Fraction of zeros over the selected Conv/Linear weights."""
+    return _zero_fraction(m for _, m in prunable_layers(model, include, exclude))
+
+
+def _zero_fraction(modules: Iterable[nn.Module]) -> float:
     total = zeros = 0
-    for _, m in prunable_layers(model, include, exclude):
+    for m in modules:
         total += m.weight.numel()
         zeros += int((m.weight == 0).sum())
     return zeros / total if total else 0.0

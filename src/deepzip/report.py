@@ -17,6 +17,7 @@ __all__ = [
     "plot_filter_norms",
     "plot_sensitivity",
     "plot_weight_sharing",
+    "bytes_by_kind_line",
     "pyplot",
     "structure",
     "summary",
@@ -220,6 +221,11 @@ def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
     save_figure(fig, path)
 
 
+def bytes_by_kind_line(kinds: dict[str, int]) -> str:
+    """``header 1,385, positions 15,047, ...``: a file's bytes by kind, for one line of text."""
+    return ", ".join(f"{k} {v:,}" for k, v in kinds.items())
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -304,7 +310,7 @@ run used `--subset`, fp32.
 {markdown_table(layers, ["name", "shape", "params", "nonzero", "sparsity", "clusters", "bits",
                          "huffman_avg", "encoding", "gap_bits", "bytes"])}
 
-Where the bytes go: {", ".join(f"{k} {v:,}" for k, v in enc.get("bytes_by_kind", {}).items())}
+Where the bytes go: {bytes_by_kind_line(enc.get("bytes_by_kind", {}))}
 ("positions": the Huffman-coded zero runs of sparse layers; "values": cluster indices;
 "other": BatchNorm, biases).
 
