@@ -29,7 +29,7 @@ def test_python_dash_m_and_console_script():
     (["eval", "resnet20", "--normalize", "bogus"], "bad --normalize"),
     (["eval", "resnet20", "--data-dir", "/nonexistent"], "--download"),
     (["prune", "resnet20", "--method", "std", "-o", "/tmp/x"], "needs --s"),
-    (["summary", "resnet20", "--structure", "layer7"], "no Conv/Linear layer"),
+    (["summary", "resnet20", "--structure", "layer7"], "no prunable layer"),
     (["train", "--epochs", "-3", "--out", "/tmp/x", "--data-dir", "/nonexistent"],
      "epochs must be >= 0"),
 ])
@@ -129,3 +129,52 @@ def test_corrupt_dzip_is_one_line(capsys, tmp_path):
     for cmd in (["inspect", bad], ["eval", bad], ["decode", bad, "-o", tmp_path / "x.pt"]):
         rc, _, err = run(capsys, *cmd)
         assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_old_prefixed_resnet32_evaluates_and_compresses(capsys, tmp_path, data_root):
+    """A third-party ResNet-32 file as such files are found: {'state_dict': ...}, module.
+    prefixes, BatchNorm without num_batches_tracked, ImageNet normalization. Compressed with
+    the smoke recipe (the default's code path, minutes instead of an hour)."""
+    torch.manual_seed(0)
+    model = get("resnet32")
+    state = {f"module.{k}": v for k, v in model.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "resnet32-old.th"
+    torch.save({"state_dict": state, "best_prec1": 92.6}, path)
+    rc, _, err = run(capsys, "eval", path, "--data-dir", data_root, "--subset", 200)
+    assert rc == 2 and "--arch resnet32" in err  # the hint names the fix
+    rc, out, _ = run(capsys, "eval", path, "--arch", "resnet32", "--normalize", "imagenet",
+                     "--data-dir", data_root, "--subset", 200, "--json")
+    assert rc == 0 and json.loads(out)["arch"] == "resnet32"
+    rc, out, err = run(capsys, "run", "smoke", "--model", path, "--arch", "resnet32",
+                       "--normalize", "imagenet", "--subset", 256, "--data-dir", data_root,
+                       "-o", tmp_path / "run")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["summary"]["identical_outputs"] and report["summary"]["real_ratio"] > 5
+    rc, out, _ = run(capsys, "eval", tmp_path / "run" / "model.dzip", "--data-dir", data_root,
+                     "--subset", 256, "--json")  # the file records arch and normalization
+    assert rc == 0 and json.loads(out)["test_acc"] == report["summary"]["decoded_score"]
+
+
+def test_failed_start_does_not_block_the_rerun(capsys, tmp_path, data_root):
+    path = tmp_path / "r32.th"
+    torch.save(get("resnet32").state_dict(), path)
+    argv = ["run", "smoke", "--model", path, "--subset", 128, "--data-dir", data_root,
+            "-o", tmp_path / "run"]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and "--arch resnet32" in err
+    rc, _, err = run(capsys, *argv, "--arch", "resnet32")
+    assert rc == 0, err
+
+
+def test_mnist_lenet_eval_and_bad_patterns(capsys, data_root):
+    rc, out, _ = run(capsys, "eval", "lenet300", "--data-dir", data_root, "--subset", 500,
+                     "--json")
+    got = json.loads(out)
+    assert rc == 0 and got["task"] == "mnist" and got["test_acc"] > 0.95
+    rc, _, err = run(capsys, "prune", "lenet300", "--method", "global", "--sparsity", 0.5,
+                     "--exclude", "linear", "-o", "/tmp/never", "--data-dir", data_root)
+    assert rc == 2 and "matches no prunable parameter" in err and "fc1" in err
+    rc, _, err = run(capsys, "eval", "resnet32", "--data-dir", data_root)
+    assert rc == 2 and "deepzip train --model resnet32" in err

@@ -10,7 +10,7 @@ from deepzip.data import (
     CIFAR10_MEAN,
     IMAGENET_STD,
     BatchLoader,
-    Cifar10,
+    ImageSplit,
     augment_batch,
     load_cifar10,
     parse_normalize,
@@ -22,7 +22,10 @@ def test_parse_normalize():
     assert parse_normalize("cifar")[0] == CIFAR10_MEAN
     assert parse_normalize("ImageNet")[1] == IMAGENET_STD
     assert parse_normalize("0.5,0.5,0.5/0.2,0.2,0.2") == ((0.5,) * 3, (0.2,) * 3)
-    for bad in ["nope", "1,2/3,4", "0.5,0.5,0.5/0,1,1", "a,b,c/d,e,f"]:
+    assert parse_normalize("mnist") == ((0.1307,), (0.3081,))
+    assert parse_normalize("0.5/0.25") == ((0.5,), (0.25,))  # one grey channel
+    for bad in ["nope", "1,2/3", "0.5,0.5,0.5/0,1,1", "a,b,c/d,e,f", "0.5/nan", "inf/1",
+                "1,1,1,1,1/1,1,1,1,1"]:
         with pytest.raises(DeepzipError):
             parse_normalize(bad)
 
@@ -92,7 +95,7 @@ def test_augment_is_a_padded_crop_or_its_mirror():
 
 def test_loader_batches_and_normalizes():
     images = torch.full((10, 3, 32, 32), 255, dtype=torch.uint8)
-    split = Cifar10(images, torch.arange(10))
+    split = ImageSplit(images, torch.arange(10))
     ev = BatchLoader(split, 4, mean=(0.5,) * 3, std=(0.5,) * 3)
     batches = list(ev)
     assert [len(y) for _, y in batches] == [4, 4, 2]

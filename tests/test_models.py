@@ -115,3 +115,73 @@ def test_shipped_baseline_reaches_its_accuracy(cifar_test):
     assert spec.arch == "resnet20" and sum(p.numel() for p in model.parameters()) == 269_722
     _, acc = evaluate(model, BatchLoader(cifar_test, 1000, mean=spec.mean, std=spec.std))
     assert acc >= 0.915
+
+
+def _old_style(state, prefix=""):
+    """A state_dict as older PyTorch saved it: BatchNorm without num_batches_tracked."""
+    return {prefix + k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model", "net", "model_state_dict"])
+@pytest.mark.parametrize("prefix", ["", "module.", "model.", "_orig_mod.", "module._orig_mod."])
+def test_checkpoints_as_people_have_them(tmp_path, wrapper, prefix):
+    """DataParallel, Lightning and torch.compile prefixes, the common wrappers, and
+    BatchNorm state from before PyTorch 0.4.1, in every combination."""
+    torch.manual_seed(0)
+    model = get("resnet20")
+    state = _old_style(model.state_dict(), prefix)
+    path = tmp_path / "ckpt.pth"
+    torch.save(state if wrapper is None else {wrapper: state, "epoch": 200}, path)
+    loaded, _ = load_checkpoint(path)
+    for k, v in model.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_wrong_architecture_names_the_one_that_fits(tmp_path):
+    path = tmp_path / "r32.th"
+    torch.save({"state_dict": _old_style(get("resnet32").state_dict(), "module.")}, path)
+    with pytest.raises(DeepzipError, match="it fits --arch resnet32"):
+        load_checkpoint(path)
+    model, spec = load_checkpoint(path, ModelSpec(arch="resnet32"))
+    assert spec.arch == "resnet32" and len(model.layer1) == 5
+    torch.save(get("lenet5").state_dict(), path)
+    with pytest.raises(DeepzipError, match="--arch lenet5"):
+        load_checkpoint(path)
+
+
+def test_register_model_and_entry_points():
+    from deepzip.models import register_model, resolve_arch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, width=4):  # no num_classes argument: still registers
+            super().__init__()
+            self.fc = torch.nn.Linear(width, 2)
+
+    register_model("tiny-test", Tiny)
+    assert isinstance(get("tiny-test"), Tiny)
+    with pytest.raises(DeepzipError, match="taken"):
+        register_model("tiny-test", lambda: Tiny(8))
+    assert resolve_arch("regression_task:RegressionMLP") == "regression_task:RegressionMLP"
+    assert get("regression_task:RegressionMLP")(torch.zeros(2, 16)).shape == (2, 1)
+    with pytest.raises(DeepzipError, match="unknown model"):
+        resolve_arch("resnet21")
+
+
+def test_lenets_are_deep_compressions():
+    assert sum(p.numel() for p in get("lenet5").parameters()) == 431_080
+    assert sum(p.numel() for p in get("lenet300").parameters()) == 266_610
+    x = torch.zeros(2, 1, 28, 28)
+    assert get("lenet5")(x).shape == get("lenet300")(x).shape == (2, 10)
+
+
+def test_model_spec_rejects_degenerate_normalization():
+    for bad in [dict(std=(0.0, 1.0, 1.0)), dict(std=(float("nan"),) * 3), dict(mean=(0.5,)),
+                dict(num_classes=0), dict(num_classes=10 ** 9)]:
+        with pytest.raises(DeepzipError):
+            ModelSpec(**bad)
+    for bad in [{"arch": "resnet20", "num_classes": 1e30, "mean": [0], "std": [1]},
+                {"arch": "resnet20", "num_classes": 10, "mean": [0] * 9, "std": [1] * 9},
+                {"arch": ["x"], "num_classes": 10, "mean": [0], "std": [1]}]:
+        with pytest.raises(DeepzipError, match="invalid model spec"):
+            ModelSpec.from_dict(bad)

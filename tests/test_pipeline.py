@@ -7,7 +7,8 @@ import torch
 from deepzip import DeepzipError
 from deepzip.cli import main
 from deepzip.models import ModelSpec, get, load_model, save_checkpoint
-from deepzip.pipeline import DataSource, Pipeline
+from deepzip.pipeline import Pipeline
+from deepzip.task import image_task
 from deepzip.recipe import Distill, load_recipe
 
 
@@ -59,7 +60,7 @@ def test_smoke_run_end_to_end_and_resume(tmp_path, data_root, start_model, capsy
     report = json.loads((out / "report.json").read_text())
     s = report["summary"]
     assert s["same_predictions"] == "512/512"  # decoded file == in-memory model
-    assert s["quantized_acc"] == s["decoded_acc"]
+    assert s["quantized_score"] == s["decoded_score"] and s["identical_outputs"]
     assert s["sparsity"] == pytest.approx(0.6, abs=0.01)
     assert s["real_ratio"] > 5 and s["formula_ratio"] > s["real_ratio"]
     for f in ["model.dzip", "report.md", "layers.png", "recipe.yaml", "state.json"]:
@@ -74,7 +75,7 @@ def test_smoke_run_end_to_end_and_resume(tmp_path, data_root, start_model, capsy
 def test_interrupted_run_resumes_at_its_stage(tmp_path, data_root, start_model, monkeypatch):
     recipe = load_recipe("recipes/smoke.yaml")
     recipe.model = str(start_model)
-    data = DataSource(str(data_root), subset=512)
+    data = image_task("cifar10", data_root, subset=512)
     logs = []
 
     def boom(*a, **k):
@@ -113,12 +114,12 @@ def test_reference_model_is_the_baseline(tmp_path, data_root, start_model):
     recipe = load_recipe("recipes/smoke.yaml")
     recipe.prune.schedule, recipe.quantize.epochs = "none", 0
     recipe.model, recipe.reference = str(other), str(start_model)
-    data = DataSource(str(data_root), subset=512)
+    data = image_task("cifar10", data_root, subset=512)
     pipe = Pipeline(recipe, tmp_path / "run", data, log=lambda _m: None)
     report = pipe.run()
     ref, spec = load_model(str(start_model))
     assert report["stages"]["baseline"]["model"] == str(start_model)
-    assert report["summary"]["baseline_acc"] == pipe._acc(ref, spec)
+    assert report["summary"]["baseline_score"] == pipe._score(ref, spec)
     assert pipe._loss(Distill()).teacher.state_dict()["conv1.weight"].equal(
         ref.state_dict()["conv1.weight"])
 
@@ -138,8 +139,8 @@ quantize: {{bits: 4, epochs: 1, distill: {{alpha: 0.5, temperature: 2.0}}}}
 encode: {{codebook_dtype: float16}}
 """)
     recipe = load_recipe(recipe_file)
-    report = Pipeline(recipe, tmp_path / "run", DataSource(str(data_root), subset=512),
+    report = Pipeline(recipe, tmp_path / "run", image_task("cifar10", data_root, subset=512),
                       log=lambda _m: None).run()
     s = report["summary"]
     assert s["sparsity"] == pytest.approx(0.8, abs=1e-3)
-    assert s["same_predictions"] == "512/512" and s["quantized_acc"] == s["decoded_acc"]
+    assert s["same_predictions"] == "512/512" and s["quantized_score"] == s["decoded_score"]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from deepzip import DeepzipError, TrainConfig, fit
-from deepzip.data import BatchLoader, Cifar10
+from deepzip.data import BatchLoader, ImageSplit
 from deepzip.models import get
 from deepzip.prune import (
     AGPSchedule,
@@ -15,7 +15,7 @@ from deepzip.prune import (
     global_masks,
     masks,
     percentile_mask,
-    prunable_layers,
+    prunable,
     prune_,
     restore_masks_,
     sensitivity,
@@ -106,7 +106,7 @@ def test_repeated_pruning_tightens_and_keeps_zeros():
 def _random_loader(n=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    return BatchLoader(Cifar10(images, torch.randint(0, 10, (n,), generator=g)), 64,
+    return BatchLoader(ImageSplit(images, torch.randint(0, 10, (n,), generator=g)), 64,
                        train=True, channels_last=True)
 
 
@@ -117,9 +117,9 @@ def test_masks_survive_training_with_momentum_and_weight_decay():
     before = {n: m.clone() for n, m in masks(model).items()}
     fit(model, _random_loader(), TrainConfig(epochs=6, lr=0.1, momentum=0.9,
                                              weight_decay=5e-3, schedule="constant"))
-    for name, m in prunable_layers(model):
-        assert torch.equal(m.weight_mask, before[name])
-        assert torch.all(m.weight[before[name] == 0] == 0), name
+    for t in prunable(model):
+        assert torch.equal(t.module.weight_mask, before[t.name])
+        assert torch.all(t.weight[before[t.name] == 0] == 0), t.name
     changed = model.layer2[0].conv1.weight[before["layer2.0.conv1"] == 1]
     assert changed.abs().sum() > 0
     assert sparsity_of(bake_(model)) == pytest.approx(0.8, abs=1e-5)
@@ -152,7 +152,7 @@ def test_summary_and_structure():
     st = structure(model, ["layer1.0.conv1"])["layer1.0.conv1"]
     assert st["empty_filters"] == 1 and st["filter_zero_fraction"][3] == 1.0
     assert st["empty_channels"] == 0 and len(st["channel_l1"]) == 16
-    with pytest.raises(DeepzipError, match="no Conv/Linear layer"):
+    with pytest.raises(DeepzipError, match="no prunable layer"):
         structure(model, ["layer9"])
 
 

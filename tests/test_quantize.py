@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from deepzip import DeepzipError, TrainConfig
-from deepzip.data import BatchLoader, Cifar10
+from deepzip.data import BatchLoader, ImageSplit
 from deepzip.models import get
 from deepzip.prune import PruneConfig, prune_
 from deepzip.quantize import (
@@ -112,7 +112,7 @@ def test_trained_centroids_keep_structure():
     before = {n: cb.codebook.detach().clone() for n, cb in codebooks(model).items()}
     idx = {n: cb.indices.clone() for n, cb in codebooks(model).items()}
     g = torch.Generator().manual_seed(0)
-    data = Cifar10(torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=g),
+    data = ImageSplit(torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=g),
                    torch.randint(0, 10, (256,), generator=g))
     train_centroids(model, BatchLoader(data, 64, train=True),
                     TrainConfig(epochs=2, lr=0.05, weight_decay=0))

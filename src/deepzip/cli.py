@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import sys
 import time
@@ -20,11 +19,12 @@ import torch
 from torch import nn
 
 from . import __version__
-from .data import BatchLoader, load_cifar10, parse_normalize
 from .errors import DeepzipError
-from .models import ModelSpec, available, load_model, save_checkpoint
+from .models import ModelSpec, available, resolve_arch, save_checkpoint
+from .pipeline import open_model
 from .prune import FINETUNE
 from .quantize import CENTROID_TRAINING, INITS
+from .task import TASKS, Task, resolve_task
 from .train import (
     TrainConfig,
     default_device,
@@ -34,58 +34,68 @@ from .train import (
     is_main_process,
 )
 
+TASK_HELP = (f"what the model is for: {', '.join(TASKS)}, or package.module:function "
+             "returning a deepzip Task (default: the task the model records, else cifar10)")
+ARCH_HELP = (f"architecture of a checkpoint without deepzip metadata: {', '.join(available())}"
+             ", or package.module:Factory for your own (default: resnet20)")
+
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ "
+    g.add_argument("--task", default=None, metavar="TASK", help=TASK_HELP)
+    g.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ and MNIST/raw/ "
                    "(default: $DEEPZIP_DATA, then ~/.cache/deepzip/data)")
     g.add_argument("--download", action="store_true",
-                   help="download CIFAR-10 into the data folder if it is missing")
+                   help="download the data set into the data folder if it is missing")
     g.add_argument("--subset", type=int, default=None, metavar="N",
-                   help="use only the first N images of each split (quick runs)")
+                   help="use only the first N examples of each split (quick runs)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, positional: bool) -> None:
     if positional:
         p.add_argument("model", metavar="MODEL",
-                       help="checkpoint path, or the name of a shipped model (resnet20)")
-    p.add_argument("--arch", default=None, choices=available(),
-                   help="architecture of a checkpoint without deepzip metadata "
-                        "(default: resnet20)")
+                       help="checkpoint, .dzip file, or the name of a shipped model "
+                            "(resnet20, lenet300, lenet5)")
+    p.add_argument("--arch", default=None, metavar="ARCH", help=ARCH_HELP)
     p.add_argument("--normalize", default=None, metavar="SPEC",
-                   help="input normalization the weights were trained with: cifar, imagenet "
-                        "or R,G,B/R,G,B (default: from the checkpoint, else cifar)")
+                   help="input normalization the weights were trained with: cifar, imagenet, "
+                        "mnist or M,.../S,... per channel (default: from the file, else the "
+                        "task's)")
+
+
+def _task(args: argparse.Namespace, name: str | None = None) -> Task:
+    """The task of ``--task`` (or ``name``), built once per command."""
+    name = getattr(args, "task", None) or name or "cifar10"
+    cache = args.__dict__.setdefault("_tasks", {})
+    if name not in cache:
+        cache[name] = resolve_task(name, args.data_dir, download=args.download,
+                                   subset=args.subset, device=_device(args))
+    return cache[name]
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec]:
-    """MODEL argument -> (model, spec): a checkpoint file or a shipped model's name.
+    """MODEL argument -> (model, spec): a checkpoint, a .dzip file or a shipped name.
 
-    ``--normalize`` overrides the checkpoint's own normalization; ``--arch`` names the
-    architecture of a checkpoint that carries no deepzip metadata.
+    ``--normalize`` overrides the file's own normalization; ``--arch`` names the
+    architecture of a checkpoint that carries no deepzip metadata. With ``--task``, a file
+    that records no normalization gets the task's.
     """
-    norm = parse_normalize(args.normalize) if args.normalize else None  # fail before loading
-    if _is_dzip(args.model):
-        from . import dzip
-
-        arch = ModelSpec(arch=args.arch) if args.arch else None
-        model = dzip.load(args.model, arch.build() if arch else None)
-        spec = arch or dzip.load_state(args.model)[1] or ModelSpec()
-    else:
-        model, spec = load_model(args.model, ModelSpec(arch=args.arch) if args.arch else None)
-    if norm:
-        spec = dataclasses.replace(spec, mean=norm[0], std=norm[1])
-    return model, spec
+    task = _task(args) if getattr(args, "task", None) else None
+    return open_model(args.model, arch=args.arch, normalize=args.normalize, task=task)
 
 
-def _is_dzip(path: str) -> bool:
-    from .dzip import MAGIC
+def model_and_task(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, Task]:
+    """The model, and the task of ``--task`` or else the one the model records."""
+    model, spec = resolve_model(args)
+    model.to(_device(args))
+    return model, spec, _task(args, spec.task)
 
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
+
+def _score(model: nn.Module, task: Task, spec: ModelSpec) -> tuple[float, float]:
+    """(loss, metric) of ``model`` on the task's evaluation data."""
+    return evaluate(model, task.eval_loader(mean=spec.mean, std=spec.std),
+                    metric=task.metric, loss_fn=task.loss)
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -100,25 +110,18 @@ def _device(args: argparse.Namespace) -> torch.device:
     return dev
 
 
-def _load_split(args: argparse.Namespace, train: bool):
-    split = load_cifar10(args.data_dir, train=train, download=args.download)
-    if args.subset is not None:
-        if args.subset < 1:
-            raise DeepzipError(f"--subset must be >= 1, got {args.subset}")
-        split = split.subset(args.subset)
-    return split
+def train_loader(task: Task, spec: ModelSpec, cfg: TrainConfig):
+    return task.train_loader(cfg.batch_size, cfg.seed, mean=spec.mean, std=spec.std,
+                             channels_last=cfg.channels_last)
 
 
-def test_loader(args: argparse.Namespace, spec: ModelSpec,
-                batch_size: int = 500) -> BatchLoader:
-    return BatchLoader(_load_split(args, train=False), batch_size, mean=spec.mean,
-                       std=spec.std, device=_device(args))
-
-
-def train_loader(args: argparse.Namespace, spec: ModelSpec, cfg: TrainConfig) -> BatchLoader:
-    return BatchLoader(_load_split(args, train=True), cfg.batch_size, train=True,
-                       mean=spec.mean, std=spec.std, device=_device(args), seed=cfg.seed,
-                       channels_last=cfg.channels_last)
+def _fit_kwargs(task: Task, spec: ModelSpec) -> dict:
+    """What every training command passes to ``fit``: the task's data, metric and loss."""
+    loss = task.loss
+    return {"test_loader": task.eval_loader(mean=spec.mean, std=spec.std),
+            "metric": task.metric, "eval_loss": loss,
+            "loss_fn": None if loss is torch.nn.functional.cross_entropy else
+            (lambda logits, y, _x: loss(logits, y))}
 
 
 def _add_finetune_args(p: argparse.ArgumentParser, what: str, d: TrainConfig) -> None:
@@ -138,59 +141,69 @@ def _finetune_config(args: argparse.Namespace) -> TrainConfig:
                        weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed)
 
 
-def _finetune(args: argparse.Namespace, model: nn.Module, spec: ModelSpec, test: BatchLoader,
+def _finetune(args: argparse.Namespace, model: nn.Module, spec: ModelSpec, task: Task,
               out: Path, result: dict, train_fn, key: str, what: str) -> None:
     """The optional retraining of prune and quantize (--finetune-epochs and friends)."""
     if not args.finetune_epochs:
         return
     cfg = _finetune_config(args)
-    train_fn(model, train_loader(args, spec, cfg), cfg, test_loader=test, out_dir=out,
-             resume=args.resume, desc=what)
-    _, result[key] = evaluate(model, test)
+    train_fn(model, train_loader(task, spec, cfg), cfg, out_dir=out, resume=args.resume,
+             desc=what, **_fit_kwargs(task, spec))
+    _, result[key] = _score(model, task, spec)
     result["finetune"] = dataclasses.asdict(cfg)
-    print(f"after {cfg.epochs} epochs of {what}: {result[key] * 100:.2f}%")
+    print(f"after {cfg.epochs} epochs of {what}: {_fmt(task, result[key])}")
+
+
+def _fmt(task: Task, value: float) -> str:
+    """A metric value as people read it: accuracy in percent, anything else as a number."""
+    return f"{value * 100:.2f}%" if task.metric.name == "acc" else \
+        f"{task.metric.name} {value:.6g}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    mean, std = parse_normalize(args.normalize or "cifar")
-    spec = ModelSpec(arch=args.arch or "resnet20", mean=mean, std=std)
-    cfg = TrainConfig(
+    from .data import parse_normalize
+
+    cfg = TrainConfig(  # settings are checked before any data is read
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
         seed=args.seed, precision=args.precision, compile=args.compile,
     )
+    task = _task(args)
+    mean, std = parse_normalize(args.normalize) if args.normalize else (
+        task.normalization or ((), ()))
+    spec = ModelSpec(arch=resolve_arch(args.arch), mean=mean, std=std, task=task.name)
     torch.manual_seed(cfg.seed)
     model = spec.build()
-    train = train_loader(args, spec, cfg)
-    test = test_loader(args, spec)
+    train = train_loader(task, spec, cfg)
     out = Path(args.out)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
     t0 = time.time()
-    history = fit(model, train, cfg, test_loader=test, out_dir=out, resume=args.resume,
-                  desc=spec.arch)
+    history = fit(model, train, cfg, out_dir=out, resume=args.resume, desc=spec.arch,
+                  **_fit_kwargs(task, spec))
     if not is_main_process():
         return 0
     save_checkpoint(model, spec, out / "model.pt")
-    final = history[-1] if history else {}
-    print(f"saved {out / 'model.pt'}; test accuracy {final.get('test_acc', float('nan')):.4f}"
-          f" after {len(history)} epochs ({(time.time() - t0) / 60:.1f} min this run)")
+    final = history[-1].get(f"test_{task.metric.name}") if history else None
+    print(f"saved {out / 'model.pt'}; test {task.metric.name} "
+          f"{final if final is None else f'{final:.4f}'} after {len(history)} epochs "
+          f"({(time.time() - t0) / 60:.1f} min this run)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, spec = resolve_model(args)
-    model.to(_device(args))
-    loss, acc = evaluate(model, test_loader(args, spec, args.batch_size))
-    n = args.subset or 10000
-    result = {"model": args.model, "arch": spec.arch, "test_acc": acc, "test_loss": loss,
-              "images": n, "mean": list(spec.mean), "std": list(spec.std)}
+    model, spec, task = model_and_task(args)
+    loss, value = _score(model, task, spec)
+    m = task.metric.name
+    result = {"model": args.model, "arch": spec.arch, "task": task.name, "metric": m,
+              f"test_{m}": value, "test_loss": loss, "examples": task.eval_size,
+              "mean": list(spec.mean), "std": list(spec.std)}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model}: test accuracy {acc * 100:.2f}% on {n} CIFAR-10 test images "
+        print(f"{args.model}: test {_fmt(task, value)} on {task.description or task.name} "
               f"(loss {loss:.4f})")
     return 0
 
@@ -210,8 +223,7 @@ def _prune_config(args: argparse.Namespace):
     if amount is None:
         flag = {"percentile": "--q", "std": "--s", "global": "--sparsity"}[args.method]
         raise DeepzipError(f"--method {args.method} needs {flag}")
-    return PruneConfig(args.method, amount, include=args.include or ["*"],
-                       exclude=args.exclude or [])
+    return PruneConfig(args.method, amount, include=args.include, exclude=args.exclude or [])
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -219,20 +231,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .report import summary
 
     pcfg = _prune_config(args)
-    model, spec = resolve_model(args)
-    device = _device(args)
-    test = test_loader(args, spec)
+    model, spec, task = model_and_task(args)
+    m = task.metric.name
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    _, acc0 = evaluate(model, test)
+    _, before = _score(model, task, spec)
     prune_(model, pcfg)
-    _, acc1 = evaluate(model, test)
+    _, pruned = _score(model, task, spec)
     result = {"method": pcfg.method, "amount": pcfg.amount, "sparsity": sparsity_of(model),
-              "acc_before": acc0, "acc_pruned": acc1}
+              "metric": m, f"{m}_before": before, f"{m}_pruned": pruned}
     print(f"pruned ({pcfg.method} {pcfg.amount}): sparsity {result['sparsity']:.4f}, "
-          f"accuracy {acc0 * 100:.2f}% -> {acc1 * 100:.2f}%")
-    _finetune(args, model, spec, test, out, result, finetune_after_prune, "acc_retrained",
+          f"{_fmt(task, before)} -> {_fmt(task, pruned)}")
+    _finetune(args, model, spec, task, out, result, finetune_after_prune, f"{m}_retrained",
               "masked retraining")
     bake_(model)
     save_checkpoint(model, spec, out / "model.pt")
@@ -242,37 +251,41 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .prune import prunable
     from .quantize import QuantizeConfig, codebooks, dequantize_, quantize_, train_centroids
     from .report import plot_weight_sharing
 
     qcfg = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv,
                           bits_linear=args.bits_linear, init=args.init, seed=args.seed,
                           exclude=args.exclude or [])
-    model, spec = resolve_model(args)
-    model.to(_device(args))
-    test = test_loader(args, spec)
+    model, spec, task = model_and_task(args)
+    m = task.metric.name
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _, acc0 = evaluate(model, test)
+    _, before = _score(model, task, spec)
     names = args.plot_layers or []
-    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if n in names}
+    targets = {t.name: t for t in prunable(model)}
+    missing = [n for n in names if n not in targets]
+    if missing:
+        raise DeepzipError(f"--plot-layers: no layer {', '.join(missing)}; layers: "
+                           + ", ".join(targets))
+    weights_before = {n: targets[n].weight.detach().clone() for n in names}
     layers = quantize_(model, qcfg)
-    _, acc1 = evaluate(model, test)
-    result = {"config": dataclasses.asdict(qcfg), "acc_before": acc0, "acc_quantized": acc1,
-              "layers": layers}
-    print(f"quantized ({args.init} init): accuracy {acc0 * 100:.2f}% -> {acc1 * 100:.2f}%")
-    _finetune(args, model, spec, test, out, result, train_centroids, "acc_trained",
+    _, quantized = _score(model, task, spec)
+    result = {"config": dataclasses.asdict(qcfg), "metric": m, f"{m}_before": before,
+              f"{m}_quantized": quantized, "layers": layers}
+    print(f"quantized ({args.init} init): {_fmt(task, before)} -> {_fmt(task, quantized)}")
+    _finetune(args, model, spec, task, out, result, train_centroids, f"{m}_trained",
               "centroid training")
     books = codebooks(model)
     missing = [n for n in names if n not in books]
     if missing:
-        raise DeepzipError(f"--plot-layers: no quantized layer {', '.join(missing)}")
+        raise DeepzipError(f"--plot-layers: {', '.join(missing)} not quantized (excluded?)")
     after = {n: books[n].codebook.detach().clone() for n in names}
     dequantize_(model)
     if names:
-        weights = dict(model.named_modules())
-        plot_weight_sharing([(n, before[n], weights[n].weight, after[n]) for n in names],
-                            out / "weights.png", title=f"{args.model}, {args.init} init")
+        plot_weight_sharing([(n, weights_before[n], targets[n].weight, after[n])
+                             for n in names], out / "weights.png",
+                            title=f"{args.model}, {args.init} init")
     save_checkpoint(model, spec, out / "model.pt")
     _write_json(out / "quantize.json", result)
     print(f"saved {out / 'model.pt'} and {out / 'quantize.json'}")
@@ -307,9 +320,17 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     model, spec = resolve_model(args)
     out = Path(args.output)
+    changed = dzip.precision_changes(model, args.raw_dtype, args.codebook_dtype,
+                                     args.fold_batchnorm)
     dzip.save(model, out, spec=spec, raw_dtype=args.raw_dtype,
               codebook_dtype=args.codebook_dtype, fold_batchnorm=args.fold_batchnorm)
     print(_size_table(dzip.inspect(out)))
+    if changed:
+        print(f"note: {len(changed)} tensors are not at the file's precision "
+              f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the file "
+              "holds them rounded (float16, folded BatchNorm), so its outputs can differ "
+              "slightly from the checkpoint's; --raw-dtype float32 --codebook-dtype float32 "
+              "--no-fold-batchnorm stores them exactly")
     print(f"wrote {out}")
     return 0
 
@@ -323,49 +344,41 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    """A .dzip back to a plain checkpoint: a state_dict needs no architecture; with
+    --arch (or a registered one in the file) it is also checked against the model."""
     from . import dzip
+    from .atomic import atomic_torch_save
+    from .models import load_state_dict_strict
 
     state, spec = dzip.load_state(args.file)
-    model = dzip.load(args.file, (ModelSpec(arch=args.arch) if args.arch else spec or
-                                  ModelSpec()).build())
-    save_checkpoint(model, spec or ModelSpec(arch=args.arch or "resnet20"), args.output)
-    print(f"wrote {args.output} ({len(state)} tensors, fp32 state_dict)")
+    if args.arch:
+        spec = dataclasses.replace(spec or ModelSpec(), arch=resolve_arch(args.arch))
+        load_state_dict_strict(spec.build(), state)
+    atomic_torch_save({"state_dict": state, **({"deepzip": spec.to_dict()} if spec else {})},
+                      args.output)
+    print(f"wrote {args.output} ({len(state)} tensors, fp32 state_dict"
+          + (f", architecture {spec.arch}" if spec else "") + ")")
     return 0
-
-
-def _recipe_path(name: str | None) -> str:
-    """A recipe file, or the name of one shipped with deepzip (default, seed, ...)."""
-    from importlib import resources
-
-    if name is None:
-        name = "default"
-    if os.path.exists(name):
-        return name
-    ref = resources.files("deepzip") / "recipes" / f"{name}.yaml"
-    if ref.is_file():
-        return str(ref)
-    shipped = sorted(p.name.removesuffix(".yaml") for p in
-                     (resources.files("deepzip") / "recipes").iterdir())
-    raise DeepzipError(f"no recipe file {name!r}; shipped recipes: {', '.join(shipped)}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import shutil
 
-    from .pipeline import DataSource, Pipeline
-    from .recipe import load_recipe
+    from .pipeline import Pipeline
+    from .recipe import load_recipe, recipe_path
 
-    path = _recipe_path(args.recipe)
+    path = recipe_path(args.recipe)
     recipe = load_recipe(path)
-    if args.model:
-        recipe.model = args.model
-    if args.reference:
-        recipe.reference = args.reference
+    for key in ("model", "reference", "arch", "normalize", "task", "seed"):
+        if getattr(args, key) is not None:
+            setattr(recipe, key, getattr(args, key))
+    recipe.validate()
     out = Path(args.out or f"runs/{recipe.name}")
     if args.restart and out.exists():
         shutil.rmtree(out)
-    data = DataSource(args.data_dir, args.download, args.subset, _device(args))
-    pipe = Pipeline(recipe, out, data)
+    task = resolve_task(recipe.task, args.data_dir, download=args.download,
+                        subset=args.subset, device=_device(args))
+    pipe = Pipeline(recipe, out, task, device=_device(args))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, out / "recipe.yaml")
@@ -375,9 +388,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     s = report["summary"]
     fr = f"{s['formula_ratio']:.1f}x" if s["formula_ratio"] else "n/a"
-    print(f"\n{recipe.name}: accuracy {s['baseline_acc'] * 100:.2f}% -> "
-          f"{s['decoded_acc'] * 100:.2f}% (decoded .dzip), {s['file_bytes']:,} bytes on disk: "
-          f"{s['real_ratio']:.1f}x real, {fr} by the assignment's formula\n"
+    print(f"\n{recipe.name}: {_fmt(task, s['baseline_score'])} -> "
+          f"{_fmt(task, s['decoded_score'])} (decoded .dzip), {s['file_bytes']:,} bytes on "
+          f"disk: {s['real_ratio']:.1f}x real, {fr} by the assignment's formula\n"
           f"report: {out / 'report.md'}")
     return 0
 
@@ -395,7 +408,11 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         reports.append(report)
     plot_pareto(reports, args.output)
     rows = [r["summary"] for r in reports]
-    print(markdown_table(rows, ["run", "recipe", "baseline_acc", "decoded_acc", "sparsity",
+    from .report import run_score
+
+    for r in rows:
+        r["baseline"], r["decoded"] = run_score(r, "baseline"), run_score(r, "decoded")
+    print(markdown_table(rows, ["run", "recipe", "baseline", "decoded", "sparsity",
                                 "formula_ratio", "real_ratio", "file_bytes"]))
     print(f"wrote {args.output}")
     return 0
@@ -429,24 +446,23 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .prune import sensitivity, targets_from_sensitivity
     from .report import plot_sensitivity, write_csv
 
-    model, spec = resolve_model(args)
-    model.to(_device(args))
-    test = test_loader(args, spec)
     try:
         levels = tuple(float(v) for v in args.levels.split(","))
     except ValueError:
         raise DeepzipError(f"bad --levels {args.levels!r}: use e.g. 0.1,0.5,0.9") from None
-    rows = sensitivity(model, lambda m: evaluate(m, test)[1], levels)
+    model, spec, task = model_and_task(args)
+    rows = sensitivity(model, lambda m: _score(m, task, spec)[1], levels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "sensitivity.csv", rows)
     plot_sensitivity(rows, out / "sensitivity.png")
-    targets = targets_from_sensitivity(rows, args.max_drop)
+    targets = targets_from_sensitivity(rows, args.max_drop,
+                                       higher_is_better=task.metric.higher_is_better)
     _write_json(out / "sensitivity.json", {"rows": rows, "max_drop": args.max_drop,
                                            "targets": targets})
     print(f"wrote {out}/sensitivity.csv, .json, .png; per-layer targets within "
-          f"{args.max_drop * 100:.1f} points: " + ", ".join(f"{k}={v}" for k, v in
-                                                           targets.items()))
+          f"{args.max_drop:g} of the unpruned {task.metric.name}: "
+          + ", ".join(f"{k}={v}" for k, v in targets.items()))
     return 0
 
 
@@ -455,10 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"deepzip {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a model from scratch on CIFAR-10")
-    t.add_argument("--model", dest="arch", default="resnet20", choices=available())
+    t = sub.add_parser("train", help="train a model from scratch on a task's data")
+    t.add_argument("--model", dest="arch", default="resnet20", metavar="ARCH",
+                   help=f"{', '.join(available())}, or package.module:Factory")
     t.add_argument("--normalize", default=None, metavar="SPEC",
-                   help="cifar (default), imagenet, or R,G,B/R,G,B")
+                   help="cifar, imagenet, mnist, or M,.../S,... (default: the task's)")
     d = TrainConfig()
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -476,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="test accuracy of a model on CIFAR-10")
+    e = sub.add_parser("eval", help="a model's test metric on its task's evaluation data")
     _add_model_args(e, positional=True)
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -490,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--s", type=float, help="std: prune |w| < s * std(w) per layer")
     pr.add_argument("--sparsity", type=float, help="global: model-wide fraction to prune")
     pr.add_argument("--include", action="append", metavar="GLOB",
-                    help="only layers matching (repeatable; default all Conv/Linear)")
+                    help="only layers/parameters matching (repeatable; default: Conv, "
+                         "Linear, Embedding, attention and RNN weights)")
     pr.add_argument("--exclude", action="append", metavar="GLOB",
                     help="skip layers matching, e.g. --exclude conv1 --exclude linear")
     _add_finetune_args(pr, "masked retraining", FINETUNE)
@@ -516,12 +534,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", nargs="?", default=None, metavar="RECIPE",
                    help="recipe file or shipped name: default (the default), seed, share-3bit, "
                         "share-5bit, smoke")
-    r.add_argument("--model", default=None, help="start from this checkpoint instead")
+    r.add_argument("--model", default=None,
+                   help="start from this checkpoint, .dzip or shipped model instead")
     r.add_argument("--reference", default=None, metavar="MODEL",
                    help="measure the accuracy loss against (and distill from) this model "
                         "instead of the starting one, e.g. --model a pruned checkpoint "
                         "--reference resnet20")
-    r.add_argument("--out", default=None, help="run folder (default runs/RECIPE-NAME)")
+    r.add_argument("--arch", default=None, metavar="ARCH", help=ARCH_HELP)
+    r.add_argument("--normalize", default=None, metavar="SPEC",
+                   help="the model's input normalization (cifar, imagenet, mnist, M,.../S,...)")
+    r.add_argument("--seed", type=int, default=None, help="the recipe's seed, for a repeat")
+    r.add_argument("--out", "-o", default=None, help="run folder (default runs/RECIPE-NAME)")
     r.add_argument("--restart", action="store_true", help="discard an earlier run in --out")
     _add_data_args(r)
     r.set_defaults(func=cmd_run)
@@ -549,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("decode", help="turn a .dzip file back into a PyTorch checkpoint")
     de.add_argument("file", metavar="FILE.dzip")
     de.add_argument("-o", "--output", required=True, metavar="FILE.pt")
-    de.add_argument("--arch", default=None, choices=available())
+    de.add_argument("--arch", default=None, metavar="ARCH",
+                    help="check the weights against this architecture (" + ARCH_HELP + ")")
     de.set_defaults(func=cmd_decode)
 
     sm = sub.add_parser("summary", help="per-layer parameters, nonzeros and sparsity")
@@ -580,6 +604,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except DeepzipError as e:
         print(f"deepzip: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # read-only folder, disk full, a path that is a directory...
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"deepzip: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deepzip: interrupted", file=sys.stderr)

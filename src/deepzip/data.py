@@ -1,4 +1,5 @@
-"""CIFAR-10 from the standard python layout, held in memory as uint8, with batch augmentation.
+"""Image data sets held in memory as uint8, with batch augmentation: CIFAR-10 (python
+layout) and MNIST (IDX files), both in the folder layout torchvision uses.
 
 Why not torchvision's dataset + DataLoader: per-image PIL transforms in Python cost more
 than a ResNet-20 training step on a small CPU. Here the whole set is one uint8 tensor and
@@ -7,14 +8,17 @@ random-crop/flip run on whole batches as tensor ops (see ``bench/train_throughpu
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +33,16 @@ __all__ = [
     "CIFAR10_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MNIST_MEAN",
+    "MNIST_STD",
     "BatchLoader",
-    "Cifar10",
+    "ImageSplit",
     "apply_augmentation",
     "augment_batch",
     "draw_augmentation",
     "download_cifar10",
     "load_cifar10",
+    "load_mnist",
     "parse_normalize",
     "resolve_data_root",
 ]
@@ -44,6 +51,10 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                  "mnist": (MNIST_MEAN, MNIST_STD)}
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_TGZ_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -54,23 +65,38 @@ _TEST_FILES = ["test_batch"]
 
 
 def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``cifar`` | ``imagenet`` | ``R,G,B/R,G,B`` -> (mean, std)."""
+    """``cifar`` | ``imagenet`` | ``mnist`` | ``M1,M2,.../S1,S2,...`` -> (mean, std).
+
+    One mean and one std per input channel (three for RGB, one for grey images).
+    """
     key = text.strip().lower()
-    if key == "cifar":
-        return CIFAR10_MEAN, CIFAR10_STD
-    if key == "imagenet":
-        return IMAGENET_MEAN, IMAGENET_STD
+    if key in NORMALIZATIONS:
+        return NORMALIZATIONS[key]
     try:
         mean_s, std_s = key.split("/")
         mean = tuple(float(v) for v in mean_s.split(","))
         std = tuple(float(v) for v in std_s.split(","))
     except ValueError:
         mean = std = ()
-    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-        raise DeepzipError(
-            f"bad --normalize {text!r}: use cifar, imagenet, or R,G,B/R,G,B with positive std"
-        )
+    try:
+        check_normalization(mean, std)
+    except DeepzipError as e:
+        raise DeepzipError(f"bad --normalize {text!r}: use {', '.join(NORMALIZATIONS)}, or "
+                           f"MEAN,.../STD,... per channel ({e})") from None
     return mean, std
+
+
+def check_normalization(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Equal lengths (one per channel, at most 4), finite means, finite positive stds.
+
+    A zero or NaN std would make every input NaN and every evaluation chance level.
+    """
+    if not 1 <= len(mean) <= 4 or len(mean) != len(std):
+        raise DeepzipError(f"mean and std need one value per channel (1 to 4), got "
+                           f"{len(mean)} and {len(std)}")
+    if not all(math.isfinite(m) for m in mean) or not all(
+            math.isfinite(s) and s > 0 for s in std):
+        raise DeepzipError("means must be finite and stds finite and > 0")
 
 
 def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -122,8 +148,8 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class Cifar10:
-    """One split in memory: ``images`` uint8 (N, 3, 32, 32), ``labels`` int64 (N,)."""
+class ImageSplit:
+    """One split in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -131,9 +157,18 @@ class Cifar10:
     def __len__(self) -> int:
         return self.labels.numel()
 
-    def subset(self, n: int) -> Cifar10:
+    def subset(self, n: int) -> ImageSplit:
         """The first ``n`` images (for quick tests and smoke runs)."""
-        return Cifar10(self.images[:n], self.labels[:n])
+        return ImageSplit(self.images[:n], self.labels[:n])
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Download ``url`` to ``dest`` (any failure is one DeepzipError)."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        raise DeepzipError(f"download of {url} failed: {e}") from None
 
 
 def download_cifar10(root: Path) -> None:
@@ -141,11 +176,7 @@ def download_cifar10(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         tgz = Path(tmp) / "cifar-10-python.tar.gz"
-        try:
-            with urllib.request.urlopen(CIFAR10_URL, timeout=60) as r, open(tgz, "wb") as f:
-                shutil.copyfileobj(r, f)
-        except OSError as e:
-            raise DeepzipError(f"download of {CIFAR10_URL} failed: {e}") from None
+        _fetch(CIFAR10_URL, tgz)
         md5 = hashlib.md5(tgz.read_bytes()).hexdigest()
         if md5 != CIFAR10_TGZ_MD5:
             raise DeepzipError(f"downloaded archive has md5 {md5}, expected {CIFAR10_TGZ_MD5}")
@@ -156,8 +187,8 @@ def download_cifar10(root: Path) -> None:
 
 def load_cifar10(
     root: str | os.PathLike[str] | None = None, train: bool = True, download: bool = False
-) -> Cifar10:
-    """Load one split from ``root/cifar-10-batches-py`` (the torchvision layout).
+) -> ImageSplit:
+    """Load one split of CIFAR-10 from ``root/cifar-10-batches-py`` (the torchvision layout).
 
     >>> test = load_cifar10("../shared/data", train=False)  # doctest: +SKIP
     >>> test.images.shape
@@ -180,7 +211,114 @@ def load_cifar10(
     if len(labels) != expected:
         raise DeepzipError(f"{folder}: expected {expected} images, found {len(labels)}")
     images = torch.from_numpy(data).view(-1, 3, 32, 32)
-    return Cifar10(images, torch.from_numpy(labels.astype(np.int64)))
+    return ImageSplit(images, torch.from_numpy(labels.astype(np.int64)))
+
+
+# ---------------------------------------------------------------- MNIST
+MNIST_FOLDER = "MNIST/raw"
+# The official files' md5 *after* gunzip: copies re-gzipped elsewhere differ as .gz only.
+MNIST_FILES = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "http://yann.lecun.com/exdb/mnist/")
+_MAX_IDX_BYTES = 64 << 20  # the largest MNIST file is 47,040,016 bytes unpacked
+
+
+def _read_idx_bytes(folder: Path, name: str) -> bytes | None:
+    """The unpacked bytes of ``name`` or ``name.gz`` (None if neither exists), read with a
+    size limit so a hostile gzip cannot fill memory."""
+    for path, opener in ((folder / name, open), (folder / f"{name}.gz", gzip.open)):
+        if path.is_file():
+            try:
+                with opener(path, "rb") as f:
+                    data = f.read(_MAX_IDX_BYTES + 1)
+            except (OSError, EOFError, zlib.error) as e:
+                raise DeepzipError(f"{path}: cannot read ({e})") from None
+            if len(data) > _MAX_IDX_BYTES:
+                raise DeepzipError(f"{path}: larger than any MNIST file")
+            return data
+    return None
+
+
+def parse_idx(data: bytes, ndim: int, where: str = "IDX file") -> np.ndarray:
+    """An unsigned-byte IDX array (LeCun's format: magic 0x0000 08 NDIM, big-endian u32
+    sizes, then the bytes), every size checked against the data before it is used."""
+    if len(data) < 4 + 4 * ndim:
+        raise DeepzipError(f"{where}: too short for an IDX header")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != 0x0800 | ndim:
+        raise DeepzipError(f"{where}: bad IDX magic {magic:#010x}, expected "
+                           f"{0x0800 | ndim:#010x} (unsigned bytes, {ndim} dimensions)")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    body = len(data) - 4 - 4 * ndim
+    if math.prod(dims) != body:
+        raise DeepzipError(f"{where}: header says {'x'.join(map(str, dims))} but holds "
+                           f"{body} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def download_mnist(root: Path) -> None:
+    """Fetch the four .gz files (first mirror that works) into ``root/MNIST/raw``; each
+    file's unpacked md5 is checked before it is kept."""
+    folder = root / MNIST_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, md5 in MNIST_FILES.items():
+        if _read_idx_bytes(folder, name) is not None:
+            continue
+        errors = []
+        for mirror in MNIST_MIRRORS:
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                gz = Path(tmp) / f"{name}.gz"
+                try:
+                    _fetch(mirror + f"{name}.gz", gz)
+                    got = hashlib.md5(gzip.decompress(gz.read_bytes())).hexdigest()
+                except (DeepzipError, OSError, EOFError, zlib.error) as e:
+                    errors.append(str(e))
+                    continue
+                if got != md5:
+                    errors.append(f"{mirror}{name}.gz unpacks to md5 {got}, expected {md5}")
+                    continue
+                os.replace(gz, folder / f"{name}.gz")
+                break
+        else:
+            raise DeepzipError(f"could not download {name}: " + "; ".join(errors))
+
+
+def load_mnist(root: str | os.PathLike[str] | None = None, train: bool = True,
+               download: bool = False) -> ImageSplit:
+    """Load one split of MNIST from ``root/MNIST/raw/*-ubyte[.gz]`` (torchvision's layout).
+
+    The unpacked bytes must have the official files' md5, so a damaged or substituted
+    file is an error, not a silently different benchmark.
+
+    >>> test = load_mnist("../shared/data", train=False)  # doctest: +SKIP
+    >>> test.images.shape
+    torch.Size([10000, 1, 28, 28])
+    """
+    base = resolve_data_root(root)
+    folder = base / MNIST_FOLDER
+    prefix = "train" if train else "t10k"
+    names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    raw = [_read_idx_bytes(folder, n) for n in names]
+    if any(r is None for r in raw):
+        if not download:
+            raise DeepzipError(f"MNIST not found at {folder}; pass --data-dir DIR (the folder "
+                               f"holding {MNIST_FOLDER}/) or --download")
+        download_mnist(base)
+        raw = [_read_idx_bytes(folder, n) for n in names]
+    for name, data in zip(names, raw, strict=True):
+        md5 = hashlib.md5(data).hexdigest()
+        if md5 != MNIST_FILES[name]:
+            raise DeepzipError(f"{folder / name}: md5 {md5} of the unpacked bytes is not the "
+                               f"official file's ({MNIST_FILES[name]})")
+    images = parse_idx(raw[0], 3, names[0])
+    labels = parse_idx(raw[1], 1, names[1])
+    return ImageSplit(torch.from_numpy(images.copy()).unsqueeze(1),
+                      torch.from_numpy(labels.astype(np.int64)))
 
 
 def draw_augmentation(b: int, generator: torch.Generator, pad: int = 4
@@ -222,11 +360,14 @@ class BatchLoader:
     ``batch_size * world_size`` images: every rank draws the same permutation and
     augmentation parameters and keeps its own slice, so the ranks together see exactly
     what one process with the global batch would.
+
+    Training augmentation is a random crop of the image zero-padded by ``pad`` pixels and,
+    with ``flip``, a random horizontal mirror (right for CIFAR, wrong for digits).
     """
 
     def __init__(
         self,
-        split: Cifar10,
+        split: ImageSplit,
         batch_size: int = 128,
         *,
         train: bool = False,
@@ -236,6 +377,8 @@ class BatchLoader:
         seed: int = 0,
         channels_last: bool = False,
         augment: bool = True,
+        pad: int = 4,
+        flip: bool = True,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -248,14 +391,18 @@ class BatchLoader:
             torch.distributed.get_rank() if dist_on else 0)
         if not 0 <= self.rank < self.world_size:
             raise DeepzipError(f"rank {self.rank} outside world size {self.world_size}")
-        self.augment = augment
+        self.augment, self.pad, self.flip = augment and pad >= 0, pad, flip
+        check_normalization(tuple(mean), tuple(std))
+        if len(mean) != split.images.shape[1]:
+            raise DeepzipError(f"normalization has {len(mean)} channel(s), the images "
+                               f"{split.images.shape[1]}")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.batch_size = batch_size
         self.train = train
         self.channels_last = channels_last
-        shape = (1, 3, 1, 1)
+        shape = (1, len(mean), 1, 1)
         self.mean = torch.tensor(mean, device=self.device).view(shape) * 255
         self.std = torch.tensor(std, device=self.device).view(shape) * 255
         self.generator = torch.Generator().manual_seed(seed)
@@ -277,11 +424,13 @@ class BatchLoader:
         for i in range(len(self)):
             idx = order[i * step:(i + 1) * step]
             if self.train:
-                draws = draw_augmentation(len(idx), self.generator) if self.augment else None
+                draws = (draw_augmentation(len(idx), self.generator, self.pad)
+                         if self.augment else None)
                 idx = idx[mine]
             x = self.images[idx]
             if self.train and draws is not None:
-                x = apply_augmentation(x, *(d[mine] for d in draws))
+                oy, ox, flip = (d[mine] for d in draws)
+                x = apply_augmentation(x, oy, ox, flip & self.flip, pad=self.pad)
             x = (x.float() - self.mean) / self.std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -16,9 +16,12 @@ Encodings: ``raw`` (a plain array: BatchNorm, biases, unshared weights; float16 
 default), ``dense`` (one Huffman-coded cluster index per weight, zero being one more
 symbol) and ``sparse`` (Deep Compression's layout: for each nonzero, the run of zeros
 before it, bounded to ``2^gap_bits - 1`` with filler entries for longer runs, and its
-cluster index; both streams Huffman-coded). Each shared layer gets the cheaper layout.
-A shared weight is any Conv/Linear weight with at most 256 distinct nonzero values: the
+cluster index; both streams Huffman-coded). Each shared tensor gets the cheaper layout.
+A shared tensor is any floating tensor of 2+ dimensions with at most 256 distinct nonzero
+values (Conv, Linear, Embedding, attention and RNN weights after weight sharing): the
 codebook is those values, so decoded weights are bit-identical to the model saved.
+``alias`` (version 3) records a tensor that is another one under a second name (tied
+weights): stored once, given to both names on load.
 
 There is no pickle anywhere. Every size and offset is checked against the file before
 anything is allocated or sliced; a damaged or hostile file raises DeepzipFormatError.
@@ -43,12 +46,13 @@ from .atomic import atomic_write
 from .errors import DeepzipError
 from .huffman import HuffmanCode, decode, encode
 from .models import ModelSpec, load_state_dict_strict
-from .prune import bake_, is_pruned, prunable_layers
+from .prune import bake_, is_pruned
 
 __all__ = ["DeepzipFormatError", "inspect", "load", "round_to_file_precision_", "save"]
 
 MAGIC = b"DZIP\x00\r\n\x1a"
-VERSION = 2
+VERSION = 3
+READS = (2, 3)  # version 3 added the alias entry; a file without one is laid out as in 2
 _PREAMBLE = struct.Struct("<8sHHIII")
 MAX_CLUSTERS = 256
 MAX_HEADER = 64 << 20
@@ -208,7 +212,7 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
             if tail == "original":
                 out[_join(mod, attr)] = getattr(modules[mod], attr)
             continue
-        if leaf.endswith(("_orig", "_mask")) and is_pruned(modules[owner]):
+        if leaf.endswith(("_orig", "_mask")) and is_pruned(modules[owner], leaf[:-5]):
             if leaf.endswith("_orig"):
                 out[_join(owner, leaf[:-5])] = getattr(modules[owner], leaf[:-5])
             continue
@@ -220,15 +224,25 @@ def _join(owner: str, attr: str) -> str:
     return f"{owner}.{attr}" if owner else attr
 
 
-def _shared_names(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
-    """Conv/Linear weights with at most 256 distinct nonzero values: stored shared."""
-    out = set()
-    for name, _ in prunable_layers(model):
-        key = f"{name}.weight" if name else "weight"
-        w = state.get(key)
-        if w is not None and w.is_floating_point() and w.numel() and \
-                torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS:
-            out.add(key)
+def _shared_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """Floating tensors of 2+ dimensions with at most 256 distinct nonzero values: stored
+    shared (the codebook is exactly those values, so this is lossless)."""
+    return {k for k, w in state.items() if w.is_floating_point() and w.dim() >= 2
+            and w.numel() and torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS}
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """state_dict keys that name a tensor already stored under an earlier key (tied
+    weights, buffers sharing storage): alias -> first key."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        ident = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) \
+            if t.numel() else (id(t),)
+        if ident in first:
+            out[key] = first[ident]
+        else:
+            first[ident] = key
     return out
 
 
@@ -296,7 +310,7 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
     _check_dtypes(raw_dtype, codebook_dtype)
     bake_(model)
     state = _plain_state(model)
-    shared = _shared_names(model, state)
+    shared = _shared_names(state)
     own = model.state_dict(keep_vars=True)
     folded = set()
     with torch.no_grad():
@@ -313,6 +327,18 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
                 continue  # quantized layers: their codebooks were rounded above
             t.copy_(_round(t, codebook_dtype if key in shared else _raw_store(t, raw_dtype)))
     return model
+
+
+def precision_changes(model: nn.Module, raw_dtype: str = "float16",
+                      codebook_dtype: str = "float32", fold_batchnorm: bool = True) -> list[str]:
+    """Names of the tensors that :func:`save` would store changed (rounded to float16,
+    BatchNorm folded): empty when the file decodes to exactly this model."""
+    import copy
+
+    rounded = round_to_file_precision_(copy.deepcopy(model), raw_dtype, codebook_dtype,
+                                       fold_batchnorm)
+    before, after = _plain_state(model), _plain_state(rounded)
+    return [k for k, v in before.items() if not torch.equal(v, after[k])]
 
 
 def _round(t: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -342,8 +368,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     >>> model = load("resnet20.dzip")  # doctest: +SKIP
     """
     _check_dtypes(raw_dtype, codebook_dtype)
+    aliases = _aliases(model)
     state = _plain_state(model)
-    shared = _shared_names(model, state)
+    shared = _shared_names(state)
     bns = _batchnorms(model) if fold_batchnorm else {}
     owner = {f"{p}.{k}": p for p in bns for k in _BN_KEYS}
     blobs: list[bytes] = []
@@ -353,6 +380,12 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
         if key in owner and not key.endswith(".weight"):
             continue  # a folded BatchNorm is written once, at its weight
         entry: dict[str, Any] = {"name": key, "shape": list(t.shape), "dtype": _dtype_name(t)}
+        if key in aliases and aliases[key] in state and key not in owner:
+            tensors.append({**entry, "encoding": "alias", "of": aliases[key]})
+            report.append({"name": key, "shape": list(t.shape), "params": 0,
+                           "encoding": "alias", "bytes": 0, "nonzero": 0,
+                           "of": aliases[key]})
+            continue
         if key in owner:
             prefix = owner[key]
             scale, shift = _bn_affine(state, prefix, bns[prefix])
@@ -407,9 +440,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int
     magic, version, _, hlen, hcrc, dcrc = _PREAMBLE.unpack_from(raw)
     if magic != MAGIC:
         raise DeepzipFormatError(f"{path}: not a .dzip file (bad magic bytes)")
-    if version != VERSION:
+    if version not in READS:
         raise DeepzipFormatError(f"{path}: format version {version}; this deepzip reads "
-                                 f"{VERSION}")
+                                 f"{', '.join(map(str, READS))}")
     if hlen > len(raw) - _PREAMBLE.size:
         raise DeepzipFormatError(f"{path}: truncated header")
     hdr = raw[_PREAMBLE.size:_PREAMBLE.size + hlen]
@@ -498,6 +531,9 @@ def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     header, data, _ = _read(path)
     state: dict[str, torch.Tensor] = {}
     for e in header["tensors"]:
+        if isinstance(e, dict) and e.get("encoding") == "alias":
+            state[_str(e, "name")] = _alias_of(e, state)
+            continue
         state.update(_decode_entry(e, data))
     meta = header.get("model")
     spec = None
@@ -507,6 +543,24 @@ def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         except DeepzipError as e:
             raise DeepzipFormatError(f"{path}: {e}") from None
     return state, spec
+
+
+def _str(entry: dict[str, Any], key: str) -> str:
+    v = entry.get(key)
+    if not isinstance(v, str) or not 0 < len(v) <= 1000:
+        raise DeepzipFormatError(f"bad {key!r} in a tensor entry")
+    return v
+
+
+def _alias_of(entry: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The earlier tensor an alias entry names, checked against the alias's own shape."""
+    of = _str(entry, "of")
+    if of not in state:
+        raise DeepzipFormatError(f"{entry['name']!r}: alias of {of!r}, which comes nowhere "
+                                 "before it")
+    if entry.get("shape") != list(state[of].shape):
+        raise DeepzipFormatError(f"{entry['name']!r}: alias shape differs from {of!r}'s")
+    return state[of]
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -543,6 +597,10 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     where = dict.fromkeys(("header", "positions", "values", "codebooks", "other"), 0)
     where["header"] = head
     for e in header["tensors"]:
+        if e["encoding"] == "alias":
+            rows.append({"name": e["name"], "shape": e["shape"], "params": 0,
+                         "encoding": f"alias of {e['of']}", "bytes": 0, "nonzero": 0})
+            continue
         t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
         nbytes = 0
         for pname, (_, length) in e["parts"].items():
@@ -562,18 +620,23 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
             coded_bits += hbits
         rows.append(row)
     if model is None and spec is not None:
-        model = spec.build()
+        try:
+            model = spec.build()
+        except DeepzipError:  # an architecture not registered here: sizes from the file
+            model = None
     if model is not None:
         load_state_dict_strict(model, state)
         fp32 = state_dict_bytes(model)
+        params = sum(p.numel() for p in model.parameters())
     else:
+        params = sum(r["params"] for r in rows)
         fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
                    for t in state.values())
     shared = [r for r in rows if "clusters" in r]
     nonzero = sum(r["nonzero"] for r in shared)
     return {
         "model": header.get("model"), "tensors": rows, "header_bytes": head, "bytes_by_kind": where,
-        "file_bytes": head + len(data), "state_dict_bytes": fp32,
+        "file_bytes": head + len(data), "state_dict_bytes": fp32, "params": params,
         "real_ratio": fp32 / (head + len(data)),
         "shared_weights": weights, "shared_nonzero": nonzero,
         "huffman_avg": coded_bits / nonzero if nonzero else 0.0,

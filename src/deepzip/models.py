@@ -1,12 +1,16 @@
-"""CIFAR ResNets (He et al. 2016), a model registry, and checkpoint loading.
+"""Models: CIFAR ResNets (He et al. 2016), Deep Compression's LeNets, a public registry
+for the user's own, and checkpoint loading that takes files as people have them.
 
-The state-dict layout (``conv1``, ``bn1``, ``layer{1,2,3}.{i}.conv1/bn1/conv2/bn2``,
+The ResNets' state-dict layout (``conv1``, ``bn1``, ``layer{1,2,3}.{i}.conv1/bn1/...``,
 ``linear``) matches the one most public CIFAR ResNet checkpoints use, so a user's
 existing checkpoint loads without renaming.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ from .errors import DeepzipError
 
 __all__ = [
     "CifarResNet",
+    "LeNet300",
+    "LeNet5",
     "ModelSpec",
     "available",
     "extract_state_dict",
@@ -29,6 +35,8 @@ __all__ = [
     "load_model",
     "load_state_dict_strict",
     "pretrained",
+    "register_model",
+    "resolve_arch",
     "save_checkpoint",
 ]
 
@@ -90,18 +98,85 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
+class LeNet300(nn.Module):
+    """LeNet-300-100 (LeCun et al. 1998; Deep Compression's Table 1): 784-300-100-10."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(28 * 28, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+class LeNet5(nn.Module):
+    """Caffe's LeNet-5 (Deep Compression's Table 1): conv 20@5x5, max-pool, conv 50@5x5,
+    max-pool, fc 500 + ReLU, fc 10; 431,080 parameters."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.conv1(x), 2)
+        x = F.max_pool2d(self.conv2(x), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    f"resnet{d}": (lambda d=d, **kw: CifarResNet(depth=d, **kw)) for d in (20, 32, 44, 56, 110)
+    **{f"resnet{d}": (lambda d=d, **kw: CifarResNet(depth=d, **kw)) for d in (20, 32, 44, 56, 110)},
+    "lenet300": LeNet300,
+    "lenet5": LeNet5,
 }
 
 
+def register_model(name: str, factory: Callable[..., nn.Module], *,
+                   overwrite: bool = False) -> None:
+    """Make ``factory`` buildable by name: in ``ModelSpec(arch=name)``, ``--arch``, recipes'
+    ``arch:`` and ``.dzip`` files, which record the name and rebuild the model from it.
+
+    The factory is called with ``num_classes=`` when it accepts that argument.
+
+    >>> register_model("mynet", MyNet)  # doctest: +SKIP
+    >>> model, spec = load_checkpoint("mynet.pt", ModelSpec(arch="mynet"))  # doctest: +SKIP
+    """
+    if not isinstance(name, str) or not name or not callable(factory):
+        raise DeepzipError("register_model needs a name and a callable factory")
+    if name.lower() in _REGISTRY and not overwrite and _REGISTRY[name.lower()] is not factory:
+        raise DeepzipError(f"model name {name!r} is taken; pass overwrite=True to replace it")
+    _REGISTRY[name.lower()] = factory
+
+
+def resolve_arch(name: str) -> str:
+    """An architecture the user named: a registered name, or ``package.module:Factory``,
+    which is imported and registered under that name. Names read from files never come
+    here: a file cannot make deepzip import code."""
+    if ":" in name and name.lower() not in _REGISTRY:
+        from .task import load_entry_point
+
+        factory = load_entry_point(name, "--arch")
+        if not callable(factory):
+            raise DeepzipError(f"--arch {name!r} is not callable")
+        register_model(name, factory)
+    elif name.lower() not in _REGISTRY:
+        raise DeepzipError(f"unknown model {name!r}; available: {', '.join(available())}, "
+                           "or package.module:Factory")
+    return name
+
+
 def available() -> list[str]:
-    """Names accepted by :func:`get`."""
-    return sorted(_REGISTRY, key=lambda s: (len(s), s))
+    """Names accepted by :func:`get`, in the order they were registered."""
+    return list(_REGISTRY)
 
 
-def get(name: str, num_classes: int = 10) -> nn.Module:
-    """Build an untrained model by registry name.
+def get(name: str, num_classes: int | None = 10) -> nn.Module:
+    """Build an untrained model by registry name (``num_classes`` if the factory takes it).
 
     >>> model = get("resnet20")
     >>> sum(p.numel() for p in model.parameters())
@@ -113,59 +188,138 @@ def get(name: str, num_classes: int = 10) -> nn.Module:
         raise DeepzipError(
             f"unknown model {name!r}; available: {', '.join(available())}"
         ) from None
-    return factory(num_classes=num_classes)
+    kwargs = {"num_classes": num_classes} if num_classes is not None and _accepts(
+        factory, "num_classes") else {}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise DeepzipError(f"model factory {name!r} returned {type(model).__name__}, "
+                           "not an nn.Module")
+    return model
+
+
+def _accepts(fn: Callable[..., Any], arg: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """What is needed to rebuild a model besides its weights.
 
-    ``mean``/``std`` are the input normalization the weights were trained with: it belongs
-    to the model, because third-party checkpoints often used other constants.
+    ``mean``/``std`` are the input normalization the weights were trained with, one value
+    per input channel: it belongs to the model, because third-party checkpoints often used
+    other constants. ``arch`` names a registered factory (see :func:`register_model`).
     """
 
     arch: str = "resnet20"
-    num_classes: int = 10
-    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+    num_classes: int | None = 10
+    mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, ...] = (0.2470, 0.2435, 0.2616)
+    task: str | None = None  # the task it was trained for (the CLI's default --task)
+
+    def __post_init__(self) -> None:
+        from .data import check_normalization
+
+        if not isinstance(self.arch, str) or not 0 < len(self.arch) <= 200:
+            raise DeepzipError("model spec: arch must be a name of 1 to 200 characters")
+        if self.num_classes is not None and not (
+                isinstance(self.num_classes, int) and 1 <= self.num_classes <= 1_000_000):
+            raise DeepzipError(f"model spec: num_classes must be 1..1000000, got "
+                               f"{self.num_classes!r}")
+        if self.mean or self.std:  # empty: the task's loaders normalize (or need none)
+            check_normalization(self.mean, self.std)
 
     def build(self) -> nn.Module:
         return get(self.arch, self.num_classes)
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "num_classes": self.num_classes,
-                "mean": list(self.mean), "std": list(self.std)}
+                "mean": list(self.mean), "std": list(self.std),
+                **({"task": self.task} if self.task else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         try:
-            return cls(arch=str(d["arch"]), num_classes=int(d["num_classes"]),
-                       mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
-                       std=tuple(float(v) for v in d["std"]))  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError) as e:
-            raise DeepzipError(f"invalid model spec in checkpoint: {e}") from None
+            nc = d["num_classes"]
+            if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int)):
+                raise TypeError(f"num_classes {nc!r} is not an integer")
+            mean, std = d["mean"], d["std"]
+            if not isinstance(mean, list) or not isinstance(std, list) or len(mean) > 4 \
+                    or len(std) > 4:
+                raise TypeError("mean and std must be short lists")
+            task = d.get("task")
+            if task is not None and (not isinstance(task, str) or len(task) > 200):
+                raise TypeError("task must be a short name")
+            if not isinstance(d["arch"], str):
+                raise TypeError("arch must be a name")
+            return cls(arch=d["arch"], num_classes=nc, mean=tuple(_finite(v) for v in mean),
+                       std=tuple(_finite(v) for v in std), task=task)
+        except (KeyError, TypeError, ValueError, DeepzipError) as e:
+            raise DeepzipError(f"invalid model spec: {e}") from None
+
+
+def _finite(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{v!r} is not a finite number")
+    return float(v)
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
-    """Find the state_dict in a loaded checkpoint and strip DataParallel's ``module.`` prefix.
+    """Find the state_dict in a loaded checkpoint.
 
-    Accepts a raw state_dict or a dict holding one under ``state_dict`` or ``model``.
+    Accepts a raw state_dict or a dict holding one under ``state_dict``, ``model``,
+    ``model_state_dict``, ``net`` or ``state`` (the wrappers of the common training
+    scripts). Prefixes are sorted out against the model in :func:`load_state_dict_strict`.
     """
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in _WRAPPERS:
             if key in obj and isinstance(obj[key], Mapping):
                 obj = obj[key]
                 break
-    if not isinstance(obj, Mapping) or not all(
+    if not isinstance(obj, Mapping) or not obj or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise DeepzipError("checkpoint holds no state_dict (expected a mapping of tensors)")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+    return dict(obj)
+
+
+_WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "state")
+# DataParallel/DDP, torch.compile, Lightning (the LightningModule's attribute is usually
+# ``model``), EMA wrappers: stripped while every key has one and the model's keys do not.
+_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+
+
+def align_state_dict(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor]:
+    """``state`` renamed and completed to fit a model whose state_dict is ``own``.
+
+    Wrapper prefixes are stripped (also nested, ``module._orig_mod.``); BatchNorm state
+    saved before PyTorch 0.4.1 lacks ``num_batches_tracked``, which is filled with 0 (it
+    only matters for momentum=None, and then as a count that starts again).
+    """
+    state = dict(state)
+    changed = True
+    while changed and set(state) != set(own):
+        changed = False
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in state) and not all(k.startswith(p) for k in own):
+                state = {k[len(p):]: v for k, v in state.items()}
+                changed = True
+    for k, v in own.items():
+        if k.endswith(".num_batches_tracked") and k not in state and \
+                f"{k.rpartition('.')[0]}.running_mean" in state:
+            state[k] = torch.zeros_like(v)
+    return state
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load ``state`` into ``model``; on mismatch, one error naming the offending keys."""
+    """Load ``state`` into ``model``; on mismatch, one error naming the offending keys and,
+    when a registered architecture fits the file, that architecture (``--arch resnet32``)."""
     own = model.state_dict()
+    state = align_state_dict(state, own)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -180,8 +334,29 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
             parts.append(f"unexpected keys: {brief(unexpected)}")
         if shapes:
             parts.append(f"shape mismatch: {brief(shapes)}")
-        raise DeepzipError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(parts))
+        fits = guess_arch(state)
+        hint = f"; it fits {' or '.join(f'--arch {a}' for a in fits)}" if fits else ""
+        raise DeepzipError(f"checkpoint does not fit {type(model).__name__}: "
+                           + "; ".join(parts) + hint)
     model.load_state_dict(state)
+
+
+def guess_arch(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Registered architectures (with the classes the file has) whose keys and shapes the
+    file fits exactly; built on the meta device, so no memory is spent on weights."""
+    fits = []
+    head = [v for k, v in state.items() if v.dim() == 2]
+    classes = head[-1].shape[0] if head else 10
+    for name in available():
+        try:
+            with torch.device("meta"):
+                own = get(name, classes).state_dict()
+        except Exception:  # noqa: BLE001 - a user's factory may not build on meta; skip it
+            continue
+        aligned = align_state_dict(state, own)
+        if set(aligned) == set(own) and all(aligned[k].shape == v.shape for k, v in own.items()):
+            fits.append(name if classes == 10 else f"{name} (num_classes {classes})")
+    return fits
 
 
 def _torch_load(path: str | os.PathLike[str]) -> Any:
@@ -195,22 +370,35 @@ def _torch_load(path: str | os.PathLike[str]) -> Any:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], spec: ModelSpec | None = None
+    path: str | os.PathLike[str], spec: ModelSpec | None = None, *,
+    model: nn.Module | None = None, default: ModelSpec | None = None, **override: Any,
 ) -> tuple[nn.Module, ModelSpec]:
     """Load a checkpoint file into a model, safely (``weights_only=True``).
 
-    The model's spec comes from ``spec`` if given, else from deepzip metadata in the
-    file, else the default ResNet-20 with CIFAR normalization.
+    The model's spec is ``spec`` if given; else the deepzip metadata in the file (or
+    ``default``, or ResNet-20 with CIFAR normalization, when it has none) with the
+    ``override`` fields (``arch``, ``mean``, ``std``) that are not None replaced.
+    ``model``: an instance to fill instead of building one from the spec (any
+    architecture, registered or not).
 
     >>> model, spec = load_checkpoint("resnet20.th", ModelSpec(arch="resnet20"))  # doctest: +SKIP
     """
     obj = _torch_load(path)
     if spec is None:
         meta = obj.get("deepzip") if isinstance(obj, Mapping) else None
-        spec = ModelSpec.from_dict(meta) if isinstance(meta, Mapping) else ModelSpec()
-    model = spec.build()
+        recorded = ModelSpec.from_dict(meta) if isinstance(meta, Mapping) else None
+        spec = _compose(recorded, default, override)
+    if model is None:
+        model = spec.build()
     load_state_dict_strict(model, extract_state_dict(obj))
     return model.eval(), spec
+
+
+def _compose(recorded: ModelSpec | None, default: ModelSpec | None,
+             override: Mapping[str, Any]) -> ModelSpec:
+    spec = recorded or default or ModelSpec()
+    changes = {k: v for k, v in override.items() if v is not None}
+    return dataclasses.replace(spec, **changes) if changes else spec
 
 
 def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str],
@@ -222,11 +410,13 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[s
     atomic_torch_save({"state_dict": state, "deepzip": spec.to_dict(), **extra}, path)
 
 
-_PRETRAINED = {"resnet20": "resnet20_cifar10.pt"}
+_PRETRAINED = {"resnet20": "resnet20_cifar10.pt", "lenet300": "lenet300_mnist.pt",
+               "lenet5": "lenet5_mnist.pt"}
 
 
 def pretrained(name: str = "resnet20") -> tuple[nn.Module, ModelSpec]:
-    """The baseline that ships with deepzip, trained on CIFAR-10 (see ``weights/*.json``).
+    """A baseline that ships with deepzip: ResNet-20 on CIFAR-10, LeNet-300-100 and LeNet-5
+    on MNIST (how each was trained: ``weights/*.json``).
 
     >>> model, spec = pretrained("resnet20")  # doctest: +SKIP
     """
@@ -241,11 +431,49 @@ def pretrained(name: str = "resnet20") -> tuple[nn.Module, ModelSpec]:
         return load_checkpoint(path)
 
 
-def load_model(name_or_path: str, spec: ModelSpec | None = None) -> tuple[nn.Module, ModelSpec]:
-    """A checkpoint file, or the name of a model deepzip ships (a file of that name wins).
+def load_model(name_or_path: str, spec: ModelSpec | None = None, *,
+               model: nn.Module | None = None, default: ModelSpec | None = None,
+               **override: Any) -> tuple[nn.Module, ModelSpec]:
+    """A checkpoint file, a ``.dzip`` file, or the name of a model deepzip ships (a file
+    of that name wins). ``spec``, ``default`` and ``override`` (``arch``, ``mean``,
+    ``std``) work as in :func:`load_checkpoint`; ``model`` is an instance to fill.
 
     >>> model, spec = load_model("resnet20")  # doctest: +SKIP
     """
-    if name_or_path in _PRETRAINED and not os.path.exists(name_or_path):
-        return pretrained(name_or_path)
-    return load_checkpoint(name_or_path, spec)
+    name = str(name_or_path)
+    if not os.path.exists(name):
+        if name in _PRETRAINED:
+            model, spec = pretrained(name)
+            changes = {k: v for k, v in override.items() if k != "arch" and v is not None}
+            return model, dataclasses.replace(spec, **changes) if changes else spec
+        if name.lower() in _REGISTRY:
+            raise DeepzipError(
+                f"no weights ship for {name!r} (shipped: {', '.join(_PRETRAINED)}); train "
+                f"them with 'deepzip train --model {name} --out runs/{name}' and pass "
+                f"runs/{name}/model.pt, or pass your own checkpoint with --arch {name}")
+    if is_dzip(name):
+        from .dzip import load_state
+
+        state, recorded = load_state(name)
+        spec = spec or _compose(recorded, default, override)
+        if model is None:
+            try:
+                model = spec.build()
+            except DeepzipError:
+                raise DeepzipError(
+                    f"{name} records architecture {spec.arch!r}, which is not registered "
+                    "here: pass --arch NAME or --arch package.module:Factory") from None
+        load_state_dict_strict(model, state)
+        return model.eval(), spec
+    return load_checkpoint(name, spec, model=model, default=default, **override)
+
+
+def is_dzip(path: str | os.PathLike[str]) -> bool:
+    """Does the file start with the ``.dzip`` magic bytes?"""
+    from .dzip import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False

@@ -8,11 +8,12 @@ where it stopped (and inside a training stage, at its last epoch).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,8 @@ from torch import nn
 
 from . import dzip
 from .atomic import atomic_write
-from .data import BatchLoader, Cifar10, load_cifar10
 from .errors import DeepzipError
-from .models import ModelSpec, load_checkpoint, load_model, save_checkpoint
+from .models import ModelSpec, load_checkpoint, load_model, resolve_arch, save_checkpoint
 from .prune import (
     AGPSchedule,
     PruneConfig,
@@ -35,55 +35,67 @@ from .prune import (
     targets_from_sensitivity,
 )
 from .quantize import QuantizeConfig, quantize_, train_centroids
-from .recipe import Recipe
-from .train import Distillation, TrainConfig, barrier, evaluate, is_main_process
+from .recipe import Recipe, load_recipe, recipe_path
+from .task import Task, resolve_task
+from .train import Distillation, TrainConfig, barrier, default_device, evaluate, is_main_process
 
-__all__ = ["Pipeline", "run"]
+__all__ = ["Pipeline", "compress", "open_model", "verify"]
 
 STAGES = ("baseline", "prune", "quantize", "encode", "verify")
 
 
-@dataclasses.dataclass
-class DataSource:
-    data_dir: str | None = None
-    download: bool = False
-    subset: int | None = None
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-
-    def split(self, train: bool) -> Cifar10:
-        s = load_cifar10(self.data_dir, train=train, download=self.download)
-        return s.subset(self.subset) if self.subset else s
-
-
 class Pipeline:
-    """One run of a recipe into ``out_dir``; :meth:`run` executes what is left to do."""
+    """One run of a recipe on a task into ``out_dir``; :meth:`run` executes what is left.
 
-    def __init__(self, recipe: Recipe, out_dir: str | Path, data: DataSource,
-                 log: Callable[[str], None] = print) -> None:
-        self.recipe, self.out, self.data = recipe, Path(out_dir), data
+    ``model``: an ``nn.Module`` to compress instead of the recipe's ``model`` (any
+    architecture, registered or not); ``spec`` records its name and normalization.
+    """
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path, task: Task,
+                 log: Callable[[str], None] = print, *, model: nn.Module | None = None,
+                 spec: ModelSpec | None = None, device: torch.device | None = None) -> None:
+        self.recipe, self.out, self.task = recipe, Path(out_dir), task
+        self.device = device or default_device()
         self.log = log if is_main_process() else (lambda _msg: None)
         self.state_path = self.out / "state.json"
         self.state: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "stages": {}}
-        self._train: Cifar10 | None = None
-        self._test: BatchLoader | None = None
+        self._given = (model, spec)
+        self._template: nn.Module | None = None
         self._teacher: nn.Module | None = None
         if self.state_path.is_file():
-            self.state = self._resume_state(json.loads(self.state_path.read_text()))
+            self.state = self._resume_state(self._read_state())
 
     # ------------------------------------------------------------------ helpers
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            old = json.loads(self.state_path.read_text())
+            if isinstance(old, dict) and isinstance(old.get("stages"), dict):
+                for stage in old["stages"].values():  # runs from before tasks had metrics
+                    for a, b in (("accuracy", "score"), ("accuracy_kmeans", "score_kmeans")):
+                        if isinstance(stage, dict) and a in stage:
+                            stage[b] = stage.pop(a)
+                return old
+        except (OSError, ValueError):
+            pass
+        raise DeepzipError(f"{self.state_path} is damaged; use --restart to start the run "
+                           "again, or another --out")
+
     def _resume_state(self, old: dict[str, Any]) -> dict[str, Any]:
         """What of an earlier run in ``out_dir`` still holds for this recipe.
 
-        Same starting model, seed and pruning: the pruned model is kept, and if only the
-        quantize or encode settings changed, those stages are redone (a cheap way to try
-        other bit widths). Anything else is another run's folder: an error.
+        Same starting model, task, seed and pruning: the pruned model is kept, and if only
+        the quantize or encode settings changed, those stages are redone (a cheap way to
+        try other bit widths). A run that finished no stage (a failed start) is simply
+        started again. Anything else is another run's folder: an error.
         """
+        now = self.state["recipe"]
+        if not old["stages"]:
+            return self.state
         try:
             before = dataclasses.asdict(Recipe.from_dict(old["recipe"]))
         except (DeepzipError, KeyError, TypeError):
             before = {}
-        now = self.state["recipe"]
-        upstream = ("model", "reference", "seed", "prune")
+        upstream = ("model", "reference", "arch", "normalize", "task", "seed", "prune")
         if not before or any(before[k] != now[k] for k in upstream):
             raise DeepzipError(f"{self.out} holds a run of a different recipe; "
                                "use another --out or --restart")
@@ -111,76 +123,113 @@ class Pipeline:
         self.state["stages"][stage] = {**result, "seconds": time.time() - t0}
         self._save_state()
 
-    def test_loader(self, spec: ModelSpec) -> BatchLoader:
-        if self._test is None:
-            self._test = BatchLoader(self.data.split(False), 500, mean=spec.mean, std=spec.std,
-                                     device=self.data.device)
-        return self._test
+    def _open(self, name: str) -> tuple[nn.Module, ModelSpec]:
+        """The recipe's model or reference: a checkpoint, a .dzip file or a shipped name,
+        with the recipe's ``arch`` and ``normalize`` where given."""
+        return open_model(name, arch=self.recipe.arch, normalize=self.recipe.normalize,
+                          task=self.task)
 
-    def train_loader(self, spec: ModelSpec, cfg: TrainConfig) -> BatchLoader:
-        if self._train is None:
-            self._train = self.data.split(True)
-        return BatchLoader(self._train, cfg.batch_size, train=True, mean=spec.mean,
-                           std=spec.std, device=self.data.device, seed=cfg.seed,
-                           channels_last=cfg.channels_last)
+    def start(self) -> tuple[nn.Module, ModelSpec]:
+        """The model compression starts from, fresh (the given module is not changed)."""
+        model, spec = self._given
+        if model is None:
+            model, spec = self._open(self.recipe.model)
+        elif spec is None:
+            mean, std = self.task.normalization or ((), ())
+            spec = ModelSpec(arch=_arch_name(model), num_classes=None, mean=mean, std=std)
+        if self._template is None:
+            self._template = copy.deepcopy(model).cpu()
+        return copy.deepcopy(self._template).to(self.device), spec
 
-    def _loss(self, d: Any) -> Distillation | None:
-        """The distillation loss against the baseline, if the stage asks for one."""
+    def _reference(self) -> tuple[nn.Module, ModelSpec]:
+        if self.recipe.reference is None:
+            return self.start()
+        if self._given[0] is not None:  # the user's class: fill a copy of it
+            self.start()
+            return load_model(self.recipe.reference, model=copy.deepcopy(self._template))
+        model, spec = self._open(self.recipe.reference)
+        return model.to(self.device), spec
+
+    def _load(self, path: Path, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
+        """A stage's checkpoint, loaded into a fresh copy of the starting model."""
+        if self._template is None:
+            self.start()
+        model, _ = load_checkpoint(path, spec, model=copy.deepcopy(self._template))
+        return model.to(self.device), spec
+
+    def test_loader(self, spec: ModelSpec) -> Iterable:
+        return self.task.eval_loader(mean=spec.mean, std=spec.std)
+
+    def train_loader(self, spec: ModelSpec, cfg: TrainConfig) -> Iterable:
+        return self.task.train_loader(cfg.batch_size, cfg.seed, mean=spec.mean, std=spec.std,
+                                      channels_last=cfg.channels_last)
+
+    def _loss(self, d: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                        torch.Tensor]:
+        """The task's loss, or distillation against the reference if the stage asks."""
         if d is None:
-            return None
+            task_loss = self.task.loss
+            return lambda logits, y, _x: task_loss(logits, y)
         if self._teacher is None:
-            self._teacher, _ = load_model(self.recipe.reference or self.recipe.model)
-        return Distillation(self._teacher.to(self.data.device), d.alpha, d.temperature)
+            self._teacher, _ = self._reference()
+        return Distillation(self._teacher.to(self.device), d.alpha, d.temperature,
+                            base=self.task.loss, classification=self.task.classification)
 
-    def _acc(self, model: nn.Module, spec: ModelSpec) -> float:
-        return evaluate(model.to(self.data.device), self.test_loader(spec))[1]
+    def _fit_kwargs(self, spec: ModelSpec, d: Any) -> dict[str, Any]:
+        """What every training stage passes to ``fit``: test data, metric, losses."""
+        return {"test_loader": self.test_loader(spec), "metric": self.task.metric,
+                "eval_loss": self.task.loss, "loss_fn": self._loss(d)}
 
-    def _load(self, path: Path) -> tuple[nn.Module, ModelSpec]:
-        model, spec = load_checkpoint(path)
-        return model.to(self.data.device), spec
+    def _score(self, model: nn.Module, spec: ModelSpec) -> float:
+        return evaluate(model.to(self.device), self.test_loader(spec), metric=self.task.metric,
+                        loss_fn=self.task.loss).value
 
     # ------------------------------------------------------------------ stages
     def baseline(self) -> tuple[nn.Module, ModelSpec]:
-        """Evaluate the reference model (the starting one unless the recipe names another)."""
+        """Evaluate the reference model (the starting one unless the recipe names another),
+        after one batch through model, loss and metric has shown that they fit together."""
         r = self.recipe
-        model, spec = load_model(r.model)
-        model.to(self.data.device)
+        model, spec = self.start()
         if not self._done("baseline"):
             t0 = time.time()
-            ref, ref_spec = (model, spec) if r.reference is None else load_model(r.reference)
-            self.log(f"[baseline] evaluating {r.reference or r.model}")
-            self._finish("baseline", t0, accuracy=self._acc(ref, ref_spec),
-                         sparsity=sparsity_of(ref), model=r.reference or r.model)
+            self.task.check(model, self.test_loader(spec))
+            ref, ref_spec = (model, spec) if r.reference is None else self._reference()
+            name = r.reference or r.model
+            self.log(f"[baseline] evaluating {name} on {self.task.description or self.task.name}")
+            self._finish("baseline", t0, score=self._score(ref, ref_spec),
+                         sparsity=sparsity_of(ref), model=name)
         return model, spec
 
     def prune(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         p = self.recipe.prune
         path = self.out / "prune" / "model.pt"
         if self._done("prune"):
-            return self._load(path)
+            return self._load(path, spec)
         t0 = time.time()
         history: list[dict[str, Any]] = []
         if p.schedule == "iterative":
             for i, step in enumerate(p.steps, 1):
                 self.log(f"[prune] step {i}/{len(p.steps)}: {step.method} {step.amount}, "
                          f"{step.epochs} epochs of masked retraining")
-                prune_(model, PruneConfig(step.method, step.amount, exclude=p.exclude))
+                prune_(model, PruneConfig(step.method, step.amount, include=p.include,
+                                          exclude=p.exclude))
                 cfg = self.recipe.train_config(p.train, step.epochs)
                 history += finetune_after_prune(
-                    model, self.train_loader(spec, cfg), cfg, test_loader=self.test_loader(spec),
+                    model, self.train_loader(spec, cfg), cfg,
                     out_dir=self.out / "prune" / f"step{i}", resume=True, desc=f"prune {i}",
-                    loss_fn=self._loss(p.distill))
+                    **self._fit_kwargs(spec, p.distill))
         elif p.schedule == "agp":
             history = self._agp(model, spec)
         bake_(model)
         if is_main_process():
             save_checkpoint(model, spec, path)
-        self._finish("prune", t0, accuracy=self._acc(model, spec), sparsity=sparsity_of(model),
-                     history=history)
+        self._finish("prune", t0, score=self._score(model, spec),
+                     sparsity=sparsity_of(model, p.include, p.exclude), history=history)
         return model, spec
 
     def _agp(self, model: nn.Module, spec: ModelSpec) -> list[dict[str, Any]]:
-        a = self.recipe.prune.agp
+        p = self.recipe.prune
+        a = p.agp
         assert a is not None
         per_layer = dict(a.per_layer)
         if a.sensitivity_max_drop is not None:
@@ -189,63 +238,65 @@ class Pipeline:
                 rows = json.loads(scan.read_text())["rows"]
             else:
                 self.log("[prune] sensitivity scan for per-layer targets")
-                rows = sensitivity(model, lambda m: self._acc(m, spec),
-                                   exclude=self.recipe.prune.exclude)
+                rows = sensitivity(model, lambda m: self._score(m, spec), include=p.include,
+                                   exclude=p.exclude)
                 if is_main_process():
                     scan.parent.mkdir(parents=True, exist_ok=True)
                     with atomic_write(scan, "w") as f:
                         json.dump({"rows": rows}, f)
-            derived = targets_from_sensitivity(rows, a.sensitivity_max_drop)
+            derived = targets_from_sensitivity(
+                rows, a.sensitivity_max_drop, higher_is_better=self.task.metric.higher_is_better)
             per_layer = {n: max(v, a.final) if n not in a.per_layer else a.per_layer[n]
                          for n, v in derived.items()}
-        cfg = self.recipe.train_config(self.recipe.prune.train, a.epochs)
+        cfg = self.recipe.train_config(p.train, a.epochs)
         loader = self.train_loader(spec, cfg)
         steps = len(loader)
-        prune_(model, PruneConfig("percentile", 0.0, exclude=self.recipe.prune.exclude))
+        prune_(model, PruneConfig("percentile", 0.0, include=p.include, exclude=p.exclude))
         hook = AGPSchedule(model, a.final, int(a.start_epoch * steps), int(a.end_epoch * steps),
                            initial=a.initial, frequency=a.frequency, per_layer=per_layer,
-                           global_=a.global_threshold, exclude=self.recipe.prune.exclude)
+                           global_=a.global_threshold, include=p.include, exclude=p.exclude)
         self.log(f"[prune] gradual pruning to {a.final} over epochs {a.start_epoch}-"
                  f"{a.end_epoch} of {a.epochs}" + (f", per layer {per_layer}" if per_layer else ""))
-        return finetune_after_prune(model, loader, cfg, test_loader=self.test_loader(spec),
-                                    out_dir=self.out / "prune" / "agp", resume=True,
-                                    after_step=hook, desc="agp",
-                                    loss_fn=self._loss(self.recipe.prune.distill))
+        return finetune_after_prune(model, loader, cfg, out_dir=self.out / "prune" / "agp",
+                                    resume=True, after_step=hook, desc="agp",
+                                    **self._fit_kwargs(spec, p.distill))
 
     def quantize(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         q = self.recipe.quantize
         path = self.out / "quantize" / "model.pt"
-        if self._done("quantize"):
-            return self._load(path)
         t0 = time.time()
-        if q is None:
-            self._finish("quantize", t0, skipped=True)
+        e = self.recipe.encode
+        if q is None:  # nothing to share: the pruned model at file precision (idempotent)
+            dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
+                                          e.fold_batchnorm)
+            if not self._done("quantize"):
+                self._finish("quantize", t0, skipped=True, score=self._score(model, spec))
             return model, spec
+        if self._done("quantize"):
+            return self._load(path, spec)
         qcfg = QuantizeConfig(bits=q.bits, bits_conv=q.bits_conv, bits_linear=q.bits_linear,
-                              per_layer=q.per_layer, init=q.init, exclude=q.exclude,
-                              seed=self.recipe.seed)
+                              per_layer=q.per_layer, init=q.init, include=q.include,
+                              exclude=q.exclude, seed=self.recipe.seed)
         self.log(f"[quantize] k-means weight sharing ({q.init} init, {q.bits} bits"
                  + (f", conv {q.bits_conv}" if q.bits_conv else "")
                  + (f", linear {q.bits_linear}" if q.bits_linear else "") + ")")
         layers = quantize_(model, qcfg)
-        acc_kmeans = self._acc(model, spec)
+        score_kmeans = self._score(model, spec)
         history: list[dict[str, Any]] = []
         if q.epochs:
             cfg = self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.epochs)
             self.log(f"[quantize] centroid training, {q.epochs} epochs")
             history = train_centroids(model, self.train_loader(spec, cfg), cfg,
-                                      test_loader=self.test_loader(spec),
                                       out_dir=self.out / "quantize" / "train", resume=True,
-                                      desc="centroids", loss_fn=self._loss(q.distill))
-        e = self.recipe.encode
+                                      desc="centroids", **self._fit_kwargs(spec, q.distill))
         dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype, e.fold_batchnorm)
-        acc = self._acc(model, spec)
+        score = self._score(model, spec)
         from .quantize import dequantize_
 
         dequantize_(model)
         if is_main_process():
             save_checkpoint(model, spec, path)
-        self._finish("quantize", t0, accuracy=acc, accuracy_kmeans=acc_kmeans, layers=layers,
+        self._finish("quantize", t0, score=score, score_kmeans=score_kmeans, layers=layers,
                      history=history)
         return model, spec
 
@@ -258,7 +309,7 @@ class Pipeline:
                 dzip.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
                           codebook_dtype=e.codebook_dtype, fold_batchnorm=e.fold_batchnorm)
             barrier()
-            info = dzip.inspect(path)
+            info = dzip.inspect(path, copy.deepcopy(self._template))
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
                      f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
             self._finish("encode", t0, **{k: v for k, v in info.items() if k != "tensors"},
@@ -266,20 +317,18 @@ class Pipeline:
         return self.state["stages"]["encode"]
 
     def verify(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
+        """Decode the file into a fresh copy of the starting model and compare it with the
+        in-memory model on the whole evaluation set: outputs, predictions and the metric."""
         if not self._done("verify"):
             t0 = time.time()
-            decoded = dzip.load(self.out / "model.dzip", spec.build()).to(self.data.device)
-            loader = self.test_loader(spec)
-            model.eval()
-            same, n = 0, 0
-            with torch.inference_mode():
-                for x, _ in loader:
-                    same += int((model(x).argmax(1) == decoded(x).argmax(1)).sum())
-                    n += len(x)
-            acc = evaluate(decoded, loader)[1]
-            self.log(f"[verify] decoded .dzip: accuracy {acc * 100:.2f}%, predictions equal "
-                     f"to the in-memory model on {same}/{n} images")
-            self._finish("verify", t0, accuracy=acc, same_predictions=same, images=n)
+            decoded = dzip.load(self.out / "model.dzip", copy.deepcopy(self._template))
+            result = verify(model, decoded, self.test_loader(spec), task=self.task)
+            self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4f}, "
+                     f"outputs identical: {result['identical']} (max difference "
+                     f"{result['max_abs_diff']:.3g})"
+                     + (f", predictions equal on {result['same_predictions']}/"
+                        f"{result['examples']}" if self.task.classification else ""))
+            self._finish("verify", t0, **result)
         return self.state["stages"]["verify"]
 
     def run(self) -> dict[str, Any]:
@@ -294,17 +343,114 @@ class Pipeline:
 
         if not is_main_process():
             return {"stages": self.state["stages"]}
-        return write_run_report(self.out, self.recipe, self.state)
+        return write_run_report(self.out, self.recipe, self.state, self.task)
 
 
-def run(recipe: Recipe, out_dir: str | Path, *, data_dir: str | None = None,
-        download: bool = False, subset: int | None = None,
-        device: torch.device | None = None) -> dict[str, Any]:
-    """Run (or resume) ``recipe`` into ``out_dir``; return the report dict.
+@torch.inference_mode()
+def verify(model: nn.Module, decoded: nn.Module | str | Path, loader: Iterable, *,
+           task: Task | None = None) -> dict[str, Any]:
+    """Does a decoded ``.dzip`` compute what ``model`` computes? On every batch of
+    ``loader``: exact equality of outputs, the largest absolute difference, equal argmax
+    predictions (classification) and the task's metric of the decoded model.
 
-    >>> report = run(load_recipe("recipes/seed.yaml"), "runs/seed")  # doctest: +SKIP
+    ``decoded``: a model decoded from the file, or the file's path (decoded into a copy of
+    ``model``, which must then be a plain, unpruned, unquantized module).
+
+    >>> result = deepzip.verify(model, "model.dzip", test_loader)  # doctest: +SKIP
+    >>> result["identical"], result["max_abs_diff"]  # doctest: +SKIP
+    (True, 0.0)
     """
-    from .train import default_device
+    if not isinstance(decoded, nn.Module):
+        decoded = dzip.load(decoded, copy.deepcopy(model))
+    device = next(model.parameters()).device
+    decoded = decoded.to(device).eval()
+    if any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(
+            memory_format=torch.channels_last) for p in model.parameters()):
+        decoded.to(memory_format=torch.channels_last)  # same kernels, so bit-equal outputs
+    was = model.training
+    model.eval()
+    identical, diff, same, n = True, 0.0, 0, 0
+    classification = task.classification if task is not None else True
+    try:
+        for x, _ in loader:
+            x = x.to(device).float()
+            a, b = model(x), decoded(x)
+            identical = identical and torch.equal(a, b)
+            diff = max(diff, float((a.float() - b.float()).abs().max()))
+            if classification:
+                same += int((a.argmax(1) == b.argmax(1)).sum())
+            n += len(x)
+    finally:
+        model.train(was)
+    if n == 0:
+        raise DeepzipError("verify: the evaluation data is empty")
+    metric = task.metric if task is not None else None
+    loss_fn = task.loss if task is not None else None
+    score = evaluate(decoded, loader, metric=metric, loss_fn=loss_fn).value
+    out: dict[str, Any] = {"score": score, "identical": identical, "max_abs_diff": diff,
+                           "examples": n}
+    if classification:
+        out["same_predictions"] = same
+    return out
 
-    data = DataSource(data_dir, download, subset, device or default_device())
-    return Pipeline(recipe, out_dir, data).run()
+
+def open_model(name: str, *, arch: str | None = None, normalize: str | None = None,
+               task: Task | None = None) -> tuple[nn.Module, ModelSpec]:
+    """A model as the CLI and recipes name it: a checkpoint, a ``.dzip`` or a shipped name;
+    ``arch`` (a registered name or ``package.module:Factory``) and ``normalize`` replace
+    what the file records, and a file that records nothing gets the task's normalization.
+    """
+    from .data import parse_normalize
+
+    mean, std = parse_normalize(normalize) if normalize else (None, None)  # fail before I/O
+    arch = resolve_arch(arch) if arch else None
+    default = None
+    if task is not None and task.normalization is not None:
+        default = ModelSpec(mean=task.normalization[0], std=task.normalization[1])
+    return load_model(name, default=default, arch=arch, mean=mean, std=std)
+
+
+def _arch_name(model: nn.Module) -> str:
+    """How a file records an unregistered model's class: ``module:QualName`` (which
+    ``--arch`` can import again), or the bare class name for one defined in a script."""
+    cls = type(model)
+    if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
+        return cls.__qualname__
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | str,
+             recipe: Recipe | str = "default", *, out: str | Path,
+             spec: ModelSpec | None = None, reference: str | None = None,
+             device: torch.device | str | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline on any model and task; return the report.
+
+    ``model``: an ``nn.Module`` (any architecture; it is not changed), or what the CLI takes
+    (a checkpoint, a ``.dzip``, a shipped name). ``task``: a :class:`~deepzip.task.Task`,
+    a ``(train_loader, eval_loader)`` pair (classification, top-1 accuracy), or a task
+    name. ``recipe``: a :class:`~deepzip.recipe.Recipe`, a shipped recipe's name or a YAML
+    file. The stages are the ones ``deepzip run`` runs, and resume the same way.
+
+    >>> report = deepzip.compress(MyNet(), (train_loader, test_loader), "default",
+    ...                           out="runs/mynet")  # doctest: +SKIP
+    >>> report["summary"]["real_ratio"]  # doctest: +SKIP
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe_path(recipe))
+    recipe = dataclasses.replace(recipe)
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(task, tuple):
+        task = Task.from_loaders(*task)
+    elif isinstance(task, str):
+        task = resolve_task(task, device=dev)
+    if not isinstance(task, Task):
+        raise DeepzipError("task must be a deepzip Task, a (train, eval) pair of loaders or "
+                           "a task name")
+    if reference is not None:
+        recipe.reference = reference
+    if isinstance(model, nn.Module):
+        recipe.model = f"python:{_arch_name(model)}"
+        return Pipeline(recipe, out, task, log, model=model, spec=spec, device=dev).run()
+    recipe.model = str(model)
+    return Pipeline(recipe, out, task, log, device=dev).run()

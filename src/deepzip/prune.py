@@ -1,10 +1,17 @@
 """Magnitude pruning: thresholds and masks (pure functions) under thin ``nn.Module`` adapters.
 
-Masks live in the model through ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``),
-so a pruned model is still a standard module, gradients of pruned weights are zero, and
-pruned weights stay exactly zero through training with momentum and weight decay.
-:func:`bake_` turns the masked weights back into plain weights with exact zeros; a baked
-model carries its masks as those zeros (:func:`restore_masks_`).
+What can be pruned (and shared, by :mod:`deepzip.quantize`) is any floating parameter of
+two or more dimensions (a :class:`Target`); by default those of Conv, Linear, Embedding,
+attention and RNN/LSTM/GRU layers, and with ``include`` patterns any other. Masks live in
+the model through ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``), so a
+pruned model is still a standard module, gradients of pruned weights are zero, and pruned
+weights stay exactly zero through training with momentum and weight decay. :func:`bake_`
+turns the masked weights back into plain weights with exact zeros; a baked model carries
+its masks as those zeros (:func:`restore_masks_`).
+
+Parameters tied to another (one tensor under two names, e.g. a language model's
+embedding and decoder) are left out: a mask or a codebook on one of its owners would
+untie them. They are stored once in a ``.dzip`` and re-tied on load.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import copy
 import fnmatch
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from .train import TrainConfig, fit
 __all__ = [
     "AGPSchedule",
     "PruneConfig",
+    "Target",
     "agp_sparsity",
     "bake_",
     "finetune_after_prune",
@@ -38,7 +46,7 @@ __all__ = [
     "mask_smallest",
     "masks",
     "percentile_mask",
-    "prunable_layers",
+    "prunable",
     "prune_",
     "restore_masks_",
     "sensitivity",
@@ -111,21 +119,113 @@ def agp_sparsity(step: int, initial: float, final: float, start: int, end: int) 
     return final + (initial - final) * (1 - t) ** 3
 
 
+# ---------------------------------------------------------------- what can be pruned
+DEFAULT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding,
+                  nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase)
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One prunable, shareable parameter: ``module.attr`` of the layer named ``layer``.
+
+    ``name`` is the layer's name for its ``weight`` (``conv1``, ``layer1.0.conv2``) and
+    ``layer.attr`` otherwise (``lstm.weight_hh_l0``, ``attn.in_proj_weight``).
+    """
+
+    layer: str
+    module: nn.Module
+    attr: str
+
+    @property
+    def name(self) -> str:
+        return self.layer if self.attr == "weight" else _join(self.layer, self.attr)
+
+    @property
+    def key(self) -> str:
+        """The parameter's key in the plain model's state_dict."""
+        return _join(self.layer, self.attr)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective tensor: masked or codebook-shared if pruned or quantized."""
+        return getattr(self.module, self.attr)
+
+    def matches(self, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for p in patterns
+                   for n in {self.name, self.layer, self.key})
+
+
+def _join(owner: str, attr: str) -> str:
+    return f"{owner}.{attr}" if owner else attr
+
+
+def _params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(logical name, underlying parameter) of a module's own parameters: a pruned one is
+    listed under its name (not ``X_orig``), a parametrized one by its original."""
+    out = []
+    for n, p in module.named_parameters(recurse=False):
+        if n.endswith("_orig") and hasattr(module, f"{n[:-5]}_mask"):
+            n = n[:-5]
+        out.append((n, p))
+    if hasattr(module, "parametrizations"):
+        out += [(n, plist.original) for n, plist in module.parametrizations.items()]
+    return out
+
+
+def prunable(model: nn.Module, include: Sequence[str] | None = None,
+             exclude: Sequence[str] | None = None) -> list[Target]:
+    """The parameters that pruning and sharing act on, in model order.
+
+    Default: the 2+-dimensional floating parameters of Conv, Linear, Bilinear, Embedding,
+    MultiheadAttention and RNN/LSTM/GRU layers (never BatchNorm or biases). With
+    ``include`` glob patterns (over layer and parameter names), any such parameter of any
+    module that matches; ``exclude`` removes matches. A pattern that matches no parameter
+    at all is an error that lists the names, so a typo never silently prunes everything.
+    """
+    tied = _tied(model)
+    every: list[Target] = []
+    for layer, m in model.named_modules():
+        for attr, p in _params(m):
+            if p.is_floating_point() and p.dim() >= 2 and id(p) not in tied:
+                every.append(Target(layer, m, attr))
+    for kind, patterns in (("include", include or []), ("exclude", exclude or [])):
+        for pat in patterns:
+            if pat != "*" and not any(t.matches([pat]) for t in every):
+                names = ", ".join(t.name for t in every[:40]) + (
+                    f" (+{len(every) - 40} more)" if len(every) > 40 else "")
+                raise DeepzipError(f"{kind} pattern {pat!r} matches no prunable parameter; "
+                                   f"they are: {names or '(none)'}")
+    if include:
+        chosen = [t for t in every if t.matches(include)]
+    else:
+        chosen = [t for t in every if isinstance(t.module, DEFAULT_LAYERS)]
+    return [t for t in chosen if not t.matches(exclude or [])]
+
+
+def _tied(model: nn.Module) -> set[int]:
+    """ids of parameters that appear under more than one name (tied weights)."""
+    count: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        count[id(p)] = count.get(id(p), 0) + 1
+    return {i for i, n in count.items() if n > 1}
+
+
 # ---------------------------------------------------------------- module adapters
 @dataclass
 class PruneConfig:
     """What to prune and how much.
 
     ``amount`` is q (percentile), s (std) or the model-wide sparsity (global).
-    ``include``/``exclude`` are glob patterns over layer names (e.g. ``"conv1"``,
-    ``"linear"``); ``per_layer`` overrides ``amount`` for named layers.
+    ``include``/``exclude`` are glob patterns over layer and parameter names (e.g.
+    ``"conv1"``, ``"linear"``, ``"lstm.weight_hh_*"``; default: see :func:`prunable`);
+    ``per_layer`` maps patterns to amounts that override ``amount``.
 
     >>> prune_(model, PruneConfig("percentile", 0.5, exclude=["linear"]))  # doctest: +SKIP
     """
 
     method: str = "percentile"
     amount: float = 0.5
-    include: list[str] = field(default_factory=lambda: ["*"])
+    include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     per_layer: dict[str, float] = field(default_factory=dict)
 
@@ -141,70 +241,82 @@ class PruneConfig:
 def _check_amount(method: str, v: float) -> None:
     if method == "std":
         std_threshold(torch.zeros(1), v)
-    elif not 0 <= v < 1:
+    elif not (isinstance(v, (int, float)) and 0 <= v < 1):
         raise DeepzipError(f"{method} pruning amount must be in [0, 1), got {v}")
 
 
-def prunable_layers(model: nn.Module, include: list[str] | None = None,
-                    exclude: list[str] | None = None) -> Iterator[tuple[str, nn.Module]]:
-    """Conv and Linear layers whose names match ``include`` and not ``exclude``."""
-    include = include or ["*"]
-    exclude = exclude or []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) \
-                and any(fnmatch.fnmatchcase(name, p) for p in include) \
-                and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            yield name, m
+def per_target(targets: Sequence[Target], per_layer: Mapping[str, float],
+               default: float) -> dict[str, float]:
+    """Each target's amount: the first ``per_layer`` pattern it matches, else ``default``.
+    A pattern that matches none of ``targets`` is an error."""
+    for pat in per_layer:
+        if not any(t.matches([pat]) for t in targets):
+            raise DeepzipError(f"per_layer {pat!r} names no prunable parameter; they are: "
+                               + ", ".join(t.name for t in targets))
+    return {t.name: next((v for p, v in per_layer.items() if t.matches([p])), default)
+            for t in targets}
 
 
-def is_pruned(module: nn.Module) -> bool:
-    return tprune.is_pruned(module) and hasattr(module, "weight_mask")
+def is_pruned(module: nn.Module, attr: str | None = None) -> bool:
+    """Does ``module`` carry a pruning mask (on ``attr``, or on any parameter)?"""
+    names = _pruned_attrs(module)
+    return bool(names) if attr is None else attr in names
 
 
-def _set_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    """Install or tighten ``module``'s mask; pruned weights are also zeroed underneath."""
-    if is_pruned(module):
-        module.weight_mask.mul_(mask.to(module.weight_mask))
+def _pruned_attrs(module: nn.Module) -> list[str]:
+    return [h._tensor_name for h in module._forward_pre_hooks.values()
+            if isinstance(h, tprune.BasePruningMethod)
+            and hasattr(module, f"{h._tensor_name}_mask")]
+
+
+def _set_mask(t: Target, mask: torch.Tensor) -> None:
+    """Install or tighten a target's mask; pruned weights are also zeroed underneath."""
+    m, a = t.module, t.attr
+    if is_pruned(m, a):
+        getattr(m, f"{a}_mask").mul_(mask.to(getattr(m, f"{a}_mask")))
     else:
-        tprune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+        tprune.custom_from_mask(m, a, mask.to(getattr(m, a).device))
     with torch.no_grad():
-        module.weight_orig.mul_(module.weight_mask)
-        module.weight = module.weight_orig * module.weight_mask  # refresh now, not next forward
+        orig, msk = getattr(m, f"{a}_orig"), getattr(m, f"{a}_mask")
+        orig.mul_(msk)
+        setattr(m, a, orig * msk)  # refresh now, not at the next forward
 
 
 def prune_(model: nn.Module, config: PruneConfig) -> dict[str, float]:
-    """Prune ``model`` in place; return each pruned layer's sparsity.
+    """Prune ``model`` in place; return each pruned parameter's sparsity, by target name.
 
-    Already-pruned layers keep their zeros: the new mask is computed on the current
+    Already-pruned targets keep their zeros: the new mask is computed on the current
     (masked) weights and multiplied into the old one, so percentile q means total sparsity.
     """
-    layers = dict(prunable_layers(model, config.include, config.exclude))
-    if not layers:
-        raise DeepzipError("no Conv/Linear layers match the include/exclude patterns")
-    unknown = sorted(set(config.per_layer) - set(layers))
-    if unknown:
-        raise DeepzipError(f"per_layer names no prunable layer: {', '.join(unknown)}")
-    weights = {n: m.weight.detach() for n, m in layers.items()}
+    targets = prunable(model, config.include, config.exclude)
+    if not targets:
+        raise DeepzipError("no prunable parameters match the include/exclude patterns")
+    weights = {t.name: t.weight.detach() for t in targets}
     if config.method == "global":
         new = global_masks(weights, config.amount)
     else:
         fn = percentile_mask if config.method == "percentile" else std_mask
-        new = {n: fn(w, config.per_layer.get(n, config.amount)) for n, w in weights.items()}
-    for name, module in layers.items():
-        _set_mask(module, new[name])
-    return {n: 1 - float(m.weight_mask.mean()) for n, m in layers.items()}
+        amounts = per_target(targets, config.per_layer, config.amount)
+        new = {n: fn(w, amounts[n]) for n, w in weights.items()}
+    for t in targets:
+        _set_mask(t, new[t.name])
+    return {t.name: 1 - float(getattr(t.module, f"{t.attr}_mask").mean()) for t in targets}
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The current masks of the pruned layers, by layer name."""
-    return {n: m.weight_mask for n, m in model.named_modules() if is_pruned(m)}
+    """The current masks of the pruned parameters, by target name."""
+    out = {}
+    for layer, m in model.named_modules():
+        for a in _pruned_attrs(m):
+            out[Target(layer, m, a).name] = getattr(m, f"{a}_mask")
+    return out
 
 
 def bake_(model: nn.Module) -> nn.Module:
-    """Make masks permanent: plain ``weight`` parameters with exact zeros, no hooks."""
+    """Make masks permanent: plain parameters with exact zeros, no hooks."""
     for _, m in model.named_modules():
-        if is_pruned(m):
-            tprune.remove(m, "weight")
+        for a in _pruned_attrs(m):
+            tprune.remove(m, a)
     return model
 
 
@@ -212,22 +324,22 @@ def restore_masks_(model: nn.Module, include: list[str] | None = None,
                    exclude: list[str] | None = None) -> dict[str, float]:
     """Re-attach masks to a baked model from its zeros, so retraining keeps them."""
     out = {}
-    for name, m in prunable_layers(model, include, exclude):
-        mask = (m.weight.detach() != 0).to(m.weight.dtype)
+    for t in prunable(model, include, exclude):
+        mask = (t.weight.detach() != 0).to(t.weight.dtype)
         if mask.min() < 1:
-            _set_mask(m, mask)
-            out[name] = 1 - float(mask.mean())
+            _set_mask(t, mask)
+            out[t.name] = 1 - float(mask.mean())
     return out
 
 
 class AGPSchedule:
     """Automated gradual pruning (Zhu & Gupta 2017) as an ``after_step`` hook for ``fit``.
 
-    Every ``frequency`` optimizer steps between ``start`` and ``end``, each layer is pruned
-    to its target on the cubic ramp from ``initial`` to its final sparsity (``final``, or
-    ``per_layer[name]``); with ``global_``, one threshold across all layers meets the
-    model-wide target instead, so big redundant layers give up more. Masks only grow, so
-    pruned weights never come back.
+    Every ``frequency`` optimizer steps between ``start`` and ``end``, each target is pruned
+    to its goal on the cubic ramp from ``initial`` to its final sparsity (``final``, or
+    the first ``per_layer`` pattern it matches); with ``global_``, one threshold across all
+    targets meets the model-wide goal instead, so big redundant layers give up more. Masks
+    only grow, so pruned weights never come back.
 
     >>> agp = AGPSchedule(model, final=0.8, start=0, end=2000)  # doctest: +SKIP
     >>> fit(model, loader, cfg, after_step=agp)  # doctest: +SKIP
@@ -237,26 +349,23 @@ class AGPSchedule:
                  initial: float = 0.0, frequency: int = 100,
                  per_layer: Mapping[str, float] | None = None, global_: bool = False,
                  include: list[str] | None = None, exclude: list[str] | None = None) -> None:
-        self.layers = dict(prunable_layers(model, include, exclude))
-        self.per_layer = dict(per_layer or {})
-        if global_ and self.per_layer:
+        self.targets_ = prunable(model, include, exclude)
+        if global_ and per_layer:
             raise DeepzipError("AGP: per-layer targets do not combine with global pruning")
         self.global_ = global_
-        for v in [initial, final, *self.per_layer.values()]:
+        for v in [initial, final, *(per_layer or {}).values()]:
             _check_amount("percentile", v)
         if frequency < 1:
             raise DeepzipError(f"AGP frequency must be >= 1, got {frequency}")
+        self.finals = per_target(self.targets_, per_layer or {}, final)
         self.initial, self.final, self.start, self.end = initial, final, start, end
         self.frequency = frequency
         self.step = 0
 
     def targets(self, step: int) -> dict[str, float]:
-        """Each layer's sparsity target at ``step``."""
-        out = {}
-        for name in self.layers:
-            final = self.per_layer.get(name, self.final)
-            out[name] = agp_sparsity(step, min(self.initial, final), final, self.start, self.end)
-        return out
+        """Each target's sparsity goal at ``step``."""
+        return {n: agp_sparsity(step, min(self.initial, f), f, self.start, self.end)
+                for n, f in self.finals.items()}
 
     def __call__(self, model: nn.Module) -> None:
         self.step += 1
@@ -265,19 +374,19 @@ class AGPSchedule:
             return
         if s > self.end:
             return
-        targets = self.targets(s)
-        if self.global_:  # one magnitude threshold across layers, at the model-wide target
-            new = global_masks({n: m.weight.detach() for n, m in self.layers.items()},
+        if self.global_:  # one magnitude threshold across targets, at the model-wide goal
+            new = global_masks({t.name: t.weight.detach() for t in self.targets_},
                                agp_sparsity(s, self.initial, self.final, self.start, self.end))
         else:
-            new = {n: percentile_mask(self.layers[n].weight.detach(), t)
-                   for n, t in targets.items()}
-        for name, mask in new.items():
-            _set_mask(self.layers[name], mask)
+            goals = self.targets(s)
+            new = {t.name: percentile_mask(t.weight.detach(), goals[t.name])
+                   for t in self.targets_}
+        for t in self.targets_:
+            _set_mask(t, new[t.name])
 
     def metrics(self) -> dict[str, float]:
         """Logged by ``fit`` each epoch: the sparsity reached so far, to watch the ramp."""
-        return {"sparsity": _zero_fraction(self.layers.values())}
+        return {"sparsity": _zero_fraction(self.targets_)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -288,15 +397,16 @@ class AGPSchedule:
 
 def sparsity_of(model: nn.Module, include: list[str] | None = None,
                 exclude: list[str] | None = None) -> float:
-    """Fraction of zeros over the selected Conv/Linear weights."""
-    return _zero_fraction(m for _, m in prunable_layers(model, include, exclude))
+    """Fraction of zeros over the prunable parameters (see :func:`prunable`)."""
+    return _zero_fraction(prunable(model, include, exclude))
 
 
-def _zero_fraction(modules: Iterable[nn.Module]) -> float:
+def _zero_fraction(targets: Iterable[Target]) -> float:
     total = zeros = 0
-    for m in modules:
-        total += m.weight.numel()
-        zeros += int((m.weight == 0).sum())
+    for t in targets:
+        w = t.weight
+        total += w.numel()
+        zeros += int((w == 0).sum())
     return zeros / total if total else 0.0
 
 
@@ -309,40 +419,48 @@ def sensitivity(
     exclude: list[str] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Prune each layer alone at each percentile level and score it (as Distiller does).
+    """Prune each target alone at each percentile level and score it (as Distiller does).
 
-    Returns rows ``{layer, level, params, accuracy}``, plus one ``layer="(none)"`` row with
-    the unpruned accuracy. ``model`` itself is not changed.
+    Returns rows ``{layer, level, params, accuracy}`` (``accuracy``: whatever
+    ``evaluate_fn`` scores), plus one ``layer="(none)"`` row unpruned. ``model`` itself is
+    not changed.
     """
     from tqdm.auto import tqdm
 
     for v in levels:
         _check_amount("percentile", v)
     work = bake_(copy.deepcopy(model)).eval()
-    layers = list(prunable_layers(work, include, exclude))
+    targets = prunable(work, include, exclude)
     rows: list[dict[str, Any]] = [{"layer": "(none)", "level": 0.0, "params": 0,
                                    "accuracy": evaluate_fn(work)}]
-    bar = tqdm(total=len(layers) * len(levels), desc="sensitivity", disable=not progress or None)
-    for name, m in layers:
-        orig = m.weight.detach().clone()
+    bar = tqdm(total=len(targets) * len(levels), desc="sensitivity",
+               disable=not progress or None)
+    for t in targets:
+        w = t.weight
+        orig = w.detach().clone()
         for q in levels:
             with torch.no_grad():
-                m.weight.mul_(percentile_mask(orig, q))
-            rows.append({"layer": name, "level": q, "params": orig.numel(),
+                w.mul_(percentile_mask(orig, q))
+            rows.append({"layer": t.name, "level": q, "params": orig.numel(),
                          "accuracy": evaluate_fn(work)})
             with torch.no_grad():
-                m.weight.copy_(orig)
+                w.copy_(orig)
             bar.update()
     bar.close()
     return rows
 
 
-def targets_from_sensitivity(rows: list[dict[str, Any]], max_drop: float) -> dict[str, float]:
-    """Per layer, the highest level whose accuracy stays within ``max_drop`` of unpruned.
+def targets_from_sensitivity(rows: list[dict[str, Any]], max_drop: float, *,
+                             higher_is_better: bool = True) -> dict[str, float]:
+    """Per layer, the highest level whose score stays within ``max_drop`` of unpruned
+    (below it for a higher-is-better metric, above it for an error).
 
     Levels are taken in order and the scan stops at the first one over budget, so a noisy
     lucky point past a failure is not chosen.
     """
+    if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
+        raise DeepzipError(f"sensitivity budget must be a finite number >= 0, got {max_drop!r}")
+    sign = 1 if higher_is_better else -1
     base = next(r["accuracy"] for r in rows if r["layer"] == "(none)")
     by_layer: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -352,7 +470,7 @@ def targets_from_sensitivity(rows: list[dict[str, Any]], max_drop: float) -> dic
     for layer, layer_rows in by_layer.items():
         best = 0.0
         for r in sorted(layer_rows, key=lambda r: r["level"]):
-            if base - r["accuracy"] > max_drop:
+            if sign * (base - r["accuracy"]) > max_drop:
                 break
             best = r["level"]
         out[layer] = best

@@ -12,7 +12,6 @@ indices and the pruning mask fixed.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from .data import BatchLoader
 from .errors import DeepzipError
-from .prune import bake_, prunable_layers
+from .prune import Target, bake_, prunable
 from .train import TrainConfig, fit
 
 __all__ = [
@@ -218,9 +217,10 @@ class SharedWeight(nn.Module):
 
 @dataclass
 class QuantizeConfig:
-    """Bits and k-means settings. ``bits_conv``/``bits_linear`` override ``bits`` by layer
-    type (the paper used more bits for conv than for fully connected layers);
-    ``per_layer`` overrides by name.
+    """Bits and k-means settings. ``bits_conv``/``bits_linear`` override ``bits`` for
+    convolutions and Linear layers (the paper used more bits for conv than for fully
+    connected layers); ``per_layer`` overrides by name pattern. ``include``/``exclude``
+    select parameters as in :func:`deepzip.prune.prunable`.
 
     >>> quantize_(model, QuantizeConfig(bits=5, init="linear"))  # doctest: +SKIP
     """
@@ -230,7 +230,7 @@ class QuantizeConfig:
     bits_linear: int | None = None
     per_layer: dict[str, int] = field(default_factory=dict)
     init: str = "linear"
-    include: list[str] = field(default_factory=lambda: ["*"])
+    include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
     max_iter: int = 300
@@ -242,50 +242,65 @@ class QuantizeConfig:
         if self.init not in INITS:
             raise DeepzipError(f"k-means init must be one of {INITS}, got {self.init!r}")
 
-    def bits_for(self, name: str, module: nn.Module) -> int:
+    def bits_for(self, target: Target) -> int:
         for pattern, b in self.per_layer.items():
-            if fnmatch.fnmatchcase(name, pattern):
+            if target.matches([pattern]):
                 return b
-        if isinstance(module, nn.Linear) and self.bits_linear is not None:
+        if isinstance(target.module, nn.Linear) and self.bits_linear is not None:
             return self.bits_linear
-        if not isinstance(module, nn.Linear) and self.bits_conv is not None:
+        if isinstance(target.module, nn.modules.conv._ConvNd) and self.bits_conv is not None:
             return self.bits_conv
         return self.bits
 
 
 def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, Any]]:
-    """Share weights in place: each selected layer's nonzero weights -> a k-means codebook.
-
-    Pruning masks are baked first; zeros stay zero and are not a cluster. Returns per layer
-    ``{bits, clusters, error, iterations}``.
+    """Share weights in place: each selected parameter's nonzero values -> a k-means
+    codebook. Pruning masks are baked first; zeros stay zero and are not a cluster.
+    Returns per target ``{bits, clusters, error, iterations}``.
     """
     bake_(model)
-    layers = list(prunable_layers(model, config.include, config.exclude))
-    if not layers:
-        raise DeepzipError("no Conv/Linear layers match the include/exclude patterns")
+    targets = prunable(model, config.include, config.exclude)
+    if not targets:
+        raise DeepzipError("no prunable parameters match the include/exclude patterns")
+    for pat in config.per_layer:
+        if not any(t.matches([pat]) for t in targets):
+            raise DeepzipError(f"per_layer {pat!r} names no quantizable parameter")
     out = {}
-    for name, m in layers:
-        if parametrize.is_parametrized(m, "weight"):
+    for t in targets:
+        m, name = t.module, t.name
+        if parametrize.is_parametrized(m, t.attr):
             raise DeepzipError(f"{name} is already quantized; dequantize_ it first")
-        bits = config.bits_for(name, m)
-        w = m.weight.detach()
+        bits = config.bits_for(t)
+        w = t.weight.detach()
         mask = (w != 0).to(w.dtype)
         r = kmeans_1d(w[w != 0], bits, config.init, seed=config.seed, max_iter=config.max_iter)
         indices = torch.zeros(w.shape, dtype=torch.long, device=w.device)
         indices[w != 0] = torch.from_numpy(r.labels).to(w.device)
         codebook = torch.from_numpy(r.centroids).to(w)
         parametrize.register_parametrization(
-            m, "weight", SharedWeight(codebook, indices, mask, bits), unsafe=True)
+            m, t.attr, SharedWeight(codebook, indices, mask, bits), unsafe=True)
         out[name] = {"bits": bits, "clusters": len(r.centroids), "error": r.error,
                      "iterations": r.iterations}
     return out
 
 
 def codebooks(model: nn.Module) -> dict[str, SharedWeight]:
-    """The weight-sharing parametrization of each quantized layer, by layer name."""
-    return {name: m.parametrizations.weight[0] for name, m in model.named_modules()
-            if parametrize.is_parametrized(m, "weight")
-            and isinstance(m.parametrizations.weight[0], SharedWeight)}
+    """The weight-sharing parametrization of each quantized parameter, by target name."""
+    return {name: cb for name, (_, cb) in _shared(model).items()}
+
+
+def _shared(model: nn.Module) -> dict[str, tuple[str, SharedWeight]]:
+    """target name -> (the codebook's parameter name in the model, its SharedWeight)."""
+    out = {}
+    for layer, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for attr, plist in m.parametrizations.items():
+            if isinstance(plist[0], SharedWeight):
+                prefix = f"{layer}." if layer else ""
+                out[Target(layer, m, attr).name] = (
+                    f"{prefix}parametrizations.{attr}.0.codebook", plist[0])
+    return out
 
 
 CENTROID_TRAINING = TrainConfig(epochs=10, lr=0.002, weight_decay=0.0, schedule="cosine")
@@ -304,13 +319,13 @@ def train_centroids(model: nn.Module, train_loader: BatchLoader,
     weights under the parametrization. Weight decay should be 0: it would pull shared
     values to zero.
     """
-    books = {f"{name}.parametrizations.weight.0.codebook" if name else
-             "parametrizations.weight.0.codebook": cb for name, cb in codebooks(model).items()}
+    books = dict(_shared(model).values())
     if not books:
         raise DeepzipError("model has no quantized layers; call quantize_ first")
 
     def select(name: str, _p: nn.Parameter) -> bool:
-        return name in books or (train_other and "parametrizations.weight.original" not in name)
+        return name in books or (train_other and not (
+            ".original" in name and "parametrizations." in name))
 
     def scale(name: str, _p: nn.Parameter) -> float:
         cb = books.get(name)
@@ -322,14 +337,19 @@ def train_centroids(model: nn.Module, train_loader: BatchLoader,
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
-    """Make shared weights plain ``weight`` parameters holding ``codebook[indices] * mask``."""
-    for _, m in model.named_modules():
-        if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    """Make shared weights plain parameters holding ``codebook[indices] * mask`` (needed
+    before the model's ``state_dict`` loads into a plain, unquantized model)."""
+    owners = [(m, attr) for _, m in model.named_modules() if parametrize.is_parametrized(m)
+              for attr, plist in m.parametrizations.items() if isinstance(plist[0], SharedWeight)]
+    for m, attr in owners:
+        parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
     return model
 
 
 def distinct_nonzero(model: nn.Module) -> dict[str, int]:
-    """Distinct nonzero values per Conv/Linear weight (<= 2^bits after quantization)."""
-    return {n: int(torch.unique(m.weight.detach()[m.weight.detach() != 0]).numel())
-            for n, m in prunable_layers(model)}
+    """Distinct nonzero values per prunable parameter (<= 2^bits after quantization)."""
+    out = {}
+    for t in prunable(model):
+        w = t.weight.detach()
+        out[t.name] = int(torch.unique(w[w != 0]).numel())
+    return out

@@ -55,6 +55,7 @@ class PruneStage:
     schedule: str = "iterative"  # iterative | agp | none
     steps: list[PruneStep] = field(default_factory=list)
     agp: AGPStage | None = None
+    include: list[str] | None = None  # name patterns; default: Conv/Linear/Embedding/RNN/...
     exclude: list[str] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     distill: Distill | None = None
@@ -67,6 +68,7 @@ class QuantizeStage:
     bits_linear: int | None = None
     per_layer: dict[str, int] = field(default_factory=dict)
     init: str = "linear"
+    include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     epochs: int = 0  # centroid training
     train: dict[str, Any] = field(default_factory=dict)
@@ -86,8 +88,11 @@ class Recipe:
 
     name: str = "default"
     description: str = ""
-    model: str = "resnet20"  # where compression starts: a checkpoint or a shipped name
+    model: str = "resnet20"  # where compression starts: a checkpoint, .dzip or shipped name
     reference: str | None = None  # baseline accuracy and distillation teacher; default model
+    arch: str | None = None  # architecture of a checkpoint without deepzip metadata
+    normalize: str | None = None  # its input normalization: cifar, imagenet, mnist, M/S
+    task: str = "cifar10"  # cifar10, mnist, or package.module:function returning a Task
     seed: int = 0
     prune: PruneStage = field(default_factory=PruneStage)
     quantize: QuantizeStage | None = field(default_factory=QuantizeStage)
@@ -188,6 +193,21 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     if tp is Any:
         return v
     raise DeepzipError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {v!r}")
+
+
+def recipe_path(name: str | os.PathLike[str] | None) -> str:
+    """A recipe file, or the name of one shipped with deepzip (default, seed, ...)."""
+    from importlib import resources
+
+    name = "default" if name is None else str(name)
+    if os.path.exists(name):
+        return name
+    ref = resources.files("deepzip") / "recipes" / f"{name}.yaml"
+    if ref.is_file():
+        return str(ref)
+    shipped = sorted(p.name.removesuffix(".yaml") for p in
+                     (resources.files("deepzip") / "recipes").iterdir())
+    raise DeepzipError(f"no recipe file {name!r}; shipped recipes: {', '.join(shipped)}")
 
 
 def load_recipe(path: str | os.PathLike[str] | None) -> Recipe:

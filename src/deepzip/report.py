@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import DeepzipError
-from .prune import prunable_layers
+from .prune import prunable
 
 __all__ = [
     "markdown_table",
@@ -27,7 +27,7 @@ __all__ = [
 
 
 def summary(model: nn.Module) -> dict[str, Any]:
-    """Per-layer ``name, shape, params, nonzero, sparsity`` of Conv/Linear weights, and totals.
+    """Per prunable parameter ``name, shape, params, nonzero, sparsity``, and totals.
 
     Reads the effective (masked) weights, so it works on pruned and baked models alike.
 
@@ -35,15 +35,14 @@ def summary(model: nn.Module) -> dict[str, Any]:
     269722
     """
     rows = []
-    for name, m in prunable_layers(model):
-        w = m.weight.detach()
+    for t in prunable(model):
+        w = t.weight.detach()
         nz = int(torch.count_nonzero(w))
-        rows.append({"name": name, "type": type(m).__name__, "shape": list(w.shape),
+        rows.append({"name": t.name, "type": type(t.module).__name__, "shape": list(w.shape),
                      "params": w.numel(), "nonzero": nz, "sparsity": 1 - nz / w.numel()})
     params = sum(r["params"] for r in rows)
     nonzero = sum(r["nonzero"] for r in rows)
-    other = sum(p.numel() for p in model.parameters()) - sum(
-        m.weight.numel() for _, m in prunable_layers(model))
+    other = sum(p.numel() for p in model.parameters()) - params
     return {"layers": rows, "total": {
         "params": params, "nonzero": nonzero,
         "sparsity": 1 - nonzero / params if params else 0.0,
@@ -56,16 +55,16 @@ def structure(model: nn.Module, names: Sequence[str] | None = None) -> dict[str,
     the fraction of zeros and the L1 norm. A fully zero filter or channel (zero fraction
     1.0) is structure hardware could skip; unstructured pruning rarely produces one.
     """
-    layers = dict(prunable_layers(model))
+    layers = {t.name: t for t in prunable(model)}
     if names:
         missing = [n for n in names if n not in layers]
         if missing:
-            raise DeepzipError(f"no Conv/Linear layer named {', '.join(missing)}; "
+            raise DeepzipError(f"no prunable layer named {', '.join(missing)}; "
                                f"layers: {', '.join(layers)}")
         layers = {n: layers[n] for n in names}
     out = {}
-    for name, m in layers.items():
-        w = m.weight.detach().float()
+    for name, t in layers.items():
+        w = t.weight.detach().float()
         per_out = w.flatten(1)
         per_in = w.transpose(0, 1).flatten(1)
         out[name] = {
@@ -232,9 +231,13 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, Any]
-                     ) -> dict[str, Any]:
-    """``report.md``, ``report.json`` and ``layers.png`` for one pipeline run."""
+def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, Any],
+                     task: Any = None) -> dict[str, Any]:
+    """``report.md``, ``report.json`` and ``layers.png`` for one pipeline run.
+
+    Scores are the task's metric (``metric``, with its direction); the task and data set
+    the run was evaluated on are named, as measured, not assumed.
+    """
     import json
     from pathlib import Path
 
@@ -243,62 +246,86 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
     out = Path(out)
     st = state["stages"]
     enc, ver = st["encode"], st["verify"]
-    base_acc = st["baseline"]["accuracy"]
+    metric = getattr(getattr(task, "metric", None), "name", "acc")
+    higher = getattr(getattr(task, "metric", None), "higher_is_better", True)
+    base = st["baseline"]["score"]
     layers = [t for t in enc["tensors"] if "clusters" in t]
     for t in layers:
         t["sparsity"] = 1 - t["nonzero"] / t["params"] if t["params"] else 0.0
+    examples = ver.get("examples", ver.get("images"))
+    change = ver["score"] - base
     summary_row = {
         "recipe": recipe.name,
-        "baseline_acc": base_acc,
-        "pruned_acc": st["prune"].get("accuracy"),
-        "quantized_acc": st["quantize"].get("accuracy"),
-        "decoded_acc": ver["accuracy"],
-        "loss_points": (base_acc - ver["accuracy"]) * 100,
+        "task": getattr(task, "name", "cifar10"),
+        "metric": metric,
+        "higher_is_better": higher,
+        "baseline_score": base,
+        "pruned_score": st["prune"].get("score"),
+        "quantized_score": st["quantize"].get("score"),
+        "decoded_score": ver["score"],
+        "loss_points": (-change if higher else change) * 100 if metric == "acc" else None,
+        "eval_examples": examples,
         "sparsity": st["prune"].get("sparsity"),
         "huffman_avg_bits": enc["huffman_avg"],
         "formula_ratio": enc["formula_ratio"],
         "file_bytes": enc["file_bytes"],
         "state_dict_bytes": enc["state_dict_bytes"],
         "real_ratio": enc["real_ratio"],
-        "same_predictions": f"{ver['same_predictions']}/{ver['images']}",
+        "bits_per_param": 8 * enc["file_bytes"] / max(1, enc.get("params", 0)) if enc.get(
+            "params") else None,
+        "identical_outputs": ver.get("identical"),
+        "same_predictions": (f"{ver['same_predictions']}/{examples}"
+                             if "same_predictions" in ver else None),
     }
     report = {"summary": summary_row, "stages": st,
               "seconds": {k: v.get("seconds") for k, v in st.items()}}
     with atomic_write(out / "report.json", "w") as f:
         json.dump(report, f, indent=2)
     _plot_layers(layers, out / "layers.png", recipe.name)
-    acc_rows = [{"model": name, "test_acc": st[k].get(key)} for name, k, key in [
-        ("baseline", "baseline", "accuracy"), ("pruned + retrained", "prune", "accuracy"),
-        ("quantized (k-means)", "quantize", "accuracy_kmeans"),
-        ("quantized (final, file precision)", "quantize", "accuracy"),
-        ("decoded from .dzip", "verify", "accuracy")] if st[k].get(key) is not None]
+    key = f"test {metric}"
+    rows = [{"model": name, key: st[k].get(field)} for name, k, field in [
+        ("baseline", "baseline", "score"), ("pruned + retrained", "prune", "score"),
+        ("quantized (k-means)", "quantize", "score_kmeans"),
+        ("quantized (final, file precision)", "quantize", "score"),
+        ("decoded from .dzip", "verify", "score")] if st[k].get(field) is not None]
     fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
     cmd_file = out / "command.txt"
     command = cmd_file.read_text().strip() if cmd_file.is_file() else "deepzip run"
-    acc_line = (f"{base_acc * 100:.2f}% -> {ver['accuracy'] * 100:.2f}% "
-                f"({-summary_row['loss_points']:+.2f} points)")
+    if metric == "acc":
+        score_line = (f"{base * 100:.2f}% -> {ver['score'] * 100:.2f}% "
+                      f"({change * 100:+.2f} points)")
+    else:
+        score_line = (f"{base:.6g} -> {ver['score']:.6g} ({change:+.4g}; "
+                      f"{'higher' if higher else 'lower'} is better)")
     size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (fp32 "
                  f"state_dict): {enc['real_ratio']:.2f}x")
+    data = getattr(task, "description", "") or "CIFAR-10 test set"
+    agree = [f"outputs identical: {ver['identical']} (max difference "
+             f"{ver['max_abs_diff']:.3g})"] if "identical" in ver else []
+    if summary_row["same_predictions"]:
+        agree.append(f"{summary_row['same_predictions']} predictions equal")
+    bpp = (f"| bits per parameter (file bits / parameters) | "
+           f"{summary_row['bits_per_param']:.3f} |\n") if summary_row["bits_per_param"] else ""
     md = f"""# deepzip run: {recipe.name}
 
 {recipe.description}
 
 Made by `{command}` with the recipe in `recipe.yaml` beside this file (the exact
-settings are also in `report.json`). All accuracies: full CIFAR-10 test set unless the
-run used `--subset`, fp32.
+settings are also in `report.json`). Task `{summary_row['task']}`, evaluated on: {data};
+metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32.
 
 ## Result
 
 | | |
 |---|---|
-| accuracy, baseline -> decoded .dzip | {acc_line} |
+| {metric}, baseline -> decoded .dzip | {score_line} |
 | **real size on disk** | **{size_line}** |
-| assignment's formula | {fmt_ratio} |
+{bpp}| assignment's formula | {fmt_ratio} |
 | weight sparsity | {(summary_row['sparsity'] or 0) * 100:.1f}% |
 | Huffman, average bits per nonzero index | {enc['huffman_avg']:.3f} |
-| decoded model agrees with the in-memory model | {summary_row['same_predictions']} predictions |
+| decoded model agrees with the in-memory model | {'; '.join(agree)} |
 
-{markdown_table(acc_rows, ["model", "test_acc"])}
+{markdown_table(rows, ["model", key])}
 
 ## Time per stage
 
@@ -340,6 +367,15 @@ def _plot_layers(layers: Sequence[dict[str, Any]], path: os.PathLike[str] | str,
     save_figure(fig, path)
 
 
+def run_score(summary_row: dict[str, Any], which: str) -> float:
+    """``baseline``/``decoded`` score of a report's summary, also from reports written
+    before tasks had metrics (``*_acc`` keys)."""
+    value = summary_row.get(f"{which}_score", summary_row.get(f"{which}_acc"))
+    if not isinstance(value, (int, float)):
+        raise DeepzipError(f"report summary has no {which} score")
+    return float(value)
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats on both axes (higher is better on both), by x."""
     best, front = float("-inf"), []
@@ -355,7 +391,7 @@ def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str)
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = sorted((r["summary"]["real_ratio"], r["summary"]["decoded_acc"] * 100,
+    pts = sorted((r["summary"]["real_ratio"], run_score(r["summary"], "decoded") * 100,
                   r["summary"].get("run") or r["summary"]["recipe"]) for r in reports)
     for x, y, name in pts:
         ax.scatter(x, y, color="tab:blue", zorder=3)
@@ -364,7 +400,7 @@ def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str)
     if len(front) > 1:
         ax.plot(*zip(*front, strict=True), color="tab:blue", alpha=0.4, label="Pareto front")
     if reports:
-        base = reports[0]["summary"]["baseline_acc"] * 100
+        base = run_score(reports[0]["summary"], "baseline") * 100
         ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline {base:.2f}%")
         ax.axhline(base - 1, color="tab:red", ls=":", lw=1, label="baseline - 1 point")
     ax.set_xscale("log")

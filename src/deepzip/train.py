@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,11 +26,19 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_torch_save, atomic_write
 from .errors import DeepzipError
+from .task import Accuracy, Metric
 
 __all__ = [
     "Distillation",
-    "TrainConfig", "default_device", "evaluate", "fit", "init_distributed_from_env",
-           "is_main_process", "lr_factor"]
+    "Evaluation",
+    "TrainConfig",
+    "default_device",
+    "evaluate",
+    "fit",
+    "init_distributed_from_env",
+    "is_main_process",
+    "lr_factor",
+]
 
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -128,51 +136,81 @@ def _autocast(device: torch.device, precision: str) -> tuple[contextlib.Abstract
     return torch.autocast(device.type, dtype=dtype), precision == "fp16"
 
 
+class Evaluation(NamedTuple):
+    """Mean loss and the metric's value (top-1 accuracy unless another metric was given)."""
+
+    loss: float
+    value: float
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
-             ) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy, in fp32 (no autocast)."""
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             metric: Metric | None = None,
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+             ) -> Evaluation:
+    """Mean loss and the metric (top-1 accuracy and cross-entropy by default), in fp32.
+
+    >>> loss, acc = evaluate(model, test_loader)  # doctest: +SKIP
+    """
+    metric = metric or Accuracy()
+    loss_fn = loss_fn or F.cross_entropy
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss_sum, correct, n = 0.0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        out = model(x.float())
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        n += y.numel()
-    model.train(was_training)
-    if n == 0:
-        raise DeepzipError("evaluation set is empty")
-    return loss_sum / n, correct / n
+    loss_sum, n = 0.0, 0
+    if metric.streaming:
+        metric.reset()
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x.float())
+            loss_sum += float(loss_fn(out, y)) * len(y)
+            if metric.streaming:
+                metric.update(out, y)
+            n += len(y)
+        if n == 0:
+            raise DeepzipError("evaluation set is empty")
+        value = metric.compute() if metric.streaming else metric(model, loader)
+    finally:
+        model.train(was_training)
+    return Evaluation(loss_sum / n, value)
 
 
 class Distillation:
     """Knowledge distillation loss (Hinton et al. 2015) for ``fit(loss_fn=...)``:
-    ``(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T)``.
+    ``(1 - alpha) * base(student, targets) + alpha * T^2 * KL(teacher_T || student_T)``.
 
     Compressed models recover accuracy faster when they imitate the uncompressed one.
+    ``base`` is the task's loss (cross-entropy by default). For outputs that are not class
+    scores (``classification=False``), the imitation term is the mean squared difference
+    from the teacher's outputs instead of the KL divergence of softened classes.
 
     >>> fit(pruned, loader, cfg, loss_fn=Distillation(baseline, alpha=0.7))  # doctest: +SKIP
     """
 
-    def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 4.0
-                 ) -> None:
-        if not 0 <= alpha <= 1 or temperature <= 0:
-            raise DeepzipError("distillation needs 0 <= alpha <= 1 and temperature > 0")
+    def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 4.0, *,
+                 base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 classification: bool = True) -> None:
+        if not 0 <= alpha <= 1 or not temperature > 0 or not math.isfinite(temperature):
+            raise DeepzipError("distillation needs 0 <= alpha <= 1 and 0 < temperature < inf")
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.alpha, self.t = alpha, temperature
+        self.base = base or F.cross_entropy
+        self.classification = classification
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor
                  ) -> torch.Tensor:
         with torch.no_grad():
-            target = F.log_softmax(self.teacher(inputs).float() / self.t, 1)
-        soft = F.kl_div(F.log_softmax(logits.float() / self.t, 1), target, log_target=True,
-                        reduction="batchmean") * self.t ** 2
-        return (1 - self.alpha) * F.cross_entropy(logits, labels) + self.alpha * soft
+            teacher = self.teacher(inputs).float()
+        if self.classification:
+            target = F.log_softmax(teacher / self.t, 1)
+            soft = F.kl_div(F.log_softmax(logits.float() / self.t, 1), target,
+                            log_target=True, reduction="batchmean") * self.t ** 2
+        else:
+            soft = F.mse_loss(logits.float(), teacher)
+        return (1 - self.alpha) * self.base(logits, labels) + self.alpha * soft
 
 
 def is_main_process() -> bool:
@@ -221,13 +259,17 @@ def fit(
     after_step: Callable[[nn.Module], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     lr_scale: Callable[[str, nn.Parameter], float] | None = None,
+    metric: Metric | None = None,
+    eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD; return per-epoch metrics.
 
     ``loss_fn(logits, labels, inputs)`` replaces cross-entropy, e.g. :class:`Distillation`.
     ``lr_scale(name, param)`` multiplies the learning rate of single parameters (shared
-    weights, whose gradient sums over many weights, need a smaller one).
+    weights, whose gradient sums over many weights, need a smaller one). ``metric`` (top-1
+    accuracy by default) is logged as ``train_<name>``/``test_<name>``; ``eval_loss`` is
+    the test loss (cross-entropy by default).
 
     ``train_loader`` is a :class:`~deepzip.data.BatchLoader` or any sized iterable of
     ``(inputs, labels)`` batches (a ``DataLoader``). With ``out_dir``, each epoch
@@ -256,14 +298,14 @@ def fit(
             groups.setdefault(lr_scale(n, p) if lr_scale else 1.0, []).append(p)
         param_groups = [{"params": ps, "lr": cfg.lr * k} for k, ps in groups.items()]
         return _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir,
-                    resume, after_step, loss_fn, desc)
+                    resume, after_step, loss_fn, metric or Accuracy(), eval_loss, desc)
     finally:
         for p in frozen:
             p.requires_grad_(True)
 
 
 def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, resume,
-         after_step, loss_fn, desc) -> list[dict[str, Any]]:
+         after_step, loss_fn, metric, eval_loss, desc) -> list[dict[str, Any]]:
     main = is_main_process()
     net: nn.Module = model
     if _world() > 1:
@@ -305,8 +347,9 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
 
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
+        epoch_lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with, for the log
         t0 = time.perf_counter()
-        totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, n
+        totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss, metric sums, n
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if main else True, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
@@ -322,24 +365,31 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
             sched.step()
             if after_step is not None:
                 after_step(model)
-            totals += torch.stack([loss.detach().double() * y.numel(),
-                                   (logits.argmax(1) == y).sum().double(),
-                                   torch.tensor(y.numel(), device=device, dtype=torch.float64)])
+            score = (metric.batch(logits.detach().float(), y).double() if metric.streaming
+                     else torch.zeros((), device=device, dtype=torch.float64))
+            totals += torch.stack([loss.detach().double() * len(y), score,
+                                   torch.tensor(len(y), device=device, dtype=torch.float64)])
             if i % 20 == 0:
-                loss_sum, correct, seen = totals.tolist()
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen * _world() / (time.perf_counter() - t0):.0f}")
+                loss_sum, score_sum, seen = totals.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
+                                **{metric.name: f"{score_sum / seen:.3f}"},
+                                ex_s=f"{seen * _world() / (time.perf_counter() - t0):.0f}")
         if _world() > 1:
             dist.all_reduce(totals)
         train_time = time.perf_counter() - t0
-        loss_sum, correct, seen = totals.tolist()
+        loss_sum, score_sum, seen = totals.tolist()
+        if not math.isfinite(loss_sum):
+            raise DeepzipError(f"{desc}: training diverged in epoch {epoch + 1} (loss "
+                               f"{loss_sum / seen}); lower the learning rate or add warmup")
         rec: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-            "train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "epoch": epoch + 1, "lr": epoch_lr,
+            "train_loss": loss_sum / seen,
+            **({f"train_{metric.name}": score_sum / seen} if metric.streaming else {}),
             "images_per_s": seen / train_time, "train_time_s": train_time,
         }
         if test_loader is not None:
-            rec["test_loss"], rec["test_acc"] = evaluate(model, test_loader)
+            rec["test_loss"], rec[f"test_{metric.name}"] = evaluate(
+                model, test_loader, metric=metric, loss_fn=eval_loss)
         if hasattr(after_step, "metrics"):
             rec.update(after_step.metrics())
         history.append(rec)

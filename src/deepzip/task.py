@@ -1,0 +1,344 @@
+"""A task is what a model is compressed *for*: training data, evaluation data, a metric
+and a loss. Training, evaluation and the pipeline go through this one interface, so any
+model and data set can be compressed, not only CIFAR-10 classifiers.
+
+Shipped tasks: ``cifar10`` and ``mnist`` (classification, top-1 accuracy). A user's task is
+a :class:`Task` made from their own loaders, named on the command line or in a recipe as
+an entry point ``package.module:function`` that returns one.
+
+>>> task = Task.from_loaders(train_loader, test_loader, metric=MeanSquaredError())  # doctest: +SKIP
+>>> report = deepzip.compress(model, task, "default", out="runs/mine")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import math
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DeepzipError
+
+__all__ = [
+    "Accuracy",
+    "FunctionMetric",
+    "MeanAbsoluteError",
+    "MeanSquaredError",
+    "Metric",
+    "TASKS",
+    "Task",
+    "image_task",
+    "load_entry_point",
+    "resolve_task",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- metrics
+class Metric:
+    """A streaming metric: ``reset()``, ``update(outputs, targets)`` per batch, ``compute()``.
+
+    Every metric declares its direction (``higher_is_better``) and a short ``name`` that
+    logs and reports use, so nothing guesses the direction from the name. Subclasses keep
+    their running sums as tensors, so ``update`` never waits for the device.
+    """
+
+    name = "metric"
+    higher_is_better = True
+    streaming = True
+
+    def reset(self) -> None:
+        self._sum: torch.Tensor | float = 0.0
+        self._n = 0
+
+    def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum of the per-example scores of one batch."""
+        raise NotImplementedError
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self._sum = self._sum + self.batch(outputs.detach().float(), targets).double()
+        self._n += len(targets)
+
+    def compute(self) -> float:
+        if not self._n:
+            raise DeepzipError(f"metric {self.name}: no examples were evaluated")
+        value = float(self._sum) / self._n
+        if not math.isfinite(value):
+            raise DeepzipError(f"metric {self.name} is {value} (NaN or infinite outputs?)")
+        return value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Accuracy(Metric):
+    """Top-1 accuracy of class scores ``(N, C)`` against integer labels ``(N,)``."""
+
+    name = "acc"
+    higher_is_better = True
+
+    def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.argmax(1) == targets).sum()
+
+
+class MeanSquaredError(Metric):
+    """Mean over examples of the squared error summed over each example's outputs."""
+
+    name = "mse"
+    higher_is_better = False
+
+    def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets.float().view_as(outputs)).pow(2).flatten(1).sum(1).sum()
+
+
+class MeanAbsoluteError(Metric):
+    name = "mae"
+    higher_is_better = False
+
+    def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets.float().view_as(outputs)).abs().flatten(1).sum(1).sum()
+
+
+class FunctionMetric(Metric):
+    """A whole-evaluation metric ``fn(model, loader) -> float`` of the user's, with its
+    direction declared (there is no default: a wrong guess keeps the worst model)."""
+
+    streaming = False
+
+    def __init__(self, fn: Callable[[nn.Module, Iterable[Batch]], float], *, name: str,
+                 higher_is_better: bool) -> None:
+        if not callable(fn):
+            raise DeepzipError("FunctionMetric needs a callable fn(model, loader) -> float")
+        self.fn, self.name, self.higher_is_better = fn, name, bool(higher_is_better)
+
+    def __call__(self, model: nn.Module, loader: Iterable[Batch]) -> float:
+        value = self.fn(model, loader)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DeepzipError(f"metric {self.name} returned {value!r}, not a finite number")
+        return float(value)
+
+    def __repr__(self) -> str:
+        return f"FunctionMetric({getattr(self.fn, '__qualname__', self.fn)!r}, " \
+               f"name={self.name!r}, higher_is_better={self.higher_is_better})"
+
+
+def mse_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(outputs.float(), targets.float().view_as(outputs))
+
+
+# ---------------------------------------------------------------- the task
+@dataclasses.dataclass
+class Task:
+    """Data, metric and loss that a model is trained, evaluated and compressed with.
+
+    ``train`` and ``eval`` are iterables of ``(inputs, targets)`` batches (a ``DataLoader``,
+    a :class:`~deepzip.data.BatchLoader`), or factories: ``train(batch_size=, seed=,
+    mean=, std=, channels_last=)`` and ``eval(mean=, std=)`` get what the recipe and model
+    say and may ignore it (the shipped image tasks use it; a plain loader already decided).
+    ``loss(outputs, targets)`` is the training loss (cross-entropy by default);
+    ``classification`` says whether outputs are class scores, which distillation needs
+    (soft targets for classes, matched outputs otherwise). ``normalization`` is the
+    (mean, std) a model without its own gets (the shipped image tasks' usual constants).
+    """
+
+    name: str
+    train: Any
+    eval: Any
+    metric: Metric = dataclasses.field(default_factory=Accuracy)
+    loss: LossFn = F.cross_entropy
+    classification: bool = True
+    description: str = ""
+    eval_size: int | None = None
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    @classmethod
+    def from_loaders(cls, train: Iterable[Batch], eval: Iterable[Batch], *,  # noqa: A002
+                     name: str = "custom", metric: Metric | None = None,
+                     loss: LossFn | None = None, classification: bool | None = None,
+                     description: str = "") -> Task:
+        """A task from two loaders. A metric that is not accuracy means regression by
+        default (MSE loss, no class soft targets); say otherwise with the arguments."""
+        metric = metric or Accuracy()
+        if classification is None:
+            classification = isinstance(metric, Accuracy)
+        if loss is None:
+            loss = F.cross_entropy if classification else mse_loss
+        size = _dataset_size(eval)
+        return cls(name=name, train=train, eval=eval, metric=metric, loss=loss,
+                   classification=classification, eval_size=size,
+                   description=description or f"{name}: the user's evaluation loader"
+                   + (f" ({size:,} examples)" if size else ""))
+
+    def train_loader(self, batch_size: int, seed: int, *, mean: tuple[float, ...] | None = None,
+                     std: tuple[float, ...] | None = None, channels_last: bool = False
+                     ) -> Iterable[Batch]:
+        if callable(self.train) and not _is_loader(self.train):
+            return self.train(batch_size=batch_size, seed=seed, mean=mean, std=std,
+                              channels_last=channels_last)
+        return self.train
+
+    def eval_loader(self, *, mean: tuple[float, ...] | None = None,
+                    std: tuple[float, ...] | None = None) -> Iterable[Batch]:
+        if callable(self.eval) and not _is_loader(self.eval):
+            return self.eval(mean=mean, std=std)
+        return self.eval
+
+    def check(self, model: nn.Module, loader: Iterable[Batch]) -> None:
+        """Push one batch through model, loss and metric before any long work starts, so a
+        mismatch (shapes, dtypes, a broken callable) fails in seconds and names its part."""
+        try:
+            x, y = next(iter(loader))
+        except StopIteration:
+            raise DeepzipError(f"task {self.name}: the evaluation data is empty") from None
+        except (TypeError, ValueError) as e:
+            raise DeepzipError(f"task {self.name}: batches must be (inputs, targets) pairs "
+                               f"({e})") from None
+        device = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                out = _step("one batch through the model", lambda: model(x.to(device).float()))
+                loss = _step(f"one batch through the loss {_name(self.loss)}",
+                             lambda: self.loss(out, y.to(device)))
+                if not torch.is_tensor(loss) or loss.numel() != 1:
+                    raise DeepzipError(f"task {self.name}: the loss must return one number")
+                if self.metric.streaming:
+                    self.metric.reset()
+                    _step(f"one batch through the metric {self.metric.name}",
+                          lambda: self.metric.update(out, y.to(device)))
+        finally:
+            model.train(was)
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _step(what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except DeepzipError:
+        raise
+    except Exception as e:  # the user's code: say which part failed, in one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DeepzipError(f"{what} failed: {type(e).__name__}: {first}") from None
+
+
+def _is_loader(obj: Any) -> bool:
+    return hasattr(obj, "__iter__")
+
+
+def _dataset_size(loader: Any) -> int | None:
+    ds = getattr(loader, "dataset", None)
+    try:
+        return len(ds) if ds is not None else len(loader.labels)
+    except (TypeError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- shipped image tasks
+def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
+               download: bool = False, subset: int | None = None,
+               device: str | torch.device = "cpu") -> Task:
+    """``cifar10`` or ``mnist`` from ``data_dir`` (torchvision's layouts), held in memory.
+
+    Normalization comes from the model (its spec's mean and std), since third-party
+    weights were trained with other constants; augmentation is the data set's usual one
+    (CIFAR: pad-4 crop and mirror; MNIST: pad-2 crop, no mirror).
+    """
+    from .data import NORMALIZATIONS, BatchLoader, load_cifar10, load_mnist
+
+    info = {"cifar10": (load_cifar10, "CIFAR-10", 4, True),
+            "mnist": (load_mnist, "MNIST", 2, False)}
+    if name not in info:
+        raise DeepzipError(f"unknown task {name!r}; shipped: {', '.join(TASKS)}, or "
+                           "package.module:function")
+    if subset is not None and subset < 1:
+        raise DeepzipError(f"--subset must be >= 1, got {subset}")
+    load, title, pad, flip = info[name]
+    splits: dict[bool, Any] = {}
+    eval_cache: dict[tuple, BatchLoader] = {}
+
+    def split(train: bool) -> Any:
+        if train not in splits:
+            s = load(data_dir, train=train, download=download)
+            splits[train] = s.subset(subset) if subset else s
+        return splits[train]
+
+    default = NORMALIZATIONS["cifar" if name == "cifar10" else "mnist"]
+
+    def norm(mean: Any, std: Any) -> dict[str, Any]:
+        return {"mean": tuple(mean or default[0]), "std": tuple(std or default[1])}
+
+    def train(*, batch_size: int, seed: int, mean: Any = None, std: Any = None,
+              channels_last: bool = False) -> BatchLoader:
+        return BatchLoader(split(True), batch_size, train=True, device=device, seed=seed,
+                           channels_last=channels_last, pad=pad, flip=flip, **norm(mean, std))
+
+    def evaluate(*, mean: Any = None, std: Any = None) -> BatchLoader:
+        kw = norm(mean, std)
+        key = (kw["mean"], kw["std"])  # one loader per normalization, never a stale one
+        if key not in eval_cache:
+            eval_cache[key] = BatchLoader(split(False), 500, device=device, **kw)
+        return eval_cache[key]
+
+    n = len(split(False))
+    return Task(name=name, train=train, eval=evaluate, eval_size=n, normalization=default,
+                description=f"{title} test set ({n:,} images"
+                + (", the first N of --subset)" if subset else ")"))
+
+
+TASKS = ("cifar10", "mnist")
+
+
+def load_entry_point(spec: str, what: str) -> Any:
+    """``package.module:attribute`` -> the attribute (imports the module: the user's code)."""
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise DeepzipError(f"{what} {spec!r}: expected package.module:function")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise DeepzipError(f"{what} {spec!r}: cannot import {mod_name} ({e})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DeepzipError(f"{what} {spec!r}: {mod_name} has no {attr}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
+                 download: bool = False, subset: int | None = None,
+                 device: str | torch.device = "cpu") -> Task:
+    """A shipped task's name, or ``package.module:function`` returning a :class:`Task`.
+
+    The function is called with those of ``data_dir``, ``download``, ``subset`` and
+    ``device`` that its signature accepts.
+    """
+    if ":" not in name:
+        return image_task(name, data_dir, download=download, subset=subset, device=device)
+    fn = load_entry_point(name, "--task")
+    if not callable(fn):
+        raise DeepzipError(f"--task {name!r} is not callable")
+    offered = {"data_dir": data_dir, "download": download, "subset": subset, "device": device}
+    try:
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in offered.items() if k in params} if not any(
+            p.kind is p.VAR_KEYWORD for p in params.values()) else offered
+    except (TypeError, ValueError):
+        kwargs = {}
+    task = _step(f"--task {name}", lambda: fn(**kwargs))
+    if not isinstance(task, Task):
+        raise DeepzipError(f"--task {name!r} returned {type(task).__name__}, not a "
+                           "deepzip.task.Task (see Task.from_loaders)")
+    return task

@@ -1,0 +1,181 @@
+"""The task seam: any model and data set through training, evaluation and the pipeline."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from regression_task import RegressionMLP, make_task
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import deepzip
+from deepzip import (
+    DeepzipError,
+    FunctionMetric,
+    MeanSquaredError,
+    Task,
+    TrainConfig,
+    evaluate,
+    fit,
+)
+from deepzip.cli import main
+from deepzip.models import ModelSpec, save_checkpoint
+from deepzip.task import Accuracy, resolve_task
+
+TINY = """
+name: tiny
+prune:
+  schedule: agp
+  agp: {final: 0.8, epochs: 3, start_epoch: 0, end_epoch: 2, frequency: 8,
+        global_threshold: true}
+  train: {lr: 0.02, precision: fp32, channels_last: false}
+  distill: {alpha: 0.5, temperature: 2.0}
+quantize:
+  bits: 4
+  epochs: 2
+  train: {lr: 0.002, precision: fp32, channels_last: false}
+  distill: {alpha: 0.5, temperature: 2.0}
+encode: {codebook_dtype: float16}
+"""
+
+
+def trained_regression_model(task: Task) -> nn.Module:
+    torch.manual_seed(0)
+    model = RegressionMLP()
+    fit(model, task.train, TrainConfig(epochs=15, lr=0.05, precision="fp32",
+                                       channels_last=False, weight_decay=0),
+        loss_fn=lambda out, y, _x: F.mse_loss(out, y), metric=MeanSquaredError())
+    return model
+
+
+def test_metrics_stream_and_declare_direction():
+    out = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    acc = Accuracy()
+    acc.reset()
+    acc.update(out[:2], torch.tensor([0, 0]))
+    acc.update(out[2:], torch.tensor([0]))
+    assert acc.compute() == pytest.approx(2 / 3) and acc.higher_is_better
+    mse = MeanSquaredError()
+    mse.reset()
+    mse.update(torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]]))
+    assert mse.compute() == pytest.approx(2.5) and not mse.higher_is_better
+    mse.reset()
+    with pytest.raises(DeepzipError, match="no examples"):
+        mse.compute()
+
+
+def test_regression_evaluates_with_its_own_metric_and_loss():
+    task = make_task()
+    model = trained_regression_model(task)
+    loss, value = evaluate(model, task.eval, metric=task.metric, loss_fn=task.loss)
+    assert value == pytest.approx(loss, rel=1e-5)  # one output: MSE loss == MSE metric
+    assert value < 0.2  # learned, not the ~0.9 variance of the targets
+    hist = fit(model, task.train, TrainConfig(epochs=1, lr=0.01, precision="fp32",
+                                              channels_last=False),
+               test_loader=task.eval, metric=task.metric, eval_loss=task.loss,
+               loss_fn=lambda o, y, _x: task.loss(o, y))
+    assert {"train_mse", "test_mse", "test_loss"} <= set(hist[0]) and "train_acc" not in hist[0]
+    fm = FunctionMetric(lambda m, loader: -1.0, name="neg", higher_is_better=True)
+    assert evaluate(model, task.eval, metric=fm).value == -1.0
+
+
+def test_one_batch_check_names_the_broken_part():
+    task = make_task()
+    bad = Task.from_loaders(task.train, task.eval, metric=MeanSquaredError(),
+                            loss=lambda out, y: out.sum(dim=5))
+    with pytest.raises(DeepzipError, match="one batch through the loss"):
+        bad.check(RegressionMLP(), bad.eval)
+    with pytest.raises(DeepzipError, match="one batch through the model"):
+        task.check(RegressionMLP(inputs=3), task.eval)
+
+
+def test_task_entry_points_are_checked(tmp_path):
+    assert resolve_task("regression_task:make_task", subset=128).name == "synthetic-regression"
+    for name, match in [("nosuchmodule_xyz:f", "cannot import"),
+                        ("regression_task:nothing", "has no"),
+                        ("regression_task:RegressionMLP", "not a deepzip.task.Task"),
+                        ("imagenet", "unknown task")]:
+        with pytest.raises(DeepzipError, match=match):
+            resolve_task(name)
+
+
+def test_whole_pipeline_through_task_entry_point(tmp_path, capsys):
+    """`deepzip run --task module:function` on a model and data set that are neither CIFAR
+    nor MNIST, with a lower-is-better metric."""
+    task = make_task()
+    model = trained_regression_model(task)
+    ckpt = tmp_path / "mlp.pt"
+    save_checkpoint(model, ModelSpec(arch="regression_task:RegressionMLP", num_classes=None,
+                                     mean=(), std=()), ckpt)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    out = tmp_path / "run"
+    rc = main(["run", str(recipe), "--model", str(ckpt), "--arch",
+               "regression_task:RegressionMLP", "--task", "regression_task:make_task",
+               "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert s["task"] == "synthetic-regression" and s["metric"] == "mse"
+    assert s["higher_is_better"] is False and s["identical_outputs"] is True
+    assert s["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert s["decoded_score"] == s["quantized_score"] < 0.5
+    assert "same_predictions" not in report["stages"]["verify"]  # not a classifier
+    md = (out / "report.md").read_text()
+    assert "synthetic-regression" in md and "lower is better" in md and "CIFAR" not in md
+    rc = main(["eval", str(out / "model.dzip"), "--arch", "regression_task:RegressionMLP",
+               "--task", "regression_task:make_task", "--json"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["test_mse"] == pytest.approx(
+        s["decoded_score"])
+
+
+class Unregistered(nn.Module):
+    """A classifier deepzip has never seen, defined by the user, not registered."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(2, 8, 3, padding=1), nn.BatchNorm1d(8),
+                                      nn.ReLU(), nn.AdaptiveAvgPool1d(4), nn.Flatten())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_compress_an_unregistered_model_from_python(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(768, 2, 16, generator=g)
+    y = (x[:, 0].mean(1) > 0).long() + (x[:, 1].mean(1) > 0.2).long()
+    train = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=64, shuffle=True,
+                       generator=g)
+    test = DataLoader(TensorDataset(x[512:], y[512:]), batch_size=128)
+    torch.manual_seed(0)
+    model = Unregistered()
+    fit(model, train, TrainConfig(epochs=8, lr=0.05, precision="fp32", channels_last=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    logs = []
+    report = deepzip.compress(model, (train, test), str(recipe), out=tmp_path / "run",
+                              log=logs.append)
+    s = report["summary"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    assert s["identical_outputs"] and s["same_predictions"] == "256/256"
+    assert s["baseline_score"] > 0.6 and s["decoded_score"] > s["baseline_score"] - 0.1  # 3 classes
+    decoded = deepzip.dzip.load(tmp_path / "run" / "model.dzip", Unregistered())
+    result = deepzip.verify(decoded, tmp_path / "run" / "model.dzip", test)
+    assert result["identical"] and result["max_abs_diff"] == 0.0
+    again = deepzip.compress(model, (train, test), str(recipe), out=tmp_path / "run",
+                             log=logs.append)  # resumes: every stage is done
+    assert again["summary"]["decoded_score"] == s["decoded_score"]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "model.dzip")]) == 2
+    err = capsys.readouterr().err
+    assert "test_task:Unregistered" in err and "--arch" in err and err.count("\n") == 1
+    assert main(["decode", str(tmp_path / "run" / "model.dzip"), "-o",
+                 str(tmp_path / "back.pt")]) == 0  # a state_dict needs no architecture
+    back = Unregistered()
+    back.load_state_dict(torch.load(tmp_path / "back.pt", weights_only=True)["state_dict"])
+    assert torch.equal(back.eval()(x[:8]), decoded(x[:8]))
