@@ -47,5 +47,18 @@ deepzip run share-3bit --model runs/default/prune/model.pt --reference resnet20 
 deepzip run share-5bit --model runs/default/prune/model.pt --reference resnet20 \
   --data-dir "$DATA" --out runs/default-5bit && publish default-5bit
 deepzip run share-5bit --data-dir "$DATA" --out runs/share-5bit && publish share-5bit
+# A second seed of the default: run-to-run variation.
+deepzip run default --seed 1 --data-dir "$DATA" --out runs/default-seed1 && publish default-seed1
 RUNS="runs/share-5bit runs/seed runs/default-5bit runs/default runs/default-3bit runs/small"
 deepzip pareto $RUNS -o results/pareto.png | tee results/pareto.md
+
+# Deep Compression's Table 1 on MNIST: the LeNet baselines (trained here, then shipped),
+# and their pipelines.
+deepzip train --model lenet300 --task mnist --epochs 60 --lr 0.05 --weight-decay 0.0005 \
+  --precision fp32 --data-dir "$DATA" --out runs/lenet300-baseline
+python experiments/ship_baseline.py runs/lenet300-baseline --data-dir "$DATA"
+deepzip train --model lenet5 --task mnist --epochs 40 --lr 0.02 --warmup-epochs 1 \
+  --weight-decay 0.0005 --precision fp32 --data-dir "$DATA" --out runs/lenet5-baseline
+python experiments/ship_baseline.py runs/lenet5-baseline --data-dir "$DATA"
+deepzip run lenet300 --data-dir "$DATA" --out runs/lenet300 && publish lenet300
+deepzip run lenet5 --data-dir "$DATA" --out runs/lenet5 && publish lenet5

@@ -1,5 +1,8 @@
+import gzip
 import os
 import pickle
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,11 +11,14 @@ import torch
 from deepzip import DeepzipError
 from deepzip.data import (
     CIFAR10_MEAN,
+    CIFAR10_STD,
     IMAGENET_STD,
     BatchLoader,
     ImageSplit,
     augment_batch,
     load_cifar10,
+    load_mnist,
+    parse_idx,
     parse_normalize,
     resolve_data_root,
 )
@@ -104,3 +110,85 @@ def test_loader_batches_and_normalizes():
     assert len(tr) == 2 and sum(len(y) for _, y in tr) == 8
     seen = torch.cat([y for _, y in BatchLoader(split, 5, train=True, seed=1)])
     assert sorted(seen.tolist()) == list(range(10))  # a permutation, no repeats
+
+
+MNIST_RAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "MNIST" / "raw"
+
+
+def _idx(dims, body: bytes, magic=None) -> bytes:
+    head = (magic if magic is not None else 0x0800 | len(dims)).to_bytes(4, "big")
+    return head + b"".join(d.to_bytes(4, "big") for d in dims) + body
+
+
+def test_idx_parser_checks_every_size():
+    arr = parse_idx(_idx([2, 2, 2], bytes(range(8))), 3)
+    assert arr.shape == (2, 2, 2) and arr[1, 1, 1] == 7
+    for data, match in [(_idx([2, 2, 2], bytes(7)), "holds 7 bytes"),
+                        (_idx([2, 2, 2], bytes(9)), "holds 9 bytes"),
+                        (_idx([2 ** 31, 2 ** 31, 4], b""), "header says"),
+                        (_idx([2, 2, 2], bytes(8), magic=0x0D03), "bad IDX magic"),
+                        (b"\x00\x00", "too short")]:
+        with pytest.raises(DeepzipError, match=match):
+            parse_idx(data, 3)
+
+
+def test_real_mnist_splits():
+    if not MNIST_RAW.is_dir():
+        pytest.skip("MNIST not in ../shared/data")
+    test = load_mnist(MNIST_RAW.parents[1], train=False)
+    assert test.images.shape == (10000, 1, 28, 28) and test.images.dtype == torch.uint8
+    assert torch.bincount(test.labels).tolist()[:2] == [980, 1135]
+    assert len(load_mnist(MNIST_RAW.parents[1], train=True)) == 60000
+
+
+def test_mnist_substitutes_and_bombs_are_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    with pytest.raises(DeepzipError, match="--download"):
+        load_mnist(tmp_path, train=False)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(_idx([1, 28, 28], bytes(784)))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(_idx([1], b"\x03"))
+    with pytest.raises(DeepzipError, match="md5"):  # well formed, but not the official data
+        load_mnist(tmp_path, train=False)
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    with gzip.open(raw / "t10k-images-idx3-ubyte.gz", "wb") as f:  # 100 MB of zeros, 100 KB
+        for _ in range(100):
+            f.write(bytes(1 << 20))
+    with pytest.raises(DeepzipError, match="larger than any MNIST file"):
+        load_mnist(tmp_path, train=False)
+
+
+def test_mnist_download_checks_unpacked_md5(tmp_path, monkeypatch):
+    """--download through a stand-in for the network: the shared copies' .gz files."""
+    if not MNIST_RAW.is_dir():
+        pytest.skip("MNIST not in ../shared/data")
+    import deepzip.data as data
+
+    def fetch(url, dest):
+        name = url.rsplit("/", 1)[1]
+        if url.startswith(data.MNIST_MIRRORS[0]):
+            dest.write_bytes(gzip.compress(b"not mnist"))  # a broken first mirror
+        else:
+            shutil.copyfile(MNIST_RAW / name, dest)
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    split = load_mnist(tmp_path, train=False, download=True)
+    assert len(split) == 10000
+    assert sorted(p.name for p in (tmp_path / "MNIST" / "raw").iterdir()) == sorted(
+        f"{n}.gz" for n in data.MNIST_FILES)  # nothing else left behind
+
+
+def test_grey_loader_crops_without_mirroring():
+    images = torch.arange(2 * 28 * 28, dtype=torch.int64).remainder(251).to(torch.uint8)
+    images = images.view(2, 1, 28, 28)
+    split = ImageSplit(images, torch.tensor([0, 1]))
+    loader = BatchLoader(split, 2, train=True, mean=(0.0,), std=(1 / 255,), pad=2,
+                         flip=False, seed=3)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2)).float()
+    for _ in range(10):
+        x, y = next(iter(loader))
+        for img, label in zip(x, y, strict=True):
+            crops = [padded[label, :, i:i + 28, j:j + 28] for i in range(5) for j in range(5)]
+            assert any(torch.allclose(img, c) for c in crops)  # a shifted original
+    with pytest.raises(DeepzipError, match="channel"):
+        BatchLoader(split, 2, mean=CIFAR10_MEAN, std=CIFAR10_STD)

@@ -220,3 +220,82 @@ def test_not_a_dzip_file(tmp_path):
             _load_bytes(tmp_path, data)
     with pytest.raises(DeepzipError, match="cannot read"):
         load(tmp_path / "missing.dzip")
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the decoder, self-attention and a two-layer LSTM."""
+
+    def __init__(self, vocab=50, d=32):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, d)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.lstm = nn.LSTM(d, d, num_layers=2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.decoder = nn.Linear(d, vocab)
+        self.decoder.weight = self.embedding.weight
+
+    def forward(self, x):
+        h = self.embedding(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        o, _ = self.lstm(h + a)
+        return self.decoder(self.norm(o))
+
+
+def test_tied_attention_lstm_model_roundtrips_identically(tmp_path):
+    from deepzip.prune import prunable, sparsity_of
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    names = {t.name for t in prunable(model)}
+    assert {"attn.in_proj_weight", "attn.out_proj", "lstm.weight_ih_l0",
+            "lstm.weight_hh_l1"} <= names
+    assert "embedding" not in names and "decoder" not in names  # tied: left out, stored once
+    x = torch.randint(0, 50, (3, 7))
+    plain = model(x)
+    prune_(model, PruneConfig("global", 0.6))
+    quantize_(model, QuantizeConfig(bits=4))
+    round_to_file_precision_(model)
+    ref = model(x)
+    assert not torch.equal(ref, plain)  # the LSTM and attention use their shared weights
+    save(model, tmp_path / "lm.dzip")
+    back = load(tmp_path / "lm.dzip", TiedLM())
+    assert torch.equal(back(x), ref)
+    assert back.decoder.weight is back.embedding.weight
+    assert sparsity_of(back) == pytest.approx(0.6, abs=1e-3)
+    rows = {r["name"]: r for r in inspect(tmp_path / "lm.dzip", TiedLM())["tensors"]}
+    assert rows["decoder.weight"]["encoding"] == "alias of embedding.weight"
+    assert rows["decoder.weight"]["bytes"] == 0
+    assert rows["lstm.weight_hh_l0"]["encoding"] in ("dense", "sparse")
+    # an untied copy of the class gets the same values under both names
+    untied = TiedLM()
+    untied.decoder.weight = nn.Parameter(torch.zeros(50, 32))
+    load(tmp_path / "lm.dzip", untied)
+    assert torch.equal(untied.decoder.weight, untied.embedding.weight)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda e: e.update(of="nowhere"),
+    lambda e: e.update(of=["x"]),
+    lambda e: e.update(shape=[1, 2]),
+    lambda e: e.update(of="decoder.weight"),  # itself: not before it
+])
+def test_hostile_alias_entries_are_rejected(tmp_path, mutate):
+    torch.manual_seed(0)
+    save(TiedLM(), tmp_path / "lm.dzip")
+    data = (tmp_path / "lm.dzip").read_bytes()
+    header = _header(data)
+    mutate(next(e for e in header["tensors"] if e["encoding"] == "alias"))
+    with pytest.raises(DeepzipFormatError):
+        _load_bytes(tmp_path, _with_header(data, header))
+
+
+def test_version_2_files_still_load():
+    """The files committed under results/ were written by format version 2."""
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "results" / "default" / "model.dzip"
+    if not path.is_file():
+        pytest.skip("results/default/model.dzip not in this checkout")
+    assert struct.unpack_from("<H", path.read_bytes(), 8)[0] == 2
+    state, spec = load_state(path)
+    assert spec.arch == "resnet20" and "linear.weight" in state

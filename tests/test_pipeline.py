@@ -8,8 +8,8 @@ from deepzip import DeepzipError
 from deepzip.cli import main
 from deepzip.models import ModelSpec, get, load_model, save_checkpoint
 from deepzip.pipeline import Pipeline
-from deepzip.task import image_task
 from deepzip.recipe import Distill, load_recipe
+from deepzip.task import image_task
 
 
 @pytest.mark.parametrize("text,match", [

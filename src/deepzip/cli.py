@@ -361,6 +361,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import shutil
 
@@ -369,7 +372,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = recipe_path(args.recipe)
     recipe = load_recipe(path)
-    for key in ("model", "reference", "arch", "normalize", "task", "seed"):
+    for key in OVERRIDES:
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     recipe.validate()
@@ -379,9 +382,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     task = resolve_task(recipe.task, args.data_dir, download=args.download,
                         subset=args.subset, device=_device(args))
     pipe = Pipeline(recipe, out, task, device=_device(args))
-    if is_main_process():
+    if is_main_process():  # the recipe as run: the file with the command line's changes
+        import yaml
+
+        from .atomic import atomic_write
+
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, out / "recipe.yaml")
+        with atomic_write(out / "recipe.yaml", "w") as f:
+            changed = any(getattr(args, k) is not None for k in OVERRIDES)
+            f.write(f"# recipe {args.recipe or 'default'}"
+                    + (" with the command line's settings" if changed else "") + "\n")
+            yaml.safe_dump(dataclasses.asdict(recipe), f, sort_keys=False)
         (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
     report = pipe.run()
     if not is_main_process():
