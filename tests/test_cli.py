@@ -178,3 +178,24 @@ def test_mnist_lenet_eval_and_bad_patterns(capsys, data_root):
     assert rc == 2 and "matches no prunable parameter" in err and "fc1" in err
     rc, _, err = run(capsys, "eval", "resnet32", "--data-dir", data_root)
     assert rc == 2 and "deepzip train --model resnet32" in err
+
+
+def test_encode_says_when_the_file_rounds(capsys, tmp_path):
+    from deepzip.dzip import round_to_file_precision_
+    from deepzip.models import ModelSpec, save_checkpoint
+    from deepzip.quantize import QuantizeConfig, dequantize_, quantize_
+
+    torch.manual_seed(0)
+    model = get("resnet20").eval()
+    quantize_(model, QuantizeConfig(bits=4))
+    dequantize_(model)
+    save_checkpoint(model, ModelSpec(), tmp_path / "raw.pt")
+    rc, out, _ = run(capsys, "encode", tmp_path / "raw.pt", "-o", tmp_path / "a.dzip")
+    assert rc == 0 and "not at the file's precision" in out
+    round_to_file_precision_(model)
+    save_checkpoint(model, ModelSpec(), tmp_path / "rounded.pt")
+    rc, out, _ = run(capsys, "encode", tmp_path / "rounded.pt", "-o", tmp_path / "b.dzip")
+    assert rc == 0 and "not at the file's precision" not in out
+    rc, out, _ = run(capsys, "encode", tmp_path / "raw.pt", "-o", tmp_path / "c.dzip",
+                     "--raw-dtype", "float32", "--no-fold-batchnorm")
+    assert rc == 0 and "not at the file's precision" not in out  # stored exactly

@@ -1,15 +1,20 @@
-"""Atomic file writes: a crash or Ctrl-C never leaves a half-written file behind."""
+"""Safe file I/O: atomic writes (a crash or Ctrl-C never leaves a half-written file
+behind) and bounded reads (a device, a huge file or a decompression bomb is refused
+before it fills memory)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from .errors import DeepzipError
 
 
 @contextlib.contextmanager
@@ -40,3 +45,39 @@ def _umask() -> int:
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     with atomic_write(path) as f:
         torch.save(obj, f)
+
+
+def read_limited(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """All bytes of a regular file of at most ``limit`` bytes (only what is there is
+    allocated); anything else is one DeepzipError. ``what`` names the file in errors."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise DeepzipError(f"{path}: not a regular file")
+        if st.st_size > limit:
+            raise DeepzipError(f"{path}: {st.st_size:,} bytes is larger than any {what}")
+        with open(path, "rb") as f:
+            data = f.read(st.st_size + 1)
+    except OSError as e:
+        raise DeepzipError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > limit:  # it grew while we read it
+        raise DeepzipError(f"{path}: larger than any {what}")
+    return data
+
+
+def read_gzip_limited(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """The unpacked bytes of a gzip file, read in chunks and refused past ``limit``."""
+    import gzip
+    import zlib
+
+    chunks, total = [], 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise DeepzipError(f"{path}: unpacks to more than any {what}")
+                chunks.append(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DeepzipError(f"{path}: cannot read ({e})") from None
+    return b"".join(chunks)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import read_gzip_limited, read_limited
 from .errors import DeepzipError
 
 __all__ = [
@@ -125,22 +126,39 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
 
 
+_MAX_BATCH_BYTES = 160 << 20  # a CIFAR-10 batch is 31 MB (123 MB if saved as float32)
+_BATCH_IMAGES = 10_000
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch file: read with a size limit, unpickled with only numpy arrays
+    and plain containers allowed, and checked for structure before anything is copied
+    (a pickle of allowed pieces can still describe a huge strided array or a deep list)."""
+    blob = read_limited(path, _MAX_BATCH_BYTES, "CIFAR-10 batch")
     try:
-        with open(path, "rb") as f:
-            raw = _RestrictedUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DeepzipError(f"{path}: not a CIFAR-10 batch ({e})") from None
+        raw = _RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - no code can run (find_class); any failure is bad data
+        raise DeepzipError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: "
+                           f"{str(e)[:80]})") from None
     if not isinstance(raw, dict):
         raise DeepzipError(f"{path}: not a CIFAR-10 batch (top level is not a dict)")
     d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in raw.items()}
     if "data" not in d or "labels" not in d:
         raise DeepzipError(f"{path}: missing 'data' or 'labels'")
-    data, labels = d["data"], np.asarray(d["labels"])
+    data, labels = d["data"], d["labels"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3072:
-        raise DeepzipError(f"{path}: 'data' must be uint8 of shape (N, 3072)")
-    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+            or data.shape[1] != 3072 or not 0 < data.shape[0] <= _BATCH_IMAGES \
+            or not data.flags.c_contiguous:
+        raise DeepzipError(f"{path}: 'data' must be contiguous uint8 of shape (N, 3072), "
+                           f"N <= {_BATCH_IMAGES}")
+    if isinstance(labels, list):
+        if len(labels) != data.shape[0] or not all(type(v) is int for v in labels):
+            raise DeepzipError(f"{path}: 'labels' must be N integers")
+        if not all(0 <= v <= 9 for v in labels):
+            raise DeepzipError(f"{path}: labels outside 0..9")
+        labels = np.array(labels, dtype=np.int64)
+    if not isinstance(labels, np.ndarray) or labels.shape != (data.shape[0],) \
+            or labels.dtype.kind not in "iu":
         raise DeepzipError(f"{path}: 'labels' must be N integers")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DeepzipError(f"{path}: labels outside 0..9")
@@ -231,16 +249,10 @@ _MAX_IDX_BYTES = 64 << 20  # the largest MNIST file is 47,040,016 bytes unpacked
 def _read_idx_bytes(folder: Path, name: str) -> bytes | None:
     """The unpacked bytes of ``name`` or ``name.gz`` (None if neither exists), read with a
     size limit so a hostile gzip cannot fill memory."""
-    for path, opener in ((folder / name, open), (folder / f"{name}.gz", gzip.open)):
-        if path.is_file():
-            try:
-                with opener(path, "rb") as f:
-                    data = f.read(_MAX_IDX_BYTES + 1)
-            except (OSError, EOFError, zlib.error) as e:
-                raise DeepzipError(f"{path}: cannot read ({e})") from None
-            if len(data) > _MAX_IDX_BYTES:
-                raise DeepzipError(f"{path}: larger than any MNIST file")
-            return data
+    if (folder / name).exists():
+        return read_limited(folder / name, _MAX_IDX_BYTES, "MNIST file")
+    if (folder / f"{name}.gz").exists():
+        return read_gzip_limited(folder / f"{name}.gz", _MAX_IDX_BYTES, "MNIST file")
     return None
 
 

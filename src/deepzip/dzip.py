@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_write
-from .errors import DeepzipError
+from .atomic import atomic_write, read_limited
+from .errors import DeepzipError, DeepzipFormatError
 from .huffman import HuffmanCode, decode, encode
 from .models import ModelSpec, load_state_dict_strict
 from .prune import bake_, is_pruned
@@ -62,10 +62,6 @@ _DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"),
            "bool": (torch.bool, "?")}
 _STORE = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "uint8": "u1",
           "bool": "?"}
-
-
-class DeepzipFormatError(DeepzipError, ValueError):
-    """The file is not a valid .dzip (truncated, corrupted, hostile or another format)."""
 
 
 # ---------------------------------------------------------------- tensor encodings
@@ -151,32 +147,21 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
 
 
 def _decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> np.ndarray:
-    k = _int(meta, "clusters", 0, MAX_CLUSTERS)
-    store = _STORE.get(meta.get("codebook_dtype"))
-    if store is None or meta["codebook_dtype"] not in ("float32", "float16"):
-        raise DeepzipFormatError("bad codebook dtype")
-    raw_book = parts["codebook"]
-    if len(raw_book) != k * np.dtype(store).itemsize:
-        raise DeepzipFormatError("codebook has the wrong size")
-    book = np.frombuffer(raw_book, dtype=store).astype(np.float32)
+    """Decode a dense or sparse shared tensor whose entry :func:`_check_entry` accepted."""
+    k = meta["clusters"]
+    book = np.frombuffer(parts["codebook"], dtype=_STORE[meta["codebook_dtype"]]).astype(
+        np.float32)
     icode = HuffmanCode(_unpack_lengths(parts["index_lengths"], k + 1))
-    enc = meta.get("encoding")
-    if enc == "dense":
-        syms = decode(parts["indices"], _int(meta, "index_nbits", 0, 8 * len(parts["indices"])),
-                      numel, icode)
+    if meta["encoding"] == "dense":
+        syms = decode(parts["indices"], meta["index_nbits"], numel, icode)
         out = np.zeros(numel, dtype=np.float32)
         real = syms < k
         out[real] = book[syms[real]]
         return out
-    gap_bits = _int(meta, "gap_bits", 1, 8)
-    entries = _int(meta, "entries", 0, 8 * len(parts["indices"]))
-    if numel > entries << gap_bits:
-        raise DeepzipFormatError("sparse entries cannot cover the tensor")
+    gap_bits, entries = meta["gap_bits"], meta["entries"]
     gcode = HuffmanCode(_unpack_lengths(parts["gap_lengths"], 1 << gap_bits))
-    runs = decode(parts["gaps"], _int(meta, "gap_nbits", 0, 8 * len(parts["gaps"])),
-                  entries, gcode)
-    syms = decode(parts["indices"], _int(meta, "index_nbits", 0, 8 * len(parts["indices"])),
-                  entries, icode)
+    runs = decode(parts["gaps"], meta["gap_nbits"], entries, gcode)
+    syms = decode(parts["indices"], meta["index_nbits"], entries, icode)
     pos = np.cumsum(runs + 1) - 1
     if (pos[-1] if entries else -1) != numel - 1:
         raise DeepzipFormatError("sparse entries do not cover the tensor exactly")
@@ -194,14 +179,18 @@ def _int(meta: dict[str, Any], key: str, lo: int, hi: int) -> int:
 
 
 # ---------------------------------------------------------------- model level
-def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _plain_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
     """State dict as the plain model would have it: pruning masks (``weight_orig`` /
     ``weight_mask``) and weight sharing (parametrizations) folded into ``weight``.
 
     Reads the effective weights instead of baking a deep copy: removing a
-    parametrization from a copy would also strip it from the original's class.
+    parametrization from a copy would also strip it from the original's class. Keys come
+    in a canonical order (by module, then name), so a model gives the same file whether
+    it was pruned in this process or loaded from a checkpoint (PyTorch re-registers a
+    pruned parameter last). ``copy=False``: the tensors as they are (meta ones too).
     """
     modules = dict(model.named_modules())
+    position = {name: i for i, name in enumerate(modules)}
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -217,7 +206,11 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
                 out[_join(owner, leaf[:-5])] = getattr(modules[owner], leaf[:-5])
             continue
         out[key] = t
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+    ordered = sorted(out.items(), key=lambda kv: (position.get(kv[0].rpartition(".")[0], -1),
+                                                  kv[0]))
+    if not copy:
+        return dict(ordered)
+    return {k: v.detach().cpu().contiguous() for k, v in ordered}
 
 
 def _join(owner: str, attr: str) -> str:
@@ -228,15 +221,20 @@ def _shared_names(state: dict[str, torch.Tensor]) -> set[str]:
     """Floating tensors of 2+ dimensions with at most 256 distinct nonzero values: stored
     shared (the codebook is exactly those values, so this is lossless)."""
     return {k for k, w in state.items() if w.is_floating_point() and w.dim() >= 2
-            and w.numel() and torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS}
+            and w.numel() and bool(torch.isfinite(w).all())
+            and torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS}
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """state_dict keys that name a tensor already stored under an earlier key (tied
+def _aliases(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Keys that name a tensor already stored under an earlier one of ``keys`` (tied
     weights, buffers sharing storage): alias -> first key."""
+    own = model.state_dict(keep_vars=True)
     first: dict[tuple, str] = {}
     out = {}
-    for key, t in model.state_dict(keep_vars=True).items():
+    for key in keys:
+        t = own.get(key)
+        if t is None:  # a pruned or shared weight: never tied (see prune.prunable)
+            continue
         ident = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) \
             if t.numel() else (id(t),)
         if ident in first:
@@ -368,8 +366,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     >>> model = load("resnet20.dzip")  # doctest: +SKIP
     """
     _check_dtypes(raw_dtype, codebook_dtype)
-    aliases = _aliases(model)
     state = _plain_state(model)
+    aliases = _aliases(model, list(state))
     shared = _shared_names(state)
     bns = _batchnorms(model) if fold_batchnorm else {}
     owner = {f"{p}.{k}": p for p in bns for k in _BN_KEYS}
@@ -429,12 +427,19 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
             "file_bytes": _PREAMBLE.size + len(hdr) + offset}
 
 
+MAX_FILE = 1 << 31  # 2 GiB: far above any model this format is for
+MAX_ELEMENTS = 1 << 28  # decoded elements of a file with no model to check it against
+_PARTS = {"raw": ("data",), "bn": ("data",), "alias": (),
+          "dense": ("codebook", "index_lengths", "indices"),
+          "sparse": ("codebook", "index_lengths", "indices", "gap_lengths", "gaps")}
+
+
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DeepzipError(f"cannot read {path}: {e.strerror or e}") from None
+    """Preamble, checksums and header of a file, read with a size limit (a device or a
+    huge file is refused before it is read)."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DeepzipFormatError(f"{path}: not a regular file")
+    raw = read_limited(path, MAX_FILE, ".dzip file")
     if len(raw) < _PREAMBLE.size:
         raise DeepzipFormatError(f"{path}: too short to be a .dzip file")
     magic, version, _, hlen, hcrc, dcrc = _PREAMBLE.unpack_from(raw)
@@ -454,8 +459,8 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int
         if d.unconsumed_tail:
             raise DeepzipFormatError(f"{path}: header too large")
         header = json.loads(text)
-    except (zlib.error, ValueError, UnicodeDecodeError) as e:
-        raise DeepzipFormatError(f"{path}: unreadable header ({e})") from None
+    except (zlib.error, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise DeepzipFormatError(f"{path}: unreadable header ({type(e).__name__})") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
         raise DeepzipFormatError(f"{path}: header lacks a tensor list")
     if zlib.crc32(memoryview(raw)[_PREAMBLE.size + hlen:]) != dcrc:
@@ -463,85 +468,175 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int
     return header, memoryview(raw)[_PREAMBLE.size + hlen:], _PREAMBLE.size + hlen
 
 
-def _parts(entry: dict[str, Any], data: memoryview, needed: tuple[str, ...]) -> dict[str, bytes]:
-    parts = entry.get("parts")
-    if not isinstance(parts, dict):
-        raise DeepzipFormatError(f"{entry.get('name')!r}: no parts")
-    out = {}
-    for name in needed:
-        p = parts.get(name)
-        if not (isinstance(p, list) and len(p) == 2 and all(isinstance(v, int)
-                                                             and not isinstance(v, bool)
-                                                             for v in p)):
-            raise DeepzipFormatError(f"{entry.get('name')!r}: bad part {name!r}")
-        off, length = p
-        if off < 0 or length < 0 or off + length > len(data):
-            raise DeepzipFormatError(f"{entry.get('name')!r}: part {name!r} lies outside "
-                                     "the file (truncated?)")
-        out[name] = bytes(data[off:off + length])
-    return out
+def _choice(entry: dict[str, Any], key: str, allowed: Any) -> str:
+    """A header string that must be one of ``allowed`` (checked as a string first, so a
+    list or dict in its place is an error, not an unhashable-type crash)."""
+    v = entry.get(key)
+    if not isinstance(v, str) or v not in allowed:
+        raise DeepzipFormatError(f"{entry.get('name')!r}: bad {key} {str(v)[:40]!r}")
+    return v
 
 
-def _decode_entry(entry: Any, data: memoryview) -> dict[str, torch.Tensor]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+def _check_entry(e: Any, data_len: int, seen: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Validate one tensor entry completely, before anything is decoded: types, shape,
+    encoding, every part inside the data area, and sizes that the stored bits can hold.
+    Returns the state_dict keys it will produce, with their shapes."""
+    if not isinstance(e, dict):
         raise DeepzipFormatError("bad tensor entry")
-    if entry.get("encoding") != "bn":
-        return dict([_decode_tensor(entry, data)])
-    name, eps = entry["name"], entry.get("eps")
-    if not isinstance(eps, float) or not 0 < eps < 1:
-        raise DeepzipFormatError(f"{name!r}: bad BatchNorm eps")
-    _, both = _decode_tensor({**entry, "encoding": "raw",
-                              "shape": [2, *entry.get("shape", [None])]}, data)
-    return _bn_state(name, both[0].contiguous(), both[1].contiguous(), eps)
-
-
-def _decode_tensor(entry: dict[str, Any], data: memoryview) -> tuple[str, torch.Tensor]:
-    name, shape = entry["name"], entry.get("shape")
+    name = _str(e, "name")
+    shape = e.get("shape")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in shape)):
         raise DeepzipFormatError(f"{name!r}: bad shape")
     numel = math.prod(shape)
-    dtype = entry.get("dtype")
-    if dtype not in _DTYPES:
-        raise DeepzipFormatError(f"{name!r}: bad dtype {dtype!r}")
-    enc = entry.get("encoding")
-    if enc == "raw":
-        store = entry.get("store")
-        if store not in _STORE:
-            raise DeepzipFormatError(f"{name!r}: bad storage dtype {store!r}")
-        blob = _parts(entry, data, ("data",))["data"]
-        if len(blob) != numel * np.dtype(_STORE[store]).itemsize:
+    enc = _choice(e, "encoding", _PARTS)
+    _choice(e, "dtype", _DTYPES)
+    parts = e.get("parts", {}) if enc == "alias" else e.get("parts")
+    if not isinstance(parts, dict) or set(parts) != set(_PARTS[enc]):
+        raise DeepzipFormatError(f"{name!r}: parts must be exactly {', '.join(_PARTS[enc])}")
+    for pname, p in parts.items():
+        if not (isinstance(p, list) and len(p) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in p)):
+            raise DeepzipFormatError(f"{name!r}: bad part {pname!r}")
+        if p[0] < 0 or p[1] < 0 or p[0] + p[1] > data_len:
+            raise DeepzipFormatError(f"{name!r}: part {pname!r} lies outside the file "
+                                     "(truncated?)")
+    size = {k: v[1] for k, v in parts.items()}
+    if enc == "alias":
+        of = _str(e, "of")
+        if seen.get(of) != shape:
+            raise DeepzipFormatError(f"{name!r}: alias of {of!r}, which comes nowhere before "
+                                     "it with that shape")
+    elif enc in ("raw", "bn"):
+        store = _choice(e, "store", _STORE)
+        count = numel * (2 if enc == "bn" else 1)
+        if size["data"] != count * np.dtype(_STORE[store]).itemsize:
             raise DeepzipFormatError(f"{name!r}: data size does not match its shape")
-        arr = np.frombuffer(blob, dtype=_STORE[store]).copy()
-        t = torch.from_numpy(arr)
-    elif enc in ("dense", "sparse"):
-        needed = ("codebook", "index_lengths", "indices") + (
-            ("gap_lengths", "gaps") if enc == "sparse" else ())
-        if enc == "dense" and numel > 8 * len(data):
-            raise DeepzipFormatError(f"{name!r}: more weights than bits in the file")
-        t = torch.from_numpy(_decode_shared(entry, _parts(entry, data, needed), numel))
+        if enc == "bn":
+            eps = e.get("eps")
+            if not isinstance(eps, float) or not 0 < eps < 1 or len(shape) != 1:
+                raise DeepzipFormatError(f"{name!r}: bad BatchNorm entry")
+            return {f"{name}.{k}": (shape if k != "num_batches_tracked" else [])
+                    for k in _BN_KEYS}
     else:
-        raise DeepzipFormatError(f"{name!r}: unknown encoding {enc!r}")
-    return name, t.to(_DTYPES[dtype][0]).reshape(shape)
+        k = _int(e, "clusters", 0, MAX_CLUSTERS)
+        _choice(e, "codebook_dtype", ("float32", "float16"))
+        if size["codebook"] != k * np.dtype(_STORE[e["codebook_dtype"]]).itemsize:
+            raise DeepzipFormatError(f"{name!r}: codebook has the wrong size")
+        if size["index_lengths"] != (k + 2) // 2:
+            raise DeepzipFormatError(f"{name!r}: code-length table has the wrong size")
+        _int(e, "index_nbits", 0, 8 * size["indices"])
+        if enc == "dense":
+            if numel > 8 * size["indices"]:  # every weight costs at least one bit
+                raise DeepzipFormatError(f"{name!r}: more weights than bits in the file")
+        else:
+            gap_bits = _int(e, "gap_bits", 1, 8)
+            entries = _int(e, "entries", 0, min(8 * size["indices"], 8 * size["gaps"]))
+            _int(e, "gap_nbits", 0, 8 * size["gaps"])
+            if size["gap_lengths"] != ((1 << gap_bits) + 1) // 2:
+                raise DeepzipFormatError(f"{name!r}: gap code table has the wrong size")
+            if numel > entries << gap_bits:
+                raise DeepzipFormatError(f"{name!r}: sparse entries cannot cover the tensor")
+    return {name: shape}
 
 
-def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
-                                                       ModelSpec | None]:
-    """Decode a ``.dzip`` file into a plain state_dict and its model spec (if recorded)."""
+def _check_header(header: dict[str, Any], data_len: int,
+                  expected: dict[str, list[int]] | None, where: str) -> int:
+    """Validate every entry; check the keys and shapes against the model that will
+    receive them (``expected``), or cap the total when there is none. Returns the number
+    of elements the file decodes to: nothing is allocated before this passes."""
+    out: dict[str, list[int]] = {}
+    for e in header["tensors"]:
+        for key, shape in _check_entry(e, data_len, out).items():
+            if key in out:
+                raise DeepzipFormatError(f"{where}: {key!r} appears twice")
+            out[key] = shape
+    if expected is not None:
+        wrong = [f"{k} {tuple(v)} vs {tuple(expected[k])}" for k, v in out.items()
+                 if k in expected and v != expected[k]]
+        extra = [k for k in out if k not in expected]
+        if wrong or extra:
+            raise DeepzipFormatError(
+                f"{where} does not fit the model: "
+                + "; ".join(([f"shape mismatch: {', '.join(wrong[:5])}"] if wrong else [])
+                            + ([f"unexpected keys: {', '.join(extra[:5])}"] if extra else [])))
+    total = sum(math.prod(s) for s in out.values())
+    if expected is None and total > MAX_ELEMENTS:
+        raise DeepzipFormatError(f"{where}: declares {total:,} values, more than deepzip "
+                                 f"decodes without a model to check them against")
+    return total
+
+
+def _part_bytes(entry: dict[str, Any], data: memoryview) -> dict[str, bytes]:
+    return {n: bytes(data[off:off + length]) for n, (off, length) in entry["parts"].items()}
+
+
+def _decode_entry(e: dict[str, Any], data: memoryview, state: dict[str, torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
+    """Decode one entry that :func:`_check_entry` accepted."""
+    name, shape, enc = e["name"], e["shape"], e["encoding"]
+    if enc == "alias":
+        return {name: state[e["of"]]}
+    parts = _part_bytes(e, data)
+    if enc in ("raw", "bn"):
+        t = torch.from_numpy(np.frombuffer(parts["data"], dtype=_STORE[e["store"]]).copy())
+        if enc == "bn":
+            both = t.float().view(2, *shape)
+            return _bn_state(name, both[0].contiguous(), both[1].contiguous(), e["eps"])
+    else:
+        t = torch.from_numpy(_decode_shared(e, parts, math.prod(shape)))
+    return {name: t.to(_DTYPES[e["dtype"]][0]).reshape(shape)}
+
+
+def _plain_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in _plain_state_meta(model).items()}
+
+
+def _plain_state_meta(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain state_dict's keys and shapes without copying any data."""
+    return _plain_state(model, copy=False)
+
+
+def _spec_of(header: dict[str, Any], where: str) -> ModelSpec | None:
+    meta = header.get("model")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise DeepzipFormatError(f"{where}: bad model spec")
+    try:
+        return ModelSpec.from_dict(meta)
+    except DeepzipError as e:
+        raise DeepzipFormatError(f"{where}: {e}") from None
+
+
+def _meta_model(spec: ModelSpec | None) -> nn.Module | None:
+    """The recorded architecture built on the meta device (no memory for weights), to
+    check a file's shapes before the real model or any tensor is allocated."""
+    if spec is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return spec.build()
+    except Exception:  # noqa: BLE001 - not registered here, or a factory that needs memory
+        return None
+
+
+def load_state(path: str | os.PathLike[str], model: nn.Module | None = None
+               ) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
+    """Decode a ``.dzip`` file into a plain state_dict and its model spec (if recorded).
+
+    Every entry is validated first, and its keys and shapes are checked against
+    ``model`` (or the architecture the file records, built without memory), so a damaged
+    or hostile file is refused before anything is allocated for it.
+    """
     header, data, _ = _read(path)
+    spec = _spec_of(header, str(path))
+    target = model if model is not None else _meta_model(spec)
+    expected = _plain_shapes(target) if target is not None else None
+    _check_header(header, len(data), expected, str(path))
     state: dict[str, torch.Tensor] = {}
     for e in header["tensors"]:
-        if isinstance(e, dict) and e.get("encoding") == "alias":
-            state[_str(e, "name")] = _alias_of(e, state)
-            continue
-        state.update(_decode_entry(e, data))
-    meta = header.get("model")
-    spec = None
-    if isinstance(meta, dict):
-        try:
-            spec = ModelSpec.from_dict(meta)
-        except DeepzipError as e:
-            raise DeepzipFormatError(f"{path}: {e}") from None
+        state.update(_decode_entry(e, data, state))
     return state, spec
 
 
@@ -552,30 +647,34 @@ def _str(entry: dict[str, Any], key: str) -> str:
     return v
 
 
-def _alias_of(entry: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The earlier tensor an alias entry names, checked against the alias's own shape."""
-    of = _str(entry, "of")
-    if of not in state:
-        raise DeepzipFormatError(f"{entry['name']!r}: alias of {of!r}, which comes nowhere "
-                                 "before it")
-    if entry.get("shape") != list(state[of].shape):
-        raise DeepzipFormatError(f"{entry['name']!r}: alias shape differs from {of!r}'s")
-    return state[of]
-
-
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model from a ``.dzip`` file, in eval mode.
 
     ``model``: an instance to fill (any architecture, no registration needed); without
-    it, the architecture recorded in the file is built from deepzip's registry.
+    it, the architecture recorded in the file is built from deepzip's registry (after
+    the file's shapes were checked against it).
     """
-    state, spec = load_state(path)
+    state, spec = load_state(path, model)
     if model is None:
         if spec is None:
             raise DeepzipError(f"{path} records no architecture: pass model=YourModel()")
-        model = spec.build()
-    load_state_dict_strict(model, state)
+        try:
+            model = spec.build()
+        except DeepzipError:
+            raise DeepzipFormatError(
+                f"{path} records architecture {spec.arch!r}, which is not registered here: "
+                "pass the model to fill (--arch NAME or package.module:Factory)") from None
+    _fill(model, state, path)
     return model.eval()
+
+
+def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
+    """Load a decoded state into ``model``; a file that lacks keys the model needs is a
+    format error of that file."""
+    try:
+        load_state_dict_strict(model, state)
+    except DeepzipError as e:
+        raise DeepzipFormatError(f"{path}: {e}") from None
 
 
 # Where a file's bytes go: zero-run positions of sparse layers, cluster indices (a dense
@@ -592,7 +691,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     ``state_dict`` written by ``torch.save`` over bytes of this file; the one we lead with.
     """
     header, data, head = _read(path)
-    state, spec = load_state(path)
+    state, spec = load_state(path, model)
     rows, weights, coded_bits = [], 0, 0.0
     where = dict.fromkeys(("header", "positions", "values", "codebooks", "other"), 0)
     where["header"] = head
@@ -625,7 +724,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
         except DeepzipError:  # an architecture not registered here: sizes from the file
             model = None
     if model is not None:
-        load_state_dict_strict(model, state)
+        _fill(model, state, path)
         fp32 = state_dict_bytes(model)
         params = sum(p.numel() for p in model.parameters())
     else:

@@ -6,3 +6,7 @@ class DeepzipError(Exception):
 
     The CLI prints ``str(err)`` on one line and exits non-zero instead of a traceback.
     """
+
+
+class DeepzipFormatError(DeepzipError, ValueError):
+    """A file is not a valid .dzip (truncated, corrupted, hostile or another format)."""

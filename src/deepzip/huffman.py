@@ -14,7 +14,7 @@ import numpy as np
 from bitarray import bitarray
 from bitarray.util import canonical_decode, int2ba
 
-from .errors import DeepzipError
+from .errors import DeepzipError, DeepzipFormatError
 
 __all__ = ["MAX_CODE_LENGTH", "HuffmanCode", "code_lengths", "decode", "encode"]
 
@@ -79,7 +79,7 @@ class HuffmanCode:
         """(count per length, symbols in canonical order): bitarray's decoding tables."""
         lengths = np.asarray(self.lengths)
         if lengths.ndim != 1 or (lengths < 0).any() or (lengths > MAX_CODE_LENGTH).any():
-            raise DeepzipError("bad Huffman code lengths")
+            raise DeepzipFormatError("bad Huffman code lengths")
         used = np.flatnonzero(lengths)
         order = used[np.lexsort((used, lengths[used]))]
         count = np.bincount(lengths[used], minlength=MAX_CODE_LENGTH + 1)
@@ -87,7 +87,7 @@ class HuffmanCode:
         # Kraft: a prefix code exists iff sum 2^-l <= 1.
         if sum(int(c) << (MAX_CODE_LENGTH - i) for i, c in enumerate(count)) \
                 > 1 << MAX_CODE_LENGTH:
-            raise DeepzipError("Huffman code lengths violate the Kraft inequality")
+            raise DeepzipFormatError("Huffman code lengths violate the Kraft inequality")
         return count.tolist(), order.tolist()
 
     def codes(self) -> dict[int, bitarray]:
@@ -130,10 +130,10 @@ def decode(data: bytes, nbits: int, count: int, code: HuffmanCode) -> np.ndarray
     bit pattern that is no code word: a corrupt stream never decodes silently.
     """
     if not 0 <= nbits <= 8 * len(data) or count < 0 or count > max(nbits, 0):
-        raise DeepzipError("Huffman stream sizes are inconsistent")
+        raise DeepzipFormatError("Huffman stream sizes are inconsistent")
     if count == 0:
         if nbits:
-            raise DeepzipError("Huffman stream has bits but no symbols")
+            raise DeepzipFormatError("Huffman stream has bits but no symbols")
         return np.zeros(0, dtype=np.int64)
     counts, order = code.tables()
     a = bitarray(endian="big")
@@ -142,7 +142,7 @@ def decode(data: bytes, nbits: int, count: int, code: HuffmanCode) -> np.ndarray
     try:
         out = np.fromiter(canonical_decode(a, counts, order), dtype=np.int64, count=count)
     except (ValueError, IndexError) as e:
-        raise DeepzipError(f"corrupt Huffman stream ({e})") from None
+        raise DeepzipFormatError(f"corrupt Huffman stream ({e})") from None
     if code.bits(out) != nbits:
-        raise DeepzipError("corrupt Huffman stream (bits left over)")
+        raise DeepzipFormatError("corrupt Huffman stream (bits left over)")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -12,7 +13,7 @@ from typing import Any
 from .errors import DeepzipError
 from .prune import METHODS
 from .quantize import INITS, MAX_BITS
-from .train import TrainConfig
+from .train import TrainConfig, brief
 
 __all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "load_recipe"]
 
@@ -125,6 +126,8 @@ class Recipe:
                 problems.append("prune.agp.frequency must be >= 1")
             if a.global_threshold and (a.per_layer or a.sensitivity_max_drop is not None):
                 problems.append("prune.agp.global_threshold excludes per-layer targets")
+            if a.sensitivity_max_drop is not None and not a.sensitivity_max_drop >= 0:
+                problems.append("prune.agp.sensitivity_max_drop must be >= 0")
         for d in (p.distill, q.distill if q else None):
             if d is not None and (not 0 <= d.alpha <= 1 or d.temperature <= 0):
                 problems.append("distill needs 0 <= alpha <= 1 and temperature > 0")
@@ -139,8 +142,10 @@ class Recipe:
         for d in (self.encode.raw_dtype, self.encode.codebook_dtype):
             if d not in ("float16", "float32"):
                 problems.append(f"encode dtypes must be float16 or float32, not {d!r}")
+        if not 0 <= self.seed < 2 ** 63:
+            problems.append(f"seed must be in 0..2^63-1, got {brief(self.seed)}")
         if problems:
-            raise DeepzipError(f"recipe {self.name!r}: " + "; ".join(problems))
+            raise DeepzipError(f"recipe {brief(self.name)}: " + "; ".join(problems))
         for section in (p.train, q.train if q else {}):
             self.train_config(section, epochs=1)  # unknown or bad training keys fail now
 
@@ -176,23 +181,29 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, where)
     if origin is list:
-        if not isinstance(v, list):
-            raise DeepzipError(f"{where}: expected a list")
+        if not isinstance(v, list) or len(v) > 10_000:
+            raise DeepzipError(f"{where}: expected a list (of at most 10,000 items)")
         (item,) = typing.get_args(tp)
         return [_coerce(item, x, f"{where}[{i}]") for i, x in enumerate(v)]
     if origin is dict:
-        if not isinstance(v, dict):
-            raise DeepzipError(f"{where}: expected a mapping")
+        if not isinstance(v, dict) or len(v) > 10_000:
+            raise DeepzipError(f"{where}: expected a mapping (of at most 10,000 items)")
         _, val = typing.get_args(tp)
         return {str(k): (x if val is Any else _coerce(val, x, f"{where}.{k}"))
                 for k, x in v.items()}
     if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    if tp in (int, str, bool) and (type(v) is tp):
+        if (abs(v) < 1e300 if isinstance(v, int) else math.isfinite(v)):
+            return float(v)
+        raise DeepzipError(f"{where}: expected a finite number, got {brief(v)}")
+    if tp is int and type(v) is int:
+        if -(2 ** 63) < v < 2 ** 63:
+            return v
+        raise DeepzipError(f"{where}: {brief(v)} is out of range")
+    if tp in (str, bool) and type(v) is tp:
         return v
     if tp is Any:
         return v
-    raise DeepzipError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {v!r}")
+    raise DeepzipError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {brief(v)}")
 
 
 def recipe_path(name: str | os.PathLike[str] | None) -> str:
@@ -210,21 +221,61 @@ def recipe_path(name: str | os.PathLike[str] | None) -> str:
     raise DeepzipError(f"no recipe file {name!r}; shipped recipes: {', '.join(shipped)}")
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader without aliases (no billion-laughs expansion) and with a
+    nesting limit: a recipe is a small tree of plain values."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent) or getattr(
+                    self.peek_event(), "anchor", None):
+                raise DeepzipError("recipes may not use YAML anchors or aliases (& and *)")
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                if self._depth > MAX_DEPTH:
+                    raise DeepzipError(f"recipe nests deeper than {MAX_DEPTH} levels")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    return RecipeLoader
+
+
 def load_recipe(path: str | os.PathLike[str] | None) -> Recipe:
-    """Read and validate a recipe file; ``None`` gives the built-in defaults."""
+    """Read and validate a recipe file; ``None`` gives the built-in defaults.
+
+    The file is read with a size limit, parsed without YAML aliases and nested at most
+    32 levels, and every value is checked against its declared type (finite numbers,
+    bounded integers) before anything runs.
+    """
     if path is None:
         recipe = Recipe(prune=PruneStage(steps=[PruneStep()]))
     else:
         import yaml
 
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
+            with open(path, "rb") as f:
+                raw = f.read(MAX_RECIPE_BYTES + 1)
+            if len(raw) > MAX_RECIPE_BYTES:
+                raise DeepzipError(f"recipe {path} is over {MAX_RECIPE_BYTES:,} bytes")
+            data = yaml.load(raw.decode("utf-8"), Loader=_yaml_loader())  # noqa: S506
         except OSError as e:
             raise DeepzipError(f"cannot read recipe {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise DeepzipError(f"recipe {path} is not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise DeepzipError(f"recipe {path} is not valid YAML: "
                                f"{str(e).splitlines()[0]}") from None
+        except RecursionError:
+            raise DeepzipError(f"recipe {path} nests too deeply") from None
+        except (ValueError, OverflowError) as e:  # e.g. a 5,000-digit number
+            raise DeepzipError(f"recipe {path}: a value cannot be read "
+                               f"({str(e).splitlines()[0][:80]})") from None
         recipe = Recipe.from_dict(data if data is not None else {})
     recipe.validate()
     return recipe

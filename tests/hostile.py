@@ -1,0 +1,450 @@
+"""Generators of hostile inputs for deepzip's readers, and the harness that feeds them.
+
+Shared by ``tests/test_fuzz.py`` (fixed seeds, small budgets, in every CI run) and
+``bench/fuzz.py`` (10,000+ inputs per reader). Each generator is structure-aware: it
+mutates what the reader parses (header fields with the checksums recomputed, pickled
+objects built from allowed pieces, IDX sizes, recipe leaves), so the inputs get past the
+first check and reach the code behind it. The harness counts outcomes: accepted, refused
+with the reader's own error, or anything else (a defect); and measures the peak memory
+each input allocated (tracemalloc sees NumPy's buffers, where decoding allocates) against
+a bound proportional to what the input legitimately declares.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import math
+import pickle
+import random
+import struct
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HOSTILE = [0, 1, -1, 2, 255, 256, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2 ** 63, 10 ** 30, -(2 ** 31),
+           0.5, -0.0, 1e-300, 1e30, float("nan"), float("inf"), -float("inf"), "", "x",
+           "float64", "float16", "object", "raw", "dense", "sparse", "bn", "alias", "int64",
+           "os:system", "A" * 5000, None, True, False, [], [1], [0, 10 ** 12], [-5, 3],
+           [[1, 2], [3]], {}, {"a": 1}, {"float16": 1}]
+
+
+def deep(n: int) -> list:
+    x: list = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+@dataclass
+class Outcome:
+    """What a batch of hostile inputs did."""
+
+    inputs: int = 0
+    accepted: int = 0
+    refused: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    over_bound: list[str] = field(default_factory=list)
+    peak_ratio: float = 0.0  # largest peak / bound seen
+
+    def line(self, what: str) -> str:
+        return (f"{what}: {self.inputs:,} inputs, {self.accepted:,} accepted, "
+                f"{self.refused:,} refused with the reader's error, "
+                f"{len(self.unexpected)} unexpected exceptions, {len(self.over_bound)} "
+                f"allocations over the bound (largest peak {self.peak_ratio:.3f} of it)")
+
+
+def feed(outcome: Outcome, label: str, call: Callable[[], Any], expected: type[BaseException],
+         bound: Callable[[Any], int]) -> None:
+    """Run ``call`` once under tracemalloc; classify the result; check peak <= bound(result)
+    (result is None when the input was refused)."""
+    outcome.inputs += 1
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    result = None
+    try:
+        result = call()
+        outcome.accepted += 1
+    except expected:
+        outcome.refused += 1
+    except Exception as e:  # noqa: BLE001 - the point: anything else is a defect
+        outcome.unexpected.append(f"{label}: {type(e).__name__}: {str(e)[:120]}")
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    limit = bound(result)
+    outcome.peak_ratio = max(outcome.peak_ratio, peak / limit)
+    if peak > limit:
+        outcome.over_bound.append(f"{label}: peak {peak:,} > bound {limit:,}")
+
+
+# ---------------------------------------------------------------- .dzip files
+_PRE = struct.Struct("<8sHHIII")
+_ENTRY_KEYS = ["name", "shape", "dtype", "encoding", "store", "clusters", "codebook_dtype",
+               "entries", "gap_bits", "index_nbits", "gap_nbits", "eps", "of", "parts"]
+_PART_NAMES = ["data", "codebook", "index_lengths", "indices", "gap_lengths", "gaps", "zzz"]
+_SPEC_KEYS = ["arch", "num_classes", "mean", "std", "task"]
+
+
+def split_dzip(data: bytes) -> tuple[tuple, dict[str, Any], bytes]:
+    pre = _PRE.unpack_from(data)
+    hlen = pre[3]
+    header = json.loads(zlib.decompress(data[_PRE.size:_PRE.size + hlen]))
+    return pre, header, data[_PRE.size + hlen:]
+
+
+def join_dzip(pre: tuple, header: Any, body: bytes, *, raw_header: bytes | None = None) -> bytes:
+    text = raw_header if raw_header is not None else json.dumps(header).encode()
+    hdr = zlib.compress(text)
+    return _PRE.pack(pre[0], pre[1], pre[2], len(hdr), zlib.crc32(hdr),
+                     zlib.crc32(body)) + hdr + body
+
+
+def _neighbour(v: Any, rng: random.Random) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return rng.choice([v - 1, v + 1, 0, v * 2, v * 256, -v, v + 2 ** 31])
+    return rng.choice(HOSTILE)
+
+
+def mutate_dzip(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """One hostile variant of a valid file: header fields changed and the checksums
+    recomputed, sometimes the data bytes too (so the Huffman decoder sees them)."""
+    pre, header, body = split_dzip(data)
+    header = copy.deepcopy(header)
+    tensors = header["tensors"]
+    done = []
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        kind = rng.choice(["field", "field", "number", "part", "part", "spec", "structure",
+                           "data"])
+        e = rng.choice(tensors) if tensors else {}
+        if kind == "field" and isinstance(e, dict):
+            key = rng.choice(_ENTRY_KEYS)
+            if rng.random() < 0.2:
+                e.pop(key, None)
+            else:
+                e[key] = rng.choice(HOSTILE)
+        elif kind == "number" and isinstance(e, dict):
+            key = rng.choice([k for k, v in e.items() if isinstance(v, (int, list))] or ["x"])
+            if isinstance(e.get(key), list) and e[key]:
+                i = rng.randrange(len(e[key]))
+                e[key][i] = _neighbour(e[key][i], rng)
+            else:
+                e[key] = _neighbour(e.get(key, 0), rng)
+        elif kind == "part" and isinstance(e, dict) and isinstance(e.get("parts"), dict):
+            name = rng.choice(_PART_NAMES)
+            e["parts"][name] = rng.choice(
+                [rng.choice(HOSTILE), [rng.randrange(len(body) + 2), rng.randrange(64)],
+                 [0, len(body) + rng.randrange(1, 10)], [len(body), 0]])
+        elif kind == "spec":
+            if not isinstance(header.get("model"), dict) or rng.random() < 0.2:
+                header["model"] = rng.choice(HOSTILE)
+            else:
+                header["model"][rng.choice(_SPEC_KEYS)] = rng.choice(
+                    HOSTILE + [[0.5], [0.0] * 3, [float("nan")] * 3, 10 ** 7, "resnet110",
+                               "lenet5", "os:system"])
+        elif kind == "structure":
+            how = rng.choice(["dup", "drop", "swap", "tensors", "deep", "top", "extra"])
+            if how == "dup" and tensors:
+                tensors.append(copy.deepcopy(rng.choice(tensors)))
+            elif how == "drop" and tensors:
+                tensors.pop(rng.randrange(len(tensors)))
+            elif how == "swap" and len(tensors) > 1:
+                a, b = rng.sample(range(len(tensors)), 2)
+                tensors[a], tensors[b] = tensors[b], tensors[a]
+            elif how == "tensors":
+                header["tensors"] = rng.choice(HOSTILE)
+            elif how == "deep":
+                done.append("deep")
+                return join_dzip(pre, None, body, raw_header=(
+                    b'{"tensors": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")), "deep"
+            elif how == "top":
+                header = rng.choice(HOSTILE)
+                break
+            else:
+                tensors.append({"name": "extra", "shape": [rng.choice([1, 2 ** 30])] * 2,
+                                "dtype": "float32", "encoding": "raw", "store": "float32",
+                                "parts": {"data": [0, len(body)]}})
+        elif kind == "data" and body:
+            b = bytearray(body)
+            for _ in range(rng.randrange(1, 8)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            body = bytes(b)
+        done.append(kind)
+    return join_dzip(pre, header, body), "+".join(done)
+
+
+def fuzz_dzip(files: list[tuple[bytes, int, Any]], n: int, seed: int, tmp: Path,
+              warmup: int = 30) -> Outcome:
+    """``files``: (valid file bytes, bytes of its legitimate model, a model factory to
+    load into, or None). Every variant goes through load_state, load and inspect. The
+    first ``warmup`` variants (of another seed) run unmeasured and uncounted: they import
+    what the error paths import once per process (torch builds models on the meta device
+    to name the architecture a file fits), which is not the input's doing."""
+    from deepzip.dzip import DeepzipFormatError, inspect, load, load_state
+
+    if warmup:
+        import torch
+
+        from deepzip.models import guess_arch
+
+        guess_arch({"w": torch.zeros(2, 2)})  # imports torch's meta-device machinery once
+        fuzz_dzip(files, warmup, seed + 10_000, tmp, warmup=0)
+    rng = random.Random(seed)
+    out = Outcome()
+    path = tmp / "fuzz.dzip"
+    for i in range(n):
+        data, model_bytes, make = files[i % len(files)]
+        variant, label = mutate_dzip(data, rng)
+        path.write_bytes(variant)
+
+        def bound(result: Any, model_bytes: int = model_bytes, size: int = len(variant)) -> int:
+            decoded = 0
+            if isinstance(result, tuple):  # load_state: (state, spec)
+                decoded = sum(t.numel() * t.element_size() for t in result[0].values())
+            return 16 * (model_bytes + decoded + size) + (16 << 20)
+
+        feed(out, f"#{i} {label} load_state", lambda: load_state(path), DeepzipFormatError,
+             bound)
+        target = make() if make is not None else None
+        feed(out, f"#{i} {label} load", lambda target=target: load(path, target),
+             DeepzipFormatError, lambda _r, b=bound: b(None))
+        feed(out, f"#{i} {label} inspect", lambda target=target: inspect(path, target),
+             DeepzipFormatError, lambda _r, b=bound: b(None))
+    return out
+
+
+# ---------------------------------------------------------------- CIFAR batches
+class _Reduce:
+    """Pickles as ``fn(*args)``: how a hostile batch is assembled from allowed pieces."""
+
+    def __init__(self, fn: Any, args: tuple) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple:
+        return self.fn, self.args
+
+
+def _strided(rows: int, stride: int) -> Any:
+    """numpy.ndarray(shape, dtype, buffer, offset, strides): a huge view of a few bytes."""
+    return _Reduce(np.ndarray, ((rows, 3072), np.dtype(np.uint8), b"\x07" * 64, 0,
+                                (stride, 0)))
+
+
+def cifar_variant(rng: random.Random) -> tuple[bytes, str]:
+    n = rng.choice([1, 3, 10])
+    data: Any = np.zeros((n, 3072), np.uint8)
+    labels: Any = [rng.randrange(10) for _ in range(n)]
+    keys = [b"data", b"labels"]
+    kind = rng.choice(["data", "labels", "keys", "bytes", "bytes", "strided"])
+    if kind == "data":
+        data = rng.choice([np.zeros((n, 3073), np.uint8), np.zeros((n, 3072), np.float64),
+                           np.zeros((n, 3, 32, 32), np.uint8), np.zeros(0, np.uint8),
+                           np.zeros((n, 3072), np.uint8)[:, ::2], "x", [1, 2], None,
+                           np.zeros((20_000, 3072), np.uint8)[:1], 5, deep(50)])
+    elif kind == "labels":
+        labels = rng.choice([[1] * (n + 1), [True] * n, [1.5] * n, ["1"] * n, [10 ** 30] * n,
+                             [-1] * n, deep(300), [[1, 2]] * n, [[1], 2] * n, "0123",
+                             np.zeros(n, np.float32), np.zeros((n, 2), np.int64), None, {}])
+    elif kind == "keys":
+        keys = rng.choice([["data", "labels"], [b"data"], [b"labels"], [1, 2],
+                           [b"data", b"labels", b"extra"]])
+    elif kind == "strided":
+        data = _strided(rng.choice([10, 10_000, 2_000_000]), rng.choice([0, 1, 3072]))
+    obj: Any = dict(zip(keys, [data, labels, 1], strict=False))
+    blob = pickle.dumps(obj, protocol=2)
+    if kind == "bytes":
+        b = bytearray(blob)
+        for _ in range(rng.randrange(1, 6)):
+            op = rng.random()
+            i = rng.randrange(len(b))
+            if op < 0.6:
+                b[i] = rng.randrange(256)
+            elif op < 0.8:
+                del b[i:]
+            else:
+                b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 5)))
+        blob = bytes(b)
+    return blob, kind
+
+
+def fuzz_cifar(n: int, seed: int, tmp: Path) -> Outcome:
+    from deepzip.data import _read_batch
+    from deepzip.errors import DeepzipError
+
+    rng = random.Random(seed)
+    out = Outcome()
+    path = tmp / "test_batch"
+    for i in range(n):
+        blob, label = cifar_variant(rng)
+        path.write_bytes(blob)
+        size = len(blob)
+        feed(out, f"#{i} {label}", lambda: _read_batch(path), DeepzipError,
+             lambda _r, size=size: 16 * size + (4 << 20))
+    return out
+
+
+# ---------------------------------------------------------------- MNIST IDX files
+def idx(dims: list[int], body: bytes, magic: int | None = None) -> bytes:
+    head = (magic if magic is not None else 0x0800 | len(dims)).to_bytes(4, "big")
+    return head + b"".join(d.to_bytes(4, "big", signed=False) for d in dims) + body
+
+
+def mnist_variant(rng: random.Random) -> tuple[bytes, int, str]:
+    ndim = rng.choice([1, 3])
+    dims = [rng.choice([1, 2, 5])] + ([28, 28] if ndim == 3 else [])
+    body = bytes(math.prod(dims))
+    kind = rng.choice(["dims", "magic", "truncate", "extend", "gzip"])
+    if kind == "dims":
+        i = rng.randrange(ndim)
+        dims[i] = rng.choice([0, 2 ** 32 - 1, 2 ** 31, 60_000, dims[i] + 1])
+    data = idx(dims, body, rng.choice([0x0803, 0x0801, 0x0D03, 0, 0xFFFFFFFF])
+               if kind == "magic" else None)
+    if kind == "truncate":
+        data = data[:rng.randrange(len(data))]
+    elif kind == "extend":
+        data += bytes(rng.randrange(1, 100))
+    elif kind == "gzip":
+        data = gzip.compress(data)[:rng.choice([None, 10, 20])]
+    return data, ndim, kind
+
+
+def fuzz_mnist(n: int, seed: int, tmp: Path) -> Outcome:
+    from deepzip.data import _read_idx_bytes, parse_idx
+    from deepzip.errors import DeepzipError
+
+    rng = random.Random(seed)
+    out = Outcome()
+    name = "t10k-images-idx3-ubyte"
+    for i in range(n):
+        data, ndim, label = mnist_variant(rng)
+        size = len(data)
+        for p in tmp.glob(f"{name}*"):
+            p.unlink()
+        (tmp / (name + (".gz" if label == "gzip" else ""))).write_bytes(data)
+
+        def call(ndim: int = ndim) -> Any:
+            raw = _read_idx_bytes(tmp, name)
+            return parse_idx(raw, ndim)
+
+        feed(out, f"#{i} {label}", call, DeepzipError,
+             lambda _r, size=size: 16 * size + (4 << 20))
+    return out
+
+
+# ---------------------------------------------------------------- recipes
+def _leaves(obj: Any, path: tuple = ()) -> list[tuple]:
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _leaves(v, (*path, k))] + [path]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _leaves(v, (*path, i))] + [path]
+    return [path]
+
+
+def _set(obj: Any, path: tuple, value: Any) -> Any:
+    if not path:
+        return value
+    node = obj
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return obj
+
+
+def recipe_variant(base: dict[str, Any], rng: random.Random) -> tuple[bytes, str]:
+    import yaml
+
+    kind = rng.choice(["leaf", "leaf", "leaf", "key", "text", "anchors", "deep"])
+    obj = copy.deepcopy(base)
+    if kind in ("leaf", "key"):
+        for _ in range(rng.choice([1, 2])):
+            path = rng.choice(_leaves(obj))
+            value = rng.choice(HOSTILE + [10 ** 5000, [0.5, float("nan")], deep(40), "fast",
+                                          {"lr": "fast"}, {"batch_size": 1.5}])
+            if kind == "key" and path and isinstance(value, str):
+                node = obj
+                for k in path[:-1]:
+                    node = node[k]
+                if isinstance(node, dict):
+                    node[value[:20]] = 1
+                continue
+            obj = _set(obj, path, value)
+    if kind == "anchors":
+        text = (b"name: bomb\nprune:\n  schedule: none\n  train:\n    extra:\n"
+                b"      a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+                b"      b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                b"      c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n")
+        return text, kind
+    if kind == "deep":
+        return ("prune: " + "[" * rng.choice([40, 5000]) + "]").encode(), kind
+    try:
+        text = yaml.safe_dump(obj, sort_keys=False).encode()
+    except (yaml.YAMLError, ValueError, RecursionError):  # e.g. a 5,000-digit number
+        text = b"name: huge\nseed: " + b"9" * 5000 + b"\n"
+    if kind == "text":
+        b = bytearray(text)
+        for _ in range(rng.randrange(1, 6)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        text = bytes(b)
+    return text, kind
+
+
+def fuzz_recipes(bases: list[dict[str, Any]], n: int, seed: int, tmp: Path) -> Outcome:
+    from deepzip.errors import DeepzipError
+    from deepzip.recipe import load_recipe
+
+    rng = random.Random(seed)
+    out = Outcome()
+    path = tmp / "recipe.yaml"
+    for i in range(n):
+        text, label = recipe_variant(bases[i % len(bases)], rng)
+        path.write_bytes(text)
+
+        def call() -> Any:
+            r = load_recipe(path)
+            for section in (r.prune.train, r.quantize.train if r.quantize else {}):
+                r.train_config(section, epochs=1)  # what a run does with them next
+            return r
+
+        size = len(text)
+        feed(out, f"#{i} {label}", call, DeepzipError,
+             lambda _r, size=size: 64 * size + (8 << 20))
+    return out
+
+
+def dzip_bases(tmp: Path) -> list[tuple[bytes, int, Any]]:
+    """Valid small files of every layout: sparse and dense shared layers with a registered
+    spec (LeNet-300-100), folded BatchNorm (ResNet-20, no spec), tied weights (alias)."""
+    import torch
+    from torch import nn
+
+    from deepzip.dzip import save, state_dict_bytes
+    from deepzip.models import ModelSpec, get
+    from deepzip.prune import PruneConfig, prune_
+    from deepzip.quantize import QuantizeConfig, quantize_
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(20, 8)
+            self.decoder = nn.Linear(8, 20)
+            self.decoder.weight = self.embedding.weight
+
+    torch.manual_seed(0)
+    out = []
+    for make, sparsity, spec in [(lambda: get("lenet300"), 0.95, ModelSpec(arch="lenet300")),
+                                 (lambda: get("resnet20"), 0.5, None), (Tied, None, None)]:
+        model = make().eval()
+        if sparsity is not None:
+            prune_(model, PruneConfig("global", sparsity))
+            quantize_(model, QuantizeConfig(bits=4))
+        path = tmp / "base.dzip"
+        save(model, path, spec=spec)
+        out.append((path.read_bytes(), state_dict_bytes(make()),
+                    None if spec is not None else make))
+    return out

@@ -1,0 +1,41 @@
+"""Hostile inputs for every reader, on fixed seeds (bench/fuzz.py runs 10,000+ each):
+no exception but the reader's own error, and no allocation beyond a bound proportional to
+what the input legitimately declares. See tests/hostile.py for the generators."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hostile import dzip_bases, fuzz_cifar, fuzz_dzip, fuzz_mnist, fuzz_recipes
+
+
+def _clean(outcome, what):
+    assert outcome.inputs > 0
+    assert not outcome.unexpected, outcome.line(what) + "\n" + "\n".join(outcome.unexpected[:10])
+    assert not outcome.over_bound, outcome.line(what) + "\n" + "\n".join(outcome.over_bound[:10])
+
+
+def test_dzip_header_mutations(tmp_path):
+    out = fuzz_dzip(dzip_bases(tmp_path), 300, seed=1, tmp=tmp_path)
+    _clean(out, "dzip")
+    assert out.refused > out.inputs // 2  # the mutations reach the checks
+
+
+def test_cifar_batches_built_from_allowed_pieces(tmp_path):
+    _clean(fuzz_cifar(400, seed=2, tmp=tmp_path), "cifar")
+
+
+def test_mnist_idx_files(tmp_path):
+    _clean(fuzz_mnist(300, seed=3, tmp=tmp_path), "mnist")
+
+
+@pytest.fixture(scope="module")
+def recipe_bases():
+    folder = Path(__file__).resolve().parents[1] / "src" / "deepzip" / "recipes"
+    return [yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*.yaml"))]
+
+
+def test_recipe_mutations(tmp_path, recipe_bases):
+    out = fuzz_recipes(recipe_bases, 400, seed=4, tmp=tmp_path)
+    _clean(out, "recipes")
+    assert out.accepted > 0 and out.refused > 0
