@@ -26,11 +26,32 @@ from deepzip.task import image_task
     ("prune: {schedule: none, train: {learning_rate: 0.1}}", "unknown training"),
     ("prune: {schedule: none}\nencode: {raw_dtype: float64}", "float16 or float32"),
     ("prune: [unclosed", "not valid YAML"),
+    # the audit's cases: each refused before any work, with one line naming it
+    ("prune: {schedule: none, train: {lr: fast}}", "lr must be float"),
+    ("prune: {schedule: none, train: {batch_size: big}}", "batch_size must be int"),
+    ("prune: {schedule: none, train: {milestones: 5}}", "milestones"),
+    ("prune: {schedule: none, train: {warmup_epochs: .nan}}", "warmup_epochs"),
+    ("prune: {schedule: none, train: {batch_size: 1.5}}", "batch_size must be int"),
+    ("seed: " + "9" * 5000, "cannot be read"),
+    ("seed: 1267650600228229401496703205376", "out of range"),
+    ("prune: {schedule: agp, agp: {sensitivity_max_drop: .nan}}", "finite"),
+    ("a: &a [x, x]\nb: [*a, *a]", "anchors or aliases"),
+    ("prune: " + "[" * 5000 + "]" * 5000, "deeper than"),
 ])
 def test_bad_recipes_fail_before_work(tmp_path, text, match):
     p = tmp_path / "r.yaml"
     p.write_text(text)
     with pytest.raises(DeepzipError, match=match):
+        load_recipe(p)
+
+
+def test_binary_and_huge_recipes(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(DeepzipError, match="not UTF-8"):
+        load_recipe(p)
+    p.write_bytes(b"# " + b"x" * (2 << 20))
+    with pytest.raises(DeepzipError, match="larger than any|over"):
         load_recipe(p)
 
 
@@ -144,3 +165,27 @@ encode: {{codebook_dtype: float16}}
     s = report["summary"]
     assert s["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert s["same_predictions"] == "512/512" and s["quantized_score"] == s["decoded_score"]
+
+
+@pytest.mark.parametrize("stop_at", ["prune", "quantize", "encode", "verify"])
+def test_resumed_run_writes_the_same_bytes(tmp_path, data_root, start_model, monkeypatch,
+                                           stop_at):
+    """Interrupted before any stage and resumed, a run writes exactly the file an
+    uninterrupted run writes (pruned parameters come back in another order otherwise)."""
+    recipe = load_recipe("recipes/smoke.yaml")
+    recipe.model = str(start_model)
+    data = image_task("cifar10", data_root, subset=256)
+    Pipeline(recipe, tmp_path / "clean", data, log=lambda _m: None).run()
+    original = getattr(Pipeline, stop_at)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Pipeline, stop_at, boom)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(recipe, tmp_path / "resumed", data, log=lambda _m: None).run()
+    monkeypatch.setattr(Pipeline, stop_at, original)
+    Pipeline(recipe, tmp_path / "resumed", data, log=lambda _m: None).run()
+    assert (tmp_path / "resumed" / "model.dzip").read_bytes() == \
+        (tmp_path / "clean" / "model.dzip").read_bytes()
+    assert not list((tmp_path / "resumed").rglob("*.tmp"))

@@ -43,8 +43,27 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    with atomic_write(path) as f:
-        torch.save(obj, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except RuntimeError as e:  # torch's writer reports a full disk as a RuntimeError
+        raise DeepzipError(f"cannot write {path}: {str(e).splitlines()[0][:100]} "
+                           "(disk full?)") from None
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Delete the temp files an interrupted :func:`atomic_write` left in ``folder`` (and
+    below): a kill between write and rename cannot run the cleanup. Returns how many."""
+    import re
+
+    pattern = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # mkstemp's ".NAME.XXXXXXXX.tmp"
+    removed = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file() and pattern.match(p.name):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
 
 
 def read_limited(path: str | os.PathLike[str], limit: int, what: str) -> bytes:

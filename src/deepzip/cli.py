@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import read_limited
 from .errors import DeepzipError
 from .models import ModelSpec, available, resolve_arch, save_checkpoint
 from .pipeline import open_model
@@ -105,6 +106,8 @@ def _device(args: argparse.Namespace) -> torch.device:
         dev = torch.device(args.device)
     except RuntimeError:
         raise DeepzipError(f"bad --device {args.device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeepzipError(f"--device {args.device}: deepzip runs on cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeepzipError("--device cuda requested but CUDA is not available")
     return dev
@@ -414,8 +417,13 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         f = Path(d) / "report.json"
         if not f.is_file():
             raise DeepzipError(f"no report.json in {d} (run deepzip run first)")
-        report = json.loads(f.read_text())
-        report["summary"]["run"] = Path(d).name
+        try:
+            report = json.loads(read_limited(f, 64 << 20, "report").decode())
+            report["summary"]["run"] = Path(d).name
+            for key in ("real_ratio", "recipe"):
+                report["summary"][key]  # noqa: B018 - present, or the report is not ours
+        except (ValueError, KeyError, TypeError):
+            raise DeepzipError(f"{f} is not a deepzip report (damaged?)") from None
         reports.append(report)
     plot_pareto(reports, args.output)
     rows = [r["summary"] for r in reports]

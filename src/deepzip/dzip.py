@@ -367,6 +367,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     """
     _check_dtypes(raw_dtype, codebook_dtype)
     state = _plain_state(model)
+    broken = [k for k, t in state.items() if t.is_floating_point() and bool(t.isnan().any())]
+    if broken:
+        raise DeepzipError(f"{', '.join(broken[:3])} hold NaN values: refusing to write a "
+                           "model that cannot compute (did training diverge?)")
     aliases = _aliases(model, list(state))
     shared = _shared_names(state)
     bns = _batchnorms(model) if fold_batchnorm else {}

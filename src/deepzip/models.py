@@ -305,7 +305,8 @@ def align_state_dict(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.
     while changed and set(state) != set(own):
         changed = False
         for p in _PREFIXES:
-            if all(k.startswith(p) for k in state) and not all(k.startswith(p) for k in own):
+            if state and all(k.startswith(p) for k in state) and not all(
+                    k.startswith(p) for k in own):
                 state = {k[len(p):]: v for k, v in state.items()}
                 changed = True
     for k, v in own.items():

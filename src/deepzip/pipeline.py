@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import dzip
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale_temps
 from .errors import DeepzipError
 from .models import ModelSpec, load_checkpoint, load_model, resolve_arch, save_checkpoint
 from .prune import (
@@ -333,6 +333,8 @@ class Pipeline:
 
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
+        if is_main_process():
+            remove_stale_temps(self.out)  # left by a kill between a write and its rename
         self._save_state()
         model, spec = self.baseline()
         model, spec = self.prune(model, spec)

@@ -212,6 +212,9 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
             n += len(y)
         if n == 0:
             raise DeepzipError("evaluation set is empty")
+        if not math.isfinite(loss_sum):
+            raise DeepzipError("evaluation loss is not finite: the model's outputs are NaN "
+                               "or infinite (diverged weights, or a bad normalization?)")
         value = metric.compute() if metric.streaming else metric(model, loader)
     finally:
         model.train(was_training)
@@ -372,18 +375,27 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if out and resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if "loader" in state and hasattr(train_loader, "load_state_dict"):
-            train_loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
-        if "hook" in state and hasattr(after_step, "load_state_dict"):
-            after_step.load_state_dict(state["hook"])
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            if "loader" in state and hasattr(train_loader, "load_state_dict"):
+                train_loader.load_state_dict(state["loader"])
+            torch.set_rng_state(state["torch_rng"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"])
+            if "hook" in state and hasattr(after_step, "load_state_dict"):
+                after_step.load_state_dict(state["hook"])
+            if not 0 <= start_epoch <= cfg.epochs or len(history) != start_epoch:
+                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}")
+        except Exception as e:  # noqa: BLE001 - damaged, truncated, or another run's file
+            raise DeepzipError(
+                f"cannot resume {desc} from {ckpt_path} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:80] if str(e) else ''}): a damaged file or "
+                "another run's; delete it to start this stage again, or use --restart"
+            ) from None
         if main:
             print(f"resuming {desc} from {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
 
