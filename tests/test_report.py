@@ -91,3 +91,14 @@ def test_pareto_command_plots_and_tabulates(tmp_path, capsys):
     plot_pareto([], tmp_path / "empty.png")  # no runs: an empty plot, not a crash
     assert main(["pareto", str(tmp_path), "-o", str(out)]) == 2
     assert "no report.json" in capsys.readouterr().err
+
+
+def test_pareto_refuses_runs_scored_on_different_data(tmp_path, capsys):
+    a = _report(tmp_path, "full", 0.91, 30.0)
+    b = _report(tmp_path, "quick", 0.80, 30.0)
+    for d, n in ((a, 10000), (b, 512)):
+        report = json.loads((d / "report.json").read_text())
+        report["summary"]["same_predictions"] = f"{n}/{n}"  # how older reports say it
+        (d / "report.json").write_text(json.dumps(report))
+    assert main(["pareto", str(a), str(b), "-o", str(tmp_path / "p.png")]) == 2
+    assert "evaluated differently" in capsys.readouterr().err

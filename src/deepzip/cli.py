@@ -425,16 +425,29 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, TypeError):
             raise DeepzipError(f"{f} is not a deepzip report (damaged?)") from None
         reports.append(report)
-    plot_pareto(reports, args.output)
-    rows = [r["summary"] for r in reports]
     from .report import run_score
 
+    rows = [r["summary"] for r in reports]
     for r in rows:
         r["baseline"], r["decoded"] = run_score(r, "baseline"), run_score(r, "decoded")
+    kinds = {(r.get("task", "cifar10"), r.get("metric", "acc"), _examples(r)) for r in rows}
+    if len(kinds) > 1:  # points scored on different data do not belong on one front
+        raise DeepzipError("these runs were evaluated differently (task, metric, examples: "
+                           + "; ".join(", ".join(map(str, k)) for k in sorted(kinds, key=str))
+                           + "): compare runs of one task on the same evaluation set")
+    plot_pareto(reports, args.output)
     print(markdown_table(rows, ["run", "recipe", "baseline", "decoded", "sparsity",
                                 "formula_ratio", "real_ratio", "file_bytes"]))
     print(f"wrote {args.output}")
     return 0
+
+
+def _examples(summary: dict) -> int | None:
+    """How many examples a run was scored on (older reports say it only as "N/M")."""
+    if summary.get("eval_examples"):
+        return int(summary["eval_examples"])
+    tail = str(summary.get("same_predictions") or "").rpartition("/")[2]
+    return int(tail) if tail.isdigit() else None
 
 
 def cmd_summary(args: argparse.Namespace) -> int:

@@ -116,6 +116,13 @@ class Pipeline:
                 json.dump(self.state, f, indent=2)
         barrier()
 
+    def _drop_checkpoints(self, stage: str) -> None:
+        """A finished stage keeps its model and logs; its training checkpoints (weights,
+        optimizer state: bigger than the model) only served to resume it."""
+        if is_main_process():
+            for p in (self.out / stage).rglob("checkpoint.pt"):
+                p.unlink(missing_ok=True)
+
     def _done(self, stage: str) -> dict[str, Any] | None:
         return self.state["stages"].get(stage)
 
@@ -223,6 +230,7 @@ class Pipeline:
         bake_(model)
         if is_main_process():
             save_checkpoint(model, spec, path)
+        self._drop_checkpoints("prune")
         self._finish("prune", t0, score=self._score(model, spec),
                      sparsity=sparsity_of(model, p.include, p.exclude), history=history)
         return model, spec
@@ -296,6 +304,7 @@ class Pipeline:
         dequantize_(model)
         if is_main_process():
             save_checkpoint(model, spec, path)
+        self._drop_checkpoints("quantize")
         self._finish("quantize", t0, score=score, score_kmeans=score_kmeans, layers=layers,
                      history=history)
         return model, spec
@@ -336,10 +345,22 @@ class Pipeline:
         if is_main_process():
             remove_stale_temps(self.out)  # left by a kill between a write and its rename
         self._save_state()
+        t0 = time.time()
+
+        def stage(i: int, name: str) -> None:
+            done = "done, " if self._done(name) else ""
+            self.log(f"== stage {i}/{len(STAGES)}: {name} ({done}{(time.time() - t0) / 60:.1f} "
+                     "min into this run)")
+
+        stage(1, "baseline")
         model, spec = self.baseline()
+        stage(2, "prune")
         model, spec = self.prune(model, spec)
+        stage(3, "quantize")
         model, spec = self.quantize(model, spec)
+        stage(4, "encode")
         self.encode(model, spec)
+        stage(5, "verify")
         self.verify(model, spec)
         from .report import write_run_report
 

@@ -127,8 +127,8 @@ def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
     plt = pyplot()
 
     fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
-    with atomic_write(path) as f:
-        fig.savefig(f, format=fmt, dpi=120)
+    with atomic_write(path) as f:  # "tight": long rotated tick labels are never cut off
+        fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -363,7 +363,8 @@ def _plot_layers(layers: Sequence[dict[str, Any]], path: os.PathLike[str] | str,
     ax2.set_ylim(0, 1)
     ax2.set_ylabel("sparsity")
     ax.set_title(f"{title}: per-layer size and sparsity")
-    fig.legend(loc="upper left")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
     save_figure(fig, path)
 
 
