@@ -17,7 +17,7 @@ from common import median_time
 from sklearn.cluster import KMeans
 
 from deepzip.models import pretrained
-from deepzip.prune import prunable_layers
+from deepzip.prune import prunable
 from deepzip.quantize import init_centroids, kmeans_1d
 
 
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=5)
     args = ap.parse_args()
     model, _ = pretrained("resnet20")
-    layers = [m.weight.detach().flatten().double().numpy() for _, m in prunable_layers(model)]
+    layers = [t.weight.detach().flatten().double().numpy() for t in prunable(model)]
     layers = [w[w != 0] for w in layers]
     big = np.random.default_rng(0).laplace(size=10_000_000) * 0.05
     k = 2 ** args.bits

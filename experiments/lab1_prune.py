@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common import baseline_and_test, command_line, parser, write_json, write_text
 
-from deepzip.prune import PruneConfig, prunable_layers, prune_, sparsity_of
+from deepzip.prune import PruneConfig, prunable, prune_, sparsity_of
 from deepzip.report import (
     label_axes,
     markdown_table,
@@ -37,7 +37,7 @@ def main() -> None:
     out = Path(args.out) / "lab1"
     out.mkdir(parents=True, exist_ok=True)
     base, _, test = baseline_and_test(args.data_dir)
-    convs = [n for n, _ in prunable_layers(base)]
+    convs = [t.name for t in prunable(base)]
     shown = [convs[1], convs[13]]  # the assignment's "layer 1 and layer 13"
     rows, per_layer = [], {}
     for method, amount in GRID:

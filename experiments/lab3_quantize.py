@@ -19,7 +19,7 @@ from common import cached, command_line, parser, write_json, write_text
 from deepzip.data import BatchLoader, load_cifar10
 from deepzip.dzip import _nonzero_huffman_bits
 from deepzip.models import load_checkpoint, pretrained
-from deepzip.prune import prunable_layers, sparsity_of
+from deepzip.prune import prunable, sparsity_of
 from deepzip.quantize import (
     CENTROID_TRAINING,
     INITS,
@@ -67,7 +67,7 @@ def main() -> None:
             moved = max(float((cb.codebook.detach() - w[n]).abs().max())
                         for n, cb in codebooks(model).items())
             dequantize_(model)
-            weights = [m.weight.detach() for _, m in prunable_layers(model)]
+            weights = [t.weight.detach() for t in prunable(model)]
             hbits = sum(_nonzero_huffman_bits(w.flatten().numpy()) for w in weights)
             nz = sum(int((w != 0).sum()) for w in weights)
             return {"start": start, "bits": bits, "init": init, "acc_kmeans": acc,

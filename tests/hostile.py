@@ -210,11 +210,12 @@ def fuzz_dzip(files: list[tuple[bytes, int, Any]], n: int, seed: int, tmp: Path,
             return 16 * (model_bytes + decoded + size) + (16 << 20)
 
         target = make() if make is not None else None
-        # without a model (the small tied file has none to check it against), a file may
-        # declare up to 2,048 values per byte it holds (a filler entry covers 256 zeros)
-        feed(out, f"#{i} {label} load_state", lambda target=target: load_state(
-            path, target if i % 2 else None if len(variant) < 4096 else target),
-            DeepzipFormatError, bound)
+        # Every other small file is also read with no model to check it against: then a
+        # file may declare up to 2,048 values per byte it holds (a filler entry covers
+        # 256 zeros), which the bound follows through the decoded size.
+        check = target if i % 2 or len(variant) >= 4096 else None
+        feed(out, f"#{i} {label} load_state", lambda check=check: load_state(path, check),
+             DeepzipFormatError, bound)
         feed(out, f"#{i} {label} load", lambda target=target: load(path, target),
              DeepzipFormatError, lambda _r, b=bound: b(None))
         feed(out, f"#{i} {label} inspect", lambda target=target: inspect(path, target),
