@@ -126,3 +126,17 @@ def test_nan_weights_are_not_written(capsys, tmp_path):
     save_checkpoint(model, ModelSpec(), tmp_path / "nan.pt")
     assert "NaN" in one_line(capsys, "encode", tmp_path / "nan.pt", "-o", tmp_path / "x.dzip")
     assert not (tmp_path / "x.dzip").exists()
+
+
+def test_read_only_folder(capsys, tmp_path, ckpt, monkeypatch):
+    """Root ignores permission bits, so the read-only file system is simulated where the
+    write lands: the rename that publishes a finished file."""
+    import errno
+    import os
+
+    def read_only(*_a, **_k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "m.dzip"))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    err = one_line(capsys, "encode", ckpt, "-o", tmp_path / "m.dzip")
+    assert "Read-only file system" in err and not list(tmp_path.glob(".*.tmp"))

@@ -68,6 +68,9 @@ class Evil:
     ({b"data": np.zeros((10000, 3072), np.uint8), b"labels": [0] * 9999}, "integers"),
     ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0] * 5}, "expected 10000"),
     ({b"labels": [0]}, "missing"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0, 1], [2]]}, "integers"),
+    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [[[[[[[[0]]]]]]]]}, "integers"),
+    ({b"data": np.zeros((20000, 3072), np.uint8), b"labels": [0] * 20000}, "N <= 10000"),
     ([1, 2, 3], "not a dict"),
 ])
 def test_bad_batches_rejected(tmp_path, obj, match):
