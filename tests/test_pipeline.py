@@ -167,15 +167,22 @@ encode: {{codebook_dtype: float16}}
     assert s["same_predictions"] == "512/512" and s["quantized_score"] == s["decoded_score"]
 
 
-@pytest.mark.parametrize("stop_at", ["prune", "quantize", "encode", "verify"])
-def test_resumed_run_writes_the_same_bytes(tmp_path, data_root, start_model, monkeypatch,
-                                           stop_at):
-    """Interrupted before any stage and resumed, a run writes exactly the file an
-    uninterrupted run writes (pruned parameters come back in another order otherwise)."""
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, data_root, start_model):
+    """An uninterrupted smoke run: (recipe, task, the bytes of its model.dzip)."""
     recipe = load_recipe("recipes/smoke.yaml")
     recipe.model = str(start_model)
     data = image_task("cifar10", data_root, subset=256)
-    Pipeline(recipe, tmp_path / "clean", data, log=lambda _m: None).run()
+    out = tmp_path_factory.mktemp("clean")
+    Pipeline(recipe, out, data, log=lambda _m: None).run()
+    return recipe, data, (out / "model.dzip").read_bytes()
+
+
+@pytest.mark.parametrize("stop_at", ["prune", "quantize", "encode", "verify"])
+def test_resumed_run_writes_the_same_bytes(tmp_path, clean_run, monkeypatch, stop_at):
+    """Interrupted before any stage and resumed, a run writes exactly the file an
+    uninterrupted run writes (pruned parameters come back in another order otherwise)."""
+    recipe, data, clean = clean_run
     original = getattr(Pipeline, stop_at)
 
     def boom(*a, **k):
@@ -186,6 +193,5 @@ def test_resumed_run_writes_the_same_bytes(tmp_path, data_root, start_model, mon
         Pipeline(recipe, tmp_path / "resumed", data, log=lambda _m: None).run()
     monkeypatch.setattr(Pipeline, stop_at, original)
     Pipeline(recipe, tmp_path / "resumed", data, log=lambda _m: None).run()
-    assert (tmp_path / "resumed" / "model.dzip").read_bytes() == \
-        (tmp_path / "clean" / "model.dzip").read_bytes()
+    assert (tmp_path / "resumed" / "model.dzip").read_bytes() == clean
     assert not list((tmp_path / "resumed").rglob("*.tmp"))
