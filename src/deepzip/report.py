@@ -197,7 +197,8 @@ def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
     """
     plt = pyplot()
 
-    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3 * len(layers)), squeeze=False,
+                             layout="constrained")  # titles never overlap the axes above
     for (name, before, after, centroids), (ax0, ax1) in zip(layers, axes, strict=True):
         b = before.detach().flatten().float()
         b = b[b != 0].cpu().numpy()
