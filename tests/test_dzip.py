@@ -299,3 +299,43 @@ def test_version_2_files_still_load():
     assert struct.unpack_from("<H", path.read_bytes(), 8)[0] == 2
     state, spec = load_state(path)
     assert spec.arch == "resnet20" and "linear.weight" in state
+
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked")
+sys.meta_path.insert(0, Block())
+import numpy as np
+import deepzip.dzip as d
+arrays, spec = d.read_arrays(sys.argv[1])
+np.savez(sys.argv[2], **arrays)
+print(spec["arch"] if spec else None, "torch" in sys.modules)
+"""
+
+
+def test_numpy_reader_needs_no_torch(tmp_path):
+    """A device without PyTorch decodes a file with NumPy and bitarray alone, to the same
+    values the PyTorch side decodes (tied weights, folded BatchNorm, sparse and dense)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = get("resnet20").eval()
+    prune_(model, PruneConfig("global", 0.8))
+    quantize_(model, QuantizeConfig(bits=4))
+    save(model, tmp_path / "r.dzip", spec=ModelSpec())
+    lm = TiedLM()
+    save(lm, tmp_path / "lm.dzip")
+    for name, arch in (("r.dzip", "resnet20"), ("lm.dzip", "None")):
+        r = subprocess.run([sys.executable, "-c", BLOCK_TORCH, str(tmp_path / name),
+                            str(tmp_path / "out.npz")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [arch, "False"]  # and torch was never imported
+        arrays = np.load(tmp_path / "out.npz")
+        state, _ = load_state(tmp_path / name)
+        assert set(arrays.files) == set(state)
+        for k, t in state.items():
+            assert np.array_equal(arrays[k], t.numpy()), k

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from .errors import DeepzipError
 
 
@@ -43,6 +41,8 @@ def _umask() -> int:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    import torch  # here, not at the top: the NumPy reader of .dzip files uses this module
+
     try:
         with atomic_write(path) as f:
             torch.save(obj, f)

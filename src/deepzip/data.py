@@ -130,12 +130,27 @@ _MAX_BATCH_BYTES = 160 << 20  # a CIFAR-10 batch is 31 MB (123 MB if saved as fl
 _BATCH_IMAGES = 10_000
 
 
+_PROTOCOL_5 = {"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"}
+
+
+def _check_opcodes(blob: bytes) -> None:
+    """Walk the pickle's opcodes before running it: every counted length must fit in the
+    file (the unpickler allocates a stated length before reading it) and protocol 5's
+    out-of-band buffers, which no CIFAR batch uses, are refused."""
+    import pickletools
+
+    for op, _, _ in pickletools.genops(blob):
+        if op.name in _PROTOCOL_5:
+            raise pickle.UnpicklingError(f"opcode {op.name} has no place in a CIFAR batch")
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 batch file: read with a size limit, unpickled with only numpy arrays
     and plain containers allowed, and checked for structure before anything is copied
     (a pickle of allowed pieces can still describe a huge strided array or a deep list)."""
     blob = read_limited(path, _MAX_BATCH_BYTES, "CIFAR-10 batch")
     try:
+        _check_opcodes(blob)
         raw = _RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - no code can run (find_class); any failure is bad data
         raise DeepzipError(f"{path}: not a CIFAR-10 batch ({type(e).__name__}: "

@@ -1,0 +1,433 @@
+"""The PyTorch side of the ``.dzip`` format: models and state_dicts in and out.
+
+:mod:`deepzip.dzip` holds the format itself (NumPy and bitarray only); this module turns
+models into what it stores (pruning masks and shared weights folded in, BatchNorm folded,
+tied weights found) and decoded arrays back into tensors and models. Its public names are
+reachable as ``deepzip.dzip.save``, ``deepzip.dzip.load`` and so on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dzip import (
+    _BN_KEYS,
+    _PART_KIND,
+    _STORE,
+    MAX_CLUSTERS,
+    VERSION,
+    _encode_shared,
+    _nonzero_huffman_bits,
+    _read,
+    decode_arrays,
+    folded_batchnorm,
+    write_file,
+)
+from .errors import DeepzipError, DeepzipFormatError
+from .models import ModelSpec, load_state_dict_strict
+from .prune import bake_, is_pruned
+
+__all__ = ["inspect", "load", "load_state", "precision_changes", "round_to_file_precision_",
+           "save", "state_dict_bytes"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
+
+
+def _plain_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
+    """State dict as the plain model would have it: pruning masks (``weight_orig`` /
+    ``weight_mask``) and weight sharing (parametrizations) folded into ``weight``.
+
+    Reads the effective weights instead of baking a deep copy: removing a
+    parametrization from a copy would also strip it from the original's class. Keys come
+    in a canonical order (by module, then name), so a model gives the same file whether
+    it was pruned in this process or loaded from a checkpoint (PyTorch re-registers a
+    pruned parameter last). ``copy=False``: the tensors as they are (meta ones too).
+    """
+    modules = dict(model.named_modules())
+    position = {name: i for i, name in enumerate(modules)}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if ".parametrizations." in f".{key}":
+            head, _, rest = key.partition("parametrizations.")
+            mod = head.rstrip(".")
+            attr, _, tail = rest.partition(".")
+            if tail == "original":
+                out[_join(mod, attr)] = getattr(modules[mod], attr)
+            continue
+        if leaf.endswith(("_orig", "_mask")) and is_pruned(modules[owner], leaf[:-5]):
+            if leaf.endswith("_orig"):
+                out[_join(owner, leaf[:-5])] = getattr(modules[owner], leaf[:-5])
+            continue
+        out[key] = t
+    ordered = sorted(out.items(), key=lambda kv: (position.get(kv[0].rpartition(".")[0], -1),
+                                                  kv[0]))
+    if not copy:
+        return dict(ordered)
+    return {k: v.detach().cpu().contiguous() for k, v in ordered}
+
+
+def _join(owner: str, attr: str) -> str:
+    return f"{owner}.{attr}" if owner else attr
+
+
+def _shared_names(state: dict[str, torch.Tensor]) -> set[str]:
+    """Floating tensors of 2+ dimensions with at most 256 distinct nonzero values: stored
+    shared (the codebook is exactly those values, so this is lossless)."""
+    return {k for k, w in state.items() if w.is_floating_point() and w.dim() >= 2
+            and w.numel() and bool(torch.isfinite(w).all())
+            and torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS}
+
+
+def _aliases(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Keys that name a tensor already stored under an earlier one of ``keys`` (tied
+    weights, buffers sharing storage): alias -> first key."""
+    own = model.state_dict(keep_vars=True)
+    first: dict[tuple, str] = {}
+    out = {}
+    for key in keys:
+        t = own.get(key)
+        if t is None:  # a pruned or shared weight: never tied (see prune.prunable)
+            continue
+        ident = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) \
+            if t.numel() else (id(t),)
+        if ident in first:
+            out[key] = first[ident]
+        else:
+            first[ident] = key
+    return out
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise DeepzipError(f"cannot store tensors of dtype {t.dtype}")
+    return name
+
+
+def _raw_store(t: torch.Tensor, raw_dtype: str) -> str:
+    if not t.is_floating_point():
+        return _dtype_name(t)
+    if raw_dtype == "float16" and torch.isfinite(t.float()).all() and \
+            not torch.isfinite(t.float().to(torch.float16)).all():
+        return "float32"  # would overflow in fp16
+    return raw_dtype
+
+
+def _batchnorms(model: nn.Module) -> dict[str, float]:
+    """BatchNorm layers that can be folded (affine, with running statistics): name -> eps."""
+    return {name: m.eps for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+            and m.track_running_stats}
+
+
+def _folded_var(like: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.full_like(like, 1 - eps)
+
+
+def _bn_affine(state: dict[str, torch.Tensor], prefix: str, eps: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm in eval mode is ``x * scale + shift``: (scale, shift) of one layer.
+
+    A layer folded before (mean 0, variance 1 - eps) is taken as it is, so folding twice
+    changes nothing and a folded in-memory model matches its file bit for bit.
+    """
+    w, b, mean, var = (state[f"{prefix}.{k}"].float() for k in _BN_KEYS[:4])
+    if torch.all(mean == 0) and torch.equal(var, _folded_var(var, eps)):
+        return w, b
+    scale = w / torch.sqrt(var + eps)
+    return scale, b - mean * scale
+
+
+def _bn_state(prefix: str, scale: torch.Tensor, shift: torch.Tensor, eps: float
+              ) -> dict[str, torch.Tensor]:
+    """The BatchNorm state that computes ``x * scale + shift`` in eval mode."""
+    arrays = folded_batchnorm(scale.detach().cpu().float().numpy(),
+                              shift.detach().cpu().float().numpy(), eps)
+    return {f"{prefix}.{k}": torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
+                             codebook_dtype: str = "float32",
+                             fold_batchnorm: bool = True) -> nn.Module:
+    """Change ``model`` in place exactly as :func:`save` will store it, so the in-memory
+    model and the decoded file give bit-identical outputs: bakes pruning masks, folds
+    BatchNorm (if asked), rounds to the storage dtypes."""
+    from .quantize import codebooks
+
+    _check_dtypes(raw_dtype, codebook_dtype)
+    bake_(model)
+    state = _plain_state(model)
+    shared = _shared_names(state)
+    own = model.state_dict(keep_vars=True)
+    folded = set()
+    with torch.no_grad():
+        if fold_batchnorm:
+            for prefix, eps in _batchnorms(model).items():
+                scale, shift = _bn_affine(state, prefix, eps)
+                for key, value in _bn_state(prefix, scale, shift, eps).items():
+                    own[key].copy_(value)
+                folded.update(f"{prefix}.{k}" for k in _BN_KEYS[2:])  # rebuilt, not stored
+        for cb in codebooks(model).values():
+            cb.codebook.copy_(_round(cb.codebook, codebook_dtype))
+        for key, t in own.items():
+            if "parametrizations." in key or not t.is_floating_point() or key in folded:
+                continue  # quantized layers: their codebooks were rounded above
+            t.copy_(_round(t, codebook_dtype if key in shared else _raw_store(t, raw_dtype)))
+    return model
+
+
+def precision_changes(model: nn.Module, raw_dtype: str = "float16",
+                      codebook_dtype: str = "float32", fold_batchnorm: bool = True) -> list[str]:
+    """Names of the tensors that :func:`save` would store changed (rounded to float16,
+    BatchNorm folded): empty when the file decodes to exactly this model."""
+    import copy
+
+    rounded = round_to_file_precision_(copy.deepcopy(model), raw_dtype, codebook_dtype,
+                                       fold_batchnorm)
+    before, after = _plain_state(model), _plain_state(rounded)
+    return [k for k, v in before.items() if not torch.equal(v, after[k])]
+
+
+def _round(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    return t.to(_DTYPES[dtype]).to(t.dtype)
+
+
+def _check_dtypes(raw_dtype: str, codebook_dtype: str) -> None:
+    if raw_dtype not in ("float16", "float32"):
+        raise DeepzipError(f"raw dtype must be float16 or float32, got {raw_dtype!r}")
+    if codebook_dtype not in ("float16", "float32"):
+        raise DeepzipError(f"codebook dtype must be float16 or float32, got {codebook_dtype!r}")
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | None = None,
+         raw_dtype: str = "float16", codebook_dtype: str = "float32",
+         fold_batchnorm: bool = True) -> dict[str, Any]:
+    """Write ``model`` as a ``.dzip`` file (atomically); return the per-tensor size report.
+
+    Pruned (masked) and quantized (parametrized) models are baked first; the model
+    itself is not changed. With ``fold_batchnorm``, each BatchNorm layer is stored as the
+    per-channel ``scale, shift`` it computes in eval mode (half the numbers; the loaded
+    model has running mean 0 and variance 1 - eps, the same function). Call
+    :func:`round_to_file_precision_` first if the in-memory model must match the file bit
+    for bit (fp16 BatchNorm, fp16 codebooks, folding).
+
+    >>> report = save(model, "resnet20.dzip", spec=spec)  # doctest: +SKIP
+    >>> model = load("resnet20.dzip")  # doctest: +SKIP
+    """
+    _check_dtypes(raw_dtype, codebook_dtype)
+    state = _plain_state(model)
+    broken = [k for k, t in state.items() if t.is_floating_point() and bool(t.isnan().any())]
+    if broken:
+        raise DeepzipError(f"{', '.join(broken[:3])} hold NaN values: refusing to write a "
+                           "model that cannot compute (did training diverge?)")
+    aliases = _aliases(model, list(state))
+    shared = _shared_names(state)
+    bns = _batchnorms(model) if fold_batchnorm else {}
+    owner = {f"{p}.{k}": p for p in bns for k in _BN_KEYS}
+    blobs: list[bytes] = []
+    offset = 0
+    tensors, report = [], []
+    for key, t in state.items():
+        if key in owner and not key.endswith(".weight"):
+            continue  # a folded BatchNorm is written once, at its weight
+        entry: dict[str, Any] = {"name": key, "shape": list(t.shape), "dtype": _dtype_name(t)}
+        if key in aliases and aliases[key] in state and key not in owner:
+            tensors.append({**entry, "encoding": "alias", "of": aliases[key]})
+            report.append({"name": key, "shape": list(t.shape), "params": 0,
+                           "encoding": "alias", "bytes": 0, "nonzero": 0,
+                           "of": aliases[key]})
+            continue
+        if key in owner:
+            prefix = owner[key]
+            scale, shift = _bn_affine(state, prefix, bns[prefix])
+            store = _raw_store(torch.cat([scale, shift]), raw_dtype)
+            entry = {"name": prefix, "shape": list(t.shape), "dtype": "float32",
+                     "encoding": "bn", "eps": bns[prefix], "store": store}
+            parts = {"data": torch.cat([scale, shift]).numpy().astype(_STORE[store]).tobytes()}
+            info = {"nonzero": int(torch.count_nonzero(scale))}
+        elif key in shared:
+            enc = _encode_shared(_round(t.float(), codebook_dtype).numpy(), codebook_dtype)
+            entry.update(enc.meta)
+            parts = enc.parts
+            info = {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]}
+        else:
+            store = _raw_store(t, raw_dtype)
+            entry.update({"encoding": "raw", "store": store})
+            conv = t.to(_DTYPES[store]) if t.is_floating_point() else t
+            parts = {"data": conv.numpy().astype(_STORE[store]).tobytes()}
+            info = {"nonzero": int(torch.count_nonzero(t))}
+        entry["parts"] = {}
+        for pname, blob in parts.items():
+            entry["parts"][pname] = [offset, len(blob)]
+            blobs.append(blob)
+            offset += len(blob)
+        tensors.append(entry)
+        report.append({"name": entry["name"], "shape": list(t.shape), "params": t.numel(),
+                       "encoding": entry["encoding"], "bytes": sum(len(b) for b in parts.values()),
+                       **info})
+    header = {"format": "deepzip", "version": VERSION,
+              "model": spec.to_dict() if spec else None, "tensors": tensors}
+    head = write_file(path, header, blobs)
+    return {"tensors": report, "header_bytes": head, "file_bytes": head + offset}
+
+
+def _plain_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in _plain_state_meta(model).items()}
+
+
+def _plain_state_meta(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain state_dict's keys and shapes without copying any data."""
+    return _plain_state(model, copy=False)
+
+
+def _spec_of(header: dict[str, Any], where: str) -> ModelSpec | None:
+    meta = header.get("model")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise DeepzipFormatError(f"{where}: bad model spec")
+    try:
+        return ModelSpec.from_dict(meta)
+    except DeepzipError as e:
+        raise DeepzipFormatError(f"{where}: {e}") from None
+
+
+def _meta_model(spec: ModelSpec | None) -> nn.Module | None:
+    """The recorded architecture built on the meta device (no memory for weights), to
+    check a file's shapes before the real model or any tensor is allocated."""
+    if spec is None:
+        return None
+    try:
+        with torch.device("meta"):
+            return spec.build()
+    except Exception:  # noqa: BLE001 - not registered here, or a factory that needs memory
+        return None
+
+
+def load_state(path: str | os.PathLike[str], model: nn.Module | None = None
+               ) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
+    """Decode a ``.dzip`` file into a plain state_dict and its model spec (if recorded).
+
+    Every entry is validated first, and its keys and shapes are checked against
+    ``model`` (or the architecture the file records, built without memory), so a damaged
+    or hostile file is refused before anything is allocated for it.
+    """
+    header, data, _ = _read(path)
+    spec = _spec_of(header, str(path))
+    target = model if model is not None else _meta_model(spec)
+    expected = _plain_shapes(target) if target is not None else None
+    decoded = decode_arrays(header, data, expected, str(path))
+    tensors: dict[int, torch.Tensor] = {}  # an alias shares its array: share the tensor too
+    state = {}
+    for key, (arr, dtype) in decoded.items():
+        if id(arr) not in tensors:
+            tensors[id(arr)] = torch.from_numpy(arr).to(_DTYPES[dtype])
+        state[key] = tensors[id(arr)]
+    return state, spec
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model from a ``.dzip`` file, in eval mode.
+
+    ``model``: an instance to fill (any architecture, no registration needed); without
+    it, the architecture recorded in the file is built from deepzip's registry (after
+    the file's shapes were checked against it).
+    """
+    state, spec = load_state(path, model)
+    if model is None:
+        if spec is None:
+            raise DeepzipFormatError(f"{path} records no architecture: pass "
+                                     "model=YourModel()")
+        try:
+            model = spec.build()
+        except DeepzipError:
+            raise DeepzipFormatError(
+                f"{path} records architecture {spec.arch!r}, which is not registered here: "
+                "pass the model to fill (--arch NAME or package.module:Factory)") from None
+    _fill(model, state, path)
+    return model.eval()
+
+
+def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
+    """Load a decoded state into ``model``; a file that lacks keys the model needs is a
+    format error of that file."""
+    try:
+        load_state_dict_strict(model, state)
+    except DeepzipError as e:
+        raise DeepzipFormatError(f"{path}: {e}") from None
+
+
+def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
+    """Per-tensor and total sizes of a ``.dzip`` file, both ways, and ``bytes_by_kind``.
+
+    ``formula``: the assignment's ratio, 32 bits x weights / sum(nonzero x Huffman bits of
+    the nonzeros' cluster indices), over shared weights only. ``real``: bytes of the fp32
+    ``state_dict`` written by ``torch.save`` over bytes of this file; the one we lead with.
+    """
+    header, data, head = _read(path)
+    state, spec = load_state(path, model)
+    rows, weights, coded_bits = [], 0, 0.0
+    where = dict.fromkeys(("header", "positions", "values", "codebooks", "other"), 0)
+    where["header"] = head
+    for e in header["tensors"]:
+        if e["encoding"] == "alias":
+            rows.append({"name": e["name"], "shape": e["shape"], "params": 0,
+                         "encoding": f"alias of {e['of']}", "bytes": 0, "nonzero": 0})
+            continue
+        t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
+        nbytes = 0
+        for pname, (_, length) in e["parts"].items():
+            where[_PART_KIND.get(pname, "other")] += length
+            nbytes += length
+        row = {"name": e["name"], "shape": e["shape"],
+               "params": t.numel() * (2 if e["encoding"] == "bn" else 1),  # bn: scale, shift
+               "encoding": e["encoding"], "bytes": nbytes,
+               "nonzero": int(torch.count_nonzero(t))}
+        if e["encoding"] in ("dense", "sparse"):
+            k = e["clusters"]
+            hbits = _nonzero_huffman_bits(t.float().numpy().ravel())
+            row.update(clusters=k, bits=max(1, math.ceil(math.log2(max(k, 1)))),
+                       huffman_avg=hbits / row["nonzero"] if row["nonzero"] else 0.0,
+                       gap_bits=e.get("gap_bits", ""))
+            weights += t.numel()
+            coded_bits += hbits
+        rows.append(row)
+    if model is None and spec is not None:
+        try:
+            model = spec.build()
+        except DeepzipError:  # an architecture not registered here: sizes from the file
+            model = None
+    if model is not None:
+        _fill(model, state, path)
+        fp32 = state_dict_bytes(model)
+        params = sum(p.numel() for p in model.parameters())
+    else:
+        params = sum(r["params"] for r in rows)
+        fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
+                   for t in state.values())
+    shared = [r for r in rows if "clusters" in r]
+    nonzero = sum(r["nonzero"] for r in shared)
+    return {
+        "model": header.get("model"), "tensors": rows, "header_bytes": head, "bytes_by_kind": where,
+        "file_bytes": head + len(data), "state_dict_bytes": fp32, "params": params,
+        "real_ratio": fp32 / (head + len(data)),
+        "shared_weights": weights, "shared_nonzero": nonzero,
+        "huffman_avg": coded_bits / nonzero if nonzero else 0.0,
+        "formula_ratio": 32 * weights / coded_bits if coded_bits else None,
+    }
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of the fp32 state_dict as ``torch.save`` writes it (the usual baseline)."""
+    buf = io.BytesIO()
+    torch.save({k: v.float() if v.is_floating_point() else v
+                for k, v in _plain_state(model).items()}, buf)
+    return buf.tell()
