@@ -357,10 +357,44 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if args.arch:
         spec = dataclasses.replace(spec or ModelSpec(), arch=resolve_arch(args.arch))
         load_state_dict_strict(spec.build(), state)
+    arch = f", architecture {spec.arch}" if spec else ""
+    if str(args.output).endswith(".safetensors"):
+        from .export import to_safetensors
+
+        kinds = to_safetensors(state, args.output, sparse=args.sparse, metadata={
+            "format": "pt", **({"deepzip.spec": json.dumps(spec.to_dict())} if spec else {})})
+        print(f"wrote {args.output} ({len(kinds['dense'])} dense tensors, "
+              f"{len(kinds['sparse'])} as indices + values{arch})")
+        return 0
+    if args.sparse:
+        raise DeepzipError("--sparse applies to .safetensors output")
     atomic_torch_save({"state_dict": state, **({"deepzip": spec.to_dict()} if spec else {})},
                       args.output)
-    print(f"wrote {args.output} ({len(state)} tensors, fp32 state_dict"
-          + (f", architecture {spec.arch}" if spec else "") + ")")
+    print(f"wrote {args.output} ({len(state)} tensors, fp32 state_dict{arch})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A model to ONNX, checked, and compared with PyTorch on the task's evaluation data
+    where onnxruntime is installed."""
+    from .export import compare_onnx, require, to_onnx
+
+    require("onnx"), require("onnxscript")  # before any data is read
+    model, spec, task = model_and_task(args)
+    loader = task.eval_loader(mean=spec.mean, std=spec.std)
+    example, _ = next(iter(loader))
+    to_onnx(model, example, args.output, opset=args.opset)
+    print(f"wrote {args.output} (ONNX opset {args.opset}, dynamic batch; onnx.checker "
+          "passed)")
+    try:
+        result = compare_onnx(model, args.output, loader)
+    except DeepzipError as e:
+        print(f"not compared with onnxruntime: {e}")
+        return 0
+    same = (f", predictions equal on {result['same_predictions']}/{result['examples']}"
+            if task.classification else "")
+    print(f"onnxruntime vs PyTorch on {task.description or task.name}: max output difference "
+          f"{result['max_abs_diff']:.3g}{same}")
     return 0
 
 
@@ -603,10 +637,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("decode", help="turn a .dzip file back into a PyTorch checkpoint")
     de.add_argument("file", metavar="FILE.dzip")
-    de.add_argument("-o", "--output", required=True, metavar="FILE.pt")
+    de.add_argument("-o", "--output", required=True, metavar="FILE.pt|FILE.safetensors",
+                    help="a PyTorch checkpoint, or .safetensors (needs deepzip[export])")
+    de.add_argument("--sparse", action="store_true",
+                    help="safetensors: mostly-zero tensors as indices + values")
     de.add_argument("--arch", default=None, metavar="ARCH",
                     help="check the weights against this architecture (" + ARCH_HELP + ")")
     de.set_defaults(func=cmd_decode)
+
+    ex = sub.add_parser("export", help="a .dzip (or checkpoint) to ONNX, checked and "
+                        "compared with PyTorch (needs deepzip[export])")
+    _add_model_args(ex, positional=True)
+    ex.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    _add_data_args(ex)
+    ex.set_defaults(func=cmd_export)
 
     sm = sub.add_parser("summary", help="per-layer parameters, nonzeros and sparsity")
     _add_model_args(sm, positional=True)
