@@ -399,6 +399,7 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
         if main:
             print(f"resuming {desc} from {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
 
+    run_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         epoch_lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with, for the log
@@ -449,8 +450,11 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
         history.append(rec)
         if not main:
             continue
+        per_epoch = (time.perf_counter() - run_start) / (epoch + 1 - start_epoch)
+        left = per_epoch * (cfg.epochs - epoch - 1) / 60  # training and evaluation
         print(f"{desc} epoch {epoch + 1}/{cfg.epochs} " + " ".join(
-            f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"), flush=True)
+            f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch")
+            + (f" (about {left:.1f} min left in {desc})" if left else ""), flush=True)
         if out:
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": opt.state_dict(),
