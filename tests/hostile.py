@@ -35,6 +35,11 @@ HOSTILE = [0, 1, -1, 2, 255, 256, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2 ** 63, 10 ** 
            [[1, 2], [3]], {}, {"a": 1}, {"float16": 1}]
 
 
+def pick(rng: random.Random, extra: list | None = None) -> Any:
+    """A hostile value: a copy, so a later mutation inside it never changes the pool."""
+    return copy.deepcopy(rng.choice(HOSTILE + (extra or [])))
+
+
 def deep(n: int) -> list:
     x: list = []
     for _ in range(n):
@@ -109,7 +114,7 @@ def join_dzip(pre: tuple, header: Any, body: bytes, *, raw_header: bytes | None 
 def _neighbour(v: Any, rng: random.Random) -> Any:
     if isinstance(v, int) and not isinstance(v, bool):
         return rng.choice([v - 1, v + 1, 0, v * 2, v * 256, -v, v + 2 ** 31])
-    return rng.choice(HOSTILE)
+    return pick(rng)
 
 
 def mutate_dzip(data: bytes, rng: random.Random) -> tuple[bytes, str]:
@@ -128,7 +133,7 @@ def mutate_dzip(data: bytes, rng: random.Random) -> tuple[bytes, str]:
             if rng.random() < 0.2:
                 e.pop(key, None)
             else:
-                e[key] = rng.choice(HOSTILE)
+                e[key] = pick(rng)
         elif kind == "number" and isinstance(e, dict):
             key = rng.choice([k for k, v in e.items() if isinstance(v, (int, list))] or ["x"])
             if isinstance(e.get(key), list) and e[key]:
@@ -139,15 +144,15 @@ def mutate_dzip(data: bytes, rng: random.Random) -> tuple[bytes, str]:
         elif kind == "part" and isinstance(e, dict) and isinstance(e.get("parts"), dict):
             name = rng.choice(_PART_NAMES)
             e["parts"][name] = rng.choice(
-                [rng.choice(HOSTILE), [rng.randrange(len(body) + 2), rng.randrange(64)],
+                [pick(rng), [rng.randrange(len(body) + 2), rng.randrange(64)],
                  [0, len(body) + rng.randrange(1, 10)], [len(body), 0]])
         elif kind == "spec":
             if not isinstance(header.get("model"), dict) or rng.random() < 0.2:
-                header["model"] = rng.choice(HOSTILE)
+                header["model"] = pick(rng)
             else:
-                header["model"][rng.choice(_SPEC_KEYS)] = rng.choice(
-                    HOSTILE + [[0.5], [0.0] * 3, [float("nan")] * 3, 10 ** 7, "resnet110",
-                               "lenet5", "os:system"])
+                header["model"][rng.choice(_SPEC_KEYS)] = pick(
+                    rng, [[0.5], [0.0] * 3, [float("nan")] * 3, 10 ** 7, "resnet110",
+                          "lenet5", "os:system"])
         elif kind == "structure":
             how = rng.choice(["dup", "drop", "swap", "tensors", "deep", "top", "extra"])
             if how == "dup" and tensors:
@@ -158,13 +163,13 @@ def mutate_dzip(data: bytes, rng: random.Random) -> tuple[bytes, str]:
                 a, b = rng.sample(range(len(tensors)), 2)
                 tensors[a], tensors[b] = tensors[b], tensors[a]
             elif how == "tensors":
-                header["tensors"] = rng.choice(HOSTILE)
+                header["tensors"] = pick(rng)
             elif how == "deep":
                 done.append("deep")
                 return join_dzip(pre, None, body, raw_header=(
                     b'{"tensors": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")), "deep"
             elif how == "top":
-                header = rng.choice(HOSTILE)
+                header = pick(rng)
                 break
             else:
                 tensors.append({"name": "extra", "shape": [rng.choice([1, 2 ** 30])] * 2,
@@ -368,8 +373,8 @@ def recipe_variant(base: dict[str, Any], rng: random.Random) -> tuple[bytes, str
     if kind in ("leaf", "key"):
         for _ in range(rng.choice([1, 2])):
             path = rng.choice(_leaves(obj))
-            value = rng.choice(HOSTILE + [10 ** 5000, [0.5, float("nan")], deep(40), "fast",
-                                          {"lr": "fast"}, {"batch_size": 1.5}])
+            value = pick(rng, [10 ** 5000, [0.5, float("nan")], deep(40), "fast",
+                               {"lr": "fast"}, {"batch_size": 1.5}])
             if kind == "key" and path and isinstance(value, str):
                 node = obj
                 for k in path[:-1]:
