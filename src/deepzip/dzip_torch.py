@@ -31,7 +31,7 @@ from .dzip import (
 )
 from .errors import DeepzipError, DeepzipFormatError
 from .models import ModelSpec, load_state_dict_strict
-from .prune import bake_, is_pruned
+from .prune import _join, bake_, is_pruned
 
 __all__ = ["inspect", "load", "load_state", "precision_changes", "round_to_file_precision_",
            "save", "state_dict_bytes"]
@@ -72,10 +72,6 @@ def _plain_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]
     if not copy:
         return dict(ordered)
     return {k: v.detach().cpu().contiguous() for k, v in ordered}
-
-
-def _join(owner: str, attr: str) -> str:
-    return f"{owner}.{attr}" if owner else attr
 
 
 def _shared_names(state: dict[str, torch.Tensor]) -> set[str]:
@@ -280,12 +276,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
 
 
 def _plain_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in _plain_state_meta(model).items()}
-
-
-def _plain_state_meta(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain state_dict's keys and shapes without copying any data."""
-    return _plain_state(model, copy=False)
+    """The plain state_dict's keys and shapes, without copying (meta tensors too)."""
+    return {k: list(v.shape) for k, v in _plain_state(model, copy=False).items()}
 
 
 def _spec_of(header: dict[str, Any], where: str) -> ModelSpec | None:
