@@ -60,7 +60,7 @@ class Pipeline:
         self.state_path = self.out / "state.json"
         self.state: dict[str, Any] = {"recipe": dataclasses.asdict(recipe), "stages": {}}
         self._given = (model, spec)
-        self._template: nn.Module | None = None
+        self._start: tuple[nn.Module, ModelSpec] | None = None
         self._teacher: nn.Module | None = None
         if self.state_path.is_file():
             self.state = self._resume_state(self._read_state())
@@ -137,31 +137,34 @@ class Pipeline:
                           task=self.task)
 
     def start(self) -> tuple[nn.Module, ModelSpec]:
-        """The model compression starts from, fresh (the given module is not changed)."""
-        model, spec = self._given
-        if model is None:
-            model, spec = self._open(self.recipe.model)
-        elif spec is None:
-            mean, std = self.task.normalization or ((), ())
-            spec = ModelSpec(arch=_arch_name(model), num_classes=None, mean=mean, std=std)
-        if self._template is None:
-            self._template = copy.deepcopy(model).cpu()
-        return copy.deepcopy(self._template).to(self.device), spec
+        """The model compression starts from, fresh (the given module is not changed).
+        The file is opened once; later calls copy what it gave."""
+        if self._start is None:
+            model, spec = self._given
+            if model is None:
+                model, spec = self._open(self.recipe.model)
+            elif spec is None:
+                mean, std = self.task.normalization or ((), ())
+                spec = ModelSpec(arch=_arch_name(model), num_classes=None, mean=mean, std=std)
+            self._start = (copy.deepcopy(model).cpu(), spec)
+        template, spec = self._start
+        return copy.deepcopy(template).to(self.device), spec
+
+    def _fresh(self) -> nn.Module:
+        """An untouched copy of the starting model, to load a stage's weights into."""
+        return self.start()[0]
 
     def _reference(self) -> tuple[nn.Module, ModelSpec]:
         if self.recipe.reference is None:
             return self.start()
         if self._given[0] is not None:  # the user's class: fill a copy of it
-            self.start()
-            return load_model(self.recipe.reference, model=copy.deepcopy(self._template))
+            return load_model(self.recipe.reference, model=self._fresh())
         model, spec = self._open(self.recipe.reference)
         return model.to(self.device), spec
 
     def _load(self, path: Path, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         """A stage's checkpoint, loaded into a fresh copy of the starting model."""
-        if self._template is None:
-            self.start()
-        model, _ = load_checkpoint(path, spec, model=copy.deepcopy(self._template))
+        model, _ = load_checkpoint(path, spec, model=self._fresh())
         return model.to(self.device), spec
 
     def test_loader(self, spec: ModelSpec) -> Iterable:
@@ -318,7 +321,7 @@ class Pipeline:
                 dzip.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
                           codebook_dtype=e.codebook_dtype, fold_batchnorm=e.fold_batchnorm)
             barrier()
-            info = dzip.inspect(path, copy.deepcopy(self._template))
+            info = dzip.inspect(path, self._fresh())
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
                      f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
             self._finish("encode", t0, **{k: v for k, v in info.items() if k != "tensors"},
@@ -330,7 +333,7 @@ class Pipeline:
         in-memory model on the whole evaluation set: outputs, predictions and the metric."""
         if not self._done("verify"):
             t0 = time.time()
-            decoded = dzip.load(self.out / "model.dzip", copy.deepcopy(self._template))
+            decoded = dzip.load(self.out / "model.dzip", self._fresh())
             result = verify(model, decoded, self.test_loader(spec), task=self.task)
             self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4f}, "
                      f"outputs identical: {result['identical']} (max difference "
