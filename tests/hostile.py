@@ -93,6 +93,7 @@ def feed(outcome: Outcome, label: str, call: Callable[[], Any], expected: type[B
 _PRE = struct.Struct("<8sHHIII")
 _ENTRY_KEYS = ["name", "shape", "dtype", "encoding", "store", "clusters", "codebook_dtype",
                "entries", "gap_bits", "index_nbits", "gap_nbits", "eps", "of", "parts"]
+_STORE_NAMES = ["float16", "float32", "int2", "int8", "int9", "uint8", "bool"]
 _PART_NAMES = ["data", "codebook", "index_lengths", "indices", "gap_lengths", "gaps", "zzz"]
 _SPEC_KEYS = ["arch", "num_classes", "mean", "std", "task"]
 
@@ -133,7 +134,7 @@ def mutate_dzip(data: bytes, rng: random.Random) -> tuple[bytes, str]:
             if rng.random() < 0.2:
                 e.pop(key, None)
             else:
-                e[key] = pick(rng)
+                e[key] = pick(rng, _STORE_NAMES if key == "store" else None)
         elif kind == "number" and isinstance(e, dict):
             key = rng.choice([k for k, v in e.items() if isinstance(v, (int, list))] or ["x"])
             if isinstance(e.get(key), list) and e[key]:
@@ -141,9 +142,12 @@ def mutate_dzip(data: bytes, rng: random.Random) -> tuple[bytes, str]:
                 e[key][i] = _neighbour(e[key][i], rng)
             else:
                 e[key] = _neighbour(e.get(key, 0), rng)
-        elif kind == "part" and isinstance(e, dict) and isinstance(e.get("parts"), dict):
-            name = rng.choice(_PART_NAMES)
-            e["parts"][name] = rng.choice(
+        elif kind == "part" and isinstance(e, dict):
+            name = rng.choice(_PART_NAMES)  # version 4 derives parts: listing any is wrong
+            parts = e.setdefault("parts", {})
+            if not isinstance(parts, dict):
+                parts = e["parts"] = {}
+            parts[name] = rng.choice(
                 [pick(rng), [rng.randrange(len(body) + 2), rng.randrange(64)],
                  [0, len(body) + rng.randrange(1, 10)], [len(body), 0]])
         elif kind == "spec":
@@ -446,14 +450,15 @@ def dzip_bases(tmp: Path) -> list[tuple[bytes, int, Any]]:
 
     torch.manual_seed(0)
     out = []
-    for make, sparsity, spec in [(lambda: get("lenet300"), 0.95, ModelSpec(arch="lenet300")),
-                                 (lambda: get("resnet20"), 0.5, None), (Tied, None, None)]:
+    for make, sparsity, spec, raw in [
+            (lambda: get("lenet300"), 0.95, ModelSpec(arch="lenet300"), "float16"),
+            (lambda: get("resnet20"), 0.5, None, "int5"), (Tied, None, None, "float16")]:
         model = make().eval()
         if sparsity is not None:
             prune_(model, PruneConfig("global", sparsity))
             quantize_(model, QuantizeConfig(bits=4))
         path = tmp / "base.dzip"
-        save(model, path, spec=spec)
+        save(model, path, spec=spec, raw_dtype=raw)
         out.append((path.read_bytes(), state_dict_bytes(make()),
                     None if spec is not None else make))
     return out

@@ -10,9 +10,14 @@ from torch import nn
 
 from deepzip import DeepzipError
 from deepzip.dzip import (
+    RAW_INTS,
     DeepzipFormatError,
     _decode_shared,
     _encode_shared,
+    _read,
+    grid_bytes,
+    grid_encode,
+    grid_round,
     inspect,
     load,
     load_state,
@@ -57,6 +62,56 @@ def test_sparse_layout_wins_when_sparse_and_fillers_cover_long_gaps():
     assert dense.meta["encoding"] == "dense"
 
 
+@pytest.mark.parametrize("bits", sorted(RAW_INTS.values()))
+def test_grid_store_is_exact_idempotent_and_bounded(bits):
+    rng = np.random.default_rng(bits)
+    for x in [rng.standard_normal(300).astype(np.float32) * 3, np.full(5, 0.7, np.float32),
+              np.zeros(0, np.float32), np.array([-60000.0, 60000.0], np.float32)]:
+        data = grid_encode(x, bits)
+        assert len(data) == grid_bytes(x.size, bits)
+        once = grid_round(x, bits)
+        assert np.array_equal(grid_round(once, bits), once)  # the file's values are kept
+        if x.size:
+            step = (float(x.max()) - float(x.min())) / ((1 << bits) - 1)
+            assert np.abs(once - x).max() <= step / 2 + 1e-3 * np.abs(x).max() + 1e-7
+            assert len(np.unique(once)) <= 1 << bits
+    for bad in [np.array([1.0, np.inf], np.float32), np.array([-1e5, 0], np.float32),
+                np.array([1e-6, 2e-6], np.float32)]:  # a step float16 cannot hold
+        assert grid_encode(bad, bits) is None and grid_round(bad, bits) is None
+
+
+def test_grid_store_falls_back_to_float32_where_the_grid_cannot_hold_a_tensor(tmp_path):
+    m = _model()
+    with torch.no_grad():
+        m.linear.bias[0] = -1e6  # below float16: no grid can start there
+        m.bn1.bias[0] = -1e6
+    round_to_file_precision_(m, "int6", "float32")
+    x = torch.randn(2, 3, 32, 32)
+    save(m, tmp_path / "m.dzip", spec=ModelSpec(), raw_dtype="int6")
+    header, _, _ = _read(tmp_path / "m.dzip")
+    stores = {e["name"]: e["store"] for e in header["tensors"] if "store" in e}
+    assert stores["linear.bias"] == stores["bn1"] == "float32"
+    assert stores["layer1.0.bn1"] == "int6"
+    assert torch.equal(load(tmp_path / "m.dzip")(x), m(x))
+
+
+def test_version_3_files_still_load(tmp_path):
+    """A version 3 file (offsets in the header) of the same model decodes identically."""
+    m = _model()
+    path = tmp_path / "v4.dzip"
+    save(m, path, spec=ModelSpec())
+    data = path.read_bytes()
+    header, _, _ = _read(path)
+    header["version"] = 3
+    v3 = _with_header(data, header)
+    v3 = v3[:8] + struct.pack("<H", 3) + v3[10:]
+    old = tmp_path / "v3.dzip"
+    old.write_bytes(v3)
+    a, b = load_state(path)[0], load_state(old)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(v3) > len(data)  # the offsets cost bytes that version 4 no longer spends
+
+
 def _model(seed=0, sparsity=0.8, bits=4):
     torch.manual_seed(seed)
     m = get("resnet20").eval()
@@ -70,7 +125,8 @@ def _model(seed=0, sparsity=0.8, bits=4):
 
 
 @pytest.mark.parametrize("raw,book", [("float16", "float32"), ("float32", "float16"),
-                                      ("float32", "float32")])
+                                      ("float32", "float32"), ("int8", "float16"),
+                                      ("int3", "float32")])
 def test_model_roundtrip_is_exact(tmp_path, raw, book):
     m = _model()
     round_to_file_precision_(m, raw, book)
@@ -154,7 +210,7 @@ def test_truncation_at_every_section_boundary(tmp_path, good_file):
     for t in info["tensors"]:
         cuts.add(head + t.get("bytes", 0))
     offset = head
-    header = _header(good_file)
+    header, _, _ = _read(info_path)  # version 4 lists no offsets: the reader derives them
     for t in header["tensors"]:
         for off, length in t["parts"].values():
             cuts.update({head + off, head + off + length - 1})
@@ -199,9 +255,11 @@ def test_bit_flips_are_always_caught(tmp_path, good_file):
     lambda t: t.update(entries=10 ** 12),
     lambda t: t.update(index_nbits=10 ** 12),
     lambda t: t.update(gap_bits=40),
-    lambda t: t["parts"].update(indices=[0, 10 ** 12]),
-    lambda t: t["parts"].update(indices=[-5, 3]),
-    lambda t: t["parts"].pop("codebook"),
+    lambda t: t.update(parts={"indices": [0, 10 ** 12]}),  # version 4 lists no parts
+    lambda t: t.update(index_nbits=t["index_nbits"] + 8),  # sizes no longer add up
+    lambda t: t.update(gap_nbits=t["gap_nbits"] - 8),
+    lambda t: t.update(gap_nbits=-1),
+    lambda t: t.update(clusters=t["clusters"] + 1),
     lambda t: t.update(codebook_dtype="float64"),
 ])
 def test_hostile_headers_are_rejected(tmp_path, good_file, mutate):

@@ -24,7 +24,7 @@ from deepzip.task import image_task
     ("prune: {schedule: none}\nquantize: {bits: 12}", "bits"),
     ("prune: {schedule: none}\nquantize: {bits: five}", "expected int"),
     ("prune: {schedule: none, train: {learning_rate: 0.1}}", "unknown training"),
-    ("prune: {schedule: none}\nencode: {raw_dtype: float64}", "float16 or float32"),
+    ("prune: {schedule: none}\nencode: {raw_dtype: float64}", "encode.raw_dtype must be one of"),
     ("prune: [unclosed", "not valid YAML"),
     # the audit's cases: each refused before any work, with one line naming it
     ("prune: {schedule: none, train: {lr: fast}}", "lr must be float"),

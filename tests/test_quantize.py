@@ -13,6 +13,7 @@ from deepzip.quantize import (
     codebooks,
     dequantize_,
     distinct_nonzero,
+    entropy_constrained,
     init_centroids,
     kmeans_1d,
     quantize_,
@@ -163,3 +164,43 @@ def test_centroid_lr_is_divided_by_cluster_size(monkeypatch):
     assert seen["0.parametrizations.weight.0.codebook"] == pytest.approx(4 / 1000)
     assert seen["0.bias"] == 1.0
     assert "0.parametrizations.weight.original" not in seen
+
+
+def _two_sided(n=6000, seed=0):
+    """Weights as a pruned layer has them: two lobes, nothing near zero."""
+    rng = np.random.default_rng(seed)
+    w = np.concatenate([rng.laplace(0.05, 0.03, n // 2), -rng.laplace(0.05, 0.03, n // 2)])
+    return w[np.abs(w) > 0.03]
+
+
+def _entropy(labels):
+    p = np.bincount(labels) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def test_entropy_constrained_beats_plain_kmeans_at_a_lower_rate():
+    w = _two_sided()
+    plain = kmeans_1d(w, 2)
+    ecq = kmeans_1d(w, 4, entropy_weight=10.0)
+    assert len(ecq.centroids) < 16  # some clusters vanished
+    assert _entropy(ecq.labels) < _entropy(plain.labels)  # fewer bits per index ...
+    assert ecq.error < 0.9 * plain.error  # ... and still a smaller error
+    assert np.allclose([w[ecq.labels == j].mean() for j in range(len(ecq.centroids))],
+                       ecq.centroids)  # every centroid is its members' mean
+    assert kmeans_1d(w, 4, entropy_weight=0.0).error == kmeans_1d(w, 4).error
+
+
+def test_entropy_constrained_ends_at_its_fixed_point():
+    v = np.sort(_two_sided(seed=1))
+    start = kmeans_1d(v, 4).centroids
+    lam = 5 * kmeans_1d(v, 4).error / len(v)
+    c, edges, rounds = entropy_constrained(v, start, lam)
+    assert rounds < 300 and np.all(np.diff(edges) > 0) and np.all(np.diff(c) > 0)
+    lengths = -np.log2(np.diff(edges) / len(v))
+    # each value's cluster minimizes squared error + lam x code length among all clusters
+    labels = np.repeat(np.arange(len(c)), np.diff(edges))
+    cost = (v[:, None] - c[None, :]) ** 2 + lam * lengths[None, :]
+    assert np.array_equal(np.argmin(cost, axis=1), labels)
+    with pytest.raises(DeepzipError, match="entropy_weight"):
+        QuantizeConfig(bits=4, entropy_weight=-1.0)

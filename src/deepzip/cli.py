@@ -20,6 +20,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import read_limited
+from .dzip import RAW_DTYPES
 from .errors import DeepzipError
 from .models import ModelSpec, available, resolve_arch, save_checkpoint
 from .pipeline import open_model
@@ -260,7 +261,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     qcfg = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv,
                           bits_linear=args.bits_linear, init=args.init, seed=args.seed,
-                          exclude=args.exclude or [])
+                          exclude=args.exclude or [], entropy_weight=args.entropy_weight)
     model, spec, task = model_and_task(args)
     m = task.metric.name
     out = Path(args.out)
@@ -310,7 +311,9 @@ def _size_table(info: dict) -> str:
     kinds = bytes_by_kind_line(info["bytes_by_kind"])
     return (f"{table}\n\nfile: {info['file_bytes']:,} bytes ({kinds}); fp32 state_dict "
             f"(torch.save): {info['state_dict_bytes']:,} bytes\n"
-            f"real compression: {info['real_ratio']:.2f}x on disk\n" + (
+            f"real compression: {info['real_ratio']:.2f}x on disk, "
+            f"{8 * info['file_bytes'] / max(1, info['params']):.3f} bits per parameter "
+            f"({info['params']:,} parameters)\n" + (
                 f"assignment formula: {info['formula_ratio']:.2f}x "
                 f"({info['shared_nonzero']:,} of {info['shared_weights']:,} weights nonzero, "
                 f"Huffman {info['huffman_avg']:.3f} bits on average)"
@@ -588,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits-conv", type=int, help="bits for conv layers (overrides --bits)")
     q.add_argument("--bits-linear", type=int, help="bits for linear layers")
     q.add_argument("--init", default="linear", choices=list(INITS))
+    q.add_argument("--entropy-weight", type=float, default=0.0, metavar="BETA",
+                   help="entropy-constrained clustering: > 0 trades squared error for "
+                   "shorter Huffman codes (--bits becomes a cap)")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="layers to leave alone")
     q.add_argument("--plot-layers", nargs="+", metavar="LAYER",
                    help="plot these layers' weights before/after (OUT/weights.png)")
@@ -623,8 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser("encode", help="write a quantized model as a compressed .dzip file")
     _add_model_args(en, positional=True)
     en.add_argument("-o", "--output", required=True, metavar="FILE.dzip")
-    en.add_argument("--raw-dtype", default="float16", choices=["float16", "float32"],
-                    help="storage of BatchNorm, biases and unshared weights")
+    en.add_argument("--raw-dtype", default="float16", choices=RAW_DTYPES,
+                    help="storage of BatchNorm, biases and unshared weights: floats, or intN, "
+                    "N bits on a uniform grid over each tensor's range")
     en.add_argument("--codebook-dtype", default="float32", choices=["float16", "float32"])
     en.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=True,
                     help="store each BatchNorm as its eval-mode scale and shift (default on)")

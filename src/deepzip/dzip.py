@@ -5,18 +5,21 @@ Layout (all integers little-endian)::
     magic  b"DZIP\\0\\r\\n\\x1a"   8 bytes
     version u16, reserved u16
     header_length u32, header_crc32 u32, data_crc32 u32
-    header: zlib-compressed JSON (model spec; per tensor: name, shape, dtype, encoding,
-            and per part [offset, length] into the data area)
-    data:   the parts, back to back
+    header: zlib-compressed JSON (model spec; per tensor: name, shape, dtype, encoding
+            and the fields that fix the size of each of its parts)
+    data:   the parts, back to back in header order
 
 One checksum covers the whole data area (version 1 had one per part: 40% of a small
-model's header, about 3% of its file, for no extra safety).
+model's header, about 3% of its file, for no extra safety). Version 4 stores no part
+offsets either (versions 2 and 3 did: half of a ResNet-20 header): the reader derives
+them and checks that the sizes add up to the data area exactly.
 
 Encodings: ``raw`` (a plain array: BatchNorm, biases, unshared weights; float16 by
-default), ``dense`` (one Huffman-coded cluster index per weight, zero being one more
-symbol) and ``sparse`` (Deep Compression's layout: for each nonzero, the run of zeros
-before it, bounded to ``2^gap_bits - 1`` with filler entries for longer runs, and its
-cluster index; both streams Huffman-coded). Each shared tensor gets the cheaper layout.
+default, or ``intN``: N-bit levels on a uniform grid over the tensor's range), ``dense``
+(one Huffman-coded cluster index per weight, zero being one more symbol) and ``sparse``
+(Deep Compression's layout: for each nonzero, the run of zeros before it, bounded to
+``2^gap_bits - 1`` with filler entries for longer runs, and its cluster index; both
+streams Huffman-coded). Each shared tensor gets the cheaper layout.
 A shared tensor is any floating tensor of 2+ dimensions with at most 256 distinct nonzero
 values (Conv, Linear, Embedding, attention and RNN weights after weight sharing): the
 codebook is those values, so decoded weights are bit-identical to the model saved.
@@ -53,8 +56,10 @@ __all__ = ["DeepzipFormatError", "decode_arrays", "folded_batchnorm", "read_arra
            "write_file"]  # and, through __getattr__, the PyTorch side's (dzip_torch)
 
 MAGIC = b"DZIP\x00\r\n\x1a"
-VERSION = 3
-READS = (2, 3)  # version 3 added the alias entry; a file without one is laid out as in 2
+VERSION = 4
+# 3 added the alias entry; 4 dropped the part offsets from the header (each part's size
+# follows from its entry, parts lie back to back) and added the ``intN`` raw stores
+READS = (2, 3, 4)
 _PREAMBLE = struct.Struct("<8sHHIII")
 MAX_CLUSTERS = 256
 MAX_HEADER = 64 << 20
@@ -63,6 +68,9 @@ DTYPES = {"float32": "<f4", "float16": "<f2", "bfloat16": "<f4", "int64": "<i8",
           "int32": "<i4", "uint8": "u1", "bool": "?"}
 _STORE = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "uint8": "u1",
           "bool": "?"}
+RAW_INTS = {f"int{b}": b for b in range(2, 9)}  # uniform grids over a tensor's range
+_STORES = (*_STORE, *RAW_INTS)
+RAW_DTYPES = ("float16", "float32", *RAW_INTS)  # what a writer may store unshared floats as
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TORCH_SIDE = {"save", "load", "load_state", "inspect", "round_to_file_precision_",
                "precision_changes", "state_dict_bytes"}
@@ -91,6 +99,63 @@ def _unpack_lengths(data: bytes, n: int) -> np.ndarray:
         raise DeepzipFormatError("code-length table has the wrong size")
     b = np.frombuffer(data, dtype=np.uint8)
     return np.stack([b >> 4, b & 15], 1).ravel()[:n].astype(np.int64)
+
+
+def _grid(x: np.ndarray, bits: int) -> tuple[np.float16, np.float16] | None:
+    """(lo, step) of a uniform grid of ``2^bits`` levels over ``x``'s range, as float16;
+    None when float16 cannot hold them well (then the tensor is stored as floats)."""
+    if x.size == 0:
+        return np.float16(0), np.float16(0)
+    if not np.isfinite(x).all():
+        return None
+    with np.errstate(over="ignore"):
+        lo = np.float16(x.min())
+        if np.isfinite(lo) and float(x.max()) - float(lo) <= abs(float(lo)) / 1024:
+            return lo, np.float16(0)  # constant to float16's precision: one value
+        exact = (float(x.max()) - float(lo)) / ((1 << bits) - 1)
+        step = np.float16(exact)
+    if not (np.isfinite(lo) and np.isfinite(step)) or abs(float(step) - exact) > exact / 512:
+        return None  # out of float16's range, or a step so small it lost its precision
+    return lo, step
+
+
+def grid_bytes(n: int, bits: int) -> int:
+    """Size of one stored group of ``n`` values on a ``bits``-bit grid."""
+    return 4 + (n * bits + 7) // 8
+
+
+def grid_encode(x: np.ndarray, bits: int) -> bytes | None:
+    """``x`` on a uniform ``bits``-bit grid over its range: float16 lo and step, then the
+    level of each value, ``bits`` bits each, most significant first. None when the range
+    does not fit float16 (see :func:`_grid`)."""
+    x = np.asarray(x, dtype=np.float32).ravel()
+    g = _grid(x, bits)
+    if g is None:
+        return None
+    lo, step = g
+    if step == 0:
+        q = np.zeros(x.size, dtype=np.int64)
+    else:
+        q = np.clip(np.rint((x - np.float32(lo)) / np.float32(step)), 0, (1 << bits) - 1)
+    levels = (q.astype(np.int64)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
+    return (np.array([lo, step], dtype="<f2").tobytes()
+            + np.packbits(levels.astype(np.uint8).ravel()).tobytes())
+
+
+def grid_decode(data: bytes, n: int, bits: int) -> np.ndarray:
+    """Values of one group that :func:`grid_encode` wrote (``grid_bytes(n, bits)`` bytes)."""
+    lo, step = np.frombuffer(data[:4], dtype="<f2").astype(np.float32)
+    levels = np.unpackbits(np.frombuffer(data[4:], dtype=np.uint8))[:n * bits]
+    q = levels.reshape(n, bits).astype(np.int64) @ (1 << np.arange(bits - 1, -1, -1))
+    return lo + q.astype(np.float32) * step
+
+
+def grid_round(x: np.ndarray, bits: int) -> np.ndarray | None:
+    """``x`` exactly as the file will hold it on a ``bits``-bit grid (None: it cannot)."""
+    data = grid_encode(x, bits)
+    if data is None:
+        return None
+    return grid_decode(data, np.asarray(x).size, bits).reshape(np.shape(x))
 
 
 def _sparse_entries(nz: np.ndarray, idx: np.ndarray, numel: int, k: int,
@@ -256,6 +321,11 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int
         raise DeepzipFormatError(f"{path}: header lacks a tensor list")
     if zlib.crc32(memoryview(raw)[_PREAMBLE.size + hlen:]) != dcrc:
         raise DeepzipFormatError(f"{path}: data checksum mismatch (damaged or truncated)")
+    if version >= 4:
+        try:
+            _layout(header["tensors"], len(raw) - _PREAMBLE.size - hlen)
+        except DeepzipFormatError as e:
+            raise DeepzipFormatError(f"{path}: {e}") from None
     return header, memoryview(raw)[_PREAMBLE.size + hlen:], _PREAMBLE.size + hlen
 
 
@@ -268,6 +338,59 @@ def _choice(entry: dict[str, Any], key: str, allowed: Any) -> str:
     return v
 
 
+def _shape(e: dict[str, Any], name: str) -> list[int]:
+    shape = e.get("shape")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in shape)):
+        raise DeepzipFormatError(f"{name!r}: bad shape")
+    return shape
+
+
+def _fixed_sizes(e: dict[str, Any], name: str, enc: str, numel: int) -> dict[str, int]:
+    """The sizes of the parts that an entry's fields fix: all but the coded streams."""
+    if enc == "alias":
+        return {}
+    if enc in ("raw", "bn"):
+        store = _choice(e, "store", _STORES)
+        groups = 2 if enc == "bn" else 1
+        if store in RAW_INTS:
+            return {"data": groups * grid_bytes(numel, RAW_INTS[store])}
+        return {"data": groups * numel * np.dtype(_STORE[store]).itemsize}
+    k = _int(e, "clusters", 0, MAX_CLUSTERS)
+    book = _choice(e, "codebook_dtype", ("float32", "float16"))
+    sizes = {"codebook": k * np.dtype(_STORE[book]).itemsize, "index_lengths": (k + 2) // 2}
+    if enc == "sparse":
+        sizes["gap_lengths"] = ((1 << _int(e, "gap_bits", 1, 8)) + 1) // 2
+    return sizes
+
+
+def _layout(tensors: list[Any], data_len: int) -> None:
+    """Version 4 records no offsets: each entry's parts lie back to back in the order
+    ``_PARTS`` lists them, entries in header order, every size following from the entry
+    (coded streams: ``ceil(nbits / 8)`` bytes). Fills in ``parts`` as version 3 had them,
+    after checking that the sizes add up to the data area exactly."""
+    offset = 0
+    for e in tensors:
+        if not isinstance(e, dict) or "parts" in e:
+            raise DeepzipFormatError("bad tensor entry (version 4 entries list no parts)")
+        name = _str(e, "name")
+        enc = _choice(e, "encoding", _PARTS)
+        sizes = _fixed_sizes(e, name, enc, math.prod(_shape(e, name)))
+        for stream, bits in (("indices", "index_nbits"), ("gaps", "gap_nbits")):
+            if stream in _PARTS[enc]:
+                sizes[stream] = (_int(e, bits, 0, 8 * data_len) + 7) // 8
+        e["parts"] = {}
+        for part in _PARTS[enc]:
+            e["parts"][part] = [offset, sizes[part]]
+            offset += sizes[part]
+            if offset > data_len:
+                raise DeepzipFormatError(f"{name!r}: its parts run past the end of the file "
+                                         "(truncated?)")
+    if offset != data_len:
+        raise DeepzipFormatError(f"the data area holds {data_len - offset:,} bytes that no "
+                                 "entry accounts for")
+
+
 def _check_entry(e: Any, data_len: int, seen: dict[str, list[int]]) -> dict[str, list[int]]:
     """Validate one tensor entry completely, before anything is decoded: types, shape,
     encoding, every part inside the data area, and sizes that the stored bits can hold.
@@ -275,10 +398,7 @@ def _check_entry(e: Any, data_len: int, seen: dict[str, list[int]]) -> dict[str,
     if not isinstance(e, dict):
         raise DeepzipFormatError("bad tensor entry")
     name = _str(e, "name")
-    shape = e.get("shape")
-    if not (isinstance(shape, list) and len(shape) <= 8 and all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 31 for s in shape)):
-        raise DeepzipFormatError(f"{name!r}: bad shape")
+    shape = _shape(e, name)
     numel = math.prod(shape)
     enc = _choice(e, "encoding", _PARTS)
     _choice(e, "dtype", DTYPES)
@@ -293,39 +413,29 @@ def _check_entry(e: Any, data_len: int, seen: dict[str, list[int]]) -> dict[str,
             raise DeepzipFormatError(f"{name!r}: part {pname!r} lies outside the file "
                                      "(truncated?)")
     size = {k: v[1] for k, v in parts.items()}
+    for pname, n in _fixed_sizes(e, name, enc, numel).items():
+        if size[pname] != n:
+            raise DeepzipFormatError(f"{name!r}: part {pname!r} has the wrong size for its "
+                                     "entry")
     if enc == "alias":
         of = _str(e, "of")
         if seen.get(of) != shape:
             raise DeepzipFormatError(f"{name!r}: alias of {of!r}, which comes nowhere before "
                                      "it with that shape")
-    elif enc in ("raw", "bn"):
-        store = _choice(e, "store", _STORE)
-        count = numel * (2 if enc == "bn" else 1)
-        if size["data"] != count * np.dtype(_STORE[store]).itemsize:
-            raise DeepzipFormatError(f"{name!r}: data size does not match its shape")
-        if enc == "bn":
-            eps = e.get("eps")
-            if not isinstance(eps, float) or not 0 < eps < 1 or len(shape) != 1:
-                raise DeepzipFormatError(f"{name!r}: bad BatchNorm entry")
-            return {f"{name}.{k}": (shape if k != "num_batches_tracked" else [])
-                    for k in _BN_KEYS}
-    else:
-        k = _int(e, "clusters", 0, MAX_CLUSTERS)
-        _choice(e, "codebook_dtype", ("float32", "float16"))
-        if size["codebook"] != k * np.dtype(_STORE[e["codebook_dtype"]]).itemsize:
-            raise DeepzipFormatError(f"{name!r}: codebook has the wrong size")
-        if size["index_lengths"] != (k + 2) // 2:
-            raise DeepzipFormatError(f"{name!r}: code-length table has the wrong size")
+    elif enc == "bn":
+        eps = e.get("eps")
+        if not isinstance(eps, float) or not 0 < eps < 1 or len(shape) != 1:
+            raise DeepzipFormatError(f"{name!r}: bad BatchNorm entry")
+        return {f"{name}.{k}": (shape if k != "num_batches_tracked" else []) for k in _BN_KEYS}
+    elif enc in ("dense", "sparse"):
         _int(e, "index_nbits", 0, 8 * size["indices"])
         if enc == "dense":
             if numel > 8 * size["indices"]:  # every weight costs at least one bit
                 raise DeepzipFormatError(f"{name!r}: more weights than bits in the file")
         else:
-            gap_bits = _int(e, "gap_bits", 1, 8)
+            gap_bits = e["gap_bits"]
             entries = _int(e, "entries", 0, min(8 * size["indices"], 8 * size["gaps"]))
             _int(e, "gap_nbits", 0, 8 * size["gaps"])
-            if size["gap_lengths"] != ((1 << gap_bits) + 1) // 2:
-                raise DeepzipFormatError(f"{name!r}: gap code table has the wrong size")
             if numel > entries << gap_bits:
                 raise DeepzipFormatError(f"{name!r}: sparse entries cannot cover the tensor")
     return {name: shape}
@@ -371,7 +481,14 @@ def _decode_entry(e: dict[str, Any], data: memoryview,
         return {name: done[e["of"]]}
     parts = _part_bytes(e, data)
     if enc in ("raw", "bn"):
-        arr = np.frombuffer(parts["data"], dtype=_STORE[e["store"]]).copy()
+        store, n = e["store"], math.prod(shape)
+        if store in RAW_INTS:
+            bits = RAW_INTS[store]
+            size, data = grid_bytes(n, bits), parts["data"]
+            arr = np.concatenate([grid_decode(data[i:i + size], n, bits)
+                                  for i in range(0, len(data), size)])
+        else:
+            arr = np.frombuffer(parts["data"], dtype=_STORE[store]).copy()
         if enc == "bn":
             both = arr.astype(np.float32).reshape(2, *shape)
             return {f"{name}.{k}": (v, "int64" if k == "num_batches_tracked" else "float32")

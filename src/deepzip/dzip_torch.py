@@ -19,14 +19,20 @@ from torch import nn
 from .dzip import (
     _BN_KEYS,
     _PART_KIND,
+    _PARTS,
     _STORE,
     MAX_CLUSTERS,
+    RAW_DTYPES,
+    RAW_INTS,
     VERSION,
     _encode_shared,
+    _grid,
     _nonzero_huffman_bits,
     _read,
     decode_arrays,
     folded_batchnorm,
+    grid_encode,
+    grid_round,
     write_file,
 )
 from .errors import DeepzipError, DeepzipFormatError
@@ -109,12 +115,33 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 def _raw_store(t: torch.Tensor, raw_dtype: str) -> str:
+    """How a tensor stored as it is (not shared) is kept: ``raw_dtype`` where it can hold
+    the values, else float32 (fp16 would overflow; a grid's ends do not fit fp16)."""
     if not t.is_floating_point():
         return _dtype_name(t)
-    if raw_dtype == "float16" and torch.isfinite(t.float()).all() and \
-            not torch.isfinite(t.float().to(torch.float16)).all():
-        return "float32"  # would overflow in fp16
+    x = t.detach().float()
+    if raw_dtype in RAW_INTS and _grid(x.cpu().numpy(), RAW_INTS[raw_dtype]) is None:
+        return "float32"
+    if raw_dtype == "float16" and torch.isfinite(x).all() and \
+            not torch.isfinite(x.to(torch.float16)).all():
+        return "float32"
     return raw_dtype
+
+
+def _bn_store(scale: torch.Tensor, shift: torch.Tensor, raw_dtype: str) -> str:
+    """One store for a folded BatchNorm's scale and shift (one entry holds both)."""
+    stores = {_raw_store(scale, raw_dtype), _raw_store(shift, raw_dtype)}
+    return raw_dtype if stores == {raw_dtype} else "float32"
+
+
+def _stored(t: torch.Tensor, store: str) -> bytes:
+    """The bytes of one tensor (or one BatchNorm group) in ``store``."""
+    if store in RAW_INTS:
+        data = grid_encode(t.detach().float().cpu().numpy(), RAW_INTS[store])
+        assert data is not None, "_raw_store chose a grid that cannot hold the tensor"
+        return data
+    conv = t.to(_DTYPES[store]) if t.is_floating_point() else t
+    return conv.detach().cpu().numpy().astype(_STORE[store]).tobytes()
 
 
 def _batchnorms(model: nn.Module) -> dict[str, float]:
@@ -163,7 +190,7 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
     state = _plain_state(model)
     shared = _shared_names(state)
     own = model.state_dict(keep_vars=True)
-    folded = set()
+    folded, stores = set(), {}
     with torch.no_grad():
         if fold_batchnorm:
             for prefix, eps in _batchnorms(model).items():
@@ -171,12 +198,16 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
                 for key, value in _bn_state(prefix, scale, shift, eps).items():
                     own[key].copy_(value)
                 folded.update(f"{prefix}.{k}" for k in _BN_KEYS[2:])  # rebuilt, not stored
+                store = _bn_store(scale, shift, raw_dtype)
+                stores.update({f"{prefix}.weight": store, f"{prefix}.bias": store})
         for cb in codebooks(model).values():
             cb.codebook.copy_(_round(cb.codebook, codebook_dtype))
         for key, t in own.items():
             if "parametrizations." in key or not t.is_floating_point() or key in folded:
                 continue  # quantized layers: their codebooks were rounded above
-            t.copy_(_round(t, codebook_dtype if key in shared else _raw_store(t, raw_dtype)))
+            store = codebook_dtype if key in shared else stores.get(key) or _raw_store(
+                t, raw_dtype)
+            t.copy_(_round(t, store))
     return model
 
 
@@ -192,13 +223,19 @@ def precision_changes(model: nn.Module, raw_dtype: str = "float16",
     return [k for k, v in before.items() if not torch.equal(v, after[k])]
 
 
-def _round(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    return t.to(_DTYPES[dtype]).to(t.dtype)
+def _round(t: torch.Tensor, store: str) -> torch.Tensor:
+    """``t`` as ``store`` keeps it, in ``t``'s dtype."""
+    if store in RAW_INTS:
+        x = grid_round(t.detach().float().cpu().numpy(), RAW_INTS[store])
+        assert x is not None, "_raw_store chose a grid that cannot hold the tensor"
+        return torch.from_numpy(x).to(t.dtype)
+    return t.to(_DTYPES[store]).to(t.dtype)
 
 
 def _check_dtypes(raw_dtype: str, codebook_dtype: str) -> None:
-    if raw_dtype not in ("float16", "float32"):
-        raise DeepzipError(f"raw dtype must be float16 or float32, got {raw_dtype!r}")
+    if raw_dtype not in RAW_DTYPES:
+        raise DeepzipError(f"raw dtype must be one of {', '.join(RAW_DTYPES)}, got "
+                           f"{raw_dtype!r}")
     if codebook_dtype not in ("float16", "float32"):
         raise DeepzipError(f"codebook dtype must be float16 or float32, got {codebook_dtype!r}")
 
@@ -244,10 +281,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
         if key in owner:
             prefix = owner[key]
             scale, shift = _bn_affine(state, prefix, bns[prefix])
-            store = _raw_store(torch.cat([scale, shift]), raw_dtype)
+            store = _bn_store(scale, shift, raw_dtype)
             entry = {"name": prefix, "shape": list(t.shape), "dtype": "float32",
                      "encoding": "bn", "eps": bns[prefix], "store": store}
-            parts = {"data": torch.cat([scale, shift]).numpy().astype(_STORE[store]).tobytes()}
+            parts = {"data": _stored(scale, store) + _stored(shift, store)}
             info = {"nonzero": int(torch.count_nonzero(scale))}
         elif key in shared:
             enc = _encode_shared(_round(t.float(), codebook_dtype).numpy(), codebook_dtype)
@@ -257,14 +294,11 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
         else:
             store = _raw_store(t, raw_dtype)
             entry.update({"encoding": "raw", "store": store})
-            conv = t.to(_DTYPES[store]) if t.is_floating_point() else t
-            parts = {"data": conv.numpy().astype(_STORE[store]).tobytes()}
+            parts = {"data": _stored(t, store)}
             info = {"nonzero": int(torch.count_nonzero(t))}
-        entry["parts"] = {}
-        for pname, blob in parts.items():
-            entry["parts"][pname] = [offset, len(blob)]
-            blobs.append(blob)
-            offset += len(blob)
+        for pname in _PARTS[entry["encoding"]]:  # back to back: the reader derives offsets
+            blobs.append(parts[pname])
+            offset += len(parts[pname])
         tensors.append(entry)
         report.append({"name": entry["name"], "shape": list(t.shape), "params": t.numel(),
                        "encoding": entry["encoding"], "bytes": sum(len(b) for b in parts.values()),

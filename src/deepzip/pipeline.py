@@ -287,10 +287,13 @@ class Pipeline:
             return self._load(path, spec)
         qcfg = QuantizeConfig(bits=q.bits, bits_conv=q.bits_conv, bits_linear=q.bits_linear,
                               per_layer=q.per_layer, init=q.init, include=q.include,
-                              exclude=q.exclude, seed=self.recipe.seed)
+                              exclude=q.exclude, seed=self.recipe.seed,
+                              entropy_weight=q.entropy_weight)
         self.log(f"[quantize] k-means weight sharing ({q.init} init, {q.bits} bits"
                  + (f", conv {q.bits_conv}" if q.bits_conv else "")
-                 + (f", linear {q.bits_linear}" if q.bits_linear else "") + ")")
+                 + (f", linear {q.bits_linear}" if q.bits_linear else "")
+                 + (f", entropy-constrained, weight {q.entropy_weight}"
+                    if q.entropy_weight else "") + ")")
         layers = quantize_(model, qcfg)
         score_kmeans = self._score(model, spec)
         history: list[dict[str, Any]] = []

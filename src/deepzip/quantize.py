@@ -33,6 +33,7 @@ __all__ = [
     "codebooks",
     "dequantize_",
     "distinct_nonzero",
+    "entropy_constrained",
     "init_centroids",
     "kmeans_1d",
     "quantize_",
@@ -160,11 +161,13 @@ def _relocate_empty(s: _Sorted, c: np.ndarray) -> np.ndarray:
 
 
 def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear", *,
-              seed: int = 0, max_iter: int = 300, tol: float = 1e-10) -> KMeansResult:
+              seed: int = 0, max_iter: int = 300, tol: float = 1e-10,
+              entropy_weight: float = 0.0) -> KMeansResult:
     """Cluster 1-D ``values`` into at most ``2**bits`` centroids with Lloyd's algorithm.
 
     Deterministic for a given ``seed``. Fewer distinct values than clusters: each value
-    is its own centroid (error 0). No values: an empty codebook.
+    is its own centroid (error 0). No values: an empty codebook. ``entropy_weight`` > 0
+    continues as entropy-constrained quantization (see :func:`entropy_constrained`).
 
     >>> r = kmeans_1d(np.array([0.1, 0.11, 0.5, 0.52]), bits=1)
     >>> np.round(r.centroids, 3).tolist(), r.labels.tolist()
@@ -193,8 +196,57 @@ def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear"
             break
     cnt, s1, s2 = s.stats(s.bounds(c))
     err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
+    if entropy_weight > 0 and len(c) > 1:
+        c, edges, more = entropy_constrained(s.v, c, entropy_weight * err / x.size, max_iter)
+        it += more
+        cnt, s1, s2 = s.stats(edges)
+        err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
+        labels = np.searchsorted(s.v[edges[1:-1]], x, side="right")
+        return KMeansResult(c, labels.astype(np.int64), err, it)
     labels = np.searchsorted((c[1:] + c[:-1]) / 2, x, side="left")
     return KMeansResult(c, labels.astype(np.int64), err, it)
+
+
+def _ec_cost(v: np.ndarray, c: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:
+    """Each value's cost under each centroid: squared error + ``lam`` x code length."""
+    return (v[:, None] - c[None, :]) ** 2 + lam * lengths[None, :]
+
+
+def _ec_edges(c: np.ndarray, v: np.ndarray, lam: float, lengths: np.ndarray) -> np.ndarray:
+    """Run boundaries [0, ..., n] of sorted ``v`` under the penalized assignment, empty
+    runs dropped. In 1-D each cluster is still a contiguous run (the costs are parabolas
+    of equal curvature, so any two cross once), so labels reduce to boundaries."""
+    labels = np.argmin(_ec_cost(v, c, lengths, lam), axis=1)
+    return np.unique(np.concatenate([[0], np.searchsorted(labels, np.arange(1, len(c))),
+                                     [len(v)]]))
+
+
+def entropy_constrained(v: np.ndarray, c: np.ndarray, lam: float, max_iter: int = 300
+                        ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Entropy-constrained scalar quantization (Chou, Lookabaugh & Gray 1989), the
+    clustering Choi et al. 2017 use for network quantization.
+
+    Lloyd's algorithm on ``error + lam * code length``: a value goes to the centroid
+    that minimizes its squared error plus ``lam`` times ``-log2`` of that cluster's
+    share, so sparse clusters lose their borderline members, some vanish, and the
+    Huffman code of the indices gets shorter, not only the codebook smaller. ``v`` is
+    sorted; ``c`` the plain k-means centroids to start from. Returns (centroids, run
+    boundaries in ``v``, rounds).
+    """
+    s = _Sorted(v)
+    lengths = np.zeros(len(c))
+    edges = np.array([0, len(v)])
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
+        edges = _ec_edges(c, v, lam, lengths)
+        cnt, s1, _ = s.stats(edges)
+        new = s1 / cnt
+        lengths = -np.log2(cnt / len(v))
+        done = it > 1 and len(new) == len(c) and np.array_equal(new, c)  # lengths now set
+        c = new
+        if done:
+            break
+    return c, edges, it
 
 
 # ---------------------------------------------------------------- module adapters
@@ -220,7 +272,10 @@ class QuantizeConfig:
     """Bits and k-means settings. ``bits_conv``/``bits_linear`` override ``bits`` for
     convolutions and Linear layers (the paper used more bits for conv than for fully
     connected layers); ``per_layer`` overrides by name pattern. ``include``/``exclude``
-    select parameters as in :func:`deepzip.prune.prunable`.
+    select parameters as in :func:`deepzip.prune.prunable`. ``entropy_weight`` (beta)
+    makes the clustering entropy-constrained: a bit of code length is worth beta times
+    the layer's plain k-means mean squared error, so ``bits`` becomes a cap and the
+    Huffman-coded indices get shorter (see :func:`entropy_constrained`).
 
     >>> quantize_(model, QuantizeConfig(bits=5, init="linear"))  # doctest: +SKIP
     """
@@ -234,6 +289,7 @@ class QuantizeConfig:
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
     max_iter: int = 300
+    entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (shorter Huffman codes)
 
     def __post_init__(self) -> None:
         for b in [self.bits, self.bits_conv, self.bits_linear, *self.per_layer.values()]:
@@ -241,6 +297,9 @@ class QuantizeConfig:
                 raise DeepzipError(f"bits must be integers in 1..{MAX_BITS}, got {b!r}")
         if self.init not in INITS:
             raise DeepzipError(f"k-means init must be one of {INITS}, got {self.init!r}")
+        if not (isinstance(self.entropy_weight, (int, float)) and self.entropy_weight >= 0):
+            raise DeepzipError(f"entropy_weight must be a number >= 0, got "
+                               f"{self.entropy_weight!r}")
 
     def bits_for(self, target: Target) -> int:
         for pattern, b in self.per_layer.items():
@@ -273,7 +332,8 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
         bits = config.bits_for(t)
         w = t.weight.detach()
         mask = (w != 0).to(w.dtype)
-        r = kmeans_1d(w[w != 0], bits, config.init, seed=config.seed, max_iter=config.max_iter)
+        r = kmeans_1d(w[w != 0], bits, config.init, seed=config.seed, max_iter=config.max_iter,
+                      entropy_weight=config.entropy_weight)
         indices = torch.zeros(w.shape, dtype=torch.long, device=w.device)
         indices[w != 0] = torch.from_numpy(r.labels).to(w.device)
         codebook = torch.from_numpy(r.centroids).to(w)

@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dzip import RAW_DTYPES
 from .errors import DeepzipError
 from .prune import METHODS
 from .quantize import INITS, MAX_BITS
@@ -69,6 +70,7 @@ class QuantizeStage:
     bits_linear: int | None = None
     per_layer: dict[str, int] = field(default_factory=dict)
     init: str = "linear"
+    entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (Choi et al. 2017)
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     epochs: int = 0  # centroid training
@@ -139,9 +141,14 @@ class Recipe:
                 problems.append(f"quantize.init must be one of {INITS}")
             if q.epochs < 0:
                 problems.append("quantize.epochs must be >= 0")
-        for d in (self.encode.raw_dtype, self.encode.codebook_dtype):
-            if d not in ("float16", "float32"):
-                problems.append(f"encode dtypes must be float16 or float32, not {d!r}")
+            if not 0 <= q.entropy_weight <= 1000:
+                problems.append("quantize.entropy_weight must be in [0, 1000]")
+        if self.encode.raw_dtype not in RAW_DTYPES:
+            problems.append(f"encode.raw_dtype must be one of {', '.join(RAW_DTYPES)}, not "
+                            f"{brief(self.encode.raw_dtype)}")
+        if self.encode.codebook_dtype not in ("float16", "float32"):
+            problems.append("encode.codebook_dtype must be float16 or float32, not "
+                            f"{brief(self.encode.codebook_dtype)}")
         if not 0 <= self.seed < 2 ** 63:
             problems.append(f"seed must be in 0..2^63-1, got {brief(self.seed)}")
         if problems:
