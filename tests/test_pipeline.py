@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepzip import DeepzipError
+from deepzip import DeepzipError, dzip
 from deepzip.cli import main
 from deepzip.models import ModelSpec, get, load_model, save_checkpoint
 from deepzip.pipeline import Pipeline
@@ -156,8 +156,9 @@ prune:
   agp: {{final: 0.8, epochs: 2, start_epoch: 0, end_epoch: 1, frequency: 2,
          global_threshold: true}}
   distill: {{alpha: 0.7, temperature: 4.0}}
-quantize: {{bits: 4, epochs: 1, distill: {{alpha: 0.5, temperature: 2.0}}}}
-encode: {{codebook_dtype: float16}}
+quantize: {{bits: 6, entropy_weight: 80, epochs: 1,
+            distill: {{alpha: 0.5, temperature: 2.0}}}}
+encode: {{codebook_dtype: float16, raw_dtype: int8}}
 """)
     recipe = load_recipe(recipe_file)
     report = Pipeline(recipe, tmp_path / "run", image_task("cifar10", data_root, subset=512),
@@ -165,6 +166,11 @@ encode: {{codebook_dtype: float16}}
     s = report["summary"]
     assert s["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert s["same_predictions"] == "512/512" and s["quantized_score"] == s["decoded_score"]
+    layers = report["stages"]["quantize"]["layers"]
+    assert any(v["clusters"] < 64 for v in layers.values())  # the penalty dropped clusters
+    stores = {e["store"] for e in dzip._read(tmp_path / "run" / "model.dzip")[0]["tensors"]
+              if "store" in e}
+    assert stores == {"int8"}  # BatchNorm and the classifier bias on 8-bit grids
 
 
 @pytest.fixture(scope="module")

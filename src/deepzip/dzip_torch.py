@@ -250,7 +250,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     per-channel ``scale, shift`` it computes in eval mode (half the numbers; the loaded
     model has running mean 0 and variance 1 - eps, the same function). Call
     :func:`round_to_file_precision_` first if the in-memory model must match the file bit
-    for bit (fp16 BatchNorm, fp16 codebooks, folding).
+    for bit (fp16 BatchNorm, fp16 codebooks, folding). ``raw_dtype`` (BatchNorm, biases,
+    unshared tensors): ``float16``, ``float32``, or ``int2`` .. ``int8``, that many bits per
+    value on a uniform grid over each tensor's range (int8: half of float16's bytes).
 
     >>> report = save(model, "resnet20.dzip", spec=spec)  # doctest: +SKIP
     >>> model = load("resnet20.dzip")  # doctest: +SKIP
