@@ -56,6 +56,25 @@ def test_fit_learns_and_logs(small, tmp_path):
     assert len(lines) == 2 and '"test_acc"' in lines[0]
 
 
+def test_eval_every_skips_test_passes_without_changing_training(small):
+    """Evaluation has no side effects: evaluating every epoch or only after the last one
+    trains the same weights."""
+    runs = {}
+    for every in (1, 2, 0):
+        torch.manual_seed(0)
+        model = get("resnet20")
+        tr = BatchLoader(small[0].subset(512), 128, train=True, channels_last=True)
+        te = BatchLoader(small[1].subset(200), 100)
+        hist = fit(model, tr, TrainConfig(epochs=3, lr=0.05, eval_every=every), test_loader=te)
+        runs[every] = (model, ["test_acc" in h for h in hist])
+    assert runs[1][1] == [True] * 3 and runs[2][1] == [False, True, True]  # and the last
+    assert runs[0][1] == [False] * 3
+    for every in (2, 0):
+        for a, b in zip(runs[1][0].state_dict().values(), runs[every][0].state_dict().values(),
+                        strict=True):
+            assert torch.equal(a, b)
+
+
 def test_resume_matches_uninterrupted_run(small, tmp_path):
     cfg = TrainConfig(epochs=2, lr=0.05)
     torch.manual_seed(0)

@@ -97,6 +97,7 @@ class Recipe:
     normalize: str | None = None  # its input normalization: cifar, imagenet, mnist, M/S
     task: str = "cifar10"  # cifar10, mnist, or package.module:function returning a Task
     seed: int = 0
+    eval_every: int = 1  # test-set evaluations while training: every N epochs (0: none)
     prune: PruneStage = field(default_factory=PruneStage)
     quantize: QuantizeStage | None = field(default_factory=QuantizeStage)
     encode: EncodeStage = field(default_factory=EncodeStage)
@@ -162,7 +163,8 @@ class Recipe:
         return _build(cls, data, "recipe")
 
     def train_config(self, overrides: dict[str, Any], epochs: int) -> TrainConfig:
-        return TrainConfig.from_dict({"seed": self.seed, **overrides, "epochs": epochs})
+        return TrainConfig.from_dict({"seed": self.seed, "eval_every": self.eval_every,
+                                      **overrides, "epochs": epochs})
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "auto"  # training autocast; evaluation is always fp32
     channels_last: bool = True
     compile: bool = False  # torch.compile the training step (worth it on GPUs)
+    eval_every: int = 1  # epochs between test-set evaluations (and after the last); 0: none
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the log, not used
 
     def __post_init__(self) -> None:
@@ -88,6 +89,8 @@ class TrainConfig:
             problems.append(f"milestones are fractions in (0, 1), got {self.milestones}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.eval_every < 0:
+            problems.append(f"eval_every must be >= 0, got {self.eval_every}")
         if self.warmup_epochs < 0:
             problems.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.precision not in PRECISIONS:
@@ -442,7 +445,8 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
             **({f"train_{metric.name}": score_sum / seen} if metric.streaming else {}),
             "images_per_s": seen / train_time, "train_time_s": train_time,
         }
-        if test_loader is not None:
+        if test_loader is not None and cfg.eval_every and (
+                (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             rec["test_loss"], rec[f"test_{metric.name}"] = evaluate(
                 model, test_loader, metric=metric, loss_fn=eval_loss)
         if hasattr(after_step, "metrics"):
