@@ -2,14 +2,13 @@
 
     python experiments/levers.py runs/default-seed1/prune/model.pt --data-dir ../shared/data
 
-On one pruned checkpoint (no training, so each row takes one evaluation):
+On one pruned checkpoint (no training, so each row takes one evaluation). BatchNorm and
+biases on N-bit grids are measured on trained files instead (``experiments/raw_stores.sh``).
 
-1. bits per value: plain k-means at 3-5 bits against entropy-constrained clustering
-   (``QuantizeConfig(entropy_weight=...)``) at 4-7 bit caps: accuracy right after
+1. bits per value: plain k-means at 3 and 4 bits against entropy-constrained clustering
+   (``QuantizeConfig(entropy_weight=...)``) at 4-6 bit caps: accuracy right after
    clustering, Huffman bits per nonzero, bytes of indices plus fp16 codebooks;
-2. BatchNorm and biases: the same 4-bit model written with float16 and with 8-, 6- and
-   5-bit grids: accuracy of the file's model and bytes of "other";
-3. positions: the mask's cost under the order-0 bound of each layer (what the zero-run
+2. positions: the mask's cost under the order-0 bound of each layer (what the zero-run
    code reaches) against a code that knows how many nonzeros each 3x3 kernel holds.
 
 Prints one table per lever; ``--out FILE`` also writes them there.
@@ -20,13 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deepzip import dzip
 from deepzip.dzip import _nonzero_huffman_bits
 from deepzip.pipeline import open_model
 from deepzip.prune import prunable
@@ -35,9 +32,7 @@ from deepzip.report import text_table
 from deepzip.task import image_task
 from deepzip.train import evaluate
 
-SHARING = [(3, 0.0), (4, 0.0), (5, 0.0), (4, 3.0), (4, 6.0), (5, 10.0), (5, 20.0),
-           (6, 40.0), (6, 60.0), (6, 80.0), (7, 150.0)]
-RAW = ["float16", "int8", "int6", "int5"]
+SHARING = [(3, 0.0), (4, 0.0), (4, 6.0), (5, 20.0), (6, 40.0), (6, 80.0)]
 
 
 def _h(p: np.ndarray) -> np.ndarray:
@@ -62,23 +57,6 @@ def sharing(model: torch.nn.Module, score) -> list[dict]:
                      "bits (cap)": bits, "clusters": clusters, "acc": f"{acc:.4f}",
                      "bits/nonzero": f"{coded / nonzero:.3f}",
                      "indices+codebooks B": coded // 8 + 2 * clusters})
-    return rows
-
-
-def raw_stores(model: torch.nn.Module, score) -> list[dict]:
-    base = copy.deepcopy(model)
-    quantize_(base, QuantizeConfig(bits=4))
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for raw in RAW:
-            m = copy.deepcopy(base)
-            dzip.round_to_file_precision_(m, raw, "float16")
-            path = Path(tmp) / f"{raw}.dzip"
-            dzip.save(m, path, raw_dtype=raw, codebook_dtype="float16")
-            info = dzip.inspect(path, copy.deepcopy(model))
-            rows.append({"BatchNorm, biases": raw, "acc": f"{score(m):.4f}",
-                         "other B": info["bytes_by_kind"]["other"],
-                         "file B": info["file_bytes"]})
     return rows
 
 
@@ -121,9 +99,7 @@ def main() -> None:
     print(text, flush=True)
     for title, rows in [("1. bits per value (accuracy right after clustering, no training)",
                          sharing(model, score)),
-                        ("2. BatchNorm and biases (4-bit k-means model, no training)",
-                         raw_stores(model, score)),
-                        ("3. positions of the nonzeros", positions(model))]:
+                        ("2. positions of the nonzeros", positions(model))]:
         table = f"\n{title}\n{text_table(rows, list(rows[0]))}\n"
         print(table, flush=True)
         text += table
