@@ -95,6 +95,20 @@ def test_grid_store_falls_back_to_float32_where_the_grid_cannot_hold_a_tensor(tm
     assert torch.equal(load(tmp_path / "m.dzip")(x), m(x))
 
 
+def test_a_grid_with_a_non_finite_end_is_refused(tmp_path):
+    m = _model()
+    path = tmp_path / "m.dzip"
+    save(m, path, spec=ModelSpec(), raw_dtype="int8")
+    header, data, head = _read(path)
+    off = next(e for e in header["tensors"] if e["encoding"] == "bn")["parts"]["data"][0]
+    body = bytearray(data)
+    body[off:off + 2] = np.array([np.inf], "<f2").tobytes()  # lo of the first group
+    raw = path.read_bytes()
+    bad = raw[:20] + struct.pack("<I", zlib.crc32(bytes(body))) + raw[24:head] + bytes(body)
+    with pytest.raises(DeepzipFormatError, match="finite"):
+        _load_bytes(tmp_path, bad)
+
+
 def test_version_3_files_still_load(tmp_path):
     """A version 3 file (offsets in the header) of the same model decodes identically."""
     m = _model()

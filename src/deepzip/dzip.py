@@ -145,6 +145,8 @@ def grid_encode(x: np.ndarray, bits: int) -> bytes | None:
 def grid_decode(data: bytes, n: int, bits: int) -> np.ndarray:
     """Values of one group that :func:`grid_encode` wrote (``grid_bytes(n, bits)`` bytes)."""
     lo, step = np.frombuffer(data[:4], dtype="<f2").astype(np.float32)
+    if not (np.isfinite(lo) and np.isfinite(step)):  # never written: a damaged file
+        raise DeepzipFormatError("a grid's lo or step is not a finite number")
     levels = np.unpackbits(np.frombuffer(data[4:], dtype=np.uint8))[:n * bits]
     q = levels.reshape(n, bits).astype(np.int64) @ (1 << np.arange(bits - 1, -1, -1))
     return lo + q.astype(np.float32) * step
