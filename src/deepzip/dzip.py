@@ -137,9 +137,8 @@ def grid_encode(x: np.ndarray, bits: int) -> bytes | None:
         q = np.zeros(x.size, dtype=np.int64)
     else:
         q = np.clip(np.rint((x - np.float32(lo)) / np.float32(step)), 0, (1 << bits) - 1)
-    levels = (q.astype(np.int64)[:, None] >> np.arange(bits - 1, -1, -1)) & 1
-    return (np.array([lo, step], dtype="<f2").tobytes()
-            + np.packbits(levels.astype(np.uint8).ravel()).tobytes())
+    levels = np.unpackbits(q.astype(np.uint8)[:, None], axis=1)[:, 8 - bits:]  # n x bits
+    return np.array([lo, step], dtype="<f2").tobytes() + np.packbits(levels).tobytes()
 
 
 def grid_decode(data: bytes, n: int, bits: int) -> np.ndarray:
@@ -148,7 +147,7 @@ def grid_decode(data: bytes, n: int, bits: int) -> np.ndarray:
     if not (np.isfinite(lo) and np.isfinite(step)):  # never written: a damaged file
         raise DeepzipFormatError("a grid's lo or step is not a finite number")
     levels = np.unpackbits(np.frombuffer(data[4:], dtype=np.uint8))[:n * bits]
-    q = levels.reshape(n, bits).astype(np.int64) @ (1 << np.arange(bits - 1, -1, -1))
+    q = np.packbits(levels.reshape(n, bits), axis=1)[:, 0] >> (8 - bits)  # uint8 levels
     return lo + q.astype(np.float32) * step
 
 

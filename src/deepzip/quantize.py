@@ -197,7 +197,7 @@ def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear"
     cnt, s1, s2 = s.stats(s.bounds(c))
     err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
     if entropy_weight > 0 and len(c) > 1:
-        c, edges, more = entropy_constrained(s.v, c, entropy_weight * err / x.size, max_iter)
+        c, edges, more = _ec_lloyd(s, c, entropy_weight * err / x.size, max_iter)
         it += more
         cnt, s1, s2 = s.stats(edges)
         err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
@@ -207,18 +207,58 @@ def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear"
     return KMeansResult(c, labels.astype(np.int64), err, it)
 
 
-def _ec_cost(v: np.ndarray, c: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:
-    """Each value's cost under each centroid: squared error + ``lam`` x code length."""
-    return (v[:, None] - c[None, :]) ** 2 + lam * lengths[None, :]
+def _ec_edges(s: _Sorted, c: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:
+    """Run boundaries [0, ..., n] of the sorted values under the penalized assignment,
+    empty runs dropped.
+
+    A value's cost under centroid k is ``(v - c_k)^2 + lam * L_k``; without the ``v^2``
+    all share, that is the line ``a_k - 2 c_k v``, so the assignment is the lower
+    envelope of k lines: built in O(k) since ``c`` is sorted, each of its breakpoints then
+    one ``searchsorted``. A round costs O(k log n), as a plain one does, and no n x k
+    table is ever built. Ties go to the smaller centroid.
+    """
+    a = c * c + lam * lengths
+    hull: list[int] = []
+    breaks: list[float] = []  # breaks[i]: where hull[i + 1] becomes cheaper than hull[i]
+    for k in range(len(c)):
+        while hull:
+            j = hull[-1]
+            if c[k] == c[j]:  # the same line but for its height: keep the lower one
+                if a[k] >= a[j]:
+                    break
+                hull.pop()
+                if breaks:
+                    breaks.pop()
+                continue
+            x = (a[k] - a[j]) / (2 * (c[k] - c[j]))
+            if breaks and x <= breaks[-1]:  # hull[-1] is nowhere the cheapest
+                hull.pop()
+                breaks.pop()
+                continue
+            hull.append(k)
+            breaks.append(x)
+            break
+        else:
+            hull.append(k)
+    return np.unique(np.concatenate([[0], np.searchsorted(s.v, breaks, side="right"),
+                                     [len(s.v)]]))
 
 
-def _ec_edges(c: np.ndarray, v: np.ndarray, lam: float, lengths: np.ndarray) -> np.ndarray:
-    """Run boundaries [0, ..., n] of sorted ``v`` under the penalized assignment, empty
-    runs dropped. In 1-D each cluster is still a contiguous run (the costs are parabolas
-    of equal curvature, so any two cross once), so labels reduce to boundaries."""
-    labels = np.argmin(_ec_cost(v, c, lengths, lam), axis=1)
-    return np.unique(np.concatenate([[0], np.searchsorted(labels, np.arange(1, len(c))),
-                                     [len(v)]]))
+def _ec_lloyd(s: _Sorted, c: np.ndarray, lam: float, max_iter: int
+              ) -> tuple[np.ndarray, np.ndarray, int]:
+    lengths = np.zeros(len(c))
+    edges = np.array([0, len(s.v)])
+    it = 0
+    for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
+        edges = _ec_edges(s, c, lengths, lam)
+        cnt, s1, _ = s.stats(edges)
+        new = s1 / cnt
+        lengths = -np.log2(cnt / len(s.v))
+        done = it > 1 and len(new) == len(c) and np.array_equal(new, c)  # lengths now set
+        c = new
+        if done:
+            break
+    return c, edges, it
 
 
 def entropy_constrained(v: np.ndarray, c: np.ndarray, lam: float, max_iter: int = 300
@@ -233,20 +273,7 @@ def entropy_constrained(v: np.ndarray, c: np.ndarray, lam: float, max_iter: int 
     sorted; ``c`` the plain k-means centroids to start from. Returns (centroids, run
     boundaries in ``v``, rounds).
     """
-    s = _Sorted(v)
-    lengths = np.zeros(len(c))
-    edges = np.array([0, len(v)])
-    it = 0
-    for it in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        edges = _ec_edges(c, v, lam, lengths)
-        cnt, s1, _ = s.stats(edges)
-        new = s1 / cnt
-        lengths = -np.log2(cnt / len(v))
-        done = it > 1 and len(new) == len(c) and np.array_equal(new, c)  # lengths now set
-        c = new
-        if done:
-            break
-    return c, edges, it
+    return _ec_lloyd(_Sorted(v), np.asarray(c, dtype=np.float64), lam, max_iter)
 
 
 # ---------------------------------------------------------------- module adapters
