@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from deepzip.dzip import pack_header, unpack_header
+
 HOSTILE = [0, 1, -1, 2, 255, 256, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2 ** 63, 10 ** 30, -(2 ** 31),
            0.5, -0.0, 1e-300, 1e30, float("nan"), float("inf"), -float("inf"), "", "x",
            "float64", "float16", "object", "raw", "dense", "sparse", "bn", "alias", "int64",
@@ -101,13 +103,13 @@ _SPEC_KEYS = ["arch", "num_classes", "mean", "std", "task"]
 def split_dzip(data: bytes) -> tuple[tuple, dict[str, Any], bytes]:
     pre = _PRE.unpack_from(data)
     hlen = pre[3]
-    header = json.loads(zlib.decompress(data[_PRE.size:_PRE.size + hlen]))
+    header = json.loads(unpack_header(data[_PRE.size:_PRE.size + hlen], pre[1]))
     return pre, header, data[_PRE.size + hlen:]
 
 
 def join_dzip(pre: tuple, header: Any, body: bytes, *, raw_header: bytes | None = None) -> bytes:
     text = raw_header if raw_header is not None else json.dumps(header).encode()
-    hdr = zlib.compress(text)
+    hdr = pack_header(text, pre[1])
     return _PRE.pack(pre[0], pre[1], pre[2], len(hdr), zlib.crc32(hdr),
                      zlib.crc32(body)) + hdr + body
 

@@ -10,20 +10,25 @@ from torch import nn
 
 from deepzip import DeepzipError
 from deepzip.dzip import (
+    HEADER_DICT,
     RAW_INTS,
+    VERSION,
     DeepzipFormatError,
     _decode_shared,
     _encode_shared,
     _read,
+    book_round,
     grid_bytes,
     grid_encode,
     grid_round,
     inspect,
     load,
     load_state,
+    pack_header,
     round_to_file_precision_,
     save,
     state_dict_bytes,
+    unpack_header,
 )
 from deepzip.models import ModelSpec, get
 from deepzip.prune import PruneConfig, prune_
@@ -109,21 +114,26 @@ def test_a_grid_with_a_non_finite_end_is_refused(tmp_path):
         _load_bytes(tmp_path, bad)
 
 
-def test_version_3_files_still_load(tmp_path):
-    """A version 3 file (offsets in the header) of the same model decodes identically."""
+@pytest.mark.parametrize("version", [3, 4])
+def test_older_versions_still_load(tmp_path, version):
+    """The same model as a version 3 file (offsets in the header) or a version 4 one
+    (header deflated without the preset dictionary) decodes identically."""
     m = _model()
-    path = tmp_path / "v4.dzip"
+    path = tmp_path / "new.dzip"
     save(m, path, spec=ModelSpec())
     data = path.read_bytes()
     header, _, _ = _read(path)
-    header["version"] = 3
-    v3 = _with_header(data, header)
-    v3 = v3[:8] + struct.pack("<H", 3) + v3[10:]
-    old = tmp_path / "v3.dzip"
-    old.write_bytes(v3)
+    header["version"] = version
+    if version >= 4:
+        for t in header["tensors"]:
+            del t["parts"]
+    old_bytes = _with_header(data, header, version)
+    old_bytes = old_bytes[:8] + struct.pack("<H", version) + old_bytes[10:]
+    old = tmp_path / f"v{version}.dzip"
+    old.write_bytes(old_bytes)
     a, b = load_state(path)[0], load_state(old)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len(v3) > len(data)  # the offsets cost bytes that version 4 no longer spends
+    assert len(old_bytes) > len(data)  # offsets, and a header deflated with no dictionary
 
 
 def _model(seed=0, sparsity=0.8, bits=4):
@@ -140,7 +150,8 @@ def _model(seed=0, sparsity=0.8, bits=4):
 
 @pytest.mark.parametrize("raw,book", [("float16", "float32"), ("float32", "float16"),
                                       ("float32", "float32"), ("int8", "float16"),
-                                      ("int3", "float32")])
+                                      ("int3", "float32"), ("int8", "int8"),
+                                      ("float16", "int5")])
 def test_model_roundtrip_is_exact(tmp_path, raw, book):
     m = _model()
     round_to_file_precision_(m, raw, book)
@@ -157,6 +168,39 @@ def test_model_roundtrip_is_exact(tmp_path, raw, book):
     assert info["bytes_by_kind"]["positions"] > 0 and info["bytes_by_kind"]["values"] > 0
     assert set(load_state(path)[0]) == set(get("resnet20").state_dict())
     assert sum(r["encoding"] == "bn" for r in info["tensors"]) == 19  # folded BatchNorm
+
+
+def test_grid_codebooks_cost_one_byte_per_value_and_fall_back_exactly(tmp_path):
+    m = _model(bits=6)
+    sizes = {}
+    for book in ("float16", "int8"):
+        save(m, tmp_path / f"{book}.dzip", spec=ModelSpec(), codebook_dtype=book)
+        sizes[book] = inspect(tmp_path / f"{book}.dzip")["bytes_by_kind"]["codebooks"]
+    rows = [r for r in inspect(tmp_path / "int8.dzip")["tensors"] if "clusters" in r]
+    clusters = sum(r["clusters"] for r in rows)  # neighbours closer than a step merge
+    assert clusters <= sizes["float16"] // 2
+    assert sizes["int8"] == clusters + 4 * len(rows)  # k levels + fp16 lo and step per layer
+    # values float16 cannot hold: that codebook is kept as float32, decoded exactly
+    w = torch.zeros(8, 16)
+    w[0, :3] = torch.tensor([1e5, 2e5, 3e5])
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    save(lin, tmp_path / "big.dzip", codebook_dtype="int8")
+    header, _, _ = _read(tmp_path / "big.dzip")
+    assert {t["name"]: t for t in header["tensors"]}["weight"]["codebook_dtype"] == "float32"
+    assert torch.equal(load_state(tmp_path / "big.dzip")[0]["weight"], w)
+
+
+def test_grid_codebook_rounding_is_idempotent():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        book = np.unique(rng.normal(0, rng.uniform(1e-3, 10), int(rng.integers(1, 64))))
+        book = book[book != 0].astype(np.float32)
+        for store in ("int8", "int4", "float16"):
+            once = book_round(book, store)
+            assert np.array_equal(book_round(once, store), once)
+            assert np.all(np.diff(once) >= 0) and np.all(once != 0)
 
 
 def test_batchnorm_folding_is_the_same_function_and_idempotent(tmp_path):
@@ -236,12 +280,12 @@ def test_truncation_at_every_section_boundary(tmp_path, good_file):
 
 def _header(data):
     hlen = struct.unpack_from("<I", data, 12)[0]
-    return json.loads(zlib.decompress(data[24:24 + hlen]))
+    return json.loads(unpack_header(data[24:24 + hlen], VERSION))
 
 
-def _with_header(data, header):
+def _with_header(data, header, version=VERSION):
     hlen = struct.unpack_from("<I", data, 12)[0]
-    hdr = zlib.compress(json.dumps(header).encode())
+    hdr = pack_header(header, version)
     return (data[:12] + struct.pack("<II", len(hdr), zlib.crc32(hdr)) + data[20:24] + hdr
             + data[24 + hlen:])
 
@@ -411,3 +455,11 @@ def test_numpy_reader_needs_no_torch(tmp_path):
         assert set(arrays.files) == set(state)
         for k, t in state.items():
             assert np.array_equal(arrays[k], t.numpy()), k
+
+
+def test_the_format_page_publishes_the_header_dictionary():
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    block = page.split("## The header dictionary")[1].split("```text\n")[1].split("```")[0]
+    assert block.replace("\n", "").encode() == HEADER_DICT

@@ -25,6 +25,11 @@ from deepzip.task import image_task
     ("prune: {schedule: none}\nquantize: {bits: five}", "expected int"),
     ("prune: {schedule: none, train: {learning_rate: 0.1}}", "unknown training"),
     ("prune: {schedule: none}\nencode: {raw_dtype: float64}", "encode.raw_dtype must be one of"),
+    ("prune: {schedule: none}\nencode: {codebook_dtype: int9}",
+     "encode.codebook_dtype must be one of"),
+    ("prune: {schedule: none}\nquantize: {qat_epochs: -1}", "qat_epochs must be >= 0"),
+    ("prune: {schedule: none}\nquantize: {recluster_every: 0}", "recluster_every must be"),
+    ("prune: {schedule: none}\nquantize: {qat_train: {lr: fast}}", "lr must be float"),
     ("prune: [unclosed", "not valid YAML"),
     # the audit's cases: each refused before any work, with one line naming it
     ("prune: {schedule: none, train: {lr: fast}}", "lr must be float"),
@@ -146,7 +151,8 @@ def test_reference_model_is_the_baseline(tmp_path, data_root, start_model):
 
 
 def test_gradual_pruning_with_distillation_path(tmp_path, data_root, start_model):
-    """The default recipe's path: global-threshold AGP, distillation, trained centroids."""
+    """The default recipe's path: global-threshold AGP, distillation, quantization-aware
+    training, trained centroids, grid stores."""
     recipe_file = tmp_path / "agp.yaml"
     recipe_file.write_text(f"""
 name: agp-smoke
@@ -156,9 +162,9 @@ prune:
   agp: {{final: 0.8, epochs: 2, start_epoch: 0, end_epoch: 1, frequency: 2,
          global_threshold: true}}
   distill: {{alpha: 0.7, temperature: 4.0}}
-quantize: {{bits: 6, entropy_weight: 80, epochs: 1,
+quantize: {{bits: 6, entropy_weight: 80, qat_epochs: 1, recluster_every: 2, epochs: 1,
             distill: {{alpha: 0.5, temperature: 2.0}}}}
-encode: {{codebook_dtype: float16, raw_dtype: int8}}
+encode: {{codebook_dtype: int8, raw_dtype: int8}}
 """)
     recipe = load_recipe(recipe_file)
     report = Pipeline(recipe, tmp_path / "run", image_task("cifar10", data_root, subset=512),
@@ -171,6 +177,11 @@ encode: {{codebook_dtype: float16, raw_dtype: int8}}
     stores = {e["store"] for e in dzip._read(tmp_path / "run" / "model.dzip")[0]["tensors"]
               if "store" in e}
     assert stores == {"int8"}  # BatchNorm and the classifier bias on 8-bit grids
+    books = {e["codebook_dtype"] for e in dzip._read(tmp_path / "run" / "model.dzip")[0][
+        "tensors"] if "codebook_dtype" in e}
+    assert books == {"int8"}
+    phases = [r["phase"] for r in report["stages"]["quantize"]["history"]]
+    assert phases == ["qat", "centroids"]
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,16 @@ from deepzip.prune import PruneConfig, prune_
 from deepzip.quantize import (
     INITS,
     QuantizeConfig,
+    SharedWeight,
+    TrainedSharing,
     codebooks,
     dequantize_,
     distinct_nonzero,
     entropy_constrained,
+    envelope,
     init_centroids,
     kmeans_1d,
+    qat_,
     quantize_,
     train_centroids,
 )
@@ -204,3 +208,70 @@ def test_entropy_constrained_ends_at_its_fixed_point():
     assert np.array_equal(np.argmin(cost, axis=1), labels)
     with pytest.raises(DeepzipError, match="entropy_weight"):
         QuantizeConfig(bits=4, entropy_weight=-1.0)
+
+
+def test_envelope_thresholds_are_the_penalized_assignment():
+    c = np.array([-0.3, -0.1, 0.05, 0.2, 0.21])
+    lengths = np.array([3.0, 1.0, 6.0, 1.5, 9.0])
+    hull, thr = envelope(c, lengths, 0.0)
+    assert hull.tolist() == list(range(5)) and np.allclose(thr, (c[1:] + c[:-1]) / 2)
+    lam = 0.01
+    hull, thr = envelope(c, lengths, lam)
+    v = np.linspace(-0.5, 0.5, 2001)
+    cost = (v[:, None] - c[None, :]) ** 2 + lam * lengths[None, :]
+    assert np.array_equal(hull[np.searchsorted(thr, v, side="left")], np.argmin(cost, axis=1))
+    assert 2 not in hull  # too costly to be anyone's choice
+
+
+def test_trained_sharing_forward_is_shared_and_backward_straight_through():
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, requires_grad=True)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    ts = TrainedSharing(mask, bits=2)
+    sizes = ts.recluster(w, QuantizeConfig(bits=2))
+    out = ts(w)
+    assert sizes.sum() == mask.sum() and int(ts.clusters) == 4
+    assert torch.all(out[mask == 0] == 0)
+    assert len(torch.unique(out[mask != 0])) <= 4
+    assert set(torch.unique(out[mask != 0]).tolist()) <= set(ts.codebook[:4].tolist())
+    g = torch.randn(6, 5)
+    out.backward(g)
+    assert torch.equal(w.grad, g * mask)  # identity but for the pruned positions
+    shared = ts.shared(w)
+    assert isinstance(shared, SharedWeight) and torch.equal(shared(None), out.detach())
+
+
+def _toy(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 16, generator=g)
+    y = (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:8].sum(1) > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    prune_(model, PruneConfig("percentile", 0.5))
+    return model, [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
+
+
+def test_qat_ends_in_shared_layers_with_pruned_zeros_kept(tmp_path):
+    model, batches = _toy()
+    zeros = (model[0].weight == 0).clone()
+    cfg = TrainConfig(epochs=3, lr=0.05, weight_decay=0, precision="fp32")
+    config = QuantizeConfig(bits=4, entropy_weight=50)
+    layers, history = qat_(model, batches, cfg, config, recluster_every=3,
+                           out_dir=tmp_path / "qat", resume=True)
+    assert len(history) == 3 and history[-1]["clusters"] == sum(
+        v["clusters"] for v in layers.values())
+    assert 0 < history[-1]["index_entropy_bits"] < 4
+    books = codebooks(model)
+    assert set(books) == set(layers) and len(books) == 2
+    assert any(v["clusters"] < 16 for v in layers.values())  # the penalty dropped some
+    assert torch.all(model[0].weight[zeros] == 0)
+    for name, cb in books.items():
+        assert int(cb.indices.max()) < len(cb.codebook) == layers[name]["clusters"]
+    out = torch.cat([model(x) for x, _ in batches])
+    # the same call again resumes from the finished checkpoint: the same sharing
+    again, _ = _toy()
+    qat_(again, batches, cfg, config, recluster_every=3, out_dir=tmp_path / "qat",
+         resume=True)
+    assert torch.equal(torch.cat([again(x) for x, _ in batches]), out)
+    with pytest.raises(DeepzipError, match="recluster_every"):
+        qat_(_toy()[0], batches, cfg, config, recluster_every=0)

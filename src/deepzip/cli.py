@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import read_limited
-from .dzip import RAW_DTYPES
+from .dzip import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
 from .models import ModelSpec, available, resolve_arch, save_checkpoint
 from .pipeline import open_model
@@ -632,7 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--raw-dtype", default="float16", choices=RAW_DTYPES,
                     help="storage of BatchNorm, biases and unshared weights: floats, or intN, "
                     "N bits on a uniform grid over each tensor's range")
-    en.add_argument("--codebook-dtype", default="float32", choices=["float16", "float32"])
+    en.add_argument("--codebook-dtype", default="float32", choices=BOOK_DTYPES,
+                    help="storage of each layer's shared values: floats, or intN, N bits on "
+                    "a uniform grid over the layer's values")
     en.add_argument("--fold-batchnorm", action=argparse.BooleanOptionalAction, default=True,
                     help="store each BatchNorm as its eval-mode scale and shift (default on)")
     en.set_defaults(func=cmd_encode)

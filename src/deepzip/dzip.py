@@ -56,10 +56,11 @@ __all__ = ["DeepzipFormatError", "decode_arrays", "folded_batchnorm", "read_arra
            "write_file"]  # and, through __getattr__, the PyTorch side's (dzip_torch)
 
 MAGIC = b"DZIP\x00\r\n\x1a"
-VERSION = 4
+VERSION = 5
 # 3 added the alias entry; 4 dropped the part offsets from the header (each part's size
-# follows from its entry, parts lie back to back) and added the ``intN`` raw stores
-READS = (2, 3, 4)
+# follows from its entry, parts lie back to back) and added the ``intN`` raw stores; 5
+# deflates the header against a preset dictionary and allows ``intN`` codebooks
+READS = (2, 3, 4, 5)
 _PREAMBLE = struct.Struct("<8sHHIII")
 MAX_CLUSTERS = 256
 MAX_HEADER = 64 << 20
@@ -71,6 +72,28 @@ _STORE = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "u
 RAW_INTS = {f"int{b}": b for b in range(2, 9)}  # uniform grids over a tensor's range
 _STORES = (*_STORE, *RAW_INTS)
 RAW_DTYPES = ("float16", "float32", *RAW_INTS)  # what a writer may store unshared floats as
+BOOK_DTYPES = RAW_DTYPES  # and codebooks (an intN codebook: the k values on one grid)
+# Version 5 headers are deflated against this preset dictionary (RFC 1950 FDICT): the JSON
+# every header repeats, so a small model's header does not pay to spell it out once. Most
+# frequent text last (deflate's nearer matches cost fewer bits). Part of the format: never
+# change it without a new version.
+HEADER_DICT = (
+    b'"running_mean","running_var","num_batches_tracked",downsample.shortcut.features.'
+    b'classifier.embeddings.attention.self_attn.q_proj.k_proj.v_proj.out_proj.mlp.fc1.fc2.'
+    b'norm.ln.encoder.decoder.head.blocks.stem.weight_ih_l0","weight_hh_l0","bias_ih_l0",'
+    b'"bias_hh_l0",{"name":"fc.weight","linear.weight",'
+    b'"model":{"arch":"lenet5","num_classes":10,"mean":[0.1307],"std":[0.3081]},'
+    b'"mean":[0.485,0.456,0.406],"std":[0.229,0.224,0.225]},"task":"mnist",'
+    b'"model":{"arch":"resnet20","num_classes":10,"mean":[0.4914,0.4822,0.4465],'
+    b'"std":[0.247,0.2435,0.2616]},"task":"cifar10","tensors":[{"name":"conv1.weight",'
+    b'"shape":[16,3,3,3],"dtype":"float32","encoding":"raw","store":"float16"},'
+    b'"encoding":"alias","of":"dtype":"int64","store":"int64"},{"name":"'
+    b'"codebook_dtype":"int8","encoding":"dense","index_nbits":'
+    b'"codebook_dtype":"float16","encoding":"sparse","gap_bits":5,"entries":'
+    b',"gap_nbits":,"index_nbits":},{"name":"layer1.0.conv1.weight","shape":[16,16,3,3],'
+    b'"dtype":"float32","clusters":},{"name":"layer1.0.bn1","shape":[16],"dtype":"float32",'
+    b'"encoding":"bn","eps":1e-05,"store":"int8"},{"name":"layer1.0.conv2.weight",'
+    b'"shape":[64,64,3,3],"dtype":"float32","clusters":')
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TORCH_SIDE = {"save", "load", "load_state", "inspect", "round_to_file_precision_",
                "precision_changes", "state_dict_bytes"}
@@ -159,6 +182,30 @@ def grid_round(x: np.ndarray, bits: int) -> np.ndarray | None:
     return grid_decode(data, np.asarray(x).size, bits).reshape(np.shape(x))
 
 
+def book_round(book: np.ndarray, store: str) -> np.ndarray:
+    """A codebook (distinct values, ascending) as ``store`` keeps it; a grid codebook that
+    cannot hold them (see :func:`_grid`) stays float32. Rounding may merge neighbours."""
+    book = np.asarray(book, dtype=np.float32)
+    if store in RAW_INTS:  # kept only if rounding it again changes nothing (idempotent)
+        r = grid_round(book, RAW_INTS[store])
+        ok = r is not None and np.all(r != 0) and np.array_equal(
+            grid_round(r, RAW_INTS[store]), r)
+        return r if ok else book
+    return book.astype(_STORE[store]).astype(np.float32)
+
+
+def _book_bytes(book: np.ndarray, store: str) -> tuple[str, bytes]:
+    """(the store used, the bytes) of a codebook that :func:`book_round` rounded: a grid
+    only where it gives back exactly these values, float32 otherwise."""
+    if store in RAW_INTS:
+        data = grid_encode(book, RAW_INTS[store])
+        if data is not None and np.array_equal(grid_decode(data, len(book), RAW_INTS[store]),
+                                               book):
+            return store, data
+        store = "float32"
+    return store, book.astype(_STORE[store]).tobytes()
+
+
 def _sparse_entries(nz: np.ndarray, idx: np.ndarray, numel: int, k: int,
                     gap_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(runs, symbols) covering all ``numel`` positions; symbol ``k`` marks a filler."""
@@ -196,7 +243,7 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
     book = np.unique(values)
     idx = np.searchsorted(book, values)
     k = len(book)
-    book_bytes = book.astype(_STORE[codebook_dtype]).tobytes()
+    codebook_dtype, book_bytes = _book_bytes(book, codebook_dtype)
     base = {"clusters": k, "codebook_dtype": codebook_dtype}
 
     dense_syms = np.full(flat.size, k, dtype=np.int64)
@@ -228,8 +275,11 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
 def _decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> np.ndarray:
     """Decode a dense or sparse shared tensor whose entry :func:`_check_entry` accepted."""
     k = meta["clusters"]
-    book = np.frombuffer(parts["codebook"], dtype=_STORE[meta["codebook_dtype"]]).astype(
-        np.float32)
+    store = meta["codebook_dtype"]
+    if store in RAW_INTS:
+        book = grid_decode(parts["codebook"], k, RAW_INTS[store])
+    else:
+        book = np.frombuffer(parts["codebook"], dtype=_STORE[store]).astype(np.float32)
     icode = HuffmanCode(_unpack_lengths(parts["index_lengths"], k + 1))
     if meta["encoding"] == "dense":
         syms = decode(parts["indices"], meta["index_nbits"], numel, icode)
@@ -268,11 +318,30 @@ def folded_batchnorm(scale: np.ndarray, shift: np.ndarray, eps: float
             "num_batches_tracked": np.array(0, dtype=np.int64)}
 
 
+def pack_header(header: dict[str, Any] | bytes, version: int = VERSION) -> bytes:
+    """The header (a dict, or JSON text) as a file of ``version`` stores it: compact JSON,
+    deflated (against :data:`HEADER_DICT` from version 5 on)."""
+    text = header if isinstance(header, bytes) else json.dumps(
+        header, separators=(",", ":")).encode()
+    z = zlib.compressobj(9, zdict=HEADER_DICT) if version >= 5 else zlib.compressobj(9)
+    return z.compress(text) + z.flush()
+
+
+def unpack_header(hdr: bytes | memoryview, version: int, limit: int = MAX_HEADER) -> bytes:
+    """The JSON text of a header (zlib.error on bad data, DeepzipFormatError past
+    ``limit``)."""
+    d = zlib.decompressobj(zdict=HEADER_DICT) if version >= 5 else zlib.decompressobj()
+    text = d.decompress(hdr, limit)
+    if d.unconsumed_tail:
+        raise DeepzipFormatError("header too large")
+    return text
+
+
 def write_file(path: str | os.PathLike[str], header: dict[str, Any],
                blobs: list[bytes]) -> int:
     """Preamble, compressed header and data, written atomically; returns the header's
     size (preamble included)."""
-    hdr = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    hdr = pack_header(header)
     data_crc = 0
     for b in blobs:
         data_crc = zlib.crc32(b, data_crc)
@@ -311,11 +380,9 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int
     if zlib.crc32(hdr) != hcrc:
         raise DeepzipFormatError(f"{path}: header checksum mismatch")
     try:
-        d = zlib.decompressobj()
-        text = d.decompress(hdr, MAX_HEADER)
-        if d.unconsumed_tail:
-            raise DeepzipFormatError(f"{path}: header too large")
-        header = json.loads(text)
+        header = json.loads(unpack_header(hdr, version))
+    except DeepzipFormatError as e:
+        raise DeepzipFormatError(f"{path}: {e}") from None
     except (zlib.error, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise DeepzipFormatError(f"{path}: unreadable header ({type(e).__name__})") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
@@ -358,8 +425,9 @@ def _fixed_sizes(e: dict[str, Any], name: str, enc: str, numel: int) -> dict[str
             return {"data": groups * grid_bytes(numel, RAW_INTS[store])}
         return {"data": groups * numel * np.dtype(_STORE[store]).itemsize}
     k = _int(e, "clusters", 0, MAX_CLUSTERS)
-    book = _choice(e, "codebook_dtype", ("float32", "float16"))
-    sizes = {"codebook": k * np.dtype(_STORE[book]).itemsize, "index_lengths": (k + 2) // 2}
+    book = _choice(e, "codebook_dtype", BOOK_DTYPES)
+    sizes = {"codebook": grid_bytes(k, RAW_INTS[book]) if book in RAW_INTS
+             else k * np.dtype(_STORE[book]).itemsize, "index_lengths": (k + 2) // 2}
     if enc == "sparse":
         sizes["gap_lengths"] = ((1 << _int(e, "gap_bits", 1, 8)) + 1) // 2
     return sizes

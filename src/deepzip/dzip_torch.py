@@ -21,6 +21,7 @@ from .dzip import (
     _PART_KIND,
     _PARTS,
     _STORE,
+    BOOK_DTYPES,
     MAX_CLUSTERS,
     RAW_DTYPES,
     RAW_INTS,
@@ -29,6 +30,7 @@ from .dzip import (
     _grid,
     _nonzero_huffman_bits,
     _read,
+    book_round,
     decode_arrays,
     folded_batchnorm,
     grid_encode,
@@ -201,13 +203,15 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
                 store = _bn_store(scale, shift, raw_dtype)
                 stores.update({f"{prefix}.weight": store, f"{prefix}.bias": store})
         for cb in codebooks(model).values():
-            cb.codebook.copy_(_round(cb.codebook, codebook_dtype))
+            used = torch.unique(cb.indices[cb.mask != 0])
+            cb.codebook[used] = _round_shared(cb.codebook[used], codebook_dtype)
         for key, t in own.items():
             if "parametrizations." in key or not t.is_floating_point() or key in folded:
                 continue  # quantized layers: their codebooks were rounded above
-            store = codebook_dtype if key in shared else stores.get(key) or _raw_store(
-                t, raw_dtype)
-            t.copy_(_round(t, store))
+            if key in shared:
+                t.copy_(_round_shared(t, codebook_dtype))
+            else:
+                t.copy_(_round(t, stores.get(key) or _raw_store(t, raw_dtype)))
     return model
 
 
@@ -232,12 +236,24 @@ def _round(t: torch.Tensor, store: str) -> torch.Tensor:
     return t.to(_DTYPES[store]).to(t.dtype)
 
 
+def _round_shared(t: torch.Tensor, store: str) -> torch.Tensor:
+    """Shared weights (or a codebook) as a ``store`` codebook keeps their distinct nonzero
+    values; zeros stay zeros."""
+    x = t.detach().float().cpu()
+    nz = x != 0
+    book, inverse = torch.unique(x[nz], return_inverse=True)
+    out = torch.zeros_like(x)
+    out[nz] = torch.from_numpy(book_round(book.numpy(), store))[inverse]
+    return out.to(t.dtype).to(t.device)
+
+
 def _check_dtypes(raw_dtype: str, codebook_dtype: str) -> None:
     if raw_dtype not in RAW_DTYPES:
         raise DeepzipError(f"raw dtype must be one of {', '.join(RAW_DTYPES)}, got "
                            f"{raw_dtype!r}")
-    if codebook_dtype not in ("float16", "float32"):
-        raise DeepzipError(f"codebook dtype must be float16 or float32, got {codebook_dtype!r}")
+    if codebook_dtype not in BOOK_DTYPES:
+        raise DeepzipError(f"codebook dtype must be one of {', '.join(BOOK_DTYPES)}, got "
+                           f"{codebook_dtype!r}")
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | None = None,
@@ -289,7 +305,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
             parts = {"data": _stored(scale, store) + _stored(shift, store)}
             info = {"nonzero": int(torch.count_nonzero(scale))}
         elif key in shared:
-            enc = _encode_shared(_round(t.float(), codebook_dtype).numpy(), codebook_dtype)
+            enc = _encode_shared(_round_shared(t.float(), codebook_dtype).numpy(),
+                                 codebook_dtype)
             entry.update(enc.meta)
             parts = enc.parts
             info = {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]}

@@ -34,7 +34,7 @@ from .prune import (
     sparsity_of,
     targets_from_sensitivity,
 )
-from .quantize import QuantizeConfig, quantize_, train_centroids
+from .quantize import QuantizeConfig, qat_, quantize_, train_centroids
 from .recipe import Recipe, load_recipe, recipe_path
 from .task import Task, resolve_task
 from .train import Distillation, TrainConfig, barrier, default_device, evaluate, is_main_process
@@ -294,15 +294,25 @@ class Pipeline:
                  + (f", linear {q.bits_linear}" if q.bits_linear else "")
                  + (f", entropy-constrained, weight {q.entropy_weight}"
                     if q.entropy_weight else "") + ")")
-        layers = quantize_(model, qcfg)
-        score_kmeans = self._score(model, spec)
         history: list[dict[str, Any]] = []
+        if q.qat_epochs:
+            cfg = self.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs)
+            self.log(f"[quantize] quantization-aware training, {q.qat_epochs} epochs, "
+                     f"re-clustering every {q.recluster_every} steps")
+            layers, history = qat_(model, self.train_loader(spec, cfg), cfg, qcfg,
+                                   recluster_every=q.recluster_every,
+                                   out_dir=self.out / "quantize" / "qat", resume=True,
+                                   desc="qat", **self._fit_kwargs(spec, q.distill))
+            history = [{"phase": "qat", **r} for r in history]
+        else:
+            layers = quantize_(model, qcfg)
+        score_kmeans = self._score(model, spec)
         if q.epochs:
             cfg = self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.epochs)
             self.log(f"[quantize] centroid training, {q.epochs} epochs")
-            history = train_centroids(model, self.train_loader(spec, cfg), cfg,
-                                      out_dir=self.out / "quantize" / "train", resume=True,
-                                      desc="centroids", **self._fit_kwargs(spec, q.distill))
+            history += [{"phase": "centroids", **r} for r in train_centroids(
+                model, self.train_loader(spec, cfg), cfg, out_dir=self.out / "quantize" / "train",
+                resume=True, desc="centroids", **self._fit_kwargs(spec, q.distill))]
         dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype, e.fold_batchnorm)
         score = self._score(model, spec)
         from .quantize import dequantize_

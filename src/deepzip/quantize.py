@@ -30,12 +30,15 @@ __all__ = [
     "KMeansResult",
     "QuantizeConfig",
     "SharedWeight",
+    "TrainedSharing",
     "codebooks",
     "dequantize_",
     "distinct_nonzero",
     "entropy_constrained",
     "init_centroids",
+    "envelope",
     "kmeans_1d",
+    "qat_",
     "quantize_",
     "train_centroids",
 ]
@@ -52,6 +55,7 @@ class KMeansResult:
     labels: np.ndarray
     error: float
     iterations: int
+    penalty: float = 0.0  # entropy-constrained: squared error one bit of code length is worth
 
 
 class _Sorted:
@@ -197,25 +201,25 @@ def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear"
     cnt, s1, s2 = s.stats(s.bounds(c))
     err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
     if entropy_weight > 0 and len(c) > 1:
-        c, edges, more = _ec_lloyd(s, c, entropy_weight * err / x.size, max_iter)
+        lam = entropy_weight * err / x.size
+        c, edges, more = _ec_lloyd(s, c, lam, max_iter)
         it += more
         cnt, s1, s2 = s.stats(edges)
         err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
         labels = np.searchsorted(s.v[edges[1:-1]], x, side="right")
-        return KMeansResult(c, labels.astype(np.int64), err, it)
+        return KMeansResult(c, labels.astype(np.int64), err, it, lam)
     labels = np.searchsorted((c[1:] + c[:-1]) / 2, x, side="left")
     return KMeansResult(c, labels.astype(np.int64), err, it)
 
 
-def _ec_edges(s: _Sorted, c: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:
-    """Run boundaries [0, ..., n] of the sorted values under the penalized assignment,
-    empty runs dropped.
+def envelope(c: np.ndarray, lengths: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """The penalized assignment as thresholds: (the centroids that are cheapest for some
+    value, the values where each next one takes over). ``c`` sorted.
 
     A value's cost under centroid k is ``(v - c_k)^2 + lam * L_k``; without the ``v^2``
     all share, that is the line ``a_k - 2 c_k v``, so the assignment is the lower
-    envelope of k lines: built in O(k) since ``c`` is sorted, each of its breakpoints then
-    one ``searchsorted``. A round costs O(k log n), as a plain one does, and no n x k
-    table is ever built. Ties go to the smaller centroid.
+    envelope of k lines, built in O(k) since ``c`` is sorted. With ``lam = 0`` the
+    thresholds are the midpoints. A value on a threshold goes to the smaller centroid.
     """
     a = c * c + lam * lengths
     hull: list[int] = []
@@ -240,6 +244,14 @@ def _ec_edges(s: _Sorted, c: np.ndarray, lengths: np.ndarray, lam: float) -> np.
             break
         else:
             hull.append(k)
+    return np.array(hull, dtype=np.int64), np.array(breaks, dtype=np.float64)
+
+
+def _ec_edges(s: _Sorted, c: np.ndarray, lengths: np.ndarray, lam: float) -> np.ndarray:
+    """Run boundaries [0, ..., n] of the sorted values under the penalized assignment
+    (:func:`envelope`), empty runs dropped: one ``searchsorted`` per threshold, so a
+    round costs O(k log n), as a plain one does, and no n x k table is ever built."""
+    _, breaks = envelope(c, lengths, lam)
     return np.unique(np.concatenate([[0], np.searchsorted(s.v, breaks, side="right"),
                                      [len(s.v)]]))
 
@@ -344,18 +356,9 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
     codebook. Pruning masks are baked first; zeros stay zero and are not a cluster.
     Returns per target ``{bits, clusters, error, iterations}``.
     """
-    bake_(model)
-    targets = prunable(model, config.include, config.exclude)
-    if not targets:
-        raise DeepzipError("no prunable parameters match the include/exclude patterns")
-    for pat in config.per_layer:
-        if not any(t.matches([pat]) for t in targets):
-            raise DeepzipError(f"per_layer {pat!r} names no quantizable parameter")
     out = {}
-    for t in targets:
+    for t in _targets(model, config):
         m, name = t.module, t.name
-        if parametrize.is_parametrized(m, t.attr):
-            raise DeepzipError(f"{name} is already quantized; dequantize_ it first")
         bits = config.bits_for(t)
         w = t.weight.detach()
         mask = (w != 0).to(w.dtype)
@@ -369,6 +372,140 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
         out[name] = {"bits": bits, "clusters": len(r.centroids), "error": r.error,
                      "iterations": r.iterations}
     return out
+
+
+def _targets(model: nn.Module, config: QuantizeConfig) -> list[Target]:
+    """The parameters ``config`` selects, masks baked; none may be quantized already."""
+    bake_(model)
+    targets = prunable(model, config.include, config.exclude)
+    if not targets:
+        raise DeepzipError("no prunable parameters match the include/exclude patterns")
+    for pat in config.per_layer:
+        if not any(t.matches([pat]) for t in targets):
+            raise DeepzipError(f"per_layer {pat!r} names no quantizable parameter")
+    for t in targets:
+        if parametrize.is_parametrized(t.module, t.attr):
+            raise DeepzipError(f"{t.name} is already quantized; dequantize_ it first")
+    return targets
+
+
+class TrainedSharing(nn.Module):
+    """Parametrization for quantization-aware training: the forward pass sees
+    ``codebook[bucket(w)] * mask``, the backward pass goes straight through to the latent
+    weights ``w`` (Bengio et al.'s straight-through estimator), so weights can cross
+    from one cluster to another, which centroid training alone never lets them do.
+    Buffers have fixed sizes (``2^bits`` centroids, unused ones behind infinite
+    thresholds) so a training checkpoint loads back whatever the clustering."""
+
+    def __init__(self, mask: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("mask", mask)
+        like = {"dtype": mask.dtype, "device": mask.device}
+        self.register_buffer("codebook", torch.zeros(2 ** bits, **like))
+        self.register_buffer("thresholds", torch.full((2 ** bits - 1,), float("inf"), **like))
+        self.register_buffer("clusters", torch.zeros((), dtype=torch.long, device=mask.device))
+
+    def assign(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize((w * self.mask).detach().contiguous(), self.thresholds)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        wm = w * self.mask
+        q = self.codebook[self.assign(w)] * self.mask
+        return q + (wm - wm.detach())  # exactly the shared values; gradient to w (masked)
+
+    @torch.no_grad()
+    def recluster(self, w: torch.Tensor, config: QuantizeConfig) -> np.ndarray:
+        """Cluster the latent weights afresh (as :func:`quantize_` would); returns the
+        cluster sizes."""
+        r = kmeans_1d(w[self.mask != 0], self.bits, config.init, seed=config.seed,
+                      max_iter=config.max_iter, entropy_weight=config.entropy_weight)
+        sizes = np.bincount(r.labels, minlength=len(r.centroids)).astype(np.float64)
+        lengths = -np.log2(np.maximum(sizes, 1) / max(sizes.sum(), 1))
+        hull, thresholds = envelope(r.centroids, lengths, r.penalty)
+        self.codebook.zero_()
+        self.codebook[:len(hull)] = torch.from_numpy(r.centroids[hull]).to(self.codebook)
+        self.thresholds.fill_(float("inf"))
+        self.thresholds[:len(thresholds)] = torch.from_numpy(thresholds).to(self.thresholds)
+        self.clusters.fill_(len(hull))
+        return np.bincount(self.assign(w)[self.mask != 0].cpu().numpy(),
+                           minlength=len(hull))
+
+    def shared(self, w: torch.Tensor) -> SharedWeight:
+        """The fixed sharing this training ended at: same values, same forward pass."""
+        k = int(self.clusters)
+        return SharedWeight(self.codebook[:k].detach().clone(),
+                            self.assign(w) * (self.mask != 0), self.mask, self.bits)
+
+
+class _Recluster:
+    """``fit``'s after-step hook: re-clusters every layer's latent weights every
+    ``every`` steps; reports clusters and the order-0 entropy of the indices per epoch."""
+
+    def __init__(self, layers: list[tuple[Target, TrainedSharing]], config: QuantizeConfig,
+                 every: int) -> None:
+        self.layers, self.config, self.every, self.step = layers, config, every, 0
+        self.sizes: list[np.ndarray] = []
+
+    def recluster(self) -> None:
+        self.sizes = [ts.recluster(t.module.parametrizations[t.attr].original, self.config)
+                      for t, ts in self.layers]
+
+    def __call__(self, _model: nn.Module) -> None:
+        self.step += 1
+        if self.step % self.every == 0:
+            self.recluster()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+    def metrics(self) -> dict[str, float]:
+        sizes = [n[n > 0] for n in self.sizes]
+        total = sum(float(n.sum()) for n in sizes)
+        bits = sum(float(-(n * np.log2(n / n.sum())).sum()) for n in sizes)
+        return {"clusters": sum(len(n) for n in sizes),
+                "index_entropy_bits": bits / max(total, 1.0)}
+
+
+def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
+         config: QuantizeConfig, *, recluster_every: int = 50,
+         **fit_kwargs: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Quantization-aware training, then weight sharing in place.
+
+    Like :func:`quantize_`, but the weights first train ``cfg.epochs`` epochs (with
+    :func:`deepzip.train.fit`; ``fit_kwargs`` go there) while every forward pass uses
+    their shared values, re-clustered every ``recluster_every`` steps: the network
+    learns to live with the clustering, which matters when entropy-constrained
+    clustering (``config.entropy_weight``) leaves few values per layer. Ends with the
+    same ``SharedWeight`` layers as :func:`quantize_` (train their centroids further with
+    :func:`train_centroids`). Returns (per target ``{bits, clusters}``, fit's history).
+
+    >>> layers, history = qat_(model, loader, TrainConfig(epochs=4, lr=0.002),
+    ...                        QuantizeConfig(bits=6, entropy_weight=300))  # doctest: +SKIP
+    """
+    if recluster_every < 1:
+        raise DeepzipError(f"recluster_every must be >= 1, got {recluster_every}")
+    layers = []
+    for t in _targets(model, config):
+        w = t.weight.detach()
+        ts = TrainedSharing((w != 0).to(w.dtype), config.bits_for(t))
+        parametrize.register_parametrization(t.module, t.attr, ts, unsafe=True)
+        layers.append((t, ts))
+    hook = _Recluster(layers, config, recluster_every)
+    hook.recluster()
+    history = fit(model, train_loader, cfg, after_step=hook, **fit_kwargs)
+    out = {}
+    for t, ts in layers:
+        shared = ts.shared(t.module.parametrizations[t.attr].original)
+        parametrize.remove_parametrizations(t.module, t.attr, leave_parametrized=False)
+        with torch.no_grad():
+            getattr(t.module, t.attr).copy_(shared(None))
+        parametrize.register_parametrization(t.module, t.attr, shared, unsafe=True)
+        out[t.name] = {"bits": ts.bits, "clusters": int(ts.clusters)}
+    return out, history
 
 
 def codebooks(model: nn.Module) -> dict[str, SharedWeight]:

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dzip import RAW_DTYPES
+from .dzip import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
 from .prune import METHODS
 from .quantize import INITS, MAX_BITS
@@ -73,9 +73,12 @@ class QuantizeStage:
     entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (Choi et al. 2017)
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
+    qat_epochs: int = 0  # quantization-aware training of the weights before sharing is fixed
+    qat_train: dict[str, Any] = field(default_factory=dict)  # its TrainConfig overrides
+    recluster_every: int = 50  # steps between re-clusterings during quantization-aware training
     epochs: int = 0  # centroid training
     train: dict[str, Any] = field(default_factory=dict)
-    distill: Distill | None = None
+    distill: Distill | None = None  # for both kinds of training
 
 
 @dataclass
@@ -140,21 +143,22 @@ class Recipe:
                     problems.append(f"quantize bits must be in 1..{MAX_BITS}, got {b}")
             if q.init not in INITS:
                 problems.append(f"quantize.init must be one of {INITS}")
-            if q.epochs < 0:
-                problems.append("quantize.epochs must be >= 0")
+            if q.epochs < 0 or q.qat_epochs < 0:
+                problems.append("quantize.epochs and quantize.qat_epochs must be >= 0")
+            if q.recluster_every < 1:
+                problems.append("quantize.recluster_every must be >= 1")
             if not 0 <= q.entropy_weight <= 1000:
                 problems.append("quantize.entropy_weight must be in [0, 1000]")
-        if self.encode.raw_dtype not in RAW_DTYPES:
-            problems.append(f"encode.raw_dtype must be one of {', '.join(RAW_DTYPES)}, not "
-                            f"{brief(self.encode.raw_dtype)}")
-        if self.encode.codebook_dtype not in ("float16", "float32"):
-            problems.append("encode.codebook_dtype must be float16 or float32, not "
-                            f"{brief(self.encode.codebook_dtype)}")
+        for key, allowed in (("raw_dtype", RAW_DTYPES), ("codebook_dtype", BOOK_DTYPES)):
+            v = getattr(self.encode, key)
+            if not isinstance(v, str) or v not in allowed:
+                problems.append(f"encode.{key} must be one of {', '.join(allowed)}, not "
+                                f"{brief(v)}")
         if not 0 <= self.seed < 2 ** 63:
             problems.append(f"seed must be in 0..2^63-1, got {brief(self.seed)}")
         if problems:
             raise DeepzipError(f"recipe {brief(self.name)}: " + "; ".join(problems))
-        for section in (p.train, q.train if q else {}):
+        for section in (p.train, q.train if q else {}, q.qat_train if q else {}):
             self.train_config(section, epochs=1)  # unknown or bad training keys fail now
 
     @classmethod
