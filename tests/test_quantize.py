@@ -241,6 +241,23 @@ def test_trained_sharing_forward_is_shared_and_backward_straight_through():
     assert isinstance(shared, SharedWeight) and torch.equal(shared(None), out.detach())
 
 
+def test_reclustering_keeps_the_first_penalty():
+    """Drifting latent weights must not raise the penalty per bit (which would drop a
+    cluster at every re-clustering); Lloyd's rounds continue from the current centroids."""
+    torch.manual_seed(0)
+    w = torch.tensor(_two_sided(4000), dtype=torch.float32)
+    ts = TrainedSharing(torch.ones_like(w), bits=4)
+    config = QuantizeConfig(bits=4, entropy_weight=20)
+    ts.recluster(w, config)
+    lam, k = float(ts.penalty), int(ts.clusters)
+    assert lam > 0 and k < 16
+    for _ in range(5):  # the spread doubles: a fresh clustering's penalty would quadruple
+        w = w * 1.15
+        ts.recluster(w, config)
+        assert float(ts.penalty) == lam
+    assert int(ts.clusters) >= k
+
+
 def _toy(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 16, generator=g)

@@ -405,6 +405,8 @@ class TrainedSharing(nn.Module):
         self.register_buffer("codebook", torch.zeros(2 ** bits, **like))
         self.register_buffer("thresholds", torch.full((2 ** bits - 1,), float("inf"), **like))
         self.register_buffer("clusters", torch.zeros((), dtype=torch.long, device=mask.device))
+        self.register_buffer("penalty", torch.full((), -1.0, dtype=torch.float64,
+                                                   device=mask.device))  # < 0: not yet set
 
     def assign(self, w: torch.Tensor) -> torch.Tensor:
         return torch.bucketize((w * self.mask).detach().contiguous(), self.thresholds)
@@ -416,15 +418,29 @@ class TrainedSharing(nn.Module):
 
     @torch.no_grad()
     def recluster(self, w: torch.Tensor, config: QuantizeConfig) -> np.ndarray:
-        """Cluster the latent weights afresh (as :func:`quantize_` would); returns the
-        cluster sizes."""
-        r = kmeans_1d(w[self.mask != 0], self.bits, config.init, seed=config.seed,
-                      max_iter=config.max_iter, entropy_weight=config.entropy_weight)
-        sizes = np.bincount(r.labels, minlength=len(r.centroids)).astype(np.float64)
+        """Re-cluster the latent weights; returns the cluster sizes. The first call
+        clusters as :func:`quantize_` would and fixes the layer's penalty per bit; later
+        ones continue Lloyd's rounds from the current centroids under that same penalty
+        (recomputing it from the drifting weights would keep raising it, dropping
+        clusters each time)."""
+        v = w[self.mask != 0].detach().double().cpu().numpy()
+        if float(self.penalty) < 0:
+            r = kmeans_1d(v, self.bits, config.init, seed=config.seed,
+                          max_iter=config.max_iter, entropy_weight=config.entropy_weight)
+            self.penalty.fill_(r.penalty)
+            c = r.centroids
+            sizes = np.bincount(r.labels, minlength=len(c)).astype(np.float64)
+        elif v.size:
+            c, edges, _ = entropy_constrained(
+                np.sort(v), self.codebook[:int(self.clusters)].double().cpu().numpy(),
+                float(self.penalty), config.max_iter)
+            sizes = np.diff(edges).astype(np.float64)
+        else:
+            c, sizes = np.zeros(0), np.zeros(0)
         lengths = -np.log2(np.maximum(sizes, 1) / max(sizes.sum(), 1))
-        hull, thresholds = envelope(r.centroids, lengths, r.penalty)
+        hull, thresholds = envelope(c, lengths, float(self.penalty))
         self.codebook.zero_()
-        self.codebook[:len(hull)] = torch.from_numpy(r.centroids[hull]).to(self.codebook)
+        self.codebook[:len(hull)] = torch.from_numpy(c[hull]).to(self.codebook)
         self.thresholds.fill_(float("inf"))
         self.thresholds[:len(thresholds)] = torch.from_numpy(thresholds).to(self.thresholds)
         self.clusters.fill_(len(hull))
