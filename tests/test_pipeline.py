@@ -27,6 +27,7 @@ from deepzip.task import image_task
     ("prune: {schedule: none}\nencode: {raw_dtype: float64}", "encode.raw_dtype must be one of"),
     ("prune: {schedule: none}\nencode: {codebook_dtype: int9}",
      "encode.codebook_dtype must be one of"),
+    ("prune: {schedule: agp, agp: {final: 0.5, kernel_exponent: -2}}", "kernel_exponent"),
     ("prune: {schedule: none}\nquantize: {qat_epochs: -1}", "qat_epochs must be >= 0"),
     ("prune: {schedule: none}\nquantize: {recluster_every: 0}", "recluster_every must be"),
     ("prune: {schedule: none}\nquantize: {qat_train: {lr: fast}}", "lr must be float"),

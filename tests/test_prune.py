@@ -13,6 +13,7 @@ from deepzip.prune import (
     agp_sparsity,
     bake_,
     global_masks,
+    kernel_scores,
     masks,
     percentile_mask,
     prunable,
@@ -182,3 +183,38 @@ def test_agp_global_threshold_meets_model_target_unevenly():
     assert max(sp) - min(sp) > 0.1  # layers differ, unlike per-layer pruning
     with pytest.raises(DeepzipError):
         AGPSchedule(model, final=0.8, start=0, end=8, global_=True, per_layer={"linear": 0.5})
+
+
+def test_kernel_scores_prune_weak_kernels_first():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    w[0, 0] *= 0.02  # one weak kernel
+    assert torch.equal(kernel_scores(w, 0.0), w.abs())
+    s = kernel_scores(w, 2.0)
+    r = w.flatten(2).norm(dim=2)
+    assert torch.allclose(s[1, 2], w[1, 2].abs() * (r[1, 2] / r.mean()) ** 2)
+    mask = percentile_mask(s, 9 / w.numel())  # nine weights go: the weak kernel, whole
+    assert torch.all(mask[0, 0] == 0) and mask.sum() == w.numel() - 9
+    lin = torch.randn(5, 7)
+    assert torch.equal(kernel_scores(lin, 2.0), lin.abs())  # no kernels: magnitude
+    assert torch.equal(kernel_scores(torch.zeros(2, 2, 3, 3), 2.0), torch.zeros(2, 2, 3, 3))
+
+
+def _empty_kernels(model):
+    return sum(int((m.flatten(2).sum(2) == 0).sum()) for m in masks(model).values()
+               if m.dim() == 4)
+
+
+def test_agp_kernel_exponent_gathers_nonzeros_in_fewer_kernels():
+    counts = []
+    for exponent in (0.0, 2.0):
+        torch.manual_seed(0)
+        model = get("resnet20")
+        agp = AGPSchedule(model, final=0.8, start=0, end=8, frequency=4, global_=True,
+                          kernel_exponent=exponent)
+        fit(model, _random_loader(), TrainConfig(epochs=1, lr=0.01), after_step=agp)
+        assert sparsity_of(model) == pytest.approx(0.8, abs=1e-4)
+        counts.append(_empty_kernels(model))
+    assert counts[1] > 1.2 * counts[0]
+    with pytest.raises(DeepzipError, match="kernel_exponent"):
+        AGPSchedule(get("resnet20"), final=0.8, start=0, end=8, kernel_exponent=-1.0)

@@ -265,9 +265,11 @@ class Pipeline:
         prune_(model, PruneConfig("percentile", 0.0, include=p.include, exclude=p.exclude))
         hook = AGPSchedule(model, a.final, int(a.start_epoch * steps), int(a.end_epoch * steps),
                            initial=a.initial, frequency=a.frequency, per_layer=per_layer,
-                           global_=a.global_threshold, include=p.include, exclude=p.exclude)
+                           global_=a.global_threshold, include=p.include, exclude=p.exclude,
+                           kernel_exponent=a.kernel_exponent)
         self.log(f"[prune] gradual pruning to {a.final} over epochs {a.start_epoch}-"
-                 f"{a.end_epoch} of {a.epochs}" + (f", per layer {per_layer}" if per_layer else ""))
+                 f"{a.end_epoch} of {a.epochs}" + (f", per layer {per_layer}" if per_layer else "")
+                 + (f", kernel exponent {a.kernel_exponent}" if a.kernel_exponent else ""))
         return finetune_after_prune(model, loader, cfg, out_dir=self.out / "prune" / "agp",
                                     resume=True, after_step=hook, desc="agp",
                                     **self._fit_kwargs(spec, p.distill))

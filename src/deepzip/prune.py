@@ -82,6 +82,22 @@ def percentile_mask(w: torch.Tensor, q: float) -> torch.Tensor:
     return mask_smallest(w, round(q * w.numel()))
 
 
+def kernel_scores(w: torch.Tensor, exponent: float) -> torch.Tensor:
+    """Pruning scores that favour whole empty kernels: ``|w| * (r / mean r)^exponent``,
+    r the L2 norm of the weight's kernel (its spatial slice ``w[o, i]`` of a convolution).
+
+    Weights in weak kernels go first, so the nonzeros gather in fewer kernels and the
+    mask costs fewer bits to store (the zero runs get longer) for the same count; 0 is
+    plain magnitude. Tensors without kernels (Linear, 1x1 convolutions) score ``|w|``.
+    """
+    a = w.detach().abs()
+    if not exponent or w.dim() < 3 or math.prod(w.shape[2:]) == 1:
+        return a
+    r = a.flatten(2).norm(dim=2).view(*w.shape[:2], *([1] * (w.dim() - 2)))
+    mean = r.mean()
+    return a if mean == 0 else a * (r / mean) ** exponent
+
+
 def std_threshold(w: torch.Tensor, s: float) -> float:
     """``s`` times the standard deviation of the layer's weights."""
     if not (s >= 0 and math.isfinite(s)):
@@ -348,8 +364,12 @@ class AGPSchedule:
     def __init__(self, model: nn.Module, final: float, start: int, end: int, *,
                  initial: float = 0.0, frequency: int = 100,
                  per_layer: Mapping[str, float] | None = None, global_: bool = False,
-                 include: list[str] | None = None, exclude: list[str] | None = None) -> None:
+                 include: list[str] | None = None, exclude: list[str] | None = None,
+                 kernel_exponent: float = 0.0) -> None:
         self.targets_ = prunable(model, include, exclude)
+        if not (math.isfinite(kernel_exponent) and kernel_exponent >= 0):
+            raise DeepzipError(f"AGP kernel_exponent must be >= 0, got {kernel_exponent}")
+        self.kernel_exponent = kernel_exponent
         if global_ and per_layer:
             raise DeepzipError("AGP: per-layer targets do not combine with global pruning")
         self.global_ = global_
@@ -374,12 +394,13 @@ class AGPSchedule:
             return
         if s > self.end:
             return
+        scores = {t.name: kernel_scores(t.weight, self.kernel_exponent) for t in self.targets_}
         if self.global_:  # one magnitude threshold across targets, at the model-wide goal
-            new = global_masks({t.name: t.weight.detach() for t in self.targets_},
-                               agp_sparsity(s, self.initial, self.final, self.start, self.end))
+            new = global_masks(scores, agp_sparsity(s, self.initial, self.final, self.start,
+                                                    self.end))
         else:
             goals = self.targets(s)
-            new = {t.name: percentile_mask(t.weight.detach(), goals[t.name])
+            new = {t.name: percentile_mask(scores[t.name], goals[t.name])
                    for t in self.targets_}
         for t in self.targets_:
             _set_mask(t, new[t.name])

@@ -40,6 +40,7 @@ class AGPStage:
     end_epoch: float = 20.0
     frequency: int = 50  # optimizer steps between mask updates
     global_threshold: bool = False  # one threshold across layers instead of per layer
+    kernel_exponent: float = 0.0  # > 0: prune weak kernels first (cheaper masks to store)
     per_layer: dict[str, float] = field(default_factory=dict)
     sensitivity_max_drop: float | None = None  # derive per_layer targets from a scan
 
@@ -132,6 +133,8 @@ class Recipe:
                 problems.append("prune.agp.frequency must be >= 1")
             if a.global_threshold and (a.per_layer or a.sensitivity_max_drop is not None):
                 problems.append("prune.agp.global_threshold excludes per-layer targets")
+            if not (math.isfinite(a.kernel_exponent) and 0 <= a.kernel_exponent <= 100):
+                problems.append("prune.agp.kernel_exponent must be in [0, 100]")
             if a.sensitivity_max_drop is not None and not a.sensitivity_max_drop >= 0:
                 problems.append("prune.agp.sensitivity_max_drop must be >= 0")
         for d in (p.distill, q.distill if q else None):
