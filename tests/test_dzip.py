@@ -1,5 +1,6 @@
 import io
 import json
+import math
 import struct
 import zlib
 
@@ -16,7 +17,9 @@ from deepzip.dzip import (
     DeepzipFormatError,
     _decode_shared,
     _encode_shared,
+    _pack_subsets,
     _read,
+    _unpack_subsets,
     book_round,
     grid_bytes,
     grid_encode,
@@ -46,13 +49,48 @@ def _sparse_quantized(shape, sparsity, clusters, seed=0):
     return w.reshape(shape)
 
 
+def _decode(enc, w):
+    return _decode_shared({**enc.meta, "shape": list(w.shape)}, enc.parts, w.size)
+
+
+def test_kernel_layout_wins_when_whole_kernels_are_empty():
+    rng = np.random.default_rng(0)
+    w = _sparse_quantized((64, 64, 3, 3), 0.6, 16)
+    w[rng.random((64, 64)) < 0.8] = 0  # 80% of the kernels empty
+    enc = _encode_shared(w, "float32")
+    assert enc.meta["encoding"] == "kernel"
+    flat = _encode_shared(w.reshape(-1), "float32")  # 1-D: no kernels, zero runs
+    assert flat.meta["encoding"] == "sparse" and enc.nbytes < flat.nbytes
+    assert np.array_equal(_decode(enc, w), w.ravel())
+    for shape in [(4, 4, 5, 5), (3, 2, 2), (2, 2, 1, 1)]:  # 25 > 16 and 1: no kernel layout
+        v = _sparse_quantized(shape, 0.5, 4)
+        e = _encode_shared(v, "float32")
+        assert (e.meta["encoding"] == "kernel") <= (shape == (3, 2, 2))
+        assert np.array_equal(_decode(e, v), v.ravel())
+
+
+def test_subsets_pack_to_their_information_content():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 10, 1000)
+    radices = np.array([math.comb(9, int(n)) for n in counts], dtype=object)
+    digits = np.array([int(rng.integers(r)) for r in radices])
+    data, nbits = _pack_subsets(radices, digits)
+    bound = sum(math.log2(r) for r in radices)
+    assert bound <= nbits <= bound + len(radices) / 32 + 1  # under a bit per block over
+    assert np.array_equal(_unpack_subsets(data, nbits, radices), digits)
+    with pytest.raises(DeepzipFormatError):
+        _unpack_subsets(data, nbits - 1, radices)
+    with pytest.raises(DeepzipFormatError, match="impossible"):  # a block past its product
+        _unpack_subsets(b"\xff" * len(data), nbits, radices)
+
+
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (16, 3, 3, 3), (64, 64, 3, 3), (10, 64)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.999, 1.0])
 @pytest.mark.parametrize("clusters", [1, 2, 32, 256])
 def test_shared_tensor_roundtrip(shape, sparsity, clusters):
     w = _sparse_quantized(shape, sparsity, clusters)
     enc = _encode_shared(w, "float32")
-    out = _decode_shared(enc.meta, enc.parts, w.size)
+    out = _decode(enc, w)
     assert np.array_equal(out, w.ravel())
     assert out.tobytes() == w.ravel().tobytes()  # bit-identical, signs of zero included
 
@@ -62,7 +100,7 @@ def test_sparse_layout_wins_when_sparse_and_fillers_cover_long_gaps():
     w[[5, 70_000, 99_999]] = [0.5, -0.25, 0.5]
     enc = _encode_shared(w, "float32")
     assert enc.meta["encoding"] == "sparse" and enc.nbytes < 300  # dense: >= 12,500 bytes
-    assert np.array_equal(_decode_shared(enc.meta, enc.parts, w.size), w)
+    assert np.array_equal(_decode(enc, w), w)
     dense = _encode_shared(_sparse_quantized((4096,), 0.0, 4), "float32")
     assert dense.meta["encoding"] == "dense"
 

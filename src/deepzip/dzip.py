@@ -38,6 +38,7 @@ reachable from here too (``deepzip.dzip.save``), imported on first use.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -93,7 +94,9 @@ HEADER_DICT = (
     b',"gap_nbits":,"index_nbits":},{"name":"layer1.0.conv1.weight","shape":[16,16,3,3],'
     b'"dtype":"float32","clusters":},{"name":"layer1.0.bn1","shape":[16],"dtype":"float32",'
     b'"encoding":"bn","eps":1e-05,"store":"int8"},{"name":"layer1.0.conv2.weight",'
-    b'"shape":[64,64,3,3],"dtype":"float32","clusters":')
+    b'"shape":[64,64,3,3],"dtype":"float32","clusters":,"codebook_dtype":"int8",'
+    b'"encoding":"kernel","gap_bits":3,"entries":,"gap_nbits":,"count_nbits":,'
+    b'"subset_nbits":,"index_nbits":')
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _TORCH_SIDE = {"save", "load", "load_state", "inspect", "round_to_file_precision_",
                "precision_changes", "state_dict_bytes"}
@@ -269,18 +272,119 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
                          "indices": idata}, len(nz))
         if cand.nbytes < best.nbytes:
             best = cand
+    if w.ndim >= 3 and 2 <= math.prod(w.shape[2:]) <= MAX_KERNEL and len(nz):
+        for cand in _encode_kernels(flat, w.shape, book_bytes, idx, base):
+            if cand.nbytes < best.nbytes:
+                best = cand
     return best
 
 
+MAX_KERNEL = 16  # largest kernel (prod of the dims after the first two) the layout takes
+_CHUNK = 32  # kernels per mixed-radix block of the subsets stream
+
+
+@functools.lru_cache(maxsize=MAX_KERNEL)
+def _subset_tables(size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """For kernels of ``size`` weights: each of the 2^size patterns' rank among the
+    patterns with as many ones (ascending), and per count n the patterns in rank order,
+    as (C(size, n), size) booleans. Bit j of a pattern is weight j of the kernel."""
+    pats = np.arange(1 << size)
+    bits = (pats[:, None] >> np.arange(size)) & 1
+    ones = bits.sum(1)
+    rank = np.zeros(1 << size, dtype=np.int64)
+    by_count = []
+    for n in range(size + 1):
+        members = pats[ones == n]
+        rank[members] = np.arange(len(members))
+        by_count.append(bits[members].astype(bool))
+    return rank, by_count
+
+
+def _pack_subsets(radices: np.ndarray, digits: np.ndarray) -> tuple[bytes, int]:
+    """Digits (digit i < radices[i]) as mixed-radix numbers, one per block of ``_CHUNK``,
+    each in the fewest bits that hold its product of radices, most significant first."""
+    out = []
+    for i in range(0, len(digits), _CHUNK):
+        v, top = 0, 1
+        for r, d in zip(radices[i:i + _CHUNK].tolist(), digits[i:i + _CHUNK].tolist(),
+                        strict=True):
+            v, top = v * r + d, top * r
+        nbits = (top - 1).bit_length()
+        if nbits:
+            raw = np.frombuffer(v.to_bytes((nbits + 7) // 8, "big"), dtype=np.uint8)
+            out.append(np.unpackbits(raw)[-nbits:])
+    bits = np.concatenate(out) if out else np.zeros(0, dtype=np.uint8)
+    return np.packbits(bits).tobytes(), len(bits)
+
+
+def _unpack_subsets(data: bytes, nbits: int, radices: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_pack_subsets`; the blocks must use exactly ``nbits`` bits."""
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+    digits = np.zeros(len(radices), dtype=np.int64)
+    pos = 0
+    for i in range(0, len(radices), _CHUNK):
+        block = radices[i:i + _CHUNK].tolist()
+        n = (math.prod(block) - 1).bit_length()
+        if pos + n > nbits:
+            raise DeepzipFormatError("kernel subsets stream is shorter than its counts need")
+        v = int.from_bytes(np.packbits(np.concatenate(
+            [np.zeros(-n % 8, dtype=np.uint8), bits[pos:pos + n]])).tobytes(), "big")
+        pos += n
+        for j in range(len(block) - 1, -1, -1):
+            v, digits[i + j] = divmod(v, block[j])
+        if v:
+            raise DeepzipFormatError("kernel subsets stream holds an impossible value")
+    if pos != nbits:
+        raise DeepzipFormatError("kernel subsets stream has bits left over")
+    return digits
+
+
+def _encode_kernels(flat: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
+                    idx: np.ndarray, base: dict[str, Any]) -> list[_Encoded]:
+    """The kernel layout, one candidate per run width: for each kernel (the weights
+    ``w[o, i]`` of a convolution) how many of its weights are nonzero, coded as the
+    sparse layout codes values (Huffman-coded runs of empty kernels, then the count);
+    which ones, as the rank of the pattern among those with that count (mixed-radix
+    blocks: log2 C(size, n) bits each, no table); then the nonzeros' cluster indices."""
+    size = math.prod(shape[2:])
+    live_mask = (flat != 0).reshape(-1, size)
+    counts = live_mask.sum(1)
+    live = np.flatnonzero(counts)
+    rank, _ = _subset_tables(size)
+    patterns = (live_mask[live].astype(np.int64) << np.arange(size)).sum(1)
+    subsets, sbits = _pack_subsets(np.array([math.comb(size, int(n)) for n in counts[live]],
+                                            dtype=object), rank[patterns])
+    icode = HuffmanCode.from_symbols(idx, base["clusters"])
+    idata, ibits = encode(idx, icode)
+    out = []
+    for gap_bits in range(1, 9):
+        runs, syms = _sparse_entries(live, counts[live] - 1, len(counts), size, gap_bits)
+        gcode = HuffmanCode.from_symbols(runs, 1 << gap_bits)
+        ccode = HuffmanCode.from_symbols(syms, size + 1)
+        gdata, gbits = encode(runs, gcode)
+        cdata, cbits = encode(syms, ccode)
+        out.append(_Encoded(
+            {**base, "encoding": "kernel", "gap_bits": gap_bits, "entries": len(runs),
+             "gap_nbits": gbits, "count_nbits": cbits, "subset_nbits": sbits,
+             "index_nbits": ibits},
+            {"codebook": book_bytes, "index_lengths": _pack_lengths(icode.lengths),
+             "indices": idata, "gap_lengths": _pack_lengths(gcode.lengths), "gaps": gdata,
+             "count_lengths": _pack_lengths(ccode.lengths), "counts": cdata,
+             "subsets": subsets}, int(counts.sum())))
+    return out
+
+
 def _decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> np.ndarray:
-    """Decode a dense or sparse shared tensor whose entry :func:`_check_entry` accepted."""
+    """Decode a dense, sparse or kernel-layout shared tensor whose entry
+    :func:`_check_entry` accepted."""
     k = meta["clusters"]
     store = meta["codebook_dtype"]
     if store in RAW_INTS:
         book = grid_decode(parts["codebook"], k, RAW_INTS[store])
     else:
         book = np.frombuffer(parts["codebook"], dtype=_STORE[store]).astype(np.float32)
-    icode = HuffmanCode(_unpack_lengths(parts["index_lengths"], k + 1))
+    icode = None if meta["encoding"] == "kernel" else HuffmanCode(  # k + 1: zero is a symbol
+        _unpack_lengths(parts["index_lengths"], k + 1))
     if meta["encoding"] == "dense":
         syms = decode(parts["indices"], meta["index_nbits"], numel, icode)
         out = np.zeros(numel, dtype=np.float32)
@@ -290,14 +394,46 @@ def _decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) ->
     gap_bits, entries = meta["gap_bits"], meta["entries"]
     gcode = HuffmanCode(_unpack_lengths(parts["gap_lengths"], 1 << gap_bits))
     runs = decode(parts["gaps"], meta["gap_nbits"], entries, gcode)
-    syms = decode(parts["indices"], meta["index_nbits"], entries, icode)
     pos = np.cumsum(runs + 1) - 1
+    if meta["encoding"] == "kernel":
+        return _decode_kernels(meta, parts, numel, book, runs, pos)
+    syms = decode(parts["indices"], meta["index_nbits"], entries, icode)
     if (pos[-1] if entries else -1) != numel - 1:
         raise DeepzipFormatError("sparse entries do not cover the tensor exactly")
     out = np.zeros(numel, dtype=np.float32)
     real = syms < k
     out[pos[real]] = book[syms[real]]
     return out
+
+
+def _decode_kernels(meta: dict[str, Any], parts: dict[str, bytes], numel: int,
+                    book: np.ndarray, runs: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The rest of a kernel-layout tensor, its runs of empty kernels decoded."""
+    size = _kernel_size(meta["shape"])
+    kernels, k = numel // size, meta["clusters"]
+    if (pos[-1] if len(pos) else -1) != kernels - 1:
+        raise DeepzipFormatError("kernel entries do not cover the tensor exactly")
+    ccode = HuffmanCode(_unpack_lengths(parts["count_lengths"], size + 1))
+    syms = decode(parts["counts"], meta["count_nbits"], len(runs), ccode)
+    real = syms < size
+    live, counts = pos[real], syms[real] + 1
+    radices = np.array([math.comb(size, int(n)) for n in counts], dtype=object)
+    digits = _unpack_subsets(parts["subsets"], meta["subset_nbits"], radices)
+    _, by_count = _subset_tables(size)
+    masks = np.zeros((len(live), size), dtype=bool)
+    for n in np.unique(counts):
+        sel = counts == n
+        masks[sel] = by_count[n][digits[sel]]
+    nonzero = int(counts.sum())
+    if nonzero and not k:
+        raise DeepzipFormatError("nonzero weights but an empty codebook")
+    icode = HuffmanCode(_unpack_lengths(parts["index_lengths"], k))
+    idx = decode(parts["indices"], meta["index_nbits"], nonzero, icode)
+    rows = np.zeros((len(live), size), dtype=np.float32)
+    rows[masks] = book[idx]
+    out = np.zeros((kernels, size), dtype=np.float32)
+    out[live] = rows
+    return out.ravel()
 
 
 def _int(meta: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -357,7 +493,11 @@ MAX_FILE = 1 << 31  # 2 GiB: far above any model this format is for
 MAX_ELEMENTS = 1 << 28  # decoded elements of a file with no model to check it against
 _PARTS = {"raw": ("data",), "bn": ("data",), "alias": (),
           "dense": ("codebook", "index_lengths", "indices"),
-          "sparse": ("codebook", "index_lengths", "indices", "gap_lengths", "gaps")}
+          "sparse": ("codebook", "index_lengths", "indices", "gap_lengths", "gaps"),
+          "kernel": ("codebook", "index_lengths", "indices", "gap_lengths", "gaps",
+                     "count_lengths", "counts", "subsets")}
+_STREAMS = (("indices", "index_nbits"), ("gaps", "gap_nbits"), ("counts", "count_nbits"),
+            ("subsets", "subset_nbits"))
 
 
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int]:
@@ -428,9 +568,20 @@ def _fixed_sizes(e: dict[str, Any], name: str, enc: str, numel: int) -> dict[str
     book = _choice(e, "codebook_dtype", BOOK_DTYPES)
     sizes = {"codebook": grid_bytes(k, RAW_INTS[book]) if book in RAW_INTS
              else k * np.dtype(_STORE[book]).itemsize, "index_lengths": (k + 2) // 2}
-    if enc == "sparse":
+    if enc in ("sparse", "kernel"):
         sizes["gap_lengths"] = ((1 << _int(e, "gap_bits", 1, 8)) + 1) // 2
+    if enc == "kernel":  # indices of the nonzeros only: k symbols, no zero symbol
+        size = _kernel_size(e["shape"])
+        if size is None:
+            raise DeepzipFormatError(f"{name!r}: the kernel layout needs 3+ dimensions and "
+                                     f"kernels of 2..{MAX_KERNEL} weights")
+        sizes.update(index_lengths=(k + 1) // 2, count_lengths=(size + 2) // 2)
     return sizes
+
+
+def _kernel_size(shape: list[int]) -> int | None:
+    size = math.prod(shape[2:]) if len(shape) >= 3 else 0
+    return size if 2 <= size <= MAX_KERNEL else None
 
 
 def _layout(tensors: list[Any], data_len: int) -> None:
@@ -445,7 +596,7 @@ def _layout(tensors: list[Any], data_len: int) -> None:
         name = _str(e, "name")
         enc = _choice(e, "encoding", _PARTS)
         sizes = _fixed_sizes(e, name, enc, math.prod(_shape(e, name)))
-        for stream, bits in (("indices", "index_nbits"), ("gaps", "gap_nbits")):
+        for stream, bits in _STREAMS:
             if stream in _PARTS[enc]:
                 sizes[stream] = (_int(e, bits, 0, 8 * data_len) + 7) // 8
         e["parts"] = {}
@@ -496,17 +647,22 @@ def _check_entry(e: Any, data_len: int, seen: dict[str, list[int]]) -> dict[str,
         if not isinstance(eps, float) or not 0 < eps < 1 or len(shape) != 1:
             raise DeepzipFormatError(f"{name!r}: bad BatchNorm entry")
         return {f"{name}.{k}": (shape if k != "num_batches_tracked" else []) for k in _BN_KEYS}
-    elif enc in ("dense", "sparse"):
+    elif enc in ("dense", "sparse", "kernel"):
         _int(e, "index_nbits", 0, 8 * size["indices"])
         if enc == "dense":
             if numel > 8 * size["indices"]:  # every weight costs at least one bit
                 raise DeepzipFormatError(f"{name!r}: more weights than bits in the file")
         else:
             gap_bits = e["gap_bits"]
-            entries = _int(e, "entries", 0, min(8 * size["indices"], 8 * size["gaps"]))
+            entries = _int(e, "entries", 0, 8 * min(  # each entry costs a bit per stream
+                size["gaps"], size["counts"] if enc == "kernel" else size["indices"]))
             _int(e, "gap_nbits", 0, 8 * size["gaps"])
-            if numel > entries << gap_bits:
+            units = numel if enc == "sparse" else numel // _kernel_size(shape)
+            if units > entries << gap_bits:
                 raise DeepzipFormatError(f"{name!r}: sparse entries cannot cover the tensor")
+            if enc == "kernel":
+                _int(e, "count_nbits", entries, 8 * size["counts"])
+                _int(e, "subset_nbits", 0, 8 * size["subsets"])
     return {name: shape}
 
 
@@ -605,7 +761,8 @@ def _str(entry: dict[str, Any], key: str) -> str:
 
 # Where a file's bytes go: zero-run positions of sparse layers, cluster indices (a dense
 # layer's indices also say where its zeros are), codebooks, everything else.
-_PART_KIND = {"gaps": "positions", "gap_lengths": "positions", "indices": "values",
+_PART_KIND = {"gaps": "positions", "gap_lengths": "positions", "counts": "positions",
+              "count_lengths": "positions", "subsets": "positions", "indices": "values",
               "index_lengths": "values", "codebook": "codebooks"}
 
 

@@ -436,7 +436,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
                "params": t.numel() * (2 if e["encoding"] == "bn" else 1),  # bn: scale, shift
                "encoding": e["encoding"], "bytes": nbytes,
                "nonzero": int(torch.count_nonzero(t))}
-        if e["encoding"] in ("dense", "sparse"):
+        if e["encoding"] in ("dense", "sparse", "kernel"):
             k = e["clusters"]
             hbits = _nonzero_huffman_bits(t.float().numpy().ravel())
             row.update(clusters=k, bits=max(1, math.ceil(math.log2(max(k, 1)))),
