@@ -1,6 +1,6 @@
 """The hostile-input budget of issue #12: 10,000+ structure-aware inputs per reader.
 
-    python bench/fuzz.py [--n 10000] [--seed 0]
+    python bench/fuzz.py [--n 10000] [--seed 0] [--only dzip|cifar|mnist|recipes]
 
 Runs the generators of tests/hostile.py (the tests run the same ones on a few hundred
 inputs) against the .dzip reader (load_state, load and inspect on each variant), the
@@ -30,19 +30,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10_000, help="inputs per reader")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", choices=["dzip", "cifar", "mnist", "recipes"],
+                   help="fuzz one reader (e.g. after a format change)")
     args = p.parse_args()
     recipes = [yaml.safe_load(f.read_text())
                for f in sorted((ROOT / "src" / "deepzip" / "recipes").glob("*.yaml"))]
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        for what, run in [
-            (".dzip (load_state, load, inspect per input)",
+        for key, what, run in [
+            ("dzip", ".dzip (load_state, load, inspect per input)",
              lambda: fuzz_dzip(dzip_bases(t), args.n, args.seed, t)),
-            ("CIFAR-10 batches", lambda: fuzz_cifar(args.n, args.seed, t)),
-            ("MNIST IDX files", lambda: fuzz_mnist(args.n, args.seed, t)),
-            ("recipes", lambda: fuzz_recipes(recipes, args.n, args.seed, t)),
+            ("cifar", "CIFAR-10 batches", lambda: fuzz_cifar(args.n, args.seed, t)),
+            ("mnist", "MNIST IDX files", lambda: fuzz_mnist(args.n, args.seed, t)),
+            ("recipes", "recipes", lambda: fuzz_recipes(recipes, args.n, args.seed, t)),
         ]:
+            if args.only not in (None, key):
+                continue
             t0 = time.perf_counter()
             out = run()
             print(out.line(what) + f"; {time.perf_counter() - t0:.0f} s", flush=True)

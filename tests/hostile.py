@@ -434,7 +434,8 @@ def fuzz_recipes(bases: list[dict[str, Any]], n: int, seed: int, tmp: Path) -> O
 
 def dzip_bases(tmp: Path) -> list[tuple[bytes, int, Any]]:
     """Valid small files of every layout: sparse and dense shared layers with a registered
-    spec (LeNet-300-100), folded BatchNorm (ResNet-20, no spec), tied weights (alias)."""
+    spec (LeNet-300-100), folded BatchNorm (ResNet-20, no spec), kernel-layout layers with
+    int8 codebooks (ResNet-20 with most kernels empty), tied weights (alias)."""
     import torch
     from torch import nn
 
@@ -450,17 +451,28 @@ def dzip_bases(tmp: Path) -> list[tuple[bytes, int, Any]]:
             self.decoder = nn.Linear(8, 20)
             self.decoder.weight = self.embedding.weight
 
+    def empty_kernels(model: nn.Module) -> None:  # 80% of each conv's kernels: kernel layout
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                    m.weight[torch.rand(m.weight.shape[:2]) < 0.8] = 0
+
     torch.manual_seed(0)
     out = []
-    for make, sparsity, spec, raw in [
-            (lambda: get("lenet300"), 0.95, ModelSpec(arch="lenet300"), "float16"),
-            (lambda: get("resnet20"), 0.5, None, "int5"), (Tied, None, None, "float16")]:
+    for make, sparsity, spec, raw, book in [
+            (lambda: get("lenet300"), 0.95, ModelSpec(arch="lenet300"), "float16", "float32"),
+            (lambda: get("resnet20"), 0.5, None, "int5", "float32"),
+            (lambda: get("resnet20"), "kernels", None, "int8", "int8"),
+            (Tied, None, None, "float16", "float32")]:
         model = make().eval()
-        if sparsity is not None:
+        if sparsity == "kernels":
+            empty_kernels(model)
+            quantize_(model, QuantizeConfig(bits=4))
+        elif sparsity is not None:
             prune_(model, PruneConfig("global", sparsity))
             quantize_(model, QuantizeConfig(bits=4))
         path = tmp / "base.dzip"
-        save(model, path, spec=spec, raw_dtype=raw)
+        save(model, path, spec=spec, raw_dtype=raw, codebook_dtype=book)
         out.append((path.read_bytes(), state_dict_bytes(make()),
                     None if spec is not None else make))
     return out
