@@ -192,7 +192,9 @@ def test_kernel_scores_prune_weak_kernels_first():
     assert torch.equal(kernel_scores(w, 0.0), w.abs())
     s = kernel_scores(w, 2.0)
     r = w.flatten(2).norm(dim=2)
-    assert torch.allclose(s[1, 2], w[1, 2].abs() * (r[1, 2] / r.mean()) ** 2)
+    raw = w.abs() * (r / r.mean()).view(4, 3, 1, 1) ** 2
+    assert torch.allclose(s, raw * w.abs().mean() / raw.mean())
+    assert torch.isclose(s.mean(), w.abs().mean())  # comparable across layers
     mask = percentile_mask(s, 9 / w.numel())  # nine weights go: the weak kernel, whole
     assert torch.all(mask[0, 0] == 0) and mask.sum() == w.numel() - 9
     lin = torch.randn(5, 7)
@@ -218,3 +220,21 @@ def test_agp_kernel_exponent_gathers_nonzeros_in_fewer_kernels():
     assert counts[1] > 1.2 * counts[0]
     with pytest.raises(DeepzipError, match="kernel_exponent"):
         AGPSchedule(get("resnet20"), final=0.8, start=0, end=8, kernel_exponent=-1.0)
+
+
+def test_kernel_scores_keep_a_global_threshold_fair_to_the_classifier():
+    """Unscaled, the inflated conv scores pruned ResNet-20's classifier away entirely."""
+    torch.manual_seed(0)
+    targets = prunable(get("resnet20"))
+
+    def kept(scores):
+        return float(global_masks(scores, 0.9)["linear"].mean())
+
+    plain = kept({t.name: t.weight.abs() for t in targets})
+    unscaled = {}
+    for t in targets:
+        w = t.weight.detach().abs()
+        r = w.flatten(2).norm(dim=2)[..., None, None] if w.dim() == 4 else None
+        unscaled[t.name] = w if r is None else w * (r / r.mean()) ** 4
+    assert kept(unscaled) < 0.5 * plain  # the failure (on trained weights: all of it)
+    assert kept({t.name: kernel_scores(t.weight, 4.0) for t in targets}) > 0.8 * plain

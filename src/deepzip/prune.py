@@ -84,18 +84,26 @@ def percentile_mask(w: torch.Tensor, q: float) -> torch.Tensor:
 
 def kernel_scores(w: torch.Tensor, exponent: float) -> torch.Tensor:
     """Pruning scores that favour whole empty kernels: ``|w| * (r / mean r)^exponent``,
-    r the L2 norm of the weight's kernel (its spatial slice ``w[o, i]`` of a convolution).
+    r the L2 norm of the weight's kernel (its spatial slice ``w[o, i]`` of a convolution),
+    rescaled to the mean of ``|w|``.
 
     Weights in weak kernels go first, so the nonzeros gather in fewer kernels and the
-    mask costs fewer bits to store (the zero runs get longer) for the same count; 0 is
-    plain magnitude. Tensors without kernels (Linear, 1x1 convolutions) score ``|w|``.
+    mask costs fewer bits to store for the same count; 0 is plain magnitude. Tensors
+    without kernels (Linear, 1x1 convolutions) score ``|w|``. The rescaling keeps one
+    global threshold fair between layers: without it the strong kernels' inflated scores
+    raise the threshold until a classifier scored by ``|w|`` alone is pruned away
+    entirely (measured: ResNet-20's, at 88% sparsity and exponent 4, and the run
+    collapsed to chance).
     """
     a = w.detach().abs()
     if not exponent or w.dim() < 3 or math.prod(w.shape[2:]) == 1:
         return a
     r = a.flatten(2).norm(dim=2).view(*w.shape[:2], *([1] * (w.dim() - 2)))
     mean = r.mean()
-    return a if mean == 0 else a * (r / mean) ** exponent
+    if mean == 0:
+        return a
+    s = a * (r / mean) ** exponent
+    return s * (a.mean() / s.mean())
 
 
 def std_threshold(w: torch.Tensor, s: float) -> float:
