@@ -46,6 +46,17 @@ deepzip run default --seed 1 --data-dir "$DATA" --out runs/default-seed1 && publ
 python experiments/levers.py runs/default-seed1/prune/model.pt --data-dir "$DATA" \
   --out results/levers/default-seed1-pruned.txt
 deepzip run small --data-dir "$DATA" --out runs/small && publish small
+# Issue #13 experiments. Format v5 re-encoding the default's files; sharing variants that
+# resume from the default's pruned model (seed 0: its prune stage copied into a fresh
+# folder, so only quantize, encode and verify run); kernel-aware pruning from scratch.
+bash experiments/format_v5.sh "$DATA"
+for r in q320 qat320 qat500; do
+  if [ ! -f runs/$r-s0/state.json ]; then
+    mkdir -p runs/$r-s0 && cp -r runs/default/prune runs/default/state.json runs/$r-s0/
+  fi
+  deepzip run experiments/recipes/$r.yaml --data-dir "$DATA" --out runs/$r-s0
+done
+deepzip run experiments/recipes/kern3.yaml --data-dir "$DATA" --out runs/kern3-s0
 # The bits axis from the default's pruned model, and weight sharing alone from the baseline.
 deepzip run share-3bit --model runs/default/prune/model.pt --reference resnet20 \
   --data-dir "$DATA" --out runs/default-3bit && publish default-3bit

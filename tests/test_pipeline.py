@@ -183,6 +183,9 @@ encode: {{codebook_dtype: int8, raw_dtype: int8}}
     assert books == {"int8"}
     phases = [r["phase"] for r in report["stages"]["quantize"]["history"]]
     assert phases == ["qat", "centroids"]
+    trained = report["training_seconds"]
+    assert trained["prune"] > 0 and trained["quantize"] > 0 and trained["encode"] is None
+    assert "| training |" in (tmp_path / "run" / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")

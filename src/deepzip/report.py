@@ -226,6 +226,13 @@ def bytes_by_kind_line(kinds: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in kinds.items())
 
 
+def _training_seconds(stage: dict[str, Any]) -> float | None:
+    """Training time of a stage's epochs from its history, which survives resumes."""
+    history = stage.get("history") or []
+    times = [r["train_time_s"] for r in history if isinstance(r, dict) and "train_time_s" in r]
+    return float(sum(times)) if times else None
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -279,7 +286,8 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
                              if "same_predictions" in ver else None),
     }
     report = {"summary": summary_row, "stages": st,
-              "seconds": {k: v.get("seconds") for k, v in st.items()}}
+              "seconds": {k: v.get("seconds") for k, v in st.items()},
+              "training_seconds": {k: _training_seconds(v) for k, v in st.items()}}
     with atomic_write(out / "report.json", "w") as f:
         json.dump(report, f, indent=2)
     _plot_layers(layers, out / "layers.png", recipe.name)
@@ -330,8 +338,14 @@ metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32.
 
 ## Time per stage
 
-{markdown_table([{"stage": k, "time": _duration(v)} for k, v in report["seconds"].items()],
-                ["stage", "time"])}
+"time" is the stage's wall time in the process that finished it (a resumed stage counts
+only its last process); "training" sums the training time of its epochs over every process
+that ran them (evaluation passes not included).
+
+{markdown_table([{"stage": k, "time": _duration(v),
+                  "training": _duration(report["training_seconds"][k])
+                  if report["training_seconds"][k] else ""}
+                 for k, v in report["seconds"].items()], ["stage", "time", "training"])}
 
 ## Per layer
 
