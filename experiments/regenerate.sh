@@ -56,7 +56,14 @@ for r in q320 qat320 qat500; do
   fi
   deepzip run experiments/recipes/$r.yaml --data-dir "$DATA" --out runs/$r-s0
 done
-deepzip run experiments/recipes/kern3.yaml --data-dir "$DATA" --out runs/kern3-s0
+bash experiments/sharing_v5.sh "$DATA"
+deepzip run experiments/recipes/kern3.yaml --data-dir "$DATA" --out runs/kern3-s0 \
+  && publish kern3-s0
+if [ ! -f runs/kern3f-s0/state.json ]; then  # kern3's pruned model, BatchNorm in float16
+  mkdir -p runs/kern3f-s0 && cp -r runs/kern3-s0/prune runs/kern3-s0/state.json runs/kern3f-s0/
+fi
+deepzip run experiments/recipes/kern3f.yaml --data-dir "$DATA" --out runs/kern3f-s0 \
+  && publish kern3f-s0
 # The bits axis from the default's pruned model, and weight sharing alone from the baseline.
 deepzip run share-3bit --model runs/default/prune/model.pt --reference resnet20 \
   --data-dir "$DATA" --out runs/default-3bit && publish default-3bit
