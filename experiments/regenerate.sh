@@ -73,7 +73,7 @@ deepzip run share-5bit --data-dir "$DATA" --out runs/share-5bit && publish share
 # results/previous-*: the default and small recipes until issue #13, kept as made (see
 # their README.md); default-3bit and default-5bit start from the default's pruned model.
 RUNS="runs/share-5bit runs/seed runs/default-5bit results/previous-default runs/default-3bit
-      results/previous-small runs/default runs/default-seed1 runs/small"
+      results/previous-small runs/default runs/default-seed1 runs/small runs/kern3f-s0"
 deepzip pareto $RUNS -o results/pareto.png | tee results/pareto.md
 
 # Deep Compression's Table 1 on MNIST: the LeNet baselines (trained here, then shipped),
