@@ -273,9 +273,9 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
         if cand.nbytes < best.nbytes:
             best = cand
     if w.ndim >= 3 and 2 <= math.prod(w.shape[2:]) <= MAX_KERNEL and len(nz):
-        for cand in _encode_kernels(flat, w.shape, book_bytes, idx, base):
-            if cand.nbytes < best.nbytes:
-                best = cand
+        cand = _encode_kernels(flat, w.shape, book_bytes, idx, base)
+        if cand.nbytes < best.nbytes:
+            best = cand
     return best
 
 
@@ -340,8 +340,8 @@ def _unpack_subsets(data: bytes, nbits: int, radices: np.ndarray) -> np.ndarray:
 
 
 def _encode_kernels(flat: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
-                    idx: np.ndarray, base: dict[str, Any]) -> list[_Encoded]:
-    """The kernel layout, one candidate per run width: for each kernel (the weights
+                    idx: np.ndarray, base: dict[str, Any]) -> _Encoded:
+    """The kernel layout at its cheapest run width: for each kernel (the weights
     ``w[o, i]`` of a convolution) how many of its weights are nonzero, coded as the
     sparse layout codes values (Huffman-coded runs of empty kernels, then the count);
     which ones, as the rank of the pattern among those with that count (mixed-radix
@@ -361,17 +361,21 @@ def _encode_kernels(flat: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
         runs, syms = _sparse_entries(live, counts[live] - 1, len(counts), size, gap_bits)
         gcode = HuffmanCode.from_symbols(runs, 1 << gap_bits)
         ccode = HuffmanCode.from_symbols(syms, size + 1)
-        gdata, gbits = encode(runs, gcode)
-        cdata, cbits = encode(syms, ccode)
-        out.append(_Encoded(
+        cost = (gcode.bits(runs) + 7) // 8 + (ccode.bits(syms) + 7) // 8 + (1 << gap_bits) // 2
+        if out and cost >= out[0][0]:
+            continue  # the streams' exact sizes, known before encoding: keep the cheapest
+        out = [(cost, gap_bits, runs, syms, gcode, ccode)]
+    _, gap_bits, runs, syms, gcode, ccode = out[0]
+    gdata, gbits = encode(runs, gcode)
+    cdata, cbits = encode(syms, ccode)
+    return _Encoded(
             {**base, "encoding": "kernel", "gap_bits": gap_bits, "entries": len(runs),
              "gap_nbits": gbits, "count_nbits": cbits, "subset_nbits": sbits,
              "index_nbits": ibits},
             {"codebook": book_bytes, "index_lengths": _pack_lengths(icode.lengths),
              "indices": idata, "gap_lengths": _pack_lengths(gcode.lengths), "gaps": gdata,
              "count_lengths": _pack_lengths(ccode.lengths), "counts": cdata,
-             "subsets": subsets}, int(counts.sum())))
-    return out
+             "subsets": subsets}, int(counts.sum()))
 
 
 def _decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> np.ndarray:
