@@ -334,7 +334,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if changed:
         print(f"note: {len(changed)} tensors are not at the file's precision "
               f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the file "
-              "holds them rounded (float16, folded BatchNorm), so its outputs can differ "
+              f"holds them rounded ({args.raw_dtype} stores, {args.codebook_dtype} codebooks"
+              f"{', folded BatchNorm' if args.fold_batchnorm else ''}), so its outputs can "
+              "differ "
               "slightly from the checkpoint's; --raw-dtype float32 --codebook-dtype float32 "
               "--no-fold-batchnorm stores them exactly")
     print(f"wrote {out}")
