@@ -24,10 +24,12 @@ from deepzip.dzip import (
     grid_bytes,
     grid_encode,
     grid_round,
+    grid_too_coarse,
     inspect,
     load,
     load_state,
     pack_header,
+    precision_changes,
     round_to_file_precision_,
     save,
     state_dict_bytes,
@@ -136,6 +138,28 @@ def test_grid_store_falls_back_to_float32_where_the_grid_cannot_hold_a_tensor(tm
     assert stores["linear.bias"] == stores["bn1"] == "float32"
     assert stores["layer1.0.bn1"] == "int6"
     assert torch.equal(load(tmp_path / "m.dzip")(x), m(x))
+
+
+def test_a_grid_too_coarse_for_most_values_gives_way_to_float16(tmp_path):
+    rng = np.random.default_rng(0)
+    normal = rng.uniform(0.5, 2.0, 64).astype(np.float32)
+    outlier = normal.copy()
+    outlier[3] = 300 * np.median(normal)  # one nearly empty channel's folded scale
+    assert not grid_too_coarse(normal, 8) and grid_too_coarse(outlier, 8)
+    assert not grid_too_coarse(grid_round(outlier, 8), 8)  # once on its grid, it stays
+    m = _model()
+    with torch.no_grad():
+        for bn in (m.bn1, m.layer1[0].bn1):
+            bn.running_var.copy_(torch.from_numpy(normal[:bn.num_features]))
+        m.bn1.running_var[0] = 1e-5  # scale 1/sqrt(2e-5): ~300x the others
+    round_to_file_precision_(m, "int8", "float32")
+    assert precision_changes(m, "int8", "float32") == []  # the stores are chosen again alike
+    save(m, tmp_path / "m.dzip", spec=ModelSpec(), raw_dtype="int8")
+    header, _, _ = _read(tmp_path / "m.dzip")
+    stores = {e["name"]: e["store"] for e in header["tensors"] if "store" in e}
+    assert stores["bn1"] == "float16" and stores["layer1.0.bn1"] == "int8"
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load(tmp_path / "m.dzip").eval()(x), m.eval()(x))
 
 
 def test_a_grid_with_a_non_finite_end_is_refused(tmp_path):

@@ -35,6 +35,7 @@ from .dzip import (
     folded_batchnorm,
     grid_encode,
     grid_round,
+    grid_too_coarse,
     write_file,
 )
 from .errors import DeepzipError, DeepzipFormatError
@@ -118,12 +119,16 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def _raw_store(t: torch.Tensor, raw_dtype: str) -> str:
     """How a tensor stored as it is (not shared) is kept: ``raw_dtype`` where it can hold
-    the values, else float32 (fp16 would overflow; a grid's ends do not fit fp16)."""
+    the values, else float32 (fp16 would overflow; a grid's ends do not fit fp16); a
+    grid too coarse for most of the values (:func:`grid_too_coarse`) gives way to float16."""
     if not t.is_floating_point():
         return _dtype_name(t)
     x = t.detach().float()
-    if raw_dtype in RAW_INTS and _grid(x.cpu().numpy(), RAW_INTS[raw_dtype]) is None:
-        return "float32"
+    if raw_dtype in RAW_INTS:
+        if _grid(x.cpu().numpy(), RAW_INTS[raw_dtype]) is None:
+            return "float32"
+        if grid_too_coarse(x.cpu().numpy(), RAW_INTS[raw_dtype]):
+            return _raw_store(t, "float16")
     if raw_dtype == "float16" and torch.isfinite(x).all() and \
             not torch.isfinite(x.to(torch.float16)).all():
         return "float32"
@@ -131,9 +136,11 @@ def _raw_store(t: torch.Tensor, raw_dtype: str) -> str:
 
 
 def _bn_store(scale: torch.Tensor, shift: torch.Tensor, raw_dtype: str) -> str:
-    """One store for a folded BatchNorm's scale and shift (one entry holds both)."""
-    stores = {_raw_store(scale, raw_dtype), _raw_store(shift, raw_dtype)}
-    return raw_dtype if stores == {raw_dtype} else "float32"
+    """One store for a folded BatchNorm's scale and shift (one entry holds both): where
+    either cannot take ``raw_dtype``, float16 if it holds both, else float32."""
+    if {_raw_store(scale, raw_dtype), _raw_store(shift, raw_dtype)} == {raw_dtype}:
+        return raw_dtype
+    return max(_raw_store(scale, "float16"), _raw_store(shift, "float16"))  # float32 wins
 
 
 def _stored(t: torch.Tensor, store: str) -> bytes:
