@@ -6,8 +6,11 @@ channels_last (CPU) or AMP (CUDA). Baseline: fp32, a per-sample ``DataLoader`` o
 each image in Python, as most CIFAR training scripts do.
 
     python bench/train_throughput.py --data-dir ../shared/data [--steps 40] [--workers 0]
+        [--compile]
 
 Prints images/s of each, their ratio, and the share of step time spent waiting for data.
+``--compile`` also times deepzip's step on a ``torch.compile``d model (its compilation,
+in the warm-up steps, reported apart).
 """
 
 from __future__ import annotations
@@ -45,18 +48,22 @@ class PerSampleCifar(Dataset):
         return (x - self.mean) / self.std, self.labels[i]  # Normalize
 
 
-def measure(model, batches, steps, autocast, device, channels_last) -> tuple[float, float]:
-    """(images/s, share of wall time spent fetching batches) over ``steps`` steps."""
+def measure(model, batches, steps, autocast, device, channels_last
+            ) -> tuple[float, float, float]:
+    """(images/s, share of wall time spent fetching batches) over ``steps`` steps, and the
+    seconds the five warm-up steps took."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     model.train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     it = iter(batches)
     data_t, n = 0.0, 0
+    start = time.perf_counter()
     for step in range(steps + 5):
         if step == 5:  # warm-up done
             sync(device)
             t0, data_t, n = time.perf_counter(), 0.0, 0
+            warm = t0 - start
         td = time.perf_counter()
         x, y = next(it)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -70,7 +77,7 @@ def measure(model, batches, steps, autocast, device, channels_last) -> tuple[flo
         n += len(y)
     sync(device)
     total = time.perf_counter() - t0
-    return n / total, data_t / total
+    return n / total, data_t / total, warm
 
 
 def sync(device: torch.device) -> None:
@@ -84,6 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=0, help="baseline DataLoader workers")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd model")
     args = ap.parse_args()
     device = default_device()
     train = load_cifar10(args.data_dir, train=True)
@@ -92,22 +100,30 @@ def main() -> None:
     ours_loader = BatchLoader(train, args.batch_size, train=True, device=device,
                               channels_last=True)
     autocast, _ = _autocast(device, "auto")
-    ours, ours_data = measure(get("resnet20").to(device), _cycle(ours_loader), args.steps,
-                              autocast, device, channels_last=True)
+    ours, ours_data, _ = measure(get("resnet20").to(device), _cycle(ours_loader), args.steps,
+                                 autocast, device, channels_last=True)
+    if args.compile:
+        torch.manual_seed(0)
+        comp, _, comp_warm = measure(torch.compile(get("resnet20").to(device)),
+                                     _cycle(ours_loader), args.steps, autocast, device,
+                                     channels_last=True)
 
     torch.manual_seed(0)
     base_loader = DataLoader(PerSampleCifar(train.images, train.labels), args.batch_size,
                              shuffle=True, drop_last=True, num_workers=args.workers,
                              persistent_workers=args.workers > 0)
     fp32, _ = _autocast(device, "fp32")
-    base, base_data = measure(get("resnet20").to(device), _cycle(base_loader), args.steps,
-                              fp32, device, channels_last=False)
+    base, base_data, _ = measure(get("resnet20").to(device), _cycle(base_loader), args.steps,
+                                 fp32, device, channels_last=False)
 
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, {args.steps} timed steps each")
     print(f"deepzip   : {ours:8.0f} images/s, data {ours_data * 100:5.1f}% of step time")
     print(f"plain fp32: {base:8.0f} images/s, data {base_data * 100:5.1f}% of step time "
           f"(DataLoader, {args.workers} workers)")
+    if args.compile:
+        print(f"compiled  : {comp:8.0f} images/s ({comp / ours:.2f}x deepzip's eager step; "
+              f"warm-up with compilation {comp_warm:.0f} s)")
     print(f"ratio     : {ours / base:.2f}x")
 
 
