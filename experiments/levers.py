@@ -9,9 +9,13 @@ biases on N-bit grids are measured on trained files instead (``experiments/raw_s
    (``QuantizeConfig(entropy_weight=...)``) at 4-6 bit caps: accuracy right after
    clustering, Huffman bits per nonzero, bytes of indices plus fp16 codebooks;
 2. positions: the mask's cost under the order-0 bound of each layer (what the zero-run
-   code reaches) against a code that knows how many nonzeros each 3x3 kernel holds.
+   code reaches) against a code that knows how many nonzeros each 3x3 kernel holds;
+3. allocation: entropy-constrained clustering (6-bit cap) with one relative error for
+   every layer against penalties weighted by each layer's Fisher sensitivity
+   (``QuantizeConfig(sensitivity=fisher_sensitivity(...))``), over a range of weights.
 
-Prints one table per lever; ``--out FILE`` also writes them there.
+Prints one table per lever (``--tables 3``: only that one); ``--out FILE`` also writes
+them there.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import torch
 from deepzip.dzip import _nonzero_huffman_bits
 from deepzip.pipeline import open_model
 from deepzip.prune import prunable
-from deepzip.quantize import QuantizeConfig, dequantize_, quantize_
+from deepzip.quantize import QuantizeConfig, dequantize_, fisher_sensitivity, quantize_
 from deepzip.report import text_table
 from deepzip.task import image_task
 from deepzip.train import evaluate
 
 SHARING = [(3, 0.0), (4, 0.0), (4, 6.0), (5, 20.0), (6, 40.0), (6, 80.0)]
+ALLOCATION = [(False, 80.0), (False, 130.0), (False, 200.0), (False, 320.0), (True, 80.0),
+              (True, 140.0), (True, 220.0), (True, 320.0), (True, 640.0)]
 
 
 def _h(p: np.ndarray) -> np.ndarray:
@@ -40,11 +46,13 @@ def _h(p: np.ndarray) -> np.ndarray:
     return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
 
 
-def sharing(model: torch.nn.Module, score) -> list[dict]:
+def sharing(model: torch.nn.Module, score, settings=SHARING, sensitivity=None) -> list[dict]:
+    """One row per (bits, beta), penalties weighted by ``sensitivity`` if given."""
     rows = []
-    for bits, beta in SHARING:
+    for bits, beta in settings:
         m = copy.deepcopy(model)
-        layers = quantize_(m, QuantizeConfig(bits=bits, entropy_weight=beta))
+        layers = quantize_(m, QuantizeConfig(bits=bits, entropy_weight=beta,
+                                             sensitivity=sensitivity))
         acc = score(m)
         dequantize_(m)
         coded = nonzero = 0
@@ -53,7 +61,8 @@ def sharing(model: torch.nn.Module, score) -> list[dict]:
             coded += _nonzero_huffman_bits(w)
             nonzero += int((w != 0).sum())
         clusters = sum(v["clusters"] for v in layers.values())
-        rows.append({"clustering": "k-means" if not beta else f"entropy-constrained {beta:g}",
+        kind = "k-means" if not beta else f"entropy-constrained {beta:g}"
+        rows.append({"clustering": kind + (", Fisher-weighted" if sensitivity else ""),
                      "bits (cap)": bits, "clusters": clusters, "acc": f"{acc:.4f}",
                      "bits/nonzero": f"{coded / nonzero:.3f}",
                      "indices+codebooks B": coded // 8 + 2 * clusters})
@@ -85,6 +94,7 @@ def main() -> None:
     ap.add_argument("checkpoint", help="a pruned model (a run's prune/model.pt)")
     ap.add_argument("--data-dir")
     ap.add_argument("--out", help="also write the tables to this file")
+    ap.add_argument("--tables", default="1,2,3", help="which tables, e.g. 3")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, spec = open_model(args.checkpoint)
@@ -95,11 +105,23 @@ def main() -> None:
     def score(m: torch.nn.Module) -> float:
         return evaluate(m, loader).value
 
+    def allocation() -> list[dict]:
+        train = task.train_loader(128, 0, mean=spec.mean, std=spec.std)
+        fisher = fisher_sensitivity(copy.deepcopy(model), train, task.loss)
+        return [row for weighted, beta in ALLOCATION
+                for row in sharing(model, score, [(6, beta)], fisher if weighted else None)]
+
+    tables = {"1": ("1. bits per value (accuracy right after clustering, no training)",
+                    lambda: sharing(model, score)),
+              "2": ("2. positions of the nonzeros", lambda: positions(model)),
+              "3": ("3. allocation: one relative error everywhere, or penalties weighted by "
+                    "each layer's Fisher sensitivity (40 training batches; no training)",
+                    allocation)}
     text = f"levers measured on {args.checkpoint} (acc: {score(model):.4f} as pruned)\n"
     print(text, flush=True)
-    for title, rows in [("1. bits per value (accuracy right after clustering, no training)",
-                         sharing(model, score)),
-                        ("2. positions of the nonzeros", positions(model))]:
+    for key in args.tables.split(","):
+        title, make = tables[key]
+        rows = make()
         table = f"\n{title}\n{text_table(rows, list(rows[0]))}\n"
         print(table, flush=True)
         text += table

@@ -6,7 +6,7 @@ from torch import nn
 from deepzip import DeepzipError, TrainConfig
 from deepzip.data import BatchLoader, ImageSplit
 from deepzip.models import get
-from deepzip.prune import PruneConfig, prune_
+from deepzip.prune import PruneConfig, prunable, prune_
 from deepzip.quantize import (
     INITS,
     QuantizeConfig,
@@ -17,8 +17,10 @@ from deepzip.quantize import (
     distinct_nonzero,
     entropy_constrained,
     envelope,
+    fisher_sensitivity,
     init_centroids,
     kmeans_1d,
+    penalties,
     qat_,
     quantize_,
     train_centroids,
@@ -292,3 +294,75 @@ def test_qat_ends_in_shared_layers_with_pruned_zeros_kept(tmp_path):
     assert torch.equal(torch.cat([again(x) for x, _ in batches]), out)
     with pytest.raises(DeepzipError, match="recluster_every"):
         qat_(_toy()[0], batches, cfg, config, recluster_every=0)
+
+
+def test_an_explicit_penalty_clusters_as_the_entropy_weight_it_stands_for():
+    x = _two_sided(3000)
+    r = kmeans_1d(x, 5, entropy_weight=60)
+    again = kmeans_1d(x, 5, penalty=r.penalty)
+    assert np.array_equal(again.centroids, r.centroids)
+    assert np.array_equal(again.labels, r.labels) and again.penalty == r.penalty
+    with pytest.raises(DeepzipError, match="penalty"):
+        kmeans_1d(x, 5, penalty=float("nan"))
+
+
+class _Parallel(nn.Module):
+    """Two equal Linear layers, one's output amplified: the loss feels its weights more."""
+
+    def __init__(self, gain: float) -> None:
+        super().__init__()
+        self.loud, self.quiet, self.gain = nn.Linear(16, 4), nn.Linear(16, 4), gain
+        with torch.no_grad():
+            self.quiet.weight.copy_(self.loud.weight)
+            self.quiet.bias.copy_(self.loud.bias)
+
+    def forward(self, x):
+        return self.gain * self.loud(x) + self.quiet(x)
+
+
+def test_fisher_sensitivity_is_the_mean_squared_gradient_of_the_live_weights():
+    torch.manual_seed(0)
+    model = _Parallel(gain=10.0)
+    with torch.no_grad():  # the same weights pruned in both: only live ones count
+        model.loud.weight[:, :8] = 0
+        model.quiet.weight[:, :8] = 0
+    _, batches = _toy()
+    s = fisher_sensitivity(model, batches, max_batches=3)
+    # d out / d loud = 10 * d out / d quiet, weight for weight: 100x the squared gradient
+    assert s["loud"] == pytest.approx(100 * s["quiet"], rel=1e-6)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    g = model.quiet.weight.grad[:, 8:]
+    one = fisher_sensitivity(model, batches, max_batches=1)["quiet"]
+    assert one == pytest.approx(float((g.double() ** 2).mean()), rel=1e-6)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    with pytest.raises(DeepzipError, match="no batches"):
+        fisher_sensitivity(model, [])
+
+
+def test_sensitivity_moves_the_bits_to_the_layer_the_loss_feels():
+    torch.manual_seed(0)
+    model = _Parallel(gain=1.0)  # equal weights in both layers
+    names = ["loud", "quiet"]
+
+    def clusters(sens):
+        m = _Parallel(gain=1.0)
+        m.load_state_dict(model.state_dict())
+        layers = quantize_(m, QuantizeConfig(bits=5, entropy_weight=30, sensitivity=sens))
+        return [layers[n]["clusters"] for n in names]
+
+    plain = clusters(None)
+    assert plain[0] == plain[1]
+    loud, quiet = clusters({"loud": 100.0, "quiet": 1.0})
+    assert loud > plain[0] > quiet
+    assert clusters({"loud": 1.0, "quiet": 100.0}) == [quiet, loud]
+    # equal sensitivities: one penalty for all, beta times the mean k-means error per weight
+    targets_model = _Parallel(gain=1.0)
+    ts = prunable(targets_model)
+    pen = penalties(ts, QuantizeConfig(bits=5, entropy_weight=30,
+                                       sensitivity={n: 2.0 for n in names}))
+    errors = [kmeans_1d(t.weight.detach().ravel(), 5).error for t in ts]
+    assert pen["loud"] == pytest.approx(30 * sum(errors) / 128)
+    assert pen["loud"] == pytest.approx(pen["quiet"])
+    with pytest.raises(DeepzipError, match="no value for quiet"):
+        penalties(ts, QuantizeConfig(bits=5, entropy_weight=30, sensitivity={names[0]: 1.0}))

@@ -256,13 +256,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .prune import prunable
-    from .quantize import QuantizeConfig, codebooks, dequantize_, quantize_, train_centroids
+    from .quantize import (
+        QuantizeConfig,
+        codebooks,
+        dequantize_,
+        fisher_sensitivity,
+        quantize_,
+        train_centroids,
+    )
     from .report import plot_weight_sharing
 
     qcfg = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv,
                           bits_linear=args.bits_linear, init=args.init, seed=args.seed,
                           exclude=args.exclude or [], entropy_weight=args.entropy_weight)
     model, spec, task = model_and_task(args)
+    if args.sensitivity == "fisher":
+        qcfg = dataclasses.replace(qcfg, sensitivity=fisher_sensitivity(
+            model, task.train_loader(128, args.seed, mean=spec.mean, std=spec.std), task.loss,
+            exclude=qcfg.exclude))
     m = task.metric.name
     out = Path(args.out)
     _, before = _score(model, task, spec)
@@ -596,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--entropy-weight", type=float, default=0.0, metavar="BETA",
                    help="entropy-constrained clustering: > 0 trades squared error for "
                    "shorter Huffman codes (--bits becomes a cap)")
+    q.add_argument("--sensitivity", choices=["fisher"], default=None,
+                   help="with --entropy-weight: weigh each layer's error by the loss's "
+                   "Fisher sensitivity to it, so a bit costs the same loss everywhere")
     q.add_argument("--exclude", action="append", metavar="GLOB", help="layers to leave alone")
     q.add_argument("--plot-layers", nargs="+", metavar="LAYER",
                    help="plot these layers' weights before/after (OUT/weights.png)")

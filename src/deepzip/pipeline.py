@@ -34,7 +34,7 @@ from .prune import (
     sparsity_of,
     targets_from_sensitivity,
 )
-from .quantize import QuantizeConfig, qat_, quantize_, train_centroids
+from .quantize import QuantizeConfig, fisher_sensitivity, qat_, quantize_, train_centroids
 from .recipe import Recipe, load_recipe, recipe_path
 from .task import Task, resolve_task
 from .train import Distillation, TrainConfig, barrier, default_device, evaluate, is_main_process
@@ -287,15 +287,22 @@ class Pipeline:
             return model, spec
         if self._done("quantize"):
             return self._load(path, spec)
+        sensitivity = None
+        if q.sensitivity == "fisher":
+            sensitivity = fisher_sensitivity(
+                model, self.train_loader(spec, self.recipe.train_config(q.train, 1)),
+                self.task.loss, include=q.include, exclude=q.exclude)
         qcfg = QuantizeConfig(bits=q.bits, bits_conv=q.bits_conv, bits_linear=q.bits_linear,
                               per_layer=q.per_layer, init=q.init, include=q.include,
                               exclude=q.exclude, seed=self.recipe.seed,
-                              entropy_weight=q.entropy_weight)
+                              entropy_weight=q.entropy_weight, sensitivity=sensitivity)
         self.log(f"[quantize] k-means weight sharing ({q.init} init, {q.bits} bits"
                  + (f", conv {q.bits_conv}" if q.bits_conv else "")
                  + (f", linear {q.bits_linear}" if q.bits_linear else "")
                  + (f", entropy-constrained, weight {q.entropy_weight}"
-                    if q.entropy_weight else "") + ")")
+                    if q.entropy_weight else "")
+                 + (", penalties weighted by the Fisher sensitivity of each layer"
+                    if sensitivity else "") + ")")
         history: list[dict[str, Any]] = []
         if q.qat_epochs:
             cfg = self.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs)
@@ -324,7 +331,7 @@ class Pipeline:
             save_checkpoint(model, spec, path)
         self._drop_checkpoints("quantize")
         self._finish("quantize", t0, score=score, score_kmeans=score_kmeans, layers=layers,
-                     history=history)
+                     history=history, **({"sensitivity": sensitivity} if sensitivity else {}))
         return model, spec
 
     def encode(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:

@@ -12,6 +12,9 @@ indices and the pruning mask fixed.
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,12 +169,14 @@ def _relocate_empty(s: _Sorted, c: np.ndarray) -> np.ndarray:
 
 def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear", *,
               seed: int = 0, max_iter: int = 300, tol: float = 1e-10,
-              entropy_weight: float = 0.0) -> KMeansResult:
+              entropy_weight: float = 0.0, penalty: float | None = None) -> KMeansResult:
     """Cluster 1-D ``values`` into at most ``2**bits`` centroids with Lloyd's algorithm.
 
     Deterministic for a given ``seed``. Fewer distinct values than clusters: each value
     is its own centroid (error 0). No values: an empty codebook. ``entropy_weight`` > 0
-    continues as entropy-constrained quantization (see :func:`entropy_constrained`).
+    continues as entropy-constrained quantization (see :func:`entropy_constrained`) with
+    a bit of code length worth ``entropy_weight`` times the plain k-means mean squared
+    error, or exactly ``penalty`` (squared error per bit) when given.
 
     >>> r = kmeans_1d(np.array([0.1, 0.11, 0.5, 0.52]), bits=1)
     >>> np.round(r.centroids, 3).tolist(), r.labels.tolist()
@@ -179,6 +184,8 @@ def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear"
     """
     if not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
         raise DeepzipError(f"bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+    if penalty is not None and not (math.isfinite(penalty) and penalty >= 0):
+        raise DeepzipError(f"penalty must be a finite number >= 0, got {penalty!r}")
     x = (values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor)
          else np.asarray(values, dtype=np.float64)).ravel()
     if not np.isfinite(x).all():
@@ -200,8 +207,8 @@ def kmeans_1d(values: np.ndarray | torch.Tensor, bits: int, init: str = "linear"
             break
     cnt, s1, s2 = s.stats(s.bounds(c))
     err = float(np.maximum(s2 - s1 ** 2 / np.maximum(cnt, 1), 0).sum())
-    if entropy_weight > 0 and len(c) > 1:
-        lam = entropy_weight * err / x.size
+    if (entropy_weight > 0 or penalty is not None) and len(c) > 1:
+        lam = entropy_weight * err / x.size if penalty is None else penalty
         c, edges, more = _ec_lloyd(s, c, lam, max_iter)
         it += more
         cnt, s1, s2 = s.stats(edges)
@@ -314,7 +321,9 @@ class QuantizeConfig:
     select parameters as in :func:`deepzip.prune.prunable`. ``entropy_weight`` (beta)
     makes the clustering entropy-constrained: a bit of code length is worth beta times
     the layer's plain k-means mean squared error, so ``bits`` becomes a cap and the
-    Huffman-coded indices get shorter (see :func:`entropy_constrained`).
+    Huffman-coded indices get shorter (see :func:`entropy_constrained`). ``sensitivity``
+    (per target name, e.g. from :func:`fisher_sensitivity`) weighs that error by how much
+    the loss feels it, so a bit costs the same loss in every layer (see :func:`penalties`).
 
     >>> quantize_(model, QuantizeConfig(bits=5, init="linear"))  # doctest: +SKIP
     """
@@ -329,6 +338,7 @@ class QuantizeConfig:
     seed: int = 0
     max_iter: int = 300
     entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (shorter Huffman codes)
+    sensitivity: Mapping[str, float] | None = None  # per target: loss per squared weight error
 
     def __post_init__(self) -> None:
         for b in [self.bits, self.bits_conv, self.bits_linear, *self.per_layer.values()]:
@@ -339,6 +349,10 @@ class QuantizeConfig:
         if not (isinstance(self.entropy_weight, (int, float)) and self.entropy_weight >= 0):
             raise DeepzipError(f"entropy_weight must be a number >= 0, got "
                                f"{self.entropy_weight!r}")
+        if self.sensitivity is not None and not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                for v in self.sensitivity.values()):
+            raise DeepzipError("sensitivity values must be finite numbers >= 0")
 
     def bits_for(self, target: Target) -> int:
         for pattern, b in self.per_layer.items():
@@ -357,13 +371,15 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
     Returns per target ``{bits, clusters, error, iterations}``.
     """
     out = {}
-    for t in _targets(model, config):
+    targets = _targets(model, config)
+    pen = penalties(targets, config)
+    for t in targets:
         m, name = t.module, t.name
         bits = config.bits_for(t)
         w = t.weight.detach()
         mask = (w != 0).to(w.dtype)
         r = kmeans_1d(w[w != 0], bits, config.init, seed=config.seed, max_iter=config.max_iter,
-                      entropy_weight=config.entropy_weight)
+                      entropy_weight=config.entropy_weight, penalty=pen[name])
         indices = torch.zeros(w.shape, dtype=torch.long, device=w.device)
         indices[w != 0] = torch.from_numpy(r.labels).to(w.device)
         codebook = torch.from_numpy(r.centroids).to(w)
@@ -389,6 +405,73 @@ def _targets(model: nn.Module, config: QuantizeConfig) -> list[Target]:
     return targets
 
 
+def penalties(targets: list[Target], config: QuantizeConfig) -> dict[str, float | None]:
+    """Per target, the squared error one bit of code length is worth in entropy-constrained
+    clustering. Without ``config.sensitivity``: None (:func:`kmeans_1d` takes
+    ``entropy_weight`` times the layer's own plain k-means error: equal relative error
+    everywhere). With it: ``entropy_weight`` times the model's sensitivity-weighted mean
+    k-means error, divided by the layer's sensitivity, so the bits go where the loss
+    feels the error (Choi et al. 2017 weigh each weight by the Hessian; this is that per
+    layer). On ResNet-20's pruned default, before any training: 89.6% with 7.8 KB of
+    indices against plain's 88.0% with 8.1 KB (``experiments/sensitivity.py``)."""
+    if not config.entropy_weight or config.sensitivity is None:
+        return {t.name: None for t in targets}
+    missing = [t.name for t in targets if t.name not in config.sensitivity]
+    if missing:
+        raise DeepzipError(f"sensitivity has no value for {', '.join(missing[:5])}")
+    top = max([float(config.sensitivity[t.name]) for t in targets] + [0.0])
+    if top <= 0:
+        return {t.name: None for t in targets}
+    sens = {t.name: max(float(config.sensitivity[t.name]), top * 1e-6) for t in targets}
+    errors, n = {}, 0
+    for t in targets:
+        w = t.weight.detach()
+        v = w[w != 0]
+        errors[t.name] = kmeans_1d(v, config.bits_for(t), config.init, seed=config.seed,
+                                   max_iter=config.max_iter).error
+        n += v.numel()
+    mean = sum(sens[k] * e for k, e in errors.items()) / max(n, 1)
+    return {k: config.entropy_weight * mean / sens[k] for k in errors}
+
+
+def fisher_sensitivity(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                       = nn.functional.cross_entropy, *, max_batches: int = 40,
+                       include: list[str] | None = None, exclude: list[str] | None = None
+                       ) -> dict[str, float]:
+    """Per prunable parameter, the mean squared gradient of the loss over its nonzero
+    weights, averaged over up to ``max_batches`` batches (the diagonal of the empirical
+    Fisher information, per layer): about how much the loss grows per unit of squared
+    error in that layer's weights. Evaluation mode, fp32; pruning masks are baked.
+
+    >>> s = fisher_sensitivity(model, loader)  # doctest: +SKIP
+    >>> cfg = QuantizeConfig(bits=6, entropy_weight=300, sensitivity=s)  # doctest: +SKIP
+    >>> quantize_(model, cfg)  # doctest: +SKIP
+    """
+    bake_(model)
+    targets = prunable(model, include, exclude)
+    device = next(model.parameters()).device
+    sums = dict.fromkeys((t.name for t in targets), 0.0)
+    was, n = model.training, 0
+    model.eval()
+    try:
+        for x, y in itertools.islice(batches, max_batches):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x.to(device)), y.to(device)).backward()
+            for t in targets:
+                w, g = t.weight, t.weight.grad
+                live = w.detach() != 0
+                if g is not None and bool(live.any()):
+                    sums[t.name] += float((g[live].double() ** 2).mean())
+            n += 1
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    if not n:
+        raise DeepzipError("no batches to measure the sensitivity on")
+    return {k: v / n for k, v in sums.items()}
+
+
 class TrainedSharing(nn.Module):
     """Parametrization for quantization-aware training: the forward pass sees
     ``codebook[bucket(w)] * mask``, the backward pass goes straight through to the latent
@@ -397,9 +480,9 @@ class TrainedSharing(nn.Module):
     Buffers have fixed sizes (``2^bits`` centroids, unused ones behind infinite
     thresholds) so a training checkpoint loads back whatever the clustering."""
 
-    def __init__(self, mask: torch.Tensor, bits: int) -> None:
+    def __init__(self, mask: torch.Tensor, bits: int, penalty: float | None = None) -> None:
         super().__init__()
-        self.bits = bits
+        self.bits, self.preset = bits, penalty  # penalty: see :func:`penalties`
         self.register_buffer("mask", mask)
         like = {"dtype": mask.dtype, "device": mask.device}
         self.register_buffer("codebook", torch.zeros(2 ** bits, **like))
@@ -426,7 +509,8 @@ class TrainedSharing(nn.Module):
         v = w[self.mask != 0].detach().double().cpu().numpy()
         if float(self.penalty) < 0:
             r = kmeans_1d(v, self.bits, config.init, seed=config.seed,
-                          max_iter=config.max_iter, entropy_weight=config.entropy_weight)
+                          max_iter=config.max_iter, entropy_weight=config.entropy_weight,
+                          penalty=self.preset)
             self.penalty.fill_(r.penalty)
             c = r.centroids
             sizes = np.bincount(r.labels, minlength=len(c)).astype(np.float64)
@@ -505,9 +589,11 @@ def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
     if recluster_every < 1:
         raise DeepzipError(f"recluster_every must be >= 1, got {recluster_every}")
     layers = []
-    for t in _targets(model, config):
+    targets = _targets(model, config)
+    pen = penalties(targets, config)
+    for t in targets:
         w = t.weight.detach()
-        ts = TrainedSharing((w != 0).to(w.dtype), config.bits_for(t))
+        ts = TrainedSharing((w != 0).to(w.dtype), config.bits_for(t), pen[t.name])
         parametrize.register_parametrization(t.module, t.attr, ts, unsafe=True)
         layers.append((t, ts))
     hook = _Recluster(layers, config, recluster_every)

@@ -72,6 +72,7 @@ class QuantizeStage:
     per_layer: dict[str, int] = field(default_factory=dict)
     init: str = "linear"
     entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (Choi et al. 2017)
+    sensitivity: str | None = None  # fisher: a bit costs the same loss in every layer
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     qat_epochs: int = 0  # quantization-aware training of the weights before sharing is fixed
@@ -152,6 +153,9 @@ class Recipe:
                 problems.append("quantize.recluster_every must be >= 1")
             if not 0 <= q.entropy_weight <= 1000:
                 problems.append("quantize.entropy_weight must be in [0, 1000]")
+            if q.sensitivity not in (None, "fisher"):
+                problems.append(f"quantize.sensitivity must be fisher or null, not "
+                                f"{brief(q.sensitivity)}")
         for key, allowed in (("raw_dtype", RAW_DTYPES), ("codebook_dtype", BOOK_DTYPES)):
             v = getattr(self.encode, key)
             if not isinstance(v, str) or v not in allowed:
