@@ -85,7 +85,7 @@ def test_train_prune_summary_commands(capsys, tmp_path, data_root):
     assert rc == 0 and "all-zero filters" in out and (tmp_path / "f.png").stat().st_size > 0
 
 
-def test_quantize_with_fisher_weighted_penalties(capsys, tmp_path, data_root):
+def test_quantize_with_fisher_weighted_penalties_and_a_budget(capsys, tmp_path, data_root):
     from deepzip.models import ModelSpec, save_checkpoint
     from deepzip.prune import PruneConfig, bake_, prune_
 
@@ -94,10 +94,13 @@ def test_quantize_with_fisher_weighted_penalties(capsys, tmp_path, data_root):
     prune_(model, PruneConfig("percentile", 0.7))
     save_checkpoint(bake_(model), ModelSpec(), tmp_path / "pruned.pt")
     rc, _, _ = run(capsys, "quantize", tmp_path / "pruned.pt", "--bits", 6, "--entropy-weight",
-                   80, "--sensitivity", "fisher", "--subset", 512, "--data-dir", data_root,
-                   "-o", tmp_path / "q")
+                   80, "--sensitivity", "fisher", "--target-bits", 2, "--subset", 512,
+                   "--data-dir", data_root, "-o", tmp_path / "q")
     assert rc == 0
     q = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    assert q["config"]["target_bits"] == 2
+    rc, out, _ = run(capsys, "encode", tmp_path / "q" / "model.pt", "-o", tmp_path / "m.dzip")
+    assert rc == 0 and float(out.split("Huffman ")[1].split(" bits")[0]) <= 2.05
     sens = q["config"]["sensitivity"]
     assert set(sens) == set(q["layers"]) and all(v > 0 for v in sens.values())
 

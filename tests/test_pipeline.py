@@ -31,6 +31,7 @@ from deepzip.task import image_task
     ("prune: {schedule: none}\nquantize: {qat_epochs: -1}", "qat_epochs must be >= 0"),
     ("prune: {schedule: none}\nquantize: {sensitivity: hessian}",
      "sensitivity must be fisher or null"),
+    ("prune: {schedule: none}\nquantize: {target_bits: 2}", "target_bits must be in"),
     ("prune: {schedule: none}\nquantize: {recluster_every: 0}", "recluster_every must be"),
     ("prune: {schedule: none}\nquantize: {qat_train: {lr: fast}}", "lr must be float"),
     ("prune: [unclosed", "not valid YAML"),
@@ -165,8 +166,8 @@ prune:
   agp: {{final: 0.8, epochs: 2, start_epoch: 0, end_epoch: 1, frequency: 2,
          global_threshold: true}}
   distill: {{alpha: 0.7, temperature: 4.0}}
-quantize: {{bits: 6, entropy_weight: 80, sensitivity: fisher, qat_epochs: 1, recluster_every: 2,
-            epochs: 1, distill: {{alpha: 0.5, temperature: 2.0}}}}
+quantize: {{bits: 6, entropy_weight: 80, sensitivity: fisher, target_bits: 2.5, qat_epochs: 1,
+            recluster_every: 2, epochs: 1, distill: {{alpha: 0.5, temperature: 2.0}}}}
 encode: {{codebook_dtype: int8, raw_dtype: int8}}
 """)
     recipe = load_recipe(recipe_file)
@@ -177,6 +178,7 @@ encode: {{codebook_dtype: int8, raw_dtype: int8}}
     assert s["same_predictions"] == "512/512" and s["quantized_score"] == s["decoded_score"]
     layers = report["stages"]["quantize"]["layers"]
     assert any(v["clusters"] < 64 for v in layers.values())  # the penalty dropped clusters
+    assert 2.0 < s["huffman_avg_bits"] <= 2.5 + 0.05  # the budget (+ the classifier's zeros)
     sens = report["stages"]["quantize"]["sensitivity"]
     assert set(sens) == set(layers) and all(v > 0 for v in sens.values())
     stores = {e["store"] for e in dzip._read(tmp_path / "run" / "model.dzip")[0]["tensors"]

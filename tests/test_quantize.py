@@ -18,6 +18,7 @@ from deepzip.quantize import (
     entropy_constrained,
     envelope,
     fisher_sensitivity,
+    index_bits,
     init_centroids,
     kmeans_1d,
     penalties,
@@ -366,3 +367,36 @@ def test_sensitivity_moves_the_bits_to_the_layer_the_loss_feels():
     assert pen["loud"] == pytest.approx(pen["quiet"])
     with pytest.raises(DeepzipError, match="no value for quiet"):
         penalties(ts, QuantizeConfig(bits=5, entropy_weight=30, sensitivity={names[0]: 1.0}))
+
+
+def _huffman_bits_of(model) -> float:
+    return index_bits(np.bincount(cb.indices[cb.mask != 0].numpy().ravel())
+                      for cb in codebooks(model).values())
+
+
+def test_target_bits_meets_the_budget_from_any_starting_beta():
+    model, _ = _toy()
+    for beta in (1.0, 300.0):
+        for target in (1.2, 2.5):
+            m, _ = _toy()
+            m.load_state_dict(model.state_dict())
+            quantize_(m, QuantizeConfig(bits=6, entropy_weight=beta, target_bits=target))
+            assert target - 0.25 < _huffman_bits_of(m) <= target
+    with pytest.raises(DeepzipError, match="target_bits"):
+        QuantizeConfig(bits=6, target_bits=2.0)  # needs entropy-constrained clustering
+
+
+def test_qat_follows_the_budget_and_ends_within_it(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.05, weight_decay=0, precision="fp32")
+    config = QuantizeConfig(bits=6, entropy_weight=10, target_bits=1.5)
+    model, batches = _toy()
+    _, history = qat_(model, batches, cfg, config, recluster_every=2, out_dir=tmp_path / "q",
+                      resume=True)
+    bits = _huffman_bits_of(model)
+    assert 1.2 < bits <= 1.5
+    assert all(abs(r["index_huffman_bits"] - 1.5) < 0.3 and r["penalty_scale"] > 0
+               for r in history)
+    out = torch.cat([model(x) for x, _ in batches])
+    again, _ = _toy()  # resumed from the finished checkpoint: the same sharing
+    qat_(again, batches, cfg, config, recluster_every=2, out_dir=tmp_path / "q", resume=True)
+    assert torch.equal(torch.cat([again(x) for x, _ in batches]), out)

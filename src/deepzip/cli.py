@@ -268,7 +268,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     qcfg = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv,
                           bits_linear=args.bits_linear, init=args.init, seed=args.seed,
-                          exclude=args.exclude or [], entropy_weight=args.entropy_weight)
+                          exclude=args.exclude or [], entropy_weight=args.entropy_weight,
+                          target_bits=args.target_bits)
     model, spec, task = model_and_task(args)
     if args.sensitivity == "fisher":
         qcfg = dataclasses.replace(qcfg, sensitivity=fisher_sensitivity(
@@ -607,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--entropy-weight", type=float, default=0.0, metavar="BETA",
                    help="entropy-constrained clustering: > 0 trades squared error for "
                    "shorter Huffman codes (--bits becomes a cap)")
+    q.add_argument("--target-bits", type=float, default=None, metavar="B",
+                   help="with --entropy-weight: scale the penalties until the indices' Huffman "
+                   "codes average at most B bits per nonzero weight (a size budget)")
     q.add_argument("--sensitivity", choices=["fisher"], default=None,
                    help="with --entropy-weight: weigh each layer's error by the loss's "
                    "Fisher sensitivity to it, so a bit costs the same loss everywhere")

@@ -295,14 +295,17 @@ class Pipeline:
         qcfg = QuantizeConfig(bits=q.bits, bits_conv=q.bits_conv, bits_linear=q.bits_linear,
                               per_layer=q.per_layer, init=q.init, include=q.include,
                               exclude=q.exclude, seed=self.recipe.seed,
-                              entropy_weight=q.entropy_weight, sensitivity=sensitivity)
+                              entropy_weight=q.entropy_weight, sensitivity=sensitivity,
+                              target_bits=q.target_bits)
         self.log(f"[quantize] k-means weight sharing ({q.init} init, {q.bits} bits"
                  + (f", conv {q.bits_conv}" if q.bits_conv else "")
                  + (f", linear {q.bits_linear}" if q.bits_linear else "")
                  + (f", entropy-constrained, weight {q.entropy_weight}"
                     if q.entropy_weight else "")
                  + (", penalties weighted by the Fisher sensitivity of each layer"
-                    if sensitivity else "") + ")")
+                    if sensitivity else "")
+                 + (f", indices within {q.target_bits} Huffman bits per nonzero"
+                    if q.target_bits else "") + ")")
         history: list[dict[str, Any]] = []
         if q.qat_epochs:
             cfg = self.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs)

@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from .data import BatchLoader
 from .errors import DeepzipError
+from .huffman import code_lengths
 from .prune import Target, bake_, prunable
 from .train import TrainConfig, fit
 
@@ -324,6 +325,9 @@ class QuantizeConfig:
     Huffman-coded indices get shorter (see :func:`entropy_constrained`). ``sensitivity``
     (per target name, e.g. from :func:`fisher_sensitivity`) weighs that error by how much
     the loss feels it, so a bit costs the same loss in every layer (see :func:`penalties`).
+    ``target_bits`` scales every layer's penalty by one factor until the indices' Huffman
+    codes average at most that many bits per nonzero weight: a size budget instead of a
+    beta to guess (beta is then where the search starts).
 
     >>> quantize_(model, QuantizeConfig(bits=5, init="linear"))  # doctest: +SKIP
     """
@@ -339,6 +343,7 @@ class QuantizeConfig:
     max_iter: int = 300
     entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (shorter Huffman codes)
     sensitivity: Mapping[str, float] | None = None  # per target: loss per squared weight error
+    target_bits: float | None = None  # Huffman bits per nonzero the indices may cost at most
 
     def __post_init__(self) -> None:
         for b in [self.bits, self.bits_conv, self.bits_linear, *self.per_layer.values()]:
@@ -353,6 +358,10 @@ class QuantizeConfig:
                 isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
                 for v in self.sensitivity.values()):
             raise DeepzipError("sensitivity values must be finite numbers >= 0")
+        if self.target_bits is not None and not (
+                isinstance(self.target_bits, (int, float)) and 0 < self.target_bits <= 16
+                and self.entropy_weight > 0):
+            raise DeepzipError("target_bits must be in (0, 16] and needs entropy_weight > 0")
 
     def bits_for(self, target: Target) -> int:
         for pattern, b in self.per_layer.items():
@@ -373,6 +382,9 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
     out = {}
     targets = _targets(model, config)
     pen = penalties(targets, config)
+    if config.target_bits is not None:
+        scale = _fit_scale(targets, config, pen)
+        pen = {k: v * scale for k, v in pen.items()}
     for t in targets:
         m, name = t.module, t.name
         bits = config.bits_for(t)
@@ -407,32 +419,67 @@ def _targets(model: nn.Module, config: QuantizeConfig) -> list[Target]:
 
 def penalties(targets: list[Target], config: QuantizeConfig) -> dict[str, float | None]:
     """Per target, the squared error one bit of code length is worth in entropy-constrained
-    clustering. Without ``config.sensitivity``: None (:func:`kmeans_1d` takes
-    ``entropy_weight`` times the layer's own plain k-means error: equal relative error
-    everywhere). With it: ``entropy_weight`` times the model's sensitivity-weighted mean
-    k-means error, divided by the layer's sensitivity, so the bits go where the loss
-    feels the error (Choi et al. 2017 weigh each weight by the Hessian; this is that per
-    layer). On the default's pruned ResNet-20, right after clustering: 89.6% with 8.9 KB
-    of indices and codebooks against plain's 88.0% with 8.8 KB
-    (``experiments/levers.py --tables 3``, ``results/levers/sensitivity.txt``)."""
-    if not config.entropy_weight or config.sensitivity is None:
+    clustering (None without ``entropy_weight``). Without ``config.sensitivity``:
+    ``entropy_weight`` times the layer's own plain k-means mean squared error (equal
+    relative error everywhere, as :func:`kmeans_1d` would take). With it:
+    ``entropy_weight`` times the model's sensitivity-weighted mean k-means error, divided
+    by the layer's sensitivity, so the bits go where the loss feels the error (Choi et
+    al. 2017 weigh each weight by the Hessian; this is that per layer). On the default's
+    pruned ResNet-20, right after clustering: 89.6% with 8.9 KB of indices and codebooks
+    against plain's 88.0% with 8.8 KB (``experiments/levers.py --tables 3``,
+    ``results/levers/sensitivity.txt``)."""
+    if not config.entropy_weight:
         return {t.name: None for t in targets}
-    missing = [t.name for t in targets if t.name not in config.sensitivity]
-    if missing:
-        raise DeepzipError(f"sensitivity has no value for {', '.join(missing[:5])}")
-    top = max([float(config.sensitivity[t.name]) for t in targets] + [0.0])
-    if top <= 0:
-        return {t.name: None for t in targets}
-    sens = {t.name: max(float(config.sensitivity[t.name]), top * 1e-6) for t in targets}
-    errors, n = {}, 0
+    errors, sizes = {}, {}
     for t in targets:
         w = t.weight.detach()
         v = w[w != 0]
         errors[t.name] = kmeans_1d(v, config.bits_for(t), config.init, seed=config.seed,
                                    max_iter=config.max_iter).error
-        n += v.numel()
-    mean = sum(sens[k] * e for k, e in errors.items()) / max(n, 1)
-    return {k: config.entropy_weight * mean / sens[k] for k in errors}
+        sizes[t.name] = max(v.numel(), 1)
+    beta = config.entropy_weight
+    top = max([float(v) for v in (config.sensitivity or {}).values()] + [0.0])
+    if config.sensitivity is None or top <= 0:
+        return {k: beta * e / sizes[k] for k, e in errors.items()}
+    missing = [t.name for t in targets if t.name not in config.sensitivity]
+    if missing:
+        raise DeepzipError(f"sensitivity has no value for {', '.join(missing[:5])}")
+    sens = {k: max(float(config.sensitivity[k]), top * 1e-6) for k in errors}
+    mean = sum(sens[k] * e for k, e in errors.items()) / sum(sizes.values())
+    return {k: beta * mean / sens[k] for k in errors}
+
+
+def index_bits(sizes: Iterable[np.ndarray]) -> float:
+    """Mean Huffman code length per weight of clustered layers given each one's cluster
+    sizes: what the file's index streams cost (less their small code-length tables)."""
+    total = bits = 0.0
+    for n in sizes:
+        n = np.asarray(n, dtype=np.int64)
+        n = n[n > 0]
+        if len(n) > 1:
+            bits += float((n * code_lengths(n)).sum())
+        total += float(n.sum())
+    return bits / total if total else 0.0
+
+
+def _fit_scale(targets: list[Target], config: QuantizeConfig,
+               pen: Mapping[str, float | None], rounds: int = 30) -> float:
+    """The smallest factor on every penalty (found by bisection in log scale) whose
+    clustering of the current weights costs at most ``config.target_bits``."""
+    values = [(t.weight.detach(), config.bits_for(t), pen[t.name]) for t in targets]
+
+    def cost(scale: float) -> float:
+        return index_bits(np.bincount(kmeans_1d(
+            w[w != 0], b, config.init, seed=config.seed, max_iter=config.max_iter,
+            penalty=p * scale).labels) for w, b, p in values if p is not None)
+
+    lo, hi = 2.0 ** -12, 2.0 ** 12  # at the top every layer is one cluster: 0 bits
+    if cost(lo) <= config.target_bits:
+        return lo
+    for _ in range(rounds):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if cost(mid) > config.target_bits else (lo, mid)
+    return hi
 
 
 def fisher_sensitivity(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -501,29 +548,31 @@ class TrainedSharing(nn.Module):
         return q + (wm - wm.detach())  # exactly the shared values; gradient to w (masked)
 
     @torch.no_grad()
-    def recluster(self, w: torch.Tensor, config: QuantizeConfig) -> np.ndarray:
+    def recluster(self, w: torch.Tensor, config: QuantizeConfig, scale: float = 1.0
+                  ) -> np.ndarray:
         """Re-cluster the latent weights; returns the cluster sizes. The first call
         clusters as :func:`quantize_` would and fixes the layer's penalty per bit; later
         ones continue Lloyd's rounds from the current centroids under that same penalty
         (recomputing it from the drifting weights would keep raising it, dropping
-        clusters each time)."""
+        clusters each time), times ``scale`` (the size budget's factor, see
+        :func:`qat_`)."""
         v = w[self.mask != 0].detach().double().cpu().numpy()
         if float(self.penalty) < 0:
             r = kmeans_1d(v, self.bits, config.init, seed=config.seed,
                           max_iter=config.max_iter, entropy_weight=config.entropy_weight,
-                          penalty=self.preset)
-            self.penalty.fill_(r.penalty)
+                          penalty=None if self.preset is None else self.preset * scale)
+            self.penalty.fill_(r.penalty / scale)
             c = r.centroids
             sizes = np.bincount(r.labels, minlength=len(c)).astype(np.float64)
         elif v.size:
             c, edges, _ = entropy_constrained(
                 np.sort(v), self.codebook[:int(self.clusters)].double().cpu().numpy(),
-                float(self.penalty), config.max_iter)
+                float(self.penalty) * scale, config.max_iter)
             sizes = np.diff(edges).astype(np.float64)
         else:
             c, sizes = np.zeros(0), np.zeros(0)
         lengths = -np.log2(np.maximum(sizes, 1) / max(sizes.sum(), 1))
-        hull, thresholds = envelope(c, lengths, float(self.penalty))
+        hull, thresholds = envelope(c, lengths, float(self.penalty) * scale)
         self.codebook.zero_()
         self.codebook[:len(hull)] = torch.from_numpy(c[hull]).to(self.codebook)
         self.thresholds.fill_(float("inf"))
@@ -541,34 +590,58 @@ class TrainedSharing(nn.Module):
 
 class _Recluster:
     """``fit``'s after-step hook: re-clusters every layer's latent weights every
-    ``every`` steps; reports clusters and the order-0 entropy of the indices per epoch."""
+    ``every`` steps; reports clusters and the order-0 entropy of the indices per epoch.
+    With ``config.target_bits`` it steers one factor on all penalties toward the budget
+    after each re-clustering (the weights drift under training and the rate with them:
+    +18% in 4 epochs at beta 320 on ResNet-20, measured)."""
 
     def __init__(self, layers: list[tuple[Target, TrainedSharing]], config: QuantizeConfig,
-                 every: int) -> None:
+                 every: int, scale: float = 1.0) -> None:
         self.layers, self.config, self.every, self.step = layers, config, every, 0
+        self.scale = scale
         self.sizes: list[np.ndarray] = []
 
     def recluster(self) -> None:
-        self.sizes = [ts.recluster(t.module.parametrizations[t.attr].original, self.config)
-                      for t, ts in self.layers]
+        self.sizes = [ts.recluster(t.module.parametrizations[t.attr].original, self.config,
+                                   self.scale) for t, ts in self.layers]
+        target = self.config.target_bits
+        if target is not None:  # rate falls about half a bit per doubling of the penalty
+            self.scale *= 2.0 ** float(np.clip(2 * (index_bits(self.sizes) - target), -1, 1))
 
     def __call__(self, _model: nn.Module) -> None:
         self.step += 1
         if self.step % self.every == 0:
             self.recluster()
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def settle(self) -> None:
+        """Re-cluster the final weights, raising the factor in small steps until the
+        budget holds (the last steered re-clustering was up to ``every`` steps ago)."""
+        self.recluster()
+        for _ in range(200):
+            if self.config.target_bits is None or index_bits(self.sizes) <= \
+                    self.config.target_bits:
+                return
+            self.scale *= 1.03
+            self.sizes = [ts.recluster(t.module.parametrizations[t.attr].original, self.config,
+                                       self.scale) for t, ts in self.layers]
+        raise DeepzipError(f"quantization-aware training could not meet target_bits "
+                           f"{self.config.target_bits}")
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, float]:
+        return {"step": self.step, "scale": self.scale}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
         self.step = int(state["step"])
+        self.scale = float(state.get("scale", 1.0))
 
     def metrics(self) -> dict[str, float]:
         sizes = [n[n > 0] for n in self.sizes]
         total = sum(float(n.sum()) for n in sizes)
         bits = sum(float(-(n * np.log2(n / n.sum())).sum()) for n in sizes)
         return {"clusters": sum(len(n) for n in sizes),
-                "index_entropy_bits": bits / max(total, 1.0)}
+                "index_entropy_bits": bits / max(total, 1.0),
+                "index_huffman_bits": index_bits(self.sizes),
+                **({"penalty_scale": self.scale} if self.config.target_bits else {})}
 
 
 def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
@@ -583,6 +656,8 @@ def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
     clustering (``config.entropy_weight``) leaves few values per layer. Ends with the
     same ``SharedWeight`` layers as :func:`quantize_` (train their centroids further with
     :func:`train_centroids`). Returns (per target ``{bits, clusters}``, fit's history).
+    With ``config.target_bits`` the clustering starts at the factor on all penalties that
+    meets it, follows the budget while the weights train, and ends within it.
 
     >>> layers, history = qat_(model, loader, TrainConfig(epochs=4, lr=0.002),
     ...                        QuantizeConfig(bits=6, entropy_weight=300))  # doctest: +SKIP
@@ -592,14 +667,17 @@ def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
     layers = []
     targets = _targets(model, config)
     pen = penalties(targets, config)
+    scale = 1.0 if config.target_bits is None else _fit_scale(targets, config, pen)
     for t in targets:
         w = t.weight.detach()
         ts = TrainedSharing((w != 0).to(w.dtype), config.bits_for(t), pen[t.name])
         parametrize.register_parametrization(t.module, t.attr, ts, unsafe=True)
         layers.append((t, ts))
-    hook = _Recluster(layers, config, recluster_every)
+    hook = _Recluster(layers, config, recluster_every, scale)
     hook.recluster()
     history = fit(model, train_loader, cfg, after_step=hook, **fit_kwargs)
+    if config.target_bits is not None:
+        hook.settle()
     out = {}
     for t, ts in layers:
         shared = ts.shared(t.module.parametrizations[t.attr].original)

@@ -73,6 +73,7 @@ class QuantizeStage:
     init: str = "linear"
     entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (Choi et al. 2017)
     sensitivity: str | None = None  # fisher: a bit costs the same loss in every layer
+    target_bits: float | None = None  # at most this many Huffman bits per nonzero's index
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     qat_epochs: int = 0  # quantization-aware training of the weights before sharing is fixed
@@ -153,6 +154,9 @@ class Recipe:
                 problems.append("quantize.recluster_every must be >= 1")
             if not 0 <= q.entropy_weight <= 1000:
                 problems.append("quantize.entropy_weight must be in [0, 1000]")
+            if q.target_bits is not None and not (0 < q.target_bits <= 16 and q.entropy_weight):
+                problems.append("quantize.target_bits must be in (0, 16] and needs "
+                                "quantize.entropy_weight > 0")
             if q.sensitivity not in (None, "fisher"):
                 problems.append(f"quantize.sensitivity must be fisher or null, not "
                                 f"{brief(q.sensitivity)}")
