@@ -50,13 +50,17 @@ deepzip run small --data-dir "$DATA" --out runs/small && publish small
 # resume from the default's pruned model (seed 0: its prune stage copied into a fresh
 # folder, so only quantize, encode and verify run); kernel-aware pruning from scratch.
 bash experiments/format_v5.sh "$DATA"
-for r in q320 qat320 qat500; do
-  if [ ! -f runs/$r-s0/state.json ]; then
-    mkdir -p runs/$r-s0 && cp -r runs/default/prune runs/default/state.json runs/$r-s0/
+from_pruned() {  # from_pruned RECIPE SEED: the default's pruned model of that seed, resharing
+  local src=runs/default; [ "$2" = 1 ] && src=runs/default-seed1
+  if [ ! -f "runs/$1-s$2/state.json" ]; then
+    mkdir -p "runs/$1-s$2" && cp -r $src/prune $src/state.json "runs/$1-s$2/"
   fi
-  deepzip run experiments/recipes/$r.yaml --data-dir "$DATA" --out runs/$r-s0
-done
+  deepzip run "experiments/recipes/$1.yaml" --seed "$2" --data-dir "$DATA" --out "runs/$1-s$2"
+}
+for r in q320 qat320 qat500 qat80 qatlong320 budP budF; do from_pruned $r 0; done
+from_pruned budF 1
 bash experiments/sharing_v5.sh "$DATA"
+bash experiments/qat_budget.sh "$DATA"
 deepzip run experiments/recipes/kern3.yaml --data-dir "$DATA" --out runs/kern3-s0 \
   && publish kern3-s0
 if [ ! -f runs/kern3f-s0/state.json ]; then  # kern3's pruned model, BatchNorm in float16

@@ -327,7 +327,7 @@ class QuantizeConfig:
     the loss feels it, so a bit costs the same loss in every layer (see :func:`penalties`).
     ``target_bits`` scales every layer's penalty by one factor until the indices' Huffman
     codes average at most that many bits per nonzero weight: a size budget instead of a
-    beta to guess (beta is then where the search starts).
+    beta to guess (beta's value then cancels out).
 
     >>> quantize_(model, QuantizeConfig(bits=5, init="linear"))  # doctest: +SKIP
     """
@@ -593,7 +593,7 @@ class _Recluster:
     ``every`` steps; reports clusters and the order-0 entropy of the indices per epoch.
     With ``config.target_bits`` it steers one factor on all penalties toward the budget
     after each re-clustering (the weights drift under training and the rate with them:
-    +18% in 4 epochs at beta 320 on ResNet-20, measured)."""
+    1.63 -> 1.95 bits per nonzero in 4 epochs at beta 320 on ResNet-20, measured)."""
 
     def __init__(self, layers: list[tuple[Target, TrainedSharing]], config: QuantizeConfig,
                  every: int, scale: float = 1.0) -> None:
