@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #13's quantization-aware training and size-budget runs (experiments/recipes/qat80,
-# qat320, qatlong320, budF, budP; run into runs/NAME-sSEED by experiments/regenerate.sh from
+# qat320, qatlong320, budF, budP, defF; run into runs/NAME-sSEED by experiments/regenerate.sh from
 # the default's pruned models): each run's file as written and its decoded accuracy.
 # Writes results/levers/qat-budget.txt.
 #   bash experiments/qat_budget.sh [DATA_DIR]
@@ -10,7 +10,7 @@ DATA=${1:-../shared/data}
 OUT=results/levers/qat-budget.txt
 mkdir -p results/levers
 : > $OUT
-for run in qat80-s0 qat320-s0 qatlong320-s0 budP-s0 budF-s0 budF-s1; do
+for run in qat80-s0 qat320-s0 qatlong320-s0 budP-s0 budF-s0 budF-s1 defF-s0 defF-s1; do
   [ -f runs/$run/model.dzip ] || continue
   {
     echo "\$ deepzip inspect runs/$run/model.dzip  ($(grep -m1 '^name:' runs/$run/recipe.yaml))"

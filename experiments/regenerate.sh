@@ -45,7 +45,14 @@ deepzip run default --seed 1 --data-dir "$DATA" --out runs/default-seed1 && publ
 # The levers of issue #13, measured on the default's pruned model (no training).
 python experiments/levers.py runs/default-seed1/prune/model.pt --data-dir "$DATA" \
   --out results/levers/default-seed1-pruned.txt
-deepzip run small --data-dir "$DATA" --out runs/small && publish small
+# small: the default's pruned models (the same pruning settings) shared to issue #13's size.
+for seed in 0 1; do
+  out=runs/small; src=runs/default
+  [ $seed = 1 ] && out=runs/small-seed1 && src=runs/default-seed1
+  [ -f $out/state.json ] || { mkdir -p $out && cp -r $src/prune $src/state.json $out/; }
+  deepzip run small --seed $seed --data-dir "$DATA" --out $out
+done
+publish small && publish small-seed1
 # Issue #13 experiments. Format v5 re-encoding the default's files; sharing variants that
 # resume from the default's pruned model (seed 0: its prune stage copied into a fresh
 # folder, so only quantize, encode and verify run); kernel-aware pruning from scratch.
@@ -57,8 +64,9 @@ from_pruned() {  # from_pruned RECIPE SEED: the default's pruned model of that s
   fi
   deepzip run "experiments/recipes/$1.yaml" --seed "$2" --data-dir "$DATA" --out "runs/$1-s$2"
 }
-for r in q320 qat320 qat500 qat80 qatlong320 budP budF; do from_pruned $r 0; done
-from_pruned budF 1
+for r in q320 qat320 qat500 qat80 qatlong320 budP budF defF; do from_pruned $r 0; done
+from_pruned budF 1 && from_pruned defF 1
+publish defF-s0 && publish defF-s1
 bash experiments/sharing_v5.sh "$DATA"
 bash experiments/qat_budget.sh "$DATA"
 deepzip run experiments/recipes/kern3.yaml --data-dir "$DATA" --out runs/kern3-s0 \
@@ -77,7 +85,8 @@ deepzip run share-5bit --data-dir "$DATA" --out runs/share-5bit && publish share
 # results/previous-*: the default and small recipes until issue #13, kept as made (see
 # their README.md); default-3bit and default-5bit start from the default's pruned model.
 RUNS="runs/share-5bit runs/seed runs/default-5bit results/previous-default runs/default-3bit
-      results/previous-small runs/default runs/default-seed1 runs/small runs/kern3f-s0"
+      results/previous-small runs/default runs/default-seed1 results/small92 runs/kern3f-s0
+      runs/defF-s0 runs/defF-s1 runs/small runs/small-seed1"
 deepzip pareto $RUNS -o results/pareto.png | tee results/pareto.md
 
 # Deep Compression's Table 1 on MNIST: the LeNet baselines (trained here, then shipped),
