@@ -125,9 +125,10 @@ def _raw_store(t: torch.Tensor, raw_dtype: str) -> str:
         return _dtype_name(t)
     x = t.detach().float()
     if raw_dtype in RAW_INTS:
-        if _grid(x.cpu().numpy(), RAW_INTS[raw_dtype]) is None:
+        values = x.cpu().numpy()
+        if _grid(values, RAW_INTS[raw_dtype]) is None:
             return "float32"
-        if grid_too_coarse(x.cpu().numpy(), RAW_INTS[raw_dtype]):
+        if grid_too_coarse(values, RAW_INTS[raw_dtype]):
             return _raw_store(t, "float16")
     if raw_dtype == "float16" and torch.isfinite(x).all() and \
             not torch.isfinite(x.to(torch.float16)).all():

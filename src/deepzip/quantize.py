@@ -601,9 +601,12 @@ class _Recluster:
         self.scale = scale
         self.sizes: list[np.ndarray] = []
 
-    def recluster(self) -> None:
+    def _cluster(self) -> None:
         self.sizes = [ts.recluster(t.module.parametrizations[t.attr].original, self.config,
                                    self.scale) for t, ts in self.layers]
+
+    def recluster(self) -> None:
+        self._cluster()
         target = self.config.target_bits
         if target is not None:  # rate falls about half a bit per doubling of the penalty
             self.scale *= 2.0 ** float(np.clip(2 * (index_bits(self.sizes) - target), -1, 1))
@@ -622,8 +625,7 @@ class _Recluster:
                     self.config.target_bits:
                 return
             self.scale *= 1.03
-            self.sizes = [ts.recluster(t.module.parametrizations[t.attr].original, self.config,
-                                       self.scale) for t, ts in self.layers]
+            self._cluster()
         raise DeepzipError(f"quantization-aware training could not meet target_bits "
                            f"{self.config.target_bits}")
 
