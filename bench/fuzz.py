@@ -1,10 +1,12 @@
-"""The hostile-input budget of issue #12: 10,000+ structure-aware inputs per reader.
+"""The hostile-input budget: 10,000+ structure-aware inputs per reader.
 
-    python bench/fuzz.py [--n 10000] [--seed 0] [--only dzip|cifar|mnist|recipes]
+    python bench/fuzz.py [--n 10000] [--seed 0] [--only dzip|cifar|mnist|recipes|specs]
 
 Runs the generators of tests/hostile.py (the tests run the same ones on a few hundred
 inputs) against the .dzip reader (load_state, load and inspect on each variant), the
-CIFAR-10 batch reader, the MNIST IDX reader and the recipe loader, and prints per reader:
+CIFAR-10 batch reader, the MNIST IDX reader, the recipe loader (with the --allow-code check
+and the run folder's name) and the recorded specs of checkpoints and .dzip files (the model
+and the task every command would open: nothing may be imported), and prints per reader:
 inputs, accepted, refused with the reader's own error, unexpected exceptions, and
 allocations over the bound (peak traced memory against a bound proportional to what the
 input legitimately declares). Exit status 1 if any unexpected exception or allocation.
@@ -23,14 +25,21 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from hostile import dzip_bases, fuzz_cifar, fuzz_dzip, fuzz_mnist, fuzz_recipes  # noqa: E402
+from hostile import (  # noqa: E402
+    dzip_bases,
+    fuzz_cifar,
+    fuzz_dzip,
+    fuzz_mnist,
+    fuzz_recipes,
+    fuzz_specs,
+)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10_000, help="inputs per reader")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=["dzip", "cifar", "mnist", "recipes"],
+    p.add_argument("--only", choices=["dzip", "cifar", "mnist", "recipes", "specs"],
                    help="fuzz one reader (e.g. after a format change)")
     args = p.parse_args()
     recipes = [yaml.safe_load(f.read_text())
@@ -43,7 +52,10 @@ def main() -> int:
              lambda: fuzz_dzip(dzip_bases(t), args.n, args.seed, t)),
             ("cifar", "CIFAR-10 batches", lambda: fuzz_cifar(args.n, args.seed, t)),
             ("mnist", "MNIST IDX files", lambda: fuzz_mnist(args.n, args.seed, t)),
-            ("recipes", "recipes", lambda: fuzz_recipes(recipes, args.n, args.seed, t)),
+            ("recipes", "recipes (load, training keys, --allow-code, run folder)",
+             lambda: fuzz_recipes(recipes, args.n, args.seed, t)),
+            ("specs", "recorded arch/task in checkpoints and .dzip (nothing imported)",
+             lambda: fuzz_specs(args.n, args.seed, t)),
         ]:
             if args.only not in (None, key):
                 continue

@@ -33,7 +33,8 @@ from deepzip.dzip import pack_header, unpack_header
 HOSTILE = [0, 1, -1, 2, 255, 256, 2 ** 31 - 1, 2 ** 31, 2 ** 40, 2 ** 63, 10 ** 30, -(2 ** 31),
            0.5, -0.0, 1e-300, 1e30, float("nan"), float("inf"), -float("inf"), "", "x",
            "float64", "float16", "object", "raw", "dense", "sparse", "bn", "alias", "int64",
-           "os:system", "A" * 5000, None, True, False, [], [1], [0, 10 ** 12], [-5, 3],
+           "os:system", "this:s", "pdb:set_trace", "tempfile:mkdtemp", "../../victim",
+           "a\0b", "/etc/passwd", "A" * 5000, None, True, False, [], [1], [0, 10 ** 12], [-5, 3],
            [[1, 2], [3]], {}, {"a": 1}, {"float16": 1}]
 
 
@@ -424,6 +425,10 @@ def fuzz_recipes(bases: list[dict[str, Any]], n: int, seed: int, tmp: Path) -> O
             r = load_recipe(path)
             for section in (r.prune.train, r.quantize.train if r.quantize else {}):
                 r.train_config(section, epochs=1)  # what a run does with them next
+            r.check_code(False)  # a run without --allow-code
+            runs = Path("runs").resolve()
+            if Path("runs", r.name).resolve().parent != runs:
+                raise AssertionError(f"run folder runs/{r.name!r} escapes runs/")
             return r
 
         size = len(text)
@@ -476,3 +481,88 @@ def dzip_bases(tmp: Path) -> list[tuple[bytes, int, Any]]:
         out.append((path.read_bytes(), state_dict_bytes(make()),
                     None if spec is not None else make))
     return out
+
+
+# ---------------------------------------------------------------- recorded specs
+PROBE = "deepzip_fuzz_probe"  # a module on the path whose import leaves a marker file
+CODE_NAMES = ["this:s", "pdb:set_trace", "antigravity:x", f"{PROBE}:make", f"{PROBE}.sub:Net",
+              "tempfile:mkdtemp", "os:system", "deepzip.cli:main", "resnet20:x", "../../x:y",
+              "a\0b", "x" * 300, "mnist:"]
+SENTINELS = ("this", "pdb", "antigravity", PROBE)  # none of them is imported by deepzip
+
+
+def spec_variant(rng: random.Random) -> dict[str, Any]:
+    """A recorded model spec whose arch and task are hostile (entry points above all)."""
+    spec: dict[str, Any] = {"arch": "lenet300", "num_classes": 10, "mean": [0.1307],
+                            "std": [0.3081]}
+    for key in rng.sample(["arch", "task", "task", "num_classes", "mean"], rng.randrange(1, 3)):
+        spec[key] = rng.choice(CODE_NAMES) if rng.random() < 0.7 else pick(rng, CODE_NAMES)
+    return spec
+
+
+def fuzz_specs(n: int, seed: int, tmp: Path) -> Outcome:
+    """Checkpoints and .dzip files recording hostile specs, opened as every command opens
+    them (the model, then the task the CLI would pick): nothing they name may be imported.
+    The named modules are ones deepzip never imports (``this``, ``pdb``, a probe module on
+    the path that leaves a marker file): an import shows in ``sys.modules`` or as the
+    marker."""
+    import argparse
+    import sys
+
+    import torch
+
+    from deepzip.dzip import save
+    from deepzip.models import get
+
+    rng = random.Random(seed)
+    out = Outcome()
+    torch.manual_seed(0)
+    model = get("lenet300")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save(model, tmp / "plain.dzip")
+    pre, header, body = split_dzip((tmp / "plain.dzip").read_bytes())
+    args = argparse.Namespace(task=None, data_dir=str(tmp), download=False, subset=None,
+                              device="cpu")
+    marker = tmp / "PROBE-IMPORTED"
+    code = tmp / "code"
+    code.mkdir(exist_ok=True)
+    (code / f"{PROBE}.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n")
+    sys.path.insert(0, str(code))
+    already = {m for m in SENTINELS if m in sys.modules}  # pytest imports pdb itself
+    try:
+        for i in range(n):
+            _one_spec(i, rng, out, args, tmp, state, (pre, header, body))
+            imported = [m for m in SENTINELS if m in sys.modules and m not in already] + (
+                [PROBE] if marker.exists() else [])
+            if imported:
+                out.unexpected.append(f"#{i} imported {imported}")
+                break
+    finally:
+        sys.path.remove(str(code))
+    return out
+
+
+def _one_spec(i: int, rng: random.Random, out: Outcome, args: Any, tmp: Path,
+              state: dict[str, Any], parts: tuple) -> None:
+    import torch
+
+    from deepzip.cli import _task
+    from deepzip.errors import DeepzipError
+    from deepzip.pipeline import open_model
+
+    pre, header, body = parts
+    spec = spec_variant(rng)
+    if i % 2:
+        path = tmp / "spec.pt"
+        torch.save({"state_dict": state, "deepzip": spec}, path)
+    else:
+        path = tmp / "spec.dzip"
+        path.write_bytes(join_dzip(pre, {**header, "model": spec}, body))
+
+    def call(path: Path = path) -> Any:
+        _, sp = open_model(str(path))
+        return _task(args, sp.task)  # cifar10/mnist: the data is missing -> refused
+
+    # the bound: a mismatched checkpoint lists the architectures it would fit (on meta)
+    feed(out, f"#{i} {json.dumps(spec)[:80]}", call, DeepzipError, lambda _r: 256 << 20)

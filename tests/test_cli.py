@@ -25,7 +25,7 @@ def test_python_dash_m_and_console_script():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["eval", "no-such.pt"], "no such checkpoint"),
+    (["eval", "no-such.pt"], "no such checkpoint file"),
     (["eval", "resnet20", "--normalize", "bogus"], "bad --normalize"),
     (["eval", "resnet20", "--data-dir", "/nonexistent"], "--download"),
     (["prune", "resnet20", "--method", "std", "-o", "/tmp/x"], "needs --s"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hostile import dzip_bases, fuzz_cifar, fuzz_dzip, fuzz_mnist, fuzz_recipes
+from hostile import dzip_bases, fuzz_cifar, fuzz_dzip, fuzz_mnist, fuzz_recipes, fuzz_specs
 
 
 def _clean(outcome, what):
@@ -39,3 +39,11 @@ def test_recipe_mutations(tmp_path, recipe_bases):
     out = fuzz_recipes(recipe_bases, 400, seed=4, tmp=tmp_path)
     _clean(out, "recipes")
     assert out.accepted > 0 and out.refused > 0
+
+
+def test_recorded_specs_import_nothing(tmp_path):
+    """Recorded arch and task values naming code (this:s, pdb:set_trace, tempfile:mkdtemp,
+    ...) in checkpoints and .dzip files: refused or ignored, never imported or called."""
+    out = fuzz_specs(300, seed=5, tmp=tmp_path)
+    _clean(out, "specs")
+    assert out.refused > out.inputs // 2

@@ -91,7 +91,7 @@ def test_checkpoint_with_code_is_refused(tmp_path, capsys):
     with pytest.raises(DeepzipError, match="cannot read checkpoint"):
         load_checkpoint(path)
     assert "pwned" not in capsys.readouterr().out
-    with pytest.raises(DeepzipError, match="no such checkpoint"):
+    with pytest.raises(DeepzipError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(DeepzipError, match="no state_dict"):
         extract_state_dict([1, 2])

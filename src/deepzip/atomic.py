@@ -66,19 +66,43 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
     return removed
 
 
+def open_regular(path: str | os.PathLike[str], what: str = "file") -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file; anything else (a FIFO, a
+    device, a directory, a name with a NUL byte, a missing file) is one DeepzipError.
+
+    The file is opened non-blocking and checked on the open descriptor, so a FIFO never
+    hangs the open and a file swapped between check and open is still caught."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except ValueError:  # an embedded NUL byte
+        raise DeepzipError(f"{what} path {str(path)!r} contains a NUL byte") from None
+    except FileNotFoundError:
+        raise DeepzipError(f"cannot read {path}: no such {what}") from None
+    except OSError as e:
+        raise DeepzipError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DeepzipError(f"{path}: not a regular file (a {what} must be one)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_limited(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
     """All bytes of a regular file of at most ``limit`` bytes (only what is there is
     allocated); anything else is one DeepzipError. ``what`` names the file in errors."""
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise DeepzipError(f"{path}: not a regular file")
-        if st.st_size > limit:
-            raise DeepzipError(f"{path}: {st.st_size:,} bytes is larger than any {what}")
-        with open(path, "rb") as f:
-            data = f.read(st.st_size + 1)
-    except OSError as e:
-        raise DeepzipError(f"cannot read {path}: {e.strerror or e}") from None
+    with open_regular(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise DeepzipError(f"{path}: {size:,} bytes is larger than any {what}")
+        try:
+            data = f.read(size + 1)
+        except OSError as e:
+            raise DeepzipError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > limit:  # it grew while we read it
         raise DeepzipError(f"{path}: larger than any {what}")
     return data
@@ -91,7 +115,7 @@ def read_gzip_limited(path: str | os.PathLike[str], limit: int, what: str) -> by
 
     chunks, total = [], 0
     try:
-        with gzip.open(path, "rb") as f:
+        with open_regular(path, what) as raw, gzip.open(raw, "rb") as f:
             while chunk := f.read(1 << 20):
                 total += len(chunk)
                 if total > limit:
@@ -100,3 +124,34 @@ def read_gzip_limited(path: str | os.PathLike[str], limit: int, what: str) -> by
     except (OSError, EOFError, zlib.error) as e:
         raise DeepzipError(f"{path}: cannot read ({e})") from None
     return b"".join(chunks)
+
+
+LOCK_NAME = ".deepzip.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for one process: a second
+    process gets a one-line DeepzipError at once, naming the holder. The lock is the
+    kernel's (``flock``), so a run that was killed leaves nothing that blocks a rerun."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        raise DeepzipError(f"cannot lock {folder}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise DeepzipError(f"{folder} is in use by another deepzip run (pid {holder}); "
+                               "wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock

@@ -66,9 +66,18 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool) -> None:
                         "task's)")
 
 
-def _task(args: argparse.Namespace, name: str | None = None) -> Task:
-    """The task of ``--task`` (or ``name``), built once per command."""
-    name = getattr(args, "task", None) or name or "cifar10"
+def _task(args: argparse.Namespace, recorded: str | None = None) -> Task:
+    """The task of ``--task``, else the one a model file records, built once per command.
+
+    A recorded task is only ever a shipped task's name: a file never makes deepzip import
+    code, so one that records ``package.module:function`` is refused with the flag to
+    pass (the user's own choice)."""
+    name = getattr(args, "task", None)
+    if name is None and recorded and recorded not in TASKS:
+        raise DeepzipError(f"the model records the task {recorded!r}, not one deepzip ships "
+                           f"({', '.join(TASKS)}), and deepzip never runs code a file names: "
+                           f"pass --task {shlex.quote(recorded)} (or your own) to use it")
+    name = name or recorded or "cifar10"
     cache = args.__dict__.setdefault("_tasks", {})
     if name not in cache:
         cache[name] = resolve_task(name, args.data_dir, download=args.download,
@@ -419,9 +428,7 @@ OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import shutil
-
-    from .pipeline import Pipeline
+    from .pipeline import run_folder
     from .recipe import load_recipe, recipe_path
 
     path = recipe_path(args.recipe)
@@ -430,9 +437,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             setattr(recipe, key, getattr(args, key))
     recipe.validate()
+    recipe.check_code(args.allow_code, where=path,  # the command line's own are the user's
+                      given={k for k in ("task", "arch") if getattr(args, k) is not None})
     out = Path(args.out or f"runs/{recipe.name}")
-    if args.restart and out.exists():
-        shutil.rmtree(out)
+    with run_folder(out, restart=args.restart):
+        return _run(args, recipe, out)
+
+
+def _run(args: argparse.Namespace, recipe, out: Path) -> int:
+    from .pipeline import Pipeline
+
     task = resolve_task(recipe.task, args.data_dir, download=args.download,
                         subset=args.subset, device=_device(args))
     pipe = Pipeline(recipe, out, task, device=_device(args))
@@ -441,7 +455,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         from .atomic import atomic_write
 
-        out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "recipe.yaml", "w") as f:
             changed = any(getattr(args, k) is not None for k in OVERRIDES)
             f.write(f"# recipe {args.recipe or 'default'}"
@@ -578,7 +591,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="a model's test metric on its task's evaluation data")
     _add_model_args(e, positional=True)
-    e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     _add_data_args(e)
     e.set_defaults(func=cmd_eval)
@@ -637,7 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's input normalization (cifar, imagenet, mnist, M,.../S,...)")
     r.add_argument("--seed", type=int, default=None, help="the recipe's seed, for a repeat")
     r.add_argument("--out", "-o", default=None, help="run folder (default runs/RECIPE-NAME)")
-    r.add_argument("--restart", action="store_true", help="discard an earlier run in --out")
+    r.add_argument("--restart", action="store_true",
+                   help="discard an earlier deepzip run in --out (only a folder a run made)")
+    r.add_argument("--allow-code", action="store_true",
+                   help="let the recipe's task: and arch: import and call the Python entry "
+                        "points they name (package.module:function); without it such a "
+                        "recipe stops before anything runs")
     _add_data_args(r)
     r.set_defaults(func=cmd_run)
 

@@ -361,10 +361,13 @@ def guess_arch(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def _torch_load(path: str | os.PathLike[str]) -> Any:
-    if not os.path.isfile(path):
-        raise DeepzipError(f"no such checkpoint file: {path}")
+    from .atomic import open_regular
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path, "checkpoint file") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except DeepzipError:
+        raise
     except Exception as e:  # torch raises many types for a bad or hostile file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DeepzipError(f"cannot read checkpoint {path}: {first}") from None
@@ -389,10 +392,18 @@ def load_checkpoint(
         meta = obj.get("deepzip") if isinstance(obj, Mapping) else None
         recorded = ModelSpec.from_dict(meta) if isinstance(meta, Mapping) else None
         spec = _compose(recorded, default, override)
-    if model is None:
-        model = spec.build()
+    model = _build(spec, path) if model is None else model
     load_state_dict_strict(model, extract_state_dict(obj))
     return model.eval(), spec
+
+
+def _build(spec: ModelSpec, path: Any) -> nn.Module:
+    """The model a file's spec names, from the registry only: a name a file records is
+    never imported."""
+    if spec.arch.lower() not in _REGISTRY:
+        raise DeepzipError(f"{path} records architecture {spec.arch!r}, which is not "
+                           "registered here: pass --arch NAME or --arch package.module:Factory")
+    return spec.build()
 
 
 def _compose(recorded: ModelSpec | None, default: ModelSpec | None,
@@ -457,13 +468,7 @@ def load_model(name_or_path: str, spec: ModelSpec | None = None, *,
 
         state, recorded = load_state(name)
         spec = spec or _compose(recorded, default, override)
-        if model is None:
-            try:
-                model = spec.build()
-            except DeepzipError:
-                raise DeepzipError(
-                    f"{name} records architecture {spec.arch!r}, which is not registered "
-                    "here: pass --arch NAME or --arch package.module:Factory") from None
+        model = _build(spec, name) if model is None else model
         load_state_dict_strict(model, state)
         return model.eval(), spec
     return load_checkpoint(name, spec, model=model, default=default, **override)
@@ -471,10 +476,11 @@ def load_model(name_or_path: str, spec: ModelSpec | None = None, *,
 
 def is_dzip(path: str | os.PathLike[str]) -> bool:
     """Does the file start with the ``.dzip`` magic bytes?"""
+    from .atomic import open_regular
     from .dzip import MAGIC
 
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(len(MAGIC)) == MAGIC
-    except OSError:
+    except (OSError, DeepzipError):
         return False

@@ -8,12 +8,13 @@ where it stopped (and inside a training stage, at its last epoch).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from . import dzip
-from .atomic import atomic_write, remove_stale_temps
+from .atomic import LOCK_NAME, atomic_write, folder_lock, read_limited, remove_stale_temps
 from .errors import DeepzipError
 from .models import ModelSpec, load_checkpoint, load_model, resolve_arch, save_checkpoint
 from .prune import (
@@ -39,8 +40,9 @@ from .recipe import Recipe, load_recipe, recipe_path
 from .task import Task, resolve_task
 from .train import Distillation, TrainConfig, barrier, default_device, evaluate, is_main_process
 
-__all__ = ["Pipeline", "compress", "open_model", "verify"]
+__all__ = ["Pipeline", "compress", "open_model", "run_folder", "verify"]
 
+MAX_JSON = 64 << 20  # a run's own JSON files are kilobytes
 STAGES = ("baseline", "prune", "quantize", "encode", "verify")
 
 
@@ -68,14 +70,14 @@ class Pipeline:
     # ------------------------------------------------------------------ helpers
     def _read_state(self) -> dict[str, Any]:
         try:
-            old = json.loads(self.state_path.read_text())
+            old = json.loads(read_limited(self.state_path, MAX_JSON, "run state"))
             if isinstance(old, dict) and isinstance(old.get("stages"), dict):
                 for stage in old["stages"].values():  # runs from before tasks had metrics
                     for a, b in (("accuracy", "score"), ("accuracy_kmeans", "score_kmeans")):
                         if isinstance(stage, dict) and a in stage:
                             stage[b] = stage.pop(a)
                 return old
-        except (OSError, ValueError):
+        except (OSError, ValueError, DeepzipError):
             pass
         raise DeepzipError(f"{self.state_path} is damaged; use --restart to start the run "
                            "again, or another --out")
@@ -246,7 +248,7 @@ class Pipeline:
         if a.sensitivity_max_drop is not None:
             scan = self.out / "prune" / "sensitivity.json"
             if scan.is_file():
-                rows = json.loads(scan.read_text())["rows"]
+                rows = json.loads(read_limited(scan, MAX_JSON, "sensitivity scan"))["rows"]
             else:
                 self.log("[prune] sensitivity scan for per-layer targets")
                 rows = sensitivity(model, lambda m: self._score(m, spec), include=p.include,
@@ -397,6 +399,35 @@ class Pipeline:
         return write_run_report(self.out, self.recipe, self.state, self.task)
 
 
+@contextlib.contextmanager
+def run_folder(out: str | Path, *, restart: bool = False) -> Iterator[Path]:
+    """The run folder, locked for as long as this run works in it (a second run on it
+    stops at once with one line); ``restart`` first empties it, but only a folder that a
+    deepzip run made (one holding ``state.json``), never anything else."""
+    out = Path(out)
+    if not is_main_process():  # rank 0 locks and clears; the others wait for it
+        barrier()
+        yield out
+        return
+    with folder_lock(out):
+        if restart:
+            _clear_run(out)
+        barrier()
+        yield out
+
+
+def _clear_run(out: Path) -> None:
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if entries and not (out / "state.json").is_file():
+        raise DeepzipError(f"--restart: {out} holds no deepzip state.json, so no deepzip run "
+                           "made it; not deleting it")
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 @torch.inference_mode()
 def verify(model: nn.Module, decoded: nn.Module | str | Path, loader: Iterable, *,
            task: Task | None = None) -> dict[str, Any]:
@@ -485,7 +516,7 @@ def _arch_name(model: nn.Module) -> str:
 def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | str,
              recipe: Recipe | str = "default", *, out: str | Path,
              spec: ModelSpec | None = None, reference: str | None = None,
-             device: torch.device | str | None = None,
+             device: torch.device | str | None = None, allow_code: bool = False,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the whole pipeline on any model and task; return the report.
 
@@ -493,14 +524,18 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
     (a checkpoint, a ``.dzip``, a shipped name). ``task``: a :class:`~deepzip.task.Task`,
     a ``(train_loader, eval_loader)`` pair (classification, top-1 accuracy), or a task
     name. ``recipe``: a :class:`~deepzip.recipe.Recipe`, a shipped recipe's name or a YAML
-    file. The stages are the ones ``deepzip run`` runs, and resume the same way.
+    file (one whose ``task:`` or ``arch:`` names Python code runs only with
+    ``allow_code=True``). The stages are the ones ``deepzip run`` runs, and resume the
+    same way; a second run on the same ``out`` stops at once.
 
     >>> report = deepzip.compress(MyNet(), (train_loader, test_loader), "default",
     ...                           out="runs/mynet")  # doctest: +SKIP
     >>> report["summary"]["real_ratio"]  # doctest: +SKIP
     """
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe_path(recipe))
+        path = recipe_path(recipe)
+        recipe = load_recipe(path)
+        recipe.check_code(allow_code, where=path)
     recipe = dataclasses.replace(recipe)
     dev = torch.device(device) if device is not None else default_device()
     if isinstance(task, tuple):
@@ -512,8 +547,7 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
                            "a task name")
     if reference is not None:
         recipe.reference = reference
-    if isinstance(model, nn.Module):
-        recipe.model = f"python:{_arch_name(model)}"
-        return Pipeline(recipe, out, task, log, model=model, spec=spec, device=dev).run()
-    recipe.model = str(model)
-    return Pipeline(recipe, out, task, log, device=dev).run()
+    given = model if isinstance(model, nn.Module) else None
+    recipe.model = f"python:{_arch_name(model)}" if given is not None else str(model)
+    with run_folder(out):
+        return Pipeline(recipe, out, task, log, model=given, spec=spec, device=dev).run()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .atomic import read_limited
 from .dzip import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
 from .prune import METHODS
@@ -110,7 +113,14 @@ class Recipe:
 
     def validate(self) -> None:
         p, q = self.prune, self.quantize
-        problems = []
+        problems = [f"{where} contains a NUL byte" for where in _nul_strings(
+            dataclasses.asdict(self), "recipe")]
+        if problems:  # nothing else can be said safely about such names
+            raise DeepzipError(f"recipe: {problems[0]}")
+        if not _NAME.fullmatch(self.name) or self.name in (".", ".."):
+            problems.append(f"name {brief(self.name)} must be a plain folder name (1-100 "
+                            "letters, digits, '-', '_', '.'; not '.' or '..'): it names the "
+                            "run folder runs/NAME")
         if p.schedule not in ("iterative", "agp", "none"):
             problems.append(f"prune.schedule must be iterative, agp or none, not {p.schedule!r}")
         if p.schedule == "iterative" and not p.steps:
@@ -122,7 +132,9 @@ class Recipe:
                 problems.append(f"prune.steps[{i}].method must be one of {METHODS}")
             if s.epochs < 0:
                 problems.append(f"prune.steps[{i}].epochs must be >= 0")
-            if s.method != "std" and not 0 <= s.amount < 1:
+            elif s.method == "std" and not (math.isfinite(s.amount) and s.amount >= 0):
+                problems.append(f"prune.steps[{i}].amount (std's s) must be >= 0")
+            elif s.method != "std" and not 0 <= s.amount < 1:
                 problems.append(f"prune.steps[{i}].amount must be in [0, 1)")
         if p.agp is not None:
             a = p.agp
@@ -177,9 +189,41 @@ class Recipe:
         """A recipe from its ``asdict`` form; keys added since it was written take defaults."""
         return _build(cls, data, "recipe")
 
+    def entry_points(self) -> dict[str, str]:
+        """The keys that name Python code to import and call (``package.module:name``)."""
+        return {k: v for k in ("task", "arch") if ":" in (v := getattr(self, k) or "")}
+
+    def check_code(self, allowed: bool, *, where: Any = "the recipe",
+                   given: Any = ()) -> None:
+        """A recipe file runs code only with the user's consent (``--allow-code``, in the
+        spirit of ``trust_remote_code``): stop before anything runs if it names entry
+        points, except those the user gave on the command line (``given``)."""
+        code = {k: v for k, v in self.entry_points().items() if k not in given}
+        if code and not allowed:
+            raise DeepzipError(
+                f"recipe {where} names Python code to run ("
+                + ", ".join(f"{k}: {v}" for k, v in code.items())
+                + "); pass --allow-code (allow_code=True) if you trust it")
+
     def train_config(self, overrides: dict[str, Any], epochs: int) -> TrainConfig:
         return TrainConfig.from_dict({"seed": self.seed, "eval_every": self.eval_every,
                                       **overrides, "epochs": epochs})
+
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def _nul_strings(v: Any, where: str) -> Iterator[str]:
+    """Where in a nested recipe mapping a string (key or value) holds a NUL byte."""
+    if isinstance(v, str) and "\0" in v:
+        yield where
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            yield from _nul_strings(k, where)
+            yield from _nul_strings(x, f"{where}.{k}")
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            yield from _nul_strings(x, f"{where}[{i}]")
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -283,10 +327,7 @@ def load_recipe(path: str | os.PathLike[str] | None) -> Recipe:
         import yaml
 
         try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_RECIPE_BYTES + 1)
-            if len(raw) > MAX_RECIPE_BYTES:
-                raise DeepzipError(f"recipe {path} is over {MAX_RECIPE_BYTES:,} bytes")
+            raw = read_limited(path, MAX_RECIPE_BYTES, "recipe")
             data = yaml.load(raw.decode("utf-8"), Loader=_yaml_loader())  # noqa: S506
         except OSError as e:
             raise DeepzipError(f"cannot read recipe {path}: {e.strerror}") from None
