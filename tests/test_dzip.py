@@ -427,7 +427,7 @@ def test_tied_attention_lstm_model_roundtrips_identically(tmp_path):
     names = {t.name for t in prunable(model)}
     assert {"attn.in_proj_weight", "attn.out_proj", "lstm.weight_ih_l0",
             "lstm.weight_hh_l1"} <= names
-    assert "embedding" not in names and "decoder" not in names  # tied: left out, stored once
+    assert "embedding" in names and "decoder" not in names  # tied: one target, stored once
     x = torch.randint(0, 50, (3, 7))
     plain = model(x)
     prune_(model, PruneConfig("global", 0.6))
@@ -444,6 +444,7 @@ def test_tied_attention_lstm_model_roundtrips_identically(tmp_path):
     assert rows["decoder.weight"]["encoding"] == "alias of embedding.weight"
     assert rows["decoder.weight"]["bytes"] == 0
     assert rows["lstm.weight_hh_l0"]["encoding"] in ("dense", "sparse")
+    assert rows["embedding.weight"]["encoding"] in ("dense", "sparse")  # shared, not raw
     # an untied copy of the class gets the same values under both names
     untied = TiedLM()
     untied.decoder.weight = nn.Parameter(torch.zeros(50, 32))
@@ -525,3 +526,65 @@ def test_the_format_page_publishes_the_header_dictionary():
     page = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
     block = page.split("## The header dictionary")[1].split("```text\n")[1].split("```")[0]
     assert block.replace("\n", "").encode() == HEADER_DICT
+
+
+class _TiedLM(nn.Module):
+    """A language model whose output layer is its token embedding (GPT-2's tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(500, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 500, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mid(self.embed(x))))
+
+
+@pytest.mark.parametrize("bake", [True, False])
+def test_a_tied_embedding_is_pruned_shared_and_stored_once(tmp_path, bake):
+    from deepzip.prune import PruneConfig, prunable, prune_
+    from deepzip.quantize import QuantizeConfig, codebooks, dequantize_, quantize_
+
+    torch.manual_seed(0)
+    model = _TiedLM()
+    assert [t.name for t in prunable(model)] == ["embed", "mid"]  # the tied tensor once
+    prune_(model, PruneConfig("global", 0.9), bake=bake)
+    assert torch.equal(model.head.weight, model.embed.weight)
+    assert (model.embed.weight == 0).float().mean() > 0.85  # the embedding was pruned
+    quantize_(model, QuantizeConfig(bits=4))
+    books = codebooks(model)
+    assert books["embed"] is books["head"]  # one codebook serves both names
+    path = tmp_path / "lm.dzip"
+    report = save(model, path, raw_dtype="float32")
+    kinds = {r["name"]: r["encoding"] for r in report["tensors"]}
+    assert kinds["head.weight"] == "alias" and kinds["embed.weight"] in ("sparse", "dense")
+    fresh = load(path, _TiedLM())
+    assert fresh.head.weight is fresh.embed.weight
+    x = torch.randint(500, (4, 7))
+    assert torch.equal(fresh(x), model(x))
+    info = inspect(path, _TiedLM())
+    assert info["params"] == sum(p.numel() for p in _TiedLM().parameters())
+    assert info["state_dict_bytes"] == state_dict_bytes(_TiedLM())  # counted once
+    assert info["real_ratio"] > 20
+    assert inspect(path)["state_dict_bytes"] < 1.1 * 4 * info["params"]  # without a model too
+    dequantize_(model)
+    assert model.head.weight is model.embed.weight
+
+
+def test_a_shared_model_writes_the_bytes_of_its_plain_form(tmp_path):
+    """The writer's shortcuts for weights a codebook computes (no counting of their
+    values, one layer at a time) change nothing: same bytes as the dequantized model."""
+    from deepzip.dzip_torch import _plain_state
+
+    torch.manual_seed(0)
+    model = get("resnet20").eval()
+    prune_(model, PruneConfig("global", 0.7), bake=True)
+    quantize_(model, QuantizeConfig(bits=4))
+    plain = get("resnet20").eval()
+    plain.load_state_dict(_plain_state(model))
+    for books in ("float32", "float16", "int8"):
+        save(model, tmp_path / "a.dzip", codebook_dtype=books)
+        save(plain, tmp_path / "b.dzip", codebook_dtype=books)
+        assert (tmp_path / "a.dzip").read_bytes() == (tmp_path / "b.dzip").read_bytes()

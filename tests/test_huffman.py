@@ -65,3 +65,29 @@ def test_corrupt_streams_are_errors():
         HuffmanCode(np.array([1, 1, 1])).tables()
     with pytest.raises(DeepzipError):
         encode(np.array([5]), code)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 5000), st.integers(0, 2 ** 31))
+def test_vectorized_encoder_writes_the_canonical_bitstream(alphabet, n, seed):
+    """The NumPy encoder against bitarray's encoder on the same canonical code words."""
+    from bitarray import bitarray
+
+    rng = np.random.default_rng(seed)
+    symbols = rng.choice(alphabet, size=n, p=rng.dirichlet(np.full(alphabet, 0.3)))
+    code = HuffmanCode.from_symbols(symbols, alphabet)
+    ref = bitarray(endian="big")
+    ref.encode(code.codes(), symbols.tolist())
+    assert encode(symbols, code) == (ref.tobytes(), len(ref))
+
+
+def test_encoder_blocks_join_at_any_bit(monkeypatch):
+    import deepzip.huffman as h
+
+    rng = np.random.default_rng(1)
+    symbols = rng.integers(0, 37, size=10_001)
+    code = HuffmanCode.from_symbols(symbols, 37)
+    whole = encode(symbols, code)
+    monkeypatch.setattr(h, "_BLOCK", 97)  # blocks that end mid-byte
+    assert encode(symbols, code) == whole
+    assert (decode(*whole, len(symbols), code) == symbols).all()

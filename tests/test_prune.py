@@ -238,3 +238,42 @@ def test_kernel_scores_keep_a_global_threshold_fair_to_the_classifier():
         unscaled[t.name] = w if r is None else w * (r / r.mean()) ** 4
     assert kept(unscaled) < 0.5 * plain  # the failure (on trained weights: all of it)
     assert kept({t.name: kernel_scores(t.weight, 4.0) for t in targets}) > 0.8 * plain
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_selection_by_counting_matches_a_stable_sort(monkeypatch, chunk):
+    """smallest_masks (radix counting, chunked) prunes exactly what a stable argsort of
+    all magnitudes would: ties by position across tensors, fp16 too."""
+    import deepzip.prune as p
+
+    monkeypatch.setattr(p, "_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        if trial % 3 == 0:  # many ties
+            ws = [torch.randint(-3, 4, (40,), generator=gen).float() for _ in range(2)]
+        else:
+            ws = [torch.randn(int(torch.randint(1, 50, (1,), generator=gen)), generator=gen)
+                  for _ in range(3)]
+        if trial % 5 == 0:
+            ws = [w.half() for w in ws]
+        flat = torch.cat([w.abs().float().flatten() for w in ws])
+        k = int(torch.randint(0, flat.numel() + 1, (1,), generator=gen))
+        ref = torch.ones(flat.numel(), dtype=torch.bool)
+        ref[torch.argsort(flat, stable=True)[:k]] = False
+        got = torch.cat([m.flatten() for m in p.smallest_masks(ws, k)])
+        assert torch.equal(ref, got), (trial, k)
+
+
+def test_in_place_pruning_keeps_no_masks_and_matches_the_masked_path():
+    from deepzip.prune import bake_, is_pruned
+
+    torch.manual_seed(0)
+    a = get("resnet20")
+    b = copy.deepcopy(a)
+    sa = prune_(a, PruneConfig("global", 0.8), bake=True)
+    sb = prune_(b, PruneConfig("global", 0.8))
+    assert sa == sb
+    assert not any(is_pruned(m) for m in a.modules())
+    bake_(b)
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    assert set(sd_a) == set(sd_b) and all(torch.equal(v, sd_b[k]) for k, v in sd_a.items())

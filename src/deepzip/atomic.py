@@ -16,22 +16,30 @@ from .errors import DeepzipError
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temp file beside ``path``; rename it over ``path`` only on success."""
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp file's path beside ``path``, renamed over ``path`` only on success (removed
+    on any failure): for writers that take a file name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; rename it over ``path`` only on success."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _umask() -> int:

@@ -250,6 +250,31 @@ def _sparse_entries(nz: np.ndarray, idx: np.ndarray, numel: int, k: int,
     return runs, syms
 
 
+def _sparse_codes(gaps: np.ndarray, tail: int, sym_counts: np.ndarray, k: int,
+                  gap_bits: int) -> tuple[HuffmanCode, HuffmanCode, int, int]:
+    """The run and symbol codes of the sparse layout at ``gap_bits`` and their streams'
+    exact sizes in bits, from counts alone (what :func:`_sparse_entries` would build,
+    without building it). ``gaps``: the zeros before each nonzero; ``tail``: after the
+    last; ``sym_counts``: how often each real symbol occurs (length k)."""
+    span = 1 << gap_bits
+    tail_fill, tail_rem = divmod(tail, span)
+    fillers = int((gaps >> gap_bits).sum()) + tail_fill
+    runs = np.bincount(gaps & (span - 1), minlength=span)
+    runs[span - 1] += fillers
+    if tail_rem:
+        runs[tail_rem - 1] += 1
+    syms = np.zeros(k + 1, dtype=np.int64)
+    syms[:k] = sym_counts
+    syms[k] += fillers + (tail_rem > 0)
+    gcode, icode = HuffmanCode.from_counts(runs), HuffmanCode.from_counts(syms)
+    return gcode, icode, int(runs @ gcode.lengths), int(syms @ icode.lengths)
+
+
+def _gaps(nz: np.ndarray, numel: int) -> tuple[np.ndarray, int]:
+    """(zeros before each of the sorted positions ``nz``, zeros after the last)."""
+    return np.diff(nz, prepend=-1) - 1, numel - 1 - (int(nz[-1]) if len(nz) else -1)
+
+
 @dataclass
 class _Encoded:
     meta: dict[str, Any]
@@ -271,29 +296,44 @@ def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
     codebook_dtype, book_bytes = _book_bytes(book, codebook_dtype)
     base = {"clusters": k, "codebook_dtype": codebook_dtype}
 
-    dense_syms = np.full(flat.size, k, dtype=np.int64)
-    dense_syms[nz] = idx
-    code = HuffmanCode.from_symbols(dense_syms, k + 1)
-    data, nbits = encode(dense_syms, code)
-    best = _Encoded({**base, "encoding": "dense", "index_nbits": nbits},
-                    {"codebook": book_bytes, "index_lengths": _pack_lengths(code.lengths),
-                     "indices": data}, len(nz))
+    # Every layout's exact size is known from its codes' lengths before anything is
+    # encoded: only the cheapest is encoded (ties go to the earlier layout).
+    counts = np.bincount(idx, minlength=k)
+    dense_counts = np.append(counts, flat.size - len(nz))  # symbol k: a zero
+    code = HuffmanCode.from_counts(dense_counts)
+    lengths = _pack_lengths(code.lengths)
+    best_size = len(book_bytes) + len(lengths) + (int(dense_counts @ code.lengths) + 7) // 8
+    best: Any = ("dense", code, lengths)
+    gaps, tail = _gaps(nz, flat.size)
     for gap_bits in range(1, 9):
-        runs, syms = _sparse_entries(nz, idx, flat.size, k, gap_bits)
-        gcode = HuffmanCode.from_symbols(runs, 1 << gap_bits)
-        icode = HuffmanCode.from_symbols(syms, k + 1)
-        est = (gcode.bits(runs) + icode.bits(syms) + 7) // 8 + 8 * 2
-        if est >= best.nbytes:
+        gcode, icode, gb, ib = _sparse_codes(gaps, tail, counts, k, gap_bits)
+        if (gb + ib + 7) // 8 + 8 * 2 >= best_size:
             continue
-        gdata, gbits = encode(runs, gcode)
-        idata, ibits = encode(syms, icode)
-        cand = _Encoded({**base, "encoding": "sparse", "gap_bits": gap_bits,
-                         "entries": len(runs), "gap_nbits": gbits, "index_nbits": ibits},
-                        {"codebook": book_bytes, "gap_lengths": _pack_lengths(gcode.lengths),
-                         "index_lengths": _pack_lengths(icode.lengths), "gaps": gdata,
-                         "indices": idata}, len(nz))
-        if cand.nbytes < best.nbytes:
-            best = cand
+        glen, ilen = _pack_lengths(gcode.lengths), _pack_lengths(icode.lengths)
+        size = len(book_bytes) + len(glen) + len(ilen) + (gb + 7) // 8 + (ib + 7) // 8
+        if size < best_size:
+            best_size, best = size, ("sparse", gap_bits, gcode, icode, glen, ilen)
+    if w.ndim >= 3 and 2 <= math.prod(w.shape[2:]) <= MAX_KERNEL and len(nz):
+        cand = _encode_kernels(flat, w.shape, book_bytes, idx, base)
+        if cand.nbytes < best_size:
+            return cand
+    if best[0] == "dense":
+        dense_syms = np.full(flat.size, k, dtype=np.uint16)
+        dense_syms[nz] = idx
+        data, nbits = encode(dense_syms, code)
+        return _Encoded({**base, "encoding": "dense", "index_nbits": nbits},
+                        {"codebook": book_bytes, "index_lengths": lengths, "indices": data},
+                        len(nz))
+    _, gap_bits, gcode, icode, glen, ilen = best
+    runs, syms = _sparse_entries(nz, idx, flat.size, k, gap_bits)
+    gdata, gbits = encode(runs, gcode)
+    idata, ibits = encode(syms, icode)
+    return _Encoded({**base, "encoding": "sparse", "gap_bits": gap_bits, "entries": len(runs),
+                     "gap_nbits": gbits, "index_nbits": ibits},
+                    {"codebook": book_bytes, "gap_lengths": glen, "index_lengths": ilen,
+                     "gaps": gdata, "indices": idata}, len(nz))
+
+
     if w.ndim >= 3 and 2 <= math.prod(w.shape[2:]) <= MAX_KERNEL and len(nz):
         cand = _encode_kernels(flat, w.shape, book_bytes, idx, base)
         if cand.nbytes < best.nbytes:
@@ -374,20 +414,21 @@ def _encode_kernels(flat: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
     live = np.flatnonzero(counts)
     rank, _ = _subset_tables(size)
     patterns = (live_mask[live].astype(np.int64) << np.arange(size)).sum(1)
-    subsets, sbits = _pack_subsets(np.array([math.comb(size, int(n)) for n in counts[live]],
-                                            dtype=object), rank[patterns])
+    combs = np.array([math.comb(size, n) for n in range(size + 1)], dtype=object)
+    subsets, sbits = _pack_subsets(combs[counts[live]], rank[patterns])
     icode = HuffmanCode.from_symbols(idx, base["clusters"])
     idata, ibits = encode(idx, icode)
     out = []
+    count_counts = np.bincount(counts[live] - 1, minlength=size)
+    gaps, tail = _gaps(live, len(counts))
     for gap_bits in range(1, 9):
-        runs, syms = _sparse_entries(live, counts[live] - 1, len(counts), size, gap_bits)
-        gcode = HuffmanCode.from_symbols(runs, 1 << gap_bits)
-        ccode = HuffmanCode.from_symbols(syms, size + 1)
-        cost = (gcode.bits(runs) + 7) // 8 + (ccode.bits(syms) + 7) // 8 + (1 << gap_bits) // 2
+        gcode, ccode, gb, cb = _sparse_codes(gaps, tail, count_counts, size, gap_bits)
+        cost = (gb + 7) // 8 + (cb + 7) // 8 + (1 << gap_bits) // 2
         if out and cost >= out[0][0]:
             continue  # the streams' exact sizes, known before encoding: keep the cheapest
-        out = [(cost, gap_bits, runs, syms, gcode, ccode)]
-    _, gap_bits, runs, syms, gcode, ccode = out[0]
+        out = [(cost, gap_bits, gcode, ccode)]
+    _, gap_bits, gcode, ccode = out[0]
+    runs, syms = _sparse_entries(live, counts[live] - 1, len(counts), size, gap_bits)
     gdata, gbits = encode(runs, gcode)
     cdata, cbits = encode(syms, ccode)
     return _Encoded(

@@ -8,6 +8,7 @@ reachable as ``deepzip.dzip.save``, ``deepzip.dzip.load`` and so on.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .dzip import (
     _BN_KEYS,
@@ -49,7 +51,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
            "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 
 
-def _plain_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
+def _plain_state(model: nn.Module, copy: bool = True, lazy: bool = False
+                 ) -> dict[str, Any]:
     """State dict as the plain model would have it: pruning masks (``weight_orig`` /
     ``weight_mask``) and weight sharing (parametrizations) folded into ``weight``.
 
@@ -58,6 +61,8 @@ def _plain_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]
     in a canonical order (by module, then name), so a model gives the same file whether
     it was pruned in this process or loaded from a checkpoint (PyTorch re-registers a
     pruned parameter last). ``copy=False``: the tensors as they are (meta ones too).
+    ``lazy``: a shared weight as a function computing it, so a writer holds one layer's
+    weights at a time, not a second copy of the model (implies ``copy=False``).
     """
     modules = dict(model.named_modules())
     position = {name: i for i, name in enumerate(modules)}
@@ -69,7 +74,8 @@ def _plain_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]
             mod = head.rstrip(".")
             attr, _, tail = rest.partition(".")
             if tail == "original":
-                out[_join(mod, attr)] = getattr(modules[mod], attr)
+                out[_join(mod, attr)] = functools.partial(getattr, modules[mod], attr) \
+                    if lazy else getattr(modules[mod], attr)
             continue
         if leaf.endswith(("_orig", "_mask")) and is_pruned(modules[owner], leaf[:-5]):
             if leaf.endswith("_orig"):
@@ -78,31 +84,65 @@ def _plain_state(model: nn.Module, copy: bool = True) -> dict[str, torch.Tensor]
         out[key] = t
     ordered = sorted(out.items(), key=lambda kv: (position.get(kv[0].rpartition(".")[0], -1),
                                                   kv[0]))
-    if not copy:
+    if not copy or lazy:
         return dict(ordered)
     return {k: v.detach().cpu().contiguous() for k, v in ordered}
 
 
-def _shared_names(state: dict[str, torch.Tensor]) -> set[str]:
-    """Floating tensors of 2+ dimensions with at most 256 distinct nonzero values: stored
-    shared (the codebook is exactly those values, so this is lossless)."""
-    return {k for k, w in state.items() if w.is_floating_point() and w.dim() >= 2
-            and w.numel() and bool(torch.isfinite(w).all())
-            and torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS}
+def _is_shared(w: torch.Tensor, book: torch.Tensor | None = None) -> bool:
+    """A floating tensor of 2+ dimensions with at most 256 distinct nonzero values: stored
+    shared (the codebook is exactly those values, so this is lossless). ``book``: the
+    codebook a weight-sharing parametrization computed it from, so its values need not
+    be counted (nor checked one by one: they are the codebook's); a sample with more
+    distinct values than that settles most raw tensors without sorting all of them."""
+    if not (w.is_floating_point() and w.dim() >= 2 and w.numel()):
+        return False
+    if book is not None:
+        return bool(torch.isfinite(book).all())
+    if not bool(torch.isfinite(w).all()):
+        return False
+    sample = w.flatten()[:4096]
+    if torch.unique(sample[sample != 0]).numel() > MAX_CLUSTERS:
+        return False
+    return torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS
+
+
+def _codebook_keys(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a sharing parametrization computes from a codebook of at most 256
+    values (:class:`deepzip.quantize.SharedWeight` and its training form): key -> book."""
+    out = {}
+    for layer, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for attr, plist in m.parametrizations.items():
+                book = getattr(plist[0], "codebook", None)
+                if len(plist) == 1 and isinstance(book, torch.Tensor) and \
+                        book.numel() <= MAX_CLUSTERS:
+                    out[_join(layer, attr)] = book.detach()
+    return out
 
 
 def _aliases(model: nn.Module, keys: list[str]) -> dict[str, str]:
     """Keys that name a tensor already stored under an earlier one of ``keys`` (tied
-    weights, buffers sharing storage): alias -> first key."""
+    weights, buffers sharing storage): alias -> first key. A pruned or shared weight is
+    known by its underlying parameter (and its parametrization), so a tied tensor that
+    was pruned or shared is still stored once."""
     own = model.state_dict(keep_vars=True)
+    modules = dict(model.named_modules())
     first: dict[tuple, str] = {}
     out = {}
     for key in keys:
-        t = own.get(key)
-        if t is None:  # a pruned or shared weight: never tied (see prune.prunable)
+        owner, _, leaf = key.rpartition(".")
+        m = modules.get(owner)
+        if m is not None and parametrize.is_parametrized(m, leaf):
+            plist = m.parametrizations[leaf]
+            ident: tuple = ("shared", id(plist.original), *map(id, plist))
+        elif m is not None and is_pruned(m, leaf):
+            ident = ("pruned", id(getattr(m, f"{leaf}_orig")))
+        elif (t := own.get(key)) is not None:
+            ident = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) \
+                if t.numel() else (id(t),)
+        else:
             continue
-        ident = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) \
-            if t.numel() else (id(t),)
         if ident in first:
             out[key] = first[ident]
         else:
@@ -198,7 +238,7 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
     _check_dtypes(raw_dtype, codebook_dtype)
     bake_(model)
     state = _plain_state(model)
-    shared = _shared_names(state)
+    shared = {k for k, t in state.items() if _is_shared(t)}
     own = model.state_dict(keep_vars=True)
     folded, stores = set(), {}
     with torch.no_grad():
@@ -211,7 +251,7 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
                 store = _bn_store(scale, shift, raw_dtype)
                 stores.update({f"{prefix}.weight": store, f"{prefix}.bias": store})
         for cb in codebooks(model).values():
-            used = torch.unique(cb.indices[cb.mask != 0])
+            used = torch.unique(cb.indices[cb.mask]).long()
             cb.codebook[used] = _round_shared(cb.codebook[used], codebook_dtype)
         for key, t in own.items():
             if "parametrizations." in key or not t.is_floating_point() or key in folded:
@@ -282,19 +322,19 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     >>> model = load("resnet20.dzip")  # doctest: +SKIP
     """
     _check_dtypes(raw_dtype, codebook_dtype)
-    state = _plain_state(model)
-    broken = [k for k, t in state.items() if t.is_floating_point() and bool(t.isnan().any())]
-    if broken:
-        raise DeepzipError(f"{', '.join(broken[:3])} hold NaN values: refusing to write a "
-                           "model that cannot compute (did training diverge?)")
+    state = _plain_state(model, lazy=True)  # shared weights computed one at a time below
     aliases = _aliases(model, list(state))
-    shared = _shared_names(state)
+    known = _codebook_keys(model)
     bns = _batchnorms(model) if fold_batchnorm else {}
     owner = {f"{p}.{k}": p for p in bns for k in _BN_KEYS}
     blobs: list[bytes] = []
     offset = 0
     tensors, report = [], []
     for key, t in state.items():
+        t = (t() if callable(t) else t).detach().cpu().contiguous()
+        if t.is_floating_point() and bool(t.isnan().any()):
+            raise DeepzipError(f"{key} holds NaN values: refusing to write a model that "
+                               "cannot compute (did training diverge?)")
         if key in owner and not key.endswith(".weight"):
             continue  # a folded BatchNorm is written once, at its weight
         entry: dict[str, Any] = {"name": key, "shape": list(t.shape), "dtype": _dtype_name(t)}
@@ -312,9 +352,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
                      "encoding": "bn", "eps": bns[prefix], "store": store}
             parts = {"data": _stored(scale, store) + _stored(shift, store)}
             info = {"nonzero": int(torch.count_nonzero(scale))}
-        elif key in shared:
-            enc = _encode_shared(_round_shared(t.float(), codebook_dtype).numpy(),
-                                 codebook_dtype)
+        elif _is_shared(t, known.get(key)):
+            w = t.float() if codebook_dtype == "float32" else \
+                _round_shared(t.float(), codebook_dtype)  # float32 keeps every value
+            enc = _encode_shared(w.numpy(), codebook_dtype)
             entry.update(enc.meta)
             parts = enc.parts
             info = {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]}
@@ -464,8 +505,9 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
         params = sum(p.numel() for p in model.parameters())
     else:
         params = sum(r["params"] for r in rows)
+        unique = {id(t): t for t in state.values()}.values()  # a tied tensor counts once
         fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
-                   for t in state.values())
+                   for t in unique)
     shared = [r for r in rows if "clusters" in r]
     nonzero = sum(r["nonzero"] for r in shared)
     return {
@@ -480,7 +522,10 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
 
 def state_dict_bytes(model: nn.Module) -> int:
     """Bytes of the fp32 state_dict as ``torch.save`` writes it (the usual baseline)."""
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in _plain_state(model).items()}
+    for alias, key in _aliases(model, list(state)).items():
+        state[alias] = state[key]  # a tied tensor: torch.save writes shared storage once
     buf = io.BytesIO()
-    torch.save({k: v.float() if v.is_floating_point() else v
-                for k, v in _plain_state(model).items()}, buf)
+    torch.save(state, buf)
     return buf.tell()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import atomic_path, atomic_write
 from .errors import DeepzipError
 
 __all__ = ["OPSET", "compare_onnx", "require", "to_onnx", "to_safetensors"]
@@ -110,6 +110,7 @@ def to_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str],
     st = require("safetensors.torch")
     out: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
+    seen: set[int] = set()
     for k, t in state.items():
         t = t.detach().cpu()
         if sparse and t.is_floating_point() and t.dim() >= 2 and \
@@ -118,11 +119,13 @@ def to_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str],
             idx = torch.nonzero(flat).flatten()
             out[f"{k}.indices"], out[f"{k}.values"] = idx, flat[idx].contiguous()
             shapes[k] = list(t.shape)
-        else:
-            out[k] = t.clone().contiguous()
+        else:  # a copy only where the storage is already written (tied tensors)
+            ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
+            out[k] = t.clone().contiguous() if ptr in seen else t.contiguous()
+            seen.add(ptr)
     meta = dict(metadata or {})
     if shapes:
         meta["deepzip.sparse"] = json.dumps(shapes)
-    with atomic_write(path) as f:
-        f.write(st.save(out, metadata=meta or None))
+    with atomic_path(path) as tmp:  # written straight to the file: no copy in memory
+        st.save_file(out, str(tmp), metadata=meta or None)
     return {"dense": [k for k in state if k not in shapes], "sparse": list(shapes)}

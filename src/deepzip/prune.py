@@ -9,9 +9,9 @@ weights stay exactly zero through training with momentum and weight decay. :func
 turns the masked weights back into plain weights with exact zeros; a baked model carries
 its masks as those zeros (:func:`restore_masks_`).
 
-Parameters tied to another (one tensor under two names, e.g. a language model's
-embedding and decoder) are left out: a mask or a codebook on one of its owners would
-untie them. They are stored once in a ``.dzip`` and re-tied on load.
+A tensor tied under several names (a language model's embedding and output layer) is
+one target, named after its first owner: its mask and codebook go on every owner, so it
+is pruned and shared once, stays tied, is stored once in a ``.dzip`` and re-tied on load.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import copy
 import fnmatch
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [
     "prune_",
     "restore_masks_",
     "sensitivity",
+    "smallest_masks",
     "sparsity_of",
     "std_mask",
     "std_threshold",
@@ -68,11 +69,72 @@ def mask_smallest(w: torch.Tensor, k: int) -> torch.Tensor:
     n = w.numel()
     if not 0 <= k <= n:
         raise DeepzipError(f"cannot prune {k} of {n} weights")
-    mask = torch.ones(n, dtype=w.dtype, device=w.device)
-    if k:
-        order = torch.argsort(w.detach().abs().flatten(), stable=True)
-        mask[order[:k]] = 0
-    return mask.view_as(w)
+    return next(smallest_masks([w], k)).to(w.dtype)
+
+
+def _magnitude_bits(w: torch.Tensor) -> Iterator[torch.Tensor]:
+    """|w| as float32 bit patterns (int32), a chunk at a time: for non-negative floats,
+    integer order is magnitude order, so a threshold can be found by counting, without
+    sorting, and never with more than a chunk's temporaries."""
+    flat = w.detach().reshape(-1)
+    for chunk in flat.split(_CHUNK):
+        yield chunk.abs().float().view(torch.int32)
+
+
+_CHUNK = 1 << 22
+
+
+def _threshold(weights: Sequence[torch.Tensor], k: int) -> tuple[int, int]:
+    """(t, ties): the k smallest magnitudes among all ``weights`` are those whose bit
+    pattern is below t, and the first ``ties`` equal to t. Two passes of radix counting:
+    the top 16 bits, then the low 16 within the threshold's bucket."""
+    hist = torch.zeros(1 << 16, dtype=torch.int64)
+    for w in weights:
+        for b in _magnitude_bits(w):
+            hist += torch.bincount(b >> 16, minlength=1 << 16).cpu()
+    top = int(torch.searchsorted(hist.cumsum(0), k))  # the bucket holding the k-th value
+    below = int(hist[:top].sum())
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for w in weights:
+        for b in _magnitude_bits(w):
+            low += torch.bincount(b[(b >> 16) == top] & 0xFFFF, minlength=1 << 16).cpu()
+    bottom = int(torch.searchsorted(low.cumsum(0), k - below))
+    return (top << 16) | bottom, k - below - int(low[:bottom].sum())
+
+
+def _keep(w: torch.Tensor, threshold: int, ties: int) -> tuple[torch.Tensor, int]:
+    """(w's boolean keep-mask, the ties left for the tensors after it)."""
+    keep = torch.empty(w.numel(), dtype=torch.bool, device=w.device)
+    at = 0
+    for b in _magnitude_bits(w):
+        part = keep[at:at + len(b)]
+        torch.gt(b, threshold, out=part)
+        equal = b == threshold
+        if ties > 0:
+            where = torch.nonzero(equal).flatten()
+            equal[where[:ties]] = False  # these are pruned; the later equal ones kept
+            ties -= min(ties, len(where))
+        part |= equal
+        at += len(b)
+    return keep.view(w.shape), ties
+
+
+def smallest_masks(weights: Sequence[torch.Tensor], k: int) -> Iterator[torch.Tensor]:
+    """Boolean keep-masks, one tensor at a time, over several tensors together that prune
+    exactly the ``k`` smallest magnitudes among all of them (ties by position: tensor
+    order, then index).
+
+    An exact selection in time linear in the number of weights and memory of one chunk's
+    temporaries plus the mask being yielded: never a sorted or concatenated copy of the
+    weights (a 1B-parameter model's would be gigabytes).
+    """
+    total = sum(w.numel() for w in weights)
+    if not 0 <= k <= total:
+        raise DeepzipError(f"cannot prune {k} of {total} weights")
+    threshold, ties = _threshold(weights, k) if k else (-1, 0)
+    for w in weights:
+        mask, ties = _keep(w, threshold, ties)
+        yield mask
 
 
 def percentile_mask(w: torch.Tensor, q: float) -> torch.Tensor:
@@ -124,13 +186,9 @@ def global_masks(weights: Mapping[str, torch.Tensor], sparsity: float) -> dict[s
         raise DeepzipError(f"global sparsity must be in [0, 1), got {sparsity}")
     if not weights:
         raise DeepzipError("no layers selected for pruning")
-    flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
-    keep = mask_smallest(flat, round(sparsity * flat.numel()))
-    out, start = {}, 0
-    for name, w in weights.items():
-        out[name] = keep[start:start + w.numel()].view_as(w).to(w.dtype)
-        start += w.numel()
-    return out
+    n = sum(w.numel() for w in weights.values())
+    keep = smallest_masks(list(weights.values()), round(sparsity * n))
+    return {name: m.to(w.dtype) for (name, w), m in zip(weights.items(), keep, strict=True)}
 
 
 def agp_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
@@ -159,6 +217,13 @@ class Target:
     layer: str
     module: nn.Module
     attr: str
+    also: tuple[tuple[nn.Module, str], ...] = ()  # the same tensor's other owners (tied)
+
+    @property
+    def owners(self) -> tuple[tuple[nn.Module, str], ...]:
+        """Every (module, attribute) holding this tensor: a mask or a codebook goes on
+        all of them, so tied weights stay tied."""
+        return ((self.module, self.attr), *self.also)
 
     @property
     def name(self) -> str:
@@ -206,12 +271,18 @@ def prunable(model: nn.Module, include: Sequence[str] | None = None,
     module that matches; ``exclude`` removes matches. A pattern that matches no parameter
     at all is an error that lists the names, so a typo never silently prunes everything.
     """
-    tied = _tied(model)
-    every: list[Target] = []
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    found = []
     for layer, m in model.named_modules():
         for attr, p in _params(m):
-            if p.is_floating_point() and p.dim() >= 2 and id(p) not in tied:
-                every.append(Target(layer, m, attr))
+            if p.is_floating_point() and p.dim() >= 2:
+                owners.setdefault(id(p), []).append((m, attr))
+                found.append((layer, m, attr, id(p)))
+    every: list[Target] = []
+    for layer, m, attr, key in found:  # a tied tensor once, under its first name
+        first, *rest = owners[key]
+        if first == (m, attr):
+            every.append(Target(layer, m, attr, tuple(rest)))
     for kind, patterns in (("include", include or []), ("exclude", exclude or [])):
         for pat in patterns:
             if pat != "*" and not any(t.matches([pat]) for t in every):
@@ -224,14 +295,6 @@ def prunable(model: nn.Module, include: Sequence[str] | None = None,
     else:
         chosen = [t for t in every if isinstance(t.module, DEFAULT_LAYERS)]
     return [t for t in chosen if not t.matches(exclude or [])]
-
-
-def _tied(model: nn.Module) -> set[int]:
-    """ids of parameters that appear under more than one name (tied weights)."""
-    count: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        count[id(p)] = count.get(id(p), 0) + 1
-    return {i for i, n in count.items() if n > 1}
 
 
 # ---------------------------------------------------------------- module adapters
@@ -294,37 +357,60 @@ def _pruned_attrs(module: nn.Module) -> list[str]:
 
 
 def _set_mask(t: Target, mask: torch.Tensor) -> None:
-    """Install or tighten a target's mask; pruned weights are also zeroed underneath."""
-    m, a = t.module, t.attr
-    if is_pruned(m, a):
-        getattr(m, f"{a}_mask").mul_(mask.to(getattr(m, f"{a}_mask")))
-    else:
-        tprune.custom_from_mask(m, a, mask.to(getattr(m, a).device))
-    with torch.no_grad():
-        orig, msk = getattr(m, f"{a}_orig"), getattr(m, f"{a}_mask")
-        orig.mul_(msk)
-        setattr(m, a, orig * msk)  # refresh now, not at the next forward
+    """Install or tighten a target's mask (on each owner of a tied tensor); pruned
+    weights are also zeroed underneath."""
+    for m, a in t.owners:
+        if is_pruned(m, a):
+            getattr(m, f"{a}_mask").mul_(mask.to(getattr(m, f"{a}_mask")))
+        else:
+            tprune.custom_from_mask(m, a, mask.to(getattr(m, a).device))
+        with torch.no_grad():
+            orig, msk = getattr(m, f"{a}_orig"), getattr(m, f"{a}_mask")
+            orig.mul_(msk)
+            setattr(m, a, orig * msk)  # refresh now, not at the next forward
 
 
-def prune_(model: nn.Module, config: PruneConfig) -> dict[str, float]:
+def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False) -> dict[str, float]:
     """Prune ``model`` in place; return each pruned parameter's sparsity, by target name.
 
     Already-pruned targets keep their zeros: the new mask is computed on the current
     (masked) weights and multiplied into the old one, so percentile q means total sparsity.
+    ``bake=True`` (no retraining follows) zeroes the pruned weights in place and keeps no
+    masks: no memory beyond the model's own but one layer's temporaries and a bit per
+    weight, where masks (``torch.nn.utils.prune``) hold a second copy of every weight.
+
+    >>> prune_(model, PruneConfig("global", 0.9), bake=True)  # doctest: +SKIP
     """
+    if bake:
+        bake_(model)
     targets = prunable(model, config.include, config.exclude)
     if not targets:
         raise DeepzipError("no prunable parameters match the include/exclude patterns")
-    weights = {t.name: t.weight.detach() for t in targets}
+    weights = [t.weight.detach() for t in targets]
     if config.method == "global":
-        new = global_masks(weights, config.amount)
+        n = sum(w.numel() for w in weights)
+        keep = smallest_masks(weights, round(config.amount * n))
     else:
-        fn = percentile_mask if config.method == "percentile" else std_mask
         amounts = per_target(targets, config.per_layer, config.amount)
-        new = {n: fn(w, amounts[n]) for n, w in weights.items()}
-    for t in targets:
-        _set_mask(t, new[t.name])
-    return {t.name: 1 - float(getattr(t.module, f"{t.attr}_mask").mean()) for t in targets}
+        keep = (_layer_mask(w, config.method, amounts[t.name])
+                for t, w in zip(targets, weights, strict=True))
+    out = {}
+    for t, mask in zip(targets, keep, strict=True):  # one mask at a time
+        if bake:
+            with torch.no_grad():
+                t.weight.masked_fill_(~mask, 0)
+        else:
+            _set_mask(t, mask.to(t.weight.dtype))
+            mask = getattr(t.module, f"{t.attr}_mask")
+        out[t.name] = 1 - int(torch.count_nonzero(mask)) / mask.numel()
+    return out
+
+
+def _layer_mask(w: torch.Tensor, method: str, amount: float) -> torch.Tensor:
+    _check_amount(method, amount)
+    if method == "percentile":
+        return next(smallest_masks([w], round(amount * w.numel())))
+    return w.abs() >= std_threshold(w, amount)
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -298,20 +298,24 @@ def entropy_constrained(v: np.ndarray, c: np.ndarray, lam: float, max_iter: int 
 
 # ---------------------------------------------------------------- module adapters
 class SharedWeight(nn.Module):
-    """Parametrization ``weight = codebook[indices] * mask`` (indices and mask fixed)."""
+    """Parametrization ``weight = codebook[indices] * mask`` (indices and mask fixed).
+
+    Indices are kept as uint8 (at most 256 centroids) and the mask as bool: a shared
+    layer costs two bytes per weight beside its latent fp32 weights, not twelve."""
 
     def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor,
                  bits: int) -> None:
         super().__init__()
         self.codebook = nn.Parameter(codebook.clone())
-        self.register_buffer("indices", indices)
-        self.register_buffer("mask", mask)
+        self.register_buffer("indices", indices.to(torch.uint8))
+        self.register_buffer("mask", mask.bool())
         self.bits = bits
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
         if self.codebook.numel() == 0:
-            return torch.zeros_like(self.mask)
-        return self.codebook[self.indices] * self.mask
+            return torch.zeros(self.mask.shape, dtype=self.codebook.dtype,
+                               device=self.mask.device)
+        return self.codebook[self.indices.int()].mul_(self.mask)  # no third copy
 
 
 @dataclass
@@ -386,20 +390,26 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
         scale = _fit_scale(targets, config, pen)
         pen = {k: v * scale for k, v in pen.items()}
     for t in targets:
-        m, name = t.module, t.name
+        name = t.name
         bits = config.bits_for(t)
         w = t.weight.detach()
-        mask = (w != 0).to(w.dtype)
-        r = kmeans_1d(w[w != 0], bits, config.init, seed=config.seed, max_iter=config.max_iter,
+        mask = w != 0
+        r = kmeans_1d(w[mask], bits, config.init, seed=config.seed, max_iter=config.max_iter,
                       entropy_weight=config.entropy_weight, penalty=pen[name])
-        indices = torch.zeros(w.shape, dtype=torch.long, device=w.device)
-        indices[w != 0] = torch.from_numpy(r.labels).to(w.device)
+        indices = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
+        indices[mask] = torch.from_numpy(r.labels.astype(np.uint8)).to(w.device)
         codebook = torch.from_numpy(r.centroids).to(w)
-        parametrize.register_parametrization(
-            m, t.attr, SharedWeight(codebook, indices, mask, bits), unsafe=True)
+        _install(t, SharedWeight(codebook, indices, mask, bits))
         out[name] = {"bits": bits, "clusters": len(r.centroids), "error": r.error,
                      "iterations": r.iterations}
     return out
+
+
+def _install(t: Target, parametrization: nn.Module) -> None:
+    """One parametrization on every owner of the target's tensor (tied weights share
+    one codebook, so they stay tied)."""
+    for m, a in t.owners:
+        parametrize.register_parametrization(m, a, parametrization, unsafe=True)
 
 
 def _targets(model: nn.Module, config: QuantizeConfig) -> list[Target]:
@@ -490,7 +500,9 @@ def fisher_sensitivity(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     """Per prunable parameter, the mean squared gradient of the loss over its nonzero
     weights, averaged over up to ``max_batches`` batches (the diagonal of the empirical
     Fisher information, per layer): about how much the loss grows per unit of squared
-    error in that layer's weights. Evaluation mode, fp32; pruning masks are baked.
+    error in that layer's weights. Evaluation mode, fp32; pruning masks are baked. Each
+    layer's gradient is consumed as soon as it is complete, so memory holds one layer's
+    gradient at a time (a big model's would double it).
 
     >>> s = fisher_sensitivity(model, loader)  # doctest: +SKIP
     >>> cfg = QuantizeConfig(bits=6, entropy_weight=300, sensitivity=s)  # doctest: +SKIP
@@ -500,19 +512,33 @@ def fisher_sensitivity(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     targets = prunable(model, include, exclude)
     device = next(model.parameters()).device
     sums = dict.fromkeys((t.name for t in targets), 0.0)
+
+    def accumulate(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:  # as soon as the layer's gradient is complete
+            live = p.detach() != 0
+            if p.grad is not None and bool(live.any()):
+                sums[name] += float((p.grad[live].double() ** 2).mean())
+            p.grad = None  # one layer's gradient at a time, never the whole model's
+        return hook
+
+    measured = {id(t.weight) for t in targets}
+    frozen = [p for p in model.parameters() if id(p) not in measured and p.requires_grad]
+    hooks = [t.weight.register_post_accumulate_grad_hook(accumulate(t.name))
+             for t in targets if t.weight.requires_grad]
     was, n = model.training, 0
     model.eval()
     try:
+        for p in frozen:  # biases, norms: no gradient needed
+            p.requires_grad_(False)
         for x, y in itertools.islice(batches, max_batches):
             model.zero_grad(set_to_none=True)
             loss_fn(model(x.to(device)), y.to(device)).backward()
-            for t in targets:
-                w, g = t.weight, t.weight.grad
-                live = w.detach() != 0
-                if g is not None and bool(live.any()):
-                    sums[t.name] += float((g[live].double() ** 2).mean())
             n += 1
     finally:
+        for h in hooks:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
         model.train(was)
     if not n:
@@ -673,7 +699,7 @@ def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
     for t in targets:
         w = t.weight.detach()
         ts = TrainedSharing((w != 0).to(w.dtype), config.bits_for(t), pen[t.name])
-        parametrize.register_parametrization(t.module, t.attr, ts, unsafe=True)
+        _install(t, ts)
         layers.append((t, ts))
     hook = _Recluster(layers, config, recluster_every, scale)
     hook.recluster()
@@ -683,10 +709,11 @@ def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
     out = {}
     for t, ts in layers:
         shared = ts.shared(t.module.parametrizations[t.attr].original)
-        parametrize.remove_parametrizations(t.module, t.attr, leave_parametrized=False)
+        for m, a in t.owners:
+            parametrize.remove_parametrizations(m, a, leave_parametrized=False)
         with torch.no_grad():
             getattr(t.module, t.attr).copy_(shared(None))
-        parametrize.register_parametrization(t.module, t.attr, shared, unsafe=True)
+        _install(t, shared)
         out[t.name] = {"bits": ts.bits, "clusters": int(ts.clusters)}
     return out, history
 
