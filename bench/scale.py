@@ -202,7 +202,7 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None]) -> list[dict]:
 
     def stage(what: str, fn: Callable[[], object], base: str | None) -> object:
         s, peak, out = measure(fn)
-        rows.append({"model": name, "stage": what, "seconds": s, "params_per_s": params / s,
+        rows.append({"model": name, "stage": what, "seconds": s, "params": params,
                      "base": base, "peak": peak, "fp32": fp32})
         log(f"{name:13s} {what:34s} {s:8.2f} s  peak +{peak / 2**20:8.0f} MiB")
         return out
@@ -257,7 +257,8 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None]) -> list[dict]:
     stage("bake_ (masks -> zeros)", lambda: bake_(other), "save")
     other = None
     log(f"{name}: file {size:,} bytes, {fp32 / size:.1f}x the fp32 state_dict")
-    rows.append({"model": name, "stage": "file", "bytes": size, "fp32": fp32})
+    rows.append({"model": name, "stage": "file", "bytes": size, "fp32": fp32,
+                 "params": params})
     return rows
 
 
@@ -275,7 +276,6 @@ def table(rows: list[dict]) -> str:
                     and x["stage"].startswith(r["stage"][:-2])]
             r["seconds"] = statistics.median(x["seconds"] for x in same)
             r["peak"] = max(x["peak"] for x in same)
-            r["params_per_s"] = same[0]["params_per_s"] * same[0]["seconds"] / r["seconds"]
             r["stage"] = r["stage"][:-3] + ", median of 3"
             ref[(r["model"], r["stage"].split()[0][6:])] = r["seconds"]
     for r in rows:
@@ -292,8 +292,35 @@ def table(rows: list[dict]) -> str:
             met = r["seconds"] / ref[(r["model"], r["base"])] <= goal
             ratio += f" ({'ok' if met else 'over'} <= {goal:g}x)"
         lines.append(f"| {r['model']} | {r['stage']} | {r['seconds']:.2f} | "
-                     f"{r['params_per_s'] / 1e6:.1f} | {ratio} | "
+                     f"{r['params'] / r['seconds'] / 1e6:.1f} | {ratio} | "
                      f"{r['peak'] / 2**20:,.0f} MiB ({r['peak'] / r['fp32']:.2f}x) |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per model: the file, each goal's ratio, the largest peak beyond the model
+    in the stages that do not train (the masked path is retraining's)."""
+    lines = ["| model | parameters | file vs fp32 | prune in place | share, 4 bits | save | "
+             "load into model | largest peak beyond the model |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        by = {r["stage"]: r for r in mine}
+        ref = {b: next(r["seconds"] for r in mine if r["stage"].startswith(f"torch.{b}")
+                       and "median" in r["stage"]) for b in ("save", "load")}
+
+        def ratio(stage: str, base: str, by: dict = by, ref: dict = ref) -> str:
+            return f"{by[stage]['seconds'] / ref[base]:.1f}x {base}"
+
+        peak = max((r for r in mine if r["stage"] != "file" and "masks" not in r["stage"]
+                    and not r["stage"].startswith("torch.")), key=lambda r: r["peak"])
+        file = by["file"]
+        lines.append(
+            f"| {name} | {mine[0]['params'] / 1e6:,.1f}M | **{file['fp32'] / file['bytes']:.1f}x**"
+            f" ({file['bytes'] / 2**20:.1f} MiB) | {ratio('prune: global 90%, in place', 'save')}"
+            f" | {ratio('share: k-means, 4 bits', 'save')} | {ratio('dzip.save', 'save')} | "
+            f"{ratio('dzip.load into the model', 'load')} | {peak['peak'] / file['fp32']:.2f}x "
+            f"({peak['stage'].split(' (')[0]}) |")
     return "\n".join(lines)
 
 
@@ -319,14 +346,17 @@ def main() -> int:
                                stdout=subprocess.PIPE, text=True)
         rows += json.loads(child.stdout.strip().splitlines()[-1])
     text = table(rows)
-    print(text)
+    brief = summary(rows)
+    print(brief + "\n\n" + text)
     if args.out:
         Path(args.out).write_text(
             f"$ python bench/scale.py --models {args.models} --out {args.out}\n\n"
             f"torch {torch.__version__}, one thread, each model in a process of its own; "
             "random weights of the real shapes; one run (torch.save/load: the median of "
             "three). Peak: the resident set's high-water mark during the stage minus what "
-            f"was resident before it.\n\n{text}\n")
+            f"was resident before it. Goals: prune and save <= 3x torch.save, load <= 2x "
+            f"torch.load, sharing <= 10x torch.save, peak <= 1x the model.\n\n{brief}\n\n"
+            f"{text}\n")
     return 0
 
 

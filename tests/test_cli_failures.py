@@ -140,3 +140,14 @@ def test_read_only_folder(capsys, tmp_path, ckpt, monkeypatch):
     monkeypatch.setattr(os, "replace", read_only)
     err = one_line(capsys, "encode", ckpt, "-o", tmp_path / "m.dzip")
     assert "Read-only file system" in err and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_file_that_is_no_model_is_one_line_and_a_failed_start_leaves_no_folder(
+        capsys, tmp_path, data_root):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n")
+    err = one_line(capsys, "eval", notes, "--data-dir", data_root)
+    assert "neither a PyTorch checkpoint nor a .dzip file" in err
+    err = one_line(capsys, "run", "smoke", "--model", notes, "-o", tmp_path / "run",
+                   "--data-dir", data_root)
+    assert not (tmp_path / "run").exists()

@@ -228,6 +228,8 @@ def test_model_roundtrip_is_exact(tmp_path, raw, book):
     info = inspect(path)
     assert info["file_bytes"] == path.stat().st_size == sum(info["bytes_by_kind"].values())
     assert info["bytes_by_kind"]["positions"] > 0 and info["bytes_by_kind"]["values"] > 0
+    assert info["bytes_by_kind"]["BatchNorm"] > 0 and info["bytes_by_kind"]["biases"] > 0
+    assert info["bytes_by_kind"]["unshared weights"] == 0  # every weight is shared
     assert set(load_state(path)[0]) == set(get("resnet20").state_dict())
     assert sum(r["encoding"] == "bn" for r in info["tensors"]) == 19  # folded BatchNorm
 

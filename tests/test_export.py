@@ -37,6 +37,7 @@ def test_onnx_export_matches_pytorch(capsys, tmp_path, data_root, small_file):
     diff = float(out.split("max output difference ")[1].split(",")[0])
     assert diff < 1e-3
     import numpy as np
+    import onnx
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(tmp_path / "m.onnx"),
@@ -45,6 +46,42 @@ def test_onnx_export_matches_pytorch(capsys, tmp_path, data_root, small_file):
     y = session.run(None, {session.get_inputs()[0].name:
                            np.zeros((3, 3, 32, 32), np.float32)})[0]
     assert y.shape == (3, 10)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta["deepzip.normalization_in_graph"] == "true" and "[0, 1]" in meta["deepzip.input"]
+    assert json.loads(meta["deepzip.mean"]) == pytest.approx([0.4914, 0.4822, 0.4465])
+
+
+@pytest.mark.parametrize("name,normalize", [("resnet20", "imagenet"), ("lenet5", None)])
+def test_onnx_on_plain_images_scores_what_deepzip_eval_reports(capsys, tmp_path, data_root,
+                                                                name, normalize):
+    """A deployment feeds [0, 1] pixels: the exported graph must score deepzip eval's
+    accuracy on them (ResNet-20 with ImageNet constants, LeNet-5 on MNIST)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    from deepzip.data import load_cifar10, load_mnist
+    from deepzip.models import load_model
+
+    model, spec = load_model(name)
+    if normalize:
+        from deepzip.data import parse_normalize
+
+        mean, std = parse_normalize(normalize)
+        spec = ModelSpec(arch=name, mean=mean, std=std, task="cifar10")
+    path = tmp_path / f"{name}.dzip"
+    save(model, path, spec=spec)
+    capsys.readouterr()
+    assert main(["eval", str(path), "--subset", "1000", "--data-dir", str(data_root),
+                 "--json"]) == 0
+    reported = json.loads(capsys.readouterr().out)["test_acc"]
+    assert main(["export", str(path), "-o", str(tmp_path / "m.onnx"), "--subset", "1000",
+                 "--data-dir", str(data_root)]) == 0
+    split = (load_mnist if name == "lenet5" else load_cifar10)(data_root, train=False)
+    x = split.images[:1000].float().numpy() / 255  # plain pixels, as a user has them
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    acc = float((logits.argmax(1) == split.labels[:1000].numpy()).mean())
+    assert acc == pytest.approx(reported, abs=0.002)
 
 
 def test_safetensors_dense_and_sparse(capsys, tmp_path, small_file):
@@ -66,10 +103,36 @@ def test_safetensors_dense_and_sparse(capsys, tmp_path, small_file):
     assert "layer3.2.conv2.weight" in shapes
     for k, shape in shapes.items():
         rebuilt = torch.zeros(shape).flatten()
-        rebuilt[sparse[f"{k}.indices"]] = sparse[f"{k}.values"]
+        assert sparse[f"{k}.indices"].dtype in (torch.int16, torch.int32)  # the smallest
+        rebuilt[sparse[f"{k}.indices"].long()] = sparse[f"{k}.values"]
         assert torch.equal(rebuilt.view(shape), state[k])
     assert (tmp_path / "s.safetensors").stat().st_size < (tmp_path / "m.safetensors").stat(
     ).st_size
+
+
+def test_deepzip_reads_the_safetensors_it_writes_with_their_normalization(
+        capsys, tmp_path, data_root):
+    """eval of a decoded .safetensors (or checkpoint) uses the normalization it records,
+    so it scores exactly what the .dzip scores (ImageNet constants, not CIFAR's)."""
+    pytest.importorskip("safetensors")
+    from deepzip.data import parse_normalize
+
+    model, _ = __import__("deepzip.models", fromlist=["load_model"]).load_model("resnet20")
+    mean, std = parse_normalize("imagenet")
+    save(model, tmp_path / "m.dzip", spec=ModelSpec(mean=mean, std=std), raw_dtype="float32")
+    scores = {}
+    for name, extra in (("m.dzip", []), ("m.safetensors", []), ("s.safetensors", ["--sparse"]),
+                        ("m.pt", [])):
+        if name != "m.dzip":
+            assert main(["decode", str(tmp_path / "m.dzip"), "-o", str(tmp_path / name),
+                         *extra]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / name), "--subset", "500", "--json",
+                     "--data-dir", str(data_root)]) == 0
+        scores[name] = json.loads(capsys.readouterr().out)
+    assert scores["m.safetensors"]["mean"] == pytest.approx(list(mean))
+    assert {s["test_acc"] for s in scores.values()} == {scores["m.dzip"]["test_acc"]}
+    assert {s["test_loss"] for s in scores.values()} == {scores["m.dzip"]["test_loss"]}
 
 
 def test_missing_extra_names_it(capsys, tmp_path, small_file, monkeypatch):

@@ -86,7 +86,7 @@ def test_one_batch_check_names_the_broken_part():
                             loss=lambda out, y: out.sum(dim=5))
     with pytest.raises(DeepzipError, match="one batch through the loss"):
         bad.check(RegressionMLP(), bad.eval)
-    with pytest.raises(DeepzipError, match="one batch through the model"):
+    with pytest.raises(DeepzipError, match="one batch of .* through the model"):
         task.check(RegressionMLP(inputs=3), task.eval)
 
 
@@ -165,6 +165,10 @@ def test_compress_an_unregistered_model_from_python(tmp_path, capsys):
     assert s["identical_outputs"] and s["same_predictions"] == "256/256"
     assert s["baseline_score"] > 0.6 and s["decoded_score"] > s["baseline_score"] - 0.1  # 3 classes
     decoded = deepzip.dzip.load(tmp_path / "run" / "model.dzip", Unregistered())
+    assert report.path == tmp_path / "run" / "model.dzip"  # what compress made, handed back
+    assert torch.equal(report.model(x[:64]), decoded(x[:64]))
+    made = (tmp_path / "run" / "report.md").read_text()
+    assert "deepzip.compress(" in made and (tmp_path / "run" / "recipe.yaml").is_file()
     result = deepzip.verify(decoded, tmp_path / "run" / "model.dzip", test)
     assert result["identical"] and result["max_abs_diff"] == 0.0
     again = deepzip.compress(model, (train, test), str(recipe), out=tmp_path / "run",

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import DeepzipError, DeepzipFormatError
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it
 
 _WHERE = {
     "ModelSpec": "models", "load_checkpoint": "models", "load_model": "models",
     "pretrained": "models", "register_model": "models", "save_checkpoint": "models",
-    "compress": "pipeline", "verify": "pipeline",
+    "Compressed": "pipeline", "compress": "pipeline", "verify": "pipeline",
     "Accuracy": "task", "FunctionMetric": "task", "MeanAbsoluteError": "task",
-    "MeanSquaredError": "task", "Metric": "task", "Task": "task",
+    "MeanSquaredError": "task", "Metric": "task", "Perplexity": "task", "Task": "task",
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
 }
 _MODULES = {"atomic", "cli", "data", "dzip", "dzip_torch", "errors", "huffman", "models",
@@ -34,7 +34,15 @@ if TYPE_CHECKING:
         save_checkpoint,
     )
     from .pipeline import compress, verify
-    from .task import Accuracy, FunctionMetric, MeanAbsoluteError, MeanSquaredError, Metric, Task
+    from .task import (
+        Accuracy,
+        FunctionMetric,
+        MeanAbsoluteError,
+        MeanSquaredError,
+        Metric,
+        Perplexity,
+        Task,
+    )
     from .train import TrainConfig, evaluate, fit
 
 
@@ -55,6 +63,7 @@ __all__ = [
     "MeanSquaredError",
     "Metric",
     "ModelSpec",
+    "Perplexity",
     "Task",
     "TrainConfig",
     "compress",

@@ -26,7 +26,8 @@ from .models import ModelSpec, available, resolve_arch, save_checkpoint
 from .pipeline import open_model
 from .prune import FINETUNE
 from .quantize import CENTROID_TRAINING, INITS
-from .task import TASKS, Task, resolve_task
+from .recipe import shipped_recipes
+from .task import TASKS, Accuracy, Task, classification_loss, resolve_task
 from .train import (
     TrainConfig,
     default_device,
@@ -100,7 +101,9 @@ def model_and_task(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, Task
     """The model, and the task of ``--task`` or else the one the model records."""
     model, spec = resolve_model(args)
     model.to(_device(args))
-    return model, spec, _task(args, spec.task)
+    task = _task(args, spec.task)
+    task.check(model, task.eval_loader(mean=spec.mean, std=spec.std))  # one line if unfit
+    return model, spec, task
 
 
 def _score(model: nn.Module, task: Task, spec: ModelSpec) -> tuple[float, float]:
@@ -133,7 +136,7 @@ def _fit_kwargs(task: Task, spec: ModelSpec) -> dict:
     loss = task.loss
     return {"test_loader": task.eval_loader(mean=spec.mean, std=spec.std),
             "metric": task.metric, "eval_loss": loss,
-            "loss_fn": None if loss is torch.nn.functional.cross_entropy else
+            "loss_fn": None if loss is classification_loss else
             (lambda logits, y, _x: loss(logits, y))}
 
 
@@ -390,7 +393,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
         kinds = to_safetensors(state, args.output, sparse=args.sparse, metadata={
             "format": "pt", **({"deepzip.spec": json.dumps(spec.to_dict())} if spec else {})})
         print(f"wrote {args.output} ({len(kinds['dense'])} dense tensors, "
-              f"{len(kinds['sparse'])} as indices + values{arch})")
+              f"{len(kinds['sparse'])} as indices + values{arch})"
+              + ("; --sparse: indices + values would be larger than dense for every tensor, "
+                 "so all are dense" if args.sparse and not kinds["sparse"] else ""))
         return 0
     if args.sparse:
         raise DeepzipError("--sparse applies to .safetensors output")
@@ -402,18 +407,36 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A model to ONNX, checked, and compared with PyTorch on the task's evaluation data
-    where onnxruntime is installed."""
-    from .export import compare_onnx, require, to_onnx
+    where onnxruntime is installed. By default the graph takes images scaled to [0, 1]
+    and normalizes them itself, so what is deployed scores what deepzip reports."""
+    from .export import Normalized, compare_onnx, require, to_onnx
 
     require("onnx"), require("onnxscript")  # before any data is read
     model, spec, task = model_and_task(args)
-    loader = task.eval_loader(mean=spec.mean, std=spec.std)
+    inside = bool(spec.mean) and not args.no_normalize
+    if inside:  # the task's images before normalization: what a deployment feeds
+        c = len(spec.mean)
+        loader = task.eval_loader(mean=(0.0,) * c, std=(1.0,) * c)
+        reference = Normalized(model, spec.mean, spec.std)
+        wants = (f"NCHW float32 images scaled to [0, 1]; the graph normalizes with mean "
+                 f"{list(spec.mean)}, std {list(spec.std)}")
+    else:
+        loader, reference = task.eval_loader(mean=spec.mean, std=spec.std), model
+        wants = ("normalized input: (x - mean) / std per channel with mean "
+                 f"{list(spec.mean)}, std {list(spec.std)}" if spec.mean else
+                 "the model's input as the task's loader gives it")
     example, _ = next(iter(loader))
-    to_onnx(model, example, args.output, opset=args.opset)
+    to_onnx(model, example, args.output, opset=args.opset,
+            mean=spec.mean if inside else (), std=spec.std if inside else (),
+            metadata={"deepzip.input": wants, "deepzip.mean": json.dumps(list(spec.mean)),
+                      "deepzip.std": json.dumps(list(spec.std)),
+                      "deepzip.normalization_in_graph": str(inside).lower(),
+                      "deepzip.task": task.name, "deepzip.arch": spec.arch,
+                      "deepzip.version": __version__})
     print(f"wrote {args.output} (ONNX opset {args.opset}, dynamic batch; onnx.checker "
-          "passed)")
+          f"passed); input: {wants}")
     try:
-        result = compare_onnx(model, args.output, loader)
+        result = compare_onnx(reference, args.output, loader)
     except DeepzipError as e:
         print(f"not compared with onnxruntime: {e}")
         return 0
@@ -421,6 +444,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             if task.classification else "")
     print(f"onnxruntime vs PyTorch on {task.description or task.name}: max output difference "
           f"{result['max_abs_diff']:.3g}{same}")
+    if task.classification and isinstance(task.metric, Accuracy):
+        _, value = _score(model, task, spec)
+        print(f"accuracy: onnxruntime {100 * result['onnx_correct'] / result['examples']:.2f}%"
+              f" on {'[0, 1] images' if inside else 'normalized input'}, deepzip eval "
+              f"{100 * value:.2f}%")
     return 0
 
 
@@ -445,22 +473,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, recipe, out: Path) -> int:
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, write_run_files
 
     task = resolve_task(recipe.task, args.data_dir, download=args.download,
                         subset=args.subset, device=_device(args))
     pipe = Pipeline(recipe, out, task, device=_device(args))
-    if is_main_process():  # the recipe as run: the file with the command line's changes
-        import yaml
-
-        from .atomic import atomic_write
-
-        with atomic_write(out / "recipe.yaml", "w") as f:
-            changed = any(getattr(args, k) is not None for k in OVERRIDES)
-            f.write(f"# recipe {args.recipe or 'default'}"
-                    + (" with the command line's settings" if changed else "") + "\n")
-            yaml.safe_dump(dataclasses.asdict(recipe), f, sort_keys=False)
-        (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
+    changed = any(getattr(args, k) is not None for k in OVERRIDES)
+    write_run_files(out, recipe, "deepzip " + shlex.join(sys.argv[1:]),
+                    f" ({args.recipe or 'default'}" + (" with the command line's settings)"
+                                                        if changed else ")"))
     report = pipe.run()
     if not is_main_process():
         return 0
@@ -636,8 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the whole pipeline: prune, quantize, encode, verify, report")
     r.add_argument("recipe", nargs="?", default=None, metavar="RECIPE",
-                   help="recipe file or shipped name: default (the default), seed, share-3bit, "
-                        "share-5bit, smoke")
+                   help="recipe file or shipped name (default: default): "
+                        + ", ".join(shipped_recipes()))
     r.add_argument("--model", default=None,
                    help="start from this checkpoint, .dzip or shipped model instead")
     r.add_argument("--reference", default=None, metavar="MODEL",
@@ -686,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("-o", "--output", required=True, metavar="FILE.pt|FILE.safetensors",
                     help="a PyTorch checkpoint, or .safetensors (needs deepzip[export])")
     de.add_argument("--sparse", action="store_true",
-                    help="safetensors: mostly-zero tensors as indices + values")
+                    help="safetensors: tensors that are smaller so as indices + values")
     de.add_argument("--arch", default=None, metavar="ARCH",
                     help="check the weights against this architecture (" + ARCH_HELP + ")")
     de.set_defaults(func=cmd_decode)
@@ -696,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ex, positional=True)
     ex.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ex.add_argument("--no-normalize", action="store_true",
+                    help="leave the input normalization to the caller (default: inside the "
+                         "graph, which then takes images scaled to [0, 1])")
     _add_data_args(ex)
     ex.set_defaults(func=cmd_export)
 

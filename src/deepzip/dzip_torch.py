@@ -330,20 +330,22 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     blobs: list[bytes] = []
     offset = 0
     tensors, report = [], []
-    for key, t in state.items():
-        t = (t() if callable(t) else t).detach().cpu().contiguous()
+    seen: dict[str, dict[str, Any]] = {}  # key -> its shape and dtype, for its aliases
+    for key, lazy in state.items():
+        if key in aliases and aliases[key] in seen and key not in owner:
+            first = seen[aliases[key]]  # a tied tensor is never computed a second time
+            tensors.append({"name": key, **first, "encoding": "alias", "of": aliases[key]})
+            report.append({"name": key, "shape": first["shape"], "params": 0,
+                           "encoding": "alias", "bytes": 0, "nonzero": 0, "of": aliases[key]})
+            continue
+        t = (lazy() if callable(lazy) else lazy).detach().cpu().contiguous()
         if t.is_floating_point() and bool(t.isnan().any()):
             raise DeepzipError(f"{key} holds NaN values: refusing to write a model that "
                                "cannot compute (did training diverge?)")
+        seen[key] = {"shape": list(t.shape), "dtype": _dtype_name(t)}
         if key in owner and not key.endswith(".weight"):
             continue  # a folded BatchNorm is written once, at its weight
-        entry: dict[str, Any] = {"name": key, "shape": list(t.shape), "dtype": _dtype_name(t)}
-        if key in aliases and aliases[key] in state and key not in owner:
-            tensors.append({**entry, "encoding": "alias", "of": aliases[key]})
-            report.append({"name": key, "shape": list(t.shape), "params": 0,
-                           "encoding": "alias", "bytes": 0, "nonzero": 0,
-                           "of": aliases[key]})
-            continue
+        entry: dict[str, Any] = {"name": key, **seen[key]}
         if key in owner:
             prefix = owner[key]
             scale, shift = _bn_affine(state, prefix, bns[prefix])
@@ -356,6 +358,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
             w = t.float() if codebook_dtype == "float32" else \
                 _round_shared(t.float(), codebook_dtype)  # float32 keeps every value
             enc = _encode_shared(w.numpy(), codebook_dtype)
+            del w  # one layer's weights alive at a time
             entry.update(enc.meta)
             parts = enc.parts
             info = {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]}
@@ -371,6 +374,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
         report.append({"name": entry["name"], "shape": list(t.shape), "params": t.numel(),
                        "encoding": entry["encoding"], "bytes": sum(len(b) for b in parts.values()),
                        **info})
+        del t
     header = {"format": "deepzip", "version": VERSION,
               "model": spec.to_dict() if spec else None, "tensors": tensors}
     head = write_file(path, header, blobs)
@@ -469,7 +473,8 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
     header, data, head = _read(path)
     state, spec = load_state(path, model)
     rows, weights, coded_bits = [], 0, 0.0
-    where = dict.fromkeys(("header", "positions", "values", "codebooks", "other"), 0)
+    where = dict.fromkeys(("header", "positions", "values", "codebooks", "unshared weights",
+                           "BatchNorm", "biases", "other"), 0)
     where["header"] = head
     for e in header["tensors"]:
         if e["encoding"] == "alias":
@@ -479,7 +484,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
         t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
         nbytes = 0
         for pname, (_, length) in e["parts"].items():
-            where[_PART_KIND.get(pname, "other")] += length
+            where[_PART_KIND.get(pname) or _raw_kind(e)] += length
             nbytes += length
         row = {"name": e["name"], "shape": e["shape"],
                "params": t.numel() * (2 if e["encoding"] == "bn" else 1),  # bn: scale, shift
@@ -518,6 +523,16 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
         "huffman_avg": coded_bits / nonzero if nonzero else 0.0,
         "formula_ratio": 32 * weights / coded_bits if coded_bits else None,
     }
+
+
+def _raw_kind(entry: dict[str, Any]) -> str:
+    """What a tensor stored as it is holds: a folded BatchNorm, a weight left unshared (an
+    excluded embedding or layer), a bias, or other (norms' scales, buffers)."""
+    if entry["encoding"] == "bn":
+        return "BatchNorm"
+    if len(entry["shape"]) >= 2:
+        return "unshared weights"
+    return "biases" if entry["name"].endswith("bias") else "other"
 
 
 def state_dict_bytes(model: nn.Module) -> int:

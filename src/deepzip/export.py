@@ -15,8 +15,9 @@ how to install it. The core install never needs them.
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,13 +43,33 @@ def require(module: str) -> Any:
                            "(onnx, onnxscript, onnxruntime, safetensors)") from None
 
 
+class Normalized(nn.Module):
+    """``model`` behind its input normalization: takes images scaled to [0, 1], as a
+    deployment has them, so the graph scores what deepzip reports."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        shape = (1, len(mean), 1, 1)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *,
-            opset: int = OPSET) -> None:
+            opset: int = OPSET, mean: Sequence[float] = (), std: Sequence[float] = (),
+            metadata: dict[str, str] | None = None) -> None:
     """Export ``model`` (eval mode, fp32) to ONNX with a dynamic batch dimension, write it
     atomically and check it with ``onnx.checker``.
 
+    With ``mean``/``std`` the normalization is inside the graph: its input is images
+    scaled to [0, 1] (``example`` too). ``metadata`` goes into the file's
+    ``metadata_props`` (deepzip writes mean, std, the input it expects, task, version).
+
     >>> model = deepzip.dzip.load("model.dzip")  # doctest: +SKIP
-    >>> to_onnx(model, torch.randn(1, 3, 32, 32), "m.onnx")  # doctest: +SKIP
+    >>> to_onnx(model, torch.rand(1, 3, 32, 32), "m.onnx", mean=MEAN, std=STD)  # doctest: +SKIP
     """
     onnx = require("onnx")
     require("onnxscript")  # the dynamo exporter translates through it
@@ -56,7 +77,10 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
     import warnings
 
     model = model.float().eval().cpu()
-    example = example[:2].float().cpu().contiguous()
+    if mean:
+        model = Normalized(model, mean, std)
+    example = example[:2].cpu().contiguous()
+    example = example.float() if example.is_floating_point() else example
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "model.onnx")
         with warnings.catch_warnings():
@@ -70,31 +94,37 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
                 raise DeepzipError(f"ONNX export failed: {type(e).__name__}: {first[:200]}"
                                    ) from None
         proto = onnx.load(out)
+        for key, value in (metadata or {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
         onnx.checker.check_model(proto, full_check=True)
-        with open(out, "rb") as src, atomic_write(path) as dst:
-            dst.write(src.read())
+        with atomic_write(path) as dst:
+            dst.write(proto.SerializeToString())
 
 
 def compare_onnx(model: nn.Module, path: str | os.PathLike[str],
                  batches: Iterable[tuple[torch.Tensor, Any]]) -> dict[str, Any]:
-    """Run the ONNX file with onnxruntime and the model with PyTorch on ``batches``:
-    the largest absolute output difference and, for class scores, how many argmax
-    predictions agree."""
+    """Run the ONNX file with onnxruntime and ``model`` with PyTorch on the same
+    ``batches`` (fed to both as they are): the largest absolute output difference and,
+    for class scores, how many argmax predictions agree and how many are right."""
     ort = require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     model = model.float().eval().cpu()
-    diff, same, n = 0.0, 0, 0
+    diff, same, right, n = 0.0, 0, 0, 0
     with torch.inference_mode():
-        for x, _ in batches:
-            x = x.float().cpu().contiguous()
+        for x, y in batches:
+            x = x.cpu().contiguous()
+            x = x.float() if x.is_floating_point() else x
             ref = model(x).numpy()
             got = session.run(None, {name: x.numpy()})[0]
             diff = max(diff, float(np.abs(ref - got).max()))
             if ref.ndim == 2:
                 same += int((ref.argmax(1) == got.argmax(1)).sum())
+                right += int((got.argmax(1) == np.asarray(y)).sum())
             n += len(x)
-    return {"examples": n, "max_abs_diff": diff, "same_predictions": same}
+    return {"examples": n, "max_abs_diff": diff, "same_predictions": same,
+            "onnx_correct": right}
 
 
 def to_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str], *,
@@ -102,10 +132,11 @@ def to_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str],
     """Write a state_dict as ``.safetensors`` (atomically). Tensors that share memory
     (tied weights) are written once each under their own name, as the format requires.
 
-    With ``sparse``, a floating tensor of 2+ dimensions that is more than half zeros is
-    written as ``NAME.indices`` (int64 positions in the flattened tensor) and
-    ``NAME.values``; the header's metadata ``deepzip.sparse`` maps each such NAME to its
-    shape, so a reader can rebuild it. Returns ``{"dense": [...], "sparse": [...]}``.
+    With ``sparse``, a floating tensor of 2+ dimensions that is smaller so is written as
+    ``NAME.indices`` (positions in the flattened tensor, in the smallest integer type
+    that holds them) and ``NAME.values``; others stay dense; the header's metadata
+    ``deepzip.sparse`` maps each such NAME to its shape, so a reader can rebuild it.
+    Returns ``{"dense": [...], "sparse": [...]}``.
     """
     st = require("safetensors.torch")
     out: dict[str, torch.Tensor] = {}
@@ -113,11 +144,12 @@ def to_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str],
     seen: set[int] = set()
     for k, t in state.items():
         t = t.detach().cpu()
-        if sparse and t.is_floating_point() and t.dim() >= 2 and \
-                int(torch.count_nonzero(t)) * 2 < t.numel():
+        index = _index_dtype(t.numel())
+        if sparse and t.is_floating_point() and t.dim() >= 2 and int(torch.count_nonzero(
+                t)) * (index.itemsize + t.element_size()) < t.numel() * t.element_size():
             flat = t.flatten()
             idx = torch.nonzero(flat).flatten()
-            out[f"{k}.indices"], out[f"{k}.values"] = idx, flat[idx].contiguous()
+            out[f"{k}.indices"], out[f"{k}.values"] = idx.to(index), flat[idx].contiguous()
             shapes[k] = list(t.shape)
         else:  # a copy only where the storage is already written (tied tensors)
             ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
@@ -129,3 +161,51 @@ def to_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike[str],
     with atomic_path(path) as tmp:  # written straight to the file: no copy in memory
         st.save_file(out, str(tmp), metadata=meta or None)
     return {"dense": [k for k in state if k not in shapes], "sparse": list(shapes)}
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return next(d for d in (torch.int16, torch.int32, torch.int64)
+                if numel - 1 <= torch.iinfo(d).max)
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any]:
+    """A ``.safetensors`` file as ``to_safetensors`` writes it (any other too): the dense
+    state_dict, sparse tensors rebuilt, and the model spec its metadata records (a
+    :class:`~deepzip.models.ModelSpec`, or None). Opening it runs no code."""
+    from .atomic import open_regular
+    from .models import ModelSpec
+
+    st = require("safetensors")
+    with open_regular(path, "safetensors file"):
+        pass  # a regular file, or one line
+    try:
+        with st.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as e:  # noqa: BLE001 - the reader's many failure types
+        raise DeepzipError(f"cannot read {path} as safetensors: {str(e)[:200]}") from None
+    try:
+        sparse = json.loads(meta.get("deepzip.sparse", "{}"))
+        spec = ModelSpec.from_dict(json.loads(meta["deepzip.spec"])) \
+            if "deepzip.spec" in meta else None
+        for name, shape in sparse.items():
+            idx, vals = tensors.pop(f"{name}.indices"), tensors.pop(f"{name}.values")
+            dense = torch.zeros(math.prod(shape), dtype=vals.dtype)
+            dense[idx.long()] = vals
+            tensors[name] = dense.view(shape)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise DeepzipError(f"{path}: bad deepzip metadata ({str(e)[:100]})") from None
+    return tensors, spec
+
+
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Does the file start as safetensors does (an 8-byte header size, then ``{``)?"""
+    from .atomic import open_regular
+
+    try:
+        with open_regular(path) as f:
+            head = f.read(9)
+    except (OSError, DeepzipError):
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and \
+        int.from_bytes(head[:8], "little") < (100 << 20)

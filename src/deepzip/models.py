@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import math
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -363,14 +364,21 @@ def guess_arch(state: Mapping[str, torch.Tensor]) -> list[str]:
 def _torch_load(path: str | os.PathLike[str]) -> Any:
     from .atomic import open_regular
 
-    try:
-        with open_regular(path, "checkpoint file") as f:
+    with open_regular(path, "checkpoint file") as f:
+        head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive or a pickle
+            raise DeepzipError(f"{path} is neither a PyTorch checkpoint nor a .dzip file")
+        f.seek(0)
+        try:
             return torch.load(f, map_location="cpu", weights_only=True)
-    except DeepzipError:
-        raise
-    except Exception as e:  # torch raises many types for a bad or hostile file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DeepzipError(f"cannot read checkpoint {path}: {first}") from None
+        except pickle.UnpicklingError:
+            raise DeepzipError(
+                f"cannot read checkpoint {path}: it holds Python objects other than tensors "
+                "and plain containers, which deepzip does not unpickle (they could run "
+                "code); save model.state_dict() instead") from None
+        except Exception as e:  # torch raises many types for a bad or hostile file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeepzipError(f"cannot read checkpoint {path}: {first}") from None
 
 
 def load_checkpoint(
@@ -463,15 +471,22 @@ def load_model(name_or_path: str, spec: ModelSpec | None = None, *,
                 f"no weights ship for {name!r} (shipped: {', '.join(_PRETRAINED)}); train "
                 f"them with 'deepzip train --model {name} --out runs/{name}' and pass "
                 f"runs/{name}/model.pt, or pass your own checkpoint with --arch {name}")
-    if is_dzip(name):
+    if is_dzip(name) or _is_safetensors(name):
         from .dzip import load_state
+        from .export import read_safetensors
 
-        state, recorded = load_state(name)
+        state, recorded = load_state(name) if is_dzip(name) else read_safetensors(name)
         spec = spec or _compose(recorded, default, override)
         model = _build(spec, name) if model is None else model
         load_state_dict_strict(model, state)
         return model.eval(), spec
     return load_checkpoint(name, spec, model=model, default=default, **override)
+
+
+def _is_safetensors(path: str) -> bool:
+    from .export import is_safetensors
+
+    return is_safetensors(path)
 
 
 def is_dzip(path: str | os.PathLike[str]) -> bool:

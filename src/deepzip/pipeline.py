@@ -37,10 +37,11 @@ from .prune import (
 )
 from .quantize import QuantizeConfig, fisher_sensitivity, qat_, quantize_, train_centroids
 from .recipe import Recipe, load_recipe, recipe_path
-from .task import Task, resolve_task
+from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
 from .train import Distillation, TrainConfig, barrier, default_device, evaluate, is_main_process
 
-__all__ = ["Pipeline", "compress", "open_model", "run_folder", "verify"]
+__all__ = ["Compressed", "Pipeline", "compress", "open_model", "run_folder", "verify",
+           "write_run_files"]
 
 MAX_JSON = 64 << 20  # a run's own JSON files are kilobytes
 STAGES = ("baseline", "prune", "quantize", "encode", "verify")
@@ -147,7 +148,8 @@ class Pipeline:
                 model, spec = self._open(self.recipe.model)
             elif spec is None:
                 mean, std = self.task.normalization or ((), ())
-                spec = ModelSpec(arch=_arch_name(model), num_classes=None, mean=mean, std=std)
+                spec = ModelSpec(arch=_arch_name(model), num_classes=None, mean=mean, std=std,
+                                 task=self.task.name)
             self._start = (copy.deepcopy(model).cpu(), spec)
         template, spec = self._start
         return copy.deepcopy(template).to(self.device), spec
@@ -403,17 +405,32 @@ class Pipeline:
 def run_folder(out: str | Path, *, restart: bool = False) -> Iterator[Path]:
     """The run folder, locked for as long as this run works in it (a second run on it
     stops at once with one line); ``restart`` first empties it, but only a folder that a
-    deepzip run made (one holding ``state.json``), never anything else."""
+    deepzip run made (one holding ``state.json``), never anything else. A folder this
+    call created is removed again if the run fails before finishing a stage."""
     out = Path(out)
     if not is_main_process():  # rank 0 locks and clears; the others wait for it
         barrier()
         yield out
         return
-    with folder_lock(out):
-        if restart:
-            _clear_run(out)
-        barrier()
-        yield out
+    new = not out.exists()
+    try:
+        with folder_lock(out):
+            if restart:
+                _clear_run(out)
+            barrier()
+            yield out
+    except BaseException:
+        if new and not _stages_done(out):  # a failed start leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _stages_done(out: Path) -> bool:
+    try:
+        return bool(json.loads(read_limited(out / "state.json", MAX_JSON, "run state"))
+                    .get("stages"))
+    except (DeepzipError, ValueError, AttributeError):
+        return False
 
 
 def _clear_run(out: Path) -> None:
@@ -452,14 +469,19 @@ def verify(model: nn.Module, decoded: nn.Module | str | Path, loader: Iterable, 
     identical, diff, same, n = True, 0.0, 0, 0
     classification = task.classification if task is not None else True
     try:
-        for x, _ in loader:
-            x = x.to(device).float()
+        for x, y in loader:
+            x = model_input(x, device)
             a, b = model(x), decoded(x)
             identical = identical and torch.equal(a, b)
             diff = max(diff, float((a.float() - b.float()).abs().max()))
-            if classification:
-                same += int((a.argmax(1) == b.argmax(1)).sum())
-            n += len(x)
+            if classification:  # per example, or per scored token
+                (sa, t), (sb, _) = class_scores(a, y.to(device)), class_scores(b, y.to(device))
+                live = t != IGNORE_INDEX if not t.dtype.is_floating_point else \
+                    torch.ones_like(t, dtype=torch.bool)
+                same += int(((sa.argmax(1) == sb.argmax(1)) & live).sum())
+                n += int(live.sum())
+            else:
+                n += len(x)
     finally:
         model.train(was)
     if n == 0:
@@ -485,8 +507,10 @@ def open_model(name: str, *, arch: str | None = None, normalize: str | None = No
     mean, std = parse_normalize(normalize) if normalize else (None, None)  # fail before I/O
     arch = resolve_arch(arch) if arch else None
     default = None
-    if task is not None and task.normalization is not None:
-        default = ModelSpec(mean=task.normalization[0], std=task.normalization[1])
+    if task is not None:  # a file that records nothing is the task's model, not CIFAR's
+        mean, std = task.normalization or ((), ())
+        default = ModelSpec(mean=mean, std=std, task=task.name,
+                            num_classes=10 if task.normalization else None)
     return load_model(name, default=default, arch=arch, mean=mean, std=std)
 
 
@@ -513,12 +537,40 @@ def _arch_name(model: nn.Module) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
+@dataclasses.dataclass
+class Compressed:
+    """What :func:`compress` made: ``model``, decoded from the file (exactly what was
+    verified), ``path`` of the ``.dzip``, and the run's ``report``; ``result[key]`` reads
+    the report, as the report itself did."""
+
+    model: nn.Module
+    path: Path
+    report: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.report[key]
+
+
+def write_run_files(out: Path, recipe: Recipe, made_by: str, note: str = "") -> None:
+    """The recipe as run (``recipe.yaml``) and how the run was started (``command.txt``),
+    which its report quotes: rank 0 only."""
+    if not is_main_process():
+        return
+    import yaml
+
+    with atomic_write(out / "recipe.yaml", "w") as f:
+        f.write(f"# recipe {recipe.name}{note}\n")
+        yaml.safe_dump(dataclasses.asdict(recipe), f, sort_keys=False)
+    with atomic_write(out / "command.txt", "w") as f:
+        f.write(made_by + "\n")
+
+
 def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | str,
              recipe: Recipe | str = "default", *, out: str | Path,
              spec: ModelSpec | None = None, reference: str | None = None,
              device: torch.device | str | None = None, allow_code: bool = False,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline on any model and task; return the report.
+             log: Callable[[str], None] = print) -> Compressed:
+    """Run (or resume) the whole pipeline on any model and task; return what it made.
 
     ``model``: an ``nn.Module`` (any architecture; it is not changed), or what the CLI takes
     (a checkpoint, a ``.dzip``, a shipped name). ``task``: a :class:`~deepzip.task.Task`,
@@ -526,11 +578,12 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
     name. ``recipe``: a :class:`~deepzip.recipe.Recipe`, a shipped recipe's name or a YAML
     file (one whose ``task:`` or ``arch:`` names Python code runs only with
     ``allow_code=True``). The stages are the ones ``deepzip run`` runs, and resume the
-    same way; a second run on the same ``out`` stops at once.
+    same way; a second run on the same ``out`` stops at once. Returns a
+    :class:`Compressed`: the model decoded from the file, the file's path, the report.
 
-    >>> report = deepzip.compress(MyNet(), (train_loader, test_loader), "default",
+    >>> result = deepzip.compress(MyNet(), (train_loader, test_loader), "default",
     ...                           out="runs/mynet")  # doctest: +SKIP
-    >>> report["summary"]["real_ratio"]  # doctest: +SKIP
+    >>> result.model, result.path, result.report["summary"]["real_ratio"]  # doctest: +SKIP
     """
     if not isinstance(recipe, Recipe):
         path = recipe_path(recipe)
@@ -549,5 +602,12 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
         recipe.reference = reference
     given = model if isinstance(model, nn.Module) else None
     recipe.model = f"python:{_arch_name(model)}" if given is not None else str(model)
-    with run_folder(out):
-        return Pipeline(recipe, out, task, log, model=given, spec=spec, device=dev).run()
+    with run_folder(out) as folder:
+        pipe = Pipeline(recipe, folder, task, log, model=given, spec=spec, device=dev)
+        write_run_files(folder, recipe, f"deepzip.compress({recipe.model.removeprefix('python:')}"
+                        f", task {task.name!r}, recipe {recipe.name!r}, out={str(out)!r})",
+                        " (as deepzip.compress ran it)")
+        report = pipe.run()
+        path = folder / "model.dzip"
+        decoded = dzip.load(path, pipe._fresh().cpu()) if is_main_process() else None
+    return Compressed(decoded, path, report)

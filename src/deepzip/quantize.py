@@ -27,6 +27,7 @@ from .data import BatchLoader
 from .errors import DeepzipError
 from .huffman import code_lengths
 from .prune import Target, bake_, prunable
+from .task import classification_loss, model_input
 from .train import TrainConfig, fit
 
 __all__ = [
@@ -494,7 +495,7 @@ def _fit_scale(targets: list[Target], config: QuantizeConfig,
 
 def fisher_sensitivity(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                       = nn.functional.cross_entropy, *, max_batches: int = 40,
+                       = classification_loss, *, max_batches: int = 40,
                        include: list[str] | None = None, exclude: list[str] | None = None
                        ) -> dict[str, float]:
     """Per prunable parameter, the mean squared gradient of the loss over its nonzero
@@ -532,7 +533,7 @@ def fisher_sensitivity(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
             p.requires_grad_(False)
         for x, y in itertools.islice(batches, max_batches):
             model.zero_grad(set_to_none=True)
-            loss_fn(model(x.to(device)), y.to(device)).backward()
+            loss_fn(model(model_input(x, device)), y.to(device)).backward()
             n += 1
     finally:
         for h in hooks:

@@ -19,7 +19,8 @@ from .prune import METHODS
 from .quantize import INITS, MAX_BITS
 from .train import TrainConfig, brief
 
-__all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "load_recipe"]
+__all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "load_recipe",
+           "recipe_path", "shipped_recipes"]
 
 
 @dataclass
@@ -274,6 +275,14 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     raise DeepzipError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {brief(v)}")
 
 
+def shipped_recipes() -> list[str]:
+    """The names of the recipes that ship inside the package."""
+    from importlib import resources
+
+    return sorted(p.name.removesuffix(".yaml") for p in
+                  (resources.files("deepzip") / "recipes").iterdir() if p.name.endswith(".yaml"))
+
+
 def recipe_path(name: str | os.PathLike[str] | None) -> str:
     """A recipe file, or the name of one shipped with deepzip (default, seed, ...)."""
     from importlib import resources
@@ -284,9 +293,8 @@ def recipe_path(name: str | os.PathLike[str] | None) -> str:
     ref = resources.files("deepzip") / "recipes" / f"{name}.yaml"
     if ref.is_file():
         return str(ref)
-    shipped = sorted(p.name.removesuffix(".yaml") for p in
-                     (resources.files("deepzip") / "recipes").iterdir())
-    raise DeepzipError(f"no recipe file {name!r}; shipped recipes: {', '.join(shipped)}")
+    raise DeepzipError(f"no recipe file {name!r}; shipped recipes: "
+                       f"{', '.join(shipped_recipes())}")
 
 
 MAX_RECIPE_BYTES = 1 << 20

@@ -222,8 +222,9 @@ def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
 
 
 def bytes_by_kind_line(kinds: dict[str, int]) -> str:
-    """``header 1,385, positions 15,047, ...``: a file's bytes by kind, for one line of text."""
-    return ", ".join(f"{k} {v:,}" for k, v in kinds.items())
+    """``header 1,385, positions 15,047, ...``: a file's bytes by kind (those it has), for
+    one line of text."""
+    return ", ".join(f"{k} {v:,}" for k, v in kinds.items() if v or k == "header")
 
 
 def _training_seconds(stage: dict[str, Any]) -> float | None:
@@ -353,8 +354,9 @@ that ran them (evaluation passes not included).
                          "huffman_avg", "encoding", "gap_bits", "bytes"])}
 
 Where the bytes go: {bytes_by_kind_line(enc.get("bytes_by_kind", {}))}
-("positions": the Huffman-coded zero runs of sparse layers; "values": cluster indices;
-"other": BatchNorm, biases).
+("positions": where the nonzero weights are, the Huffman-coded zero runs; "values": their
+cluster indices; "unshared weights": weight tensors stored as they are; "other": norms'
+scales and buffers).
 
 ![per-layer sparsity and bytes](layers.png)
 """

@@ -30,17 +30,56 @@ __all__ = [
     "Accuracy",
     "FunctionMetric",
     "MeanAbsoluteError",
+    "IGNORE_INDEX",
     "MeanSquaredError",
     "Metric",
+    "Perplexity",
     "TASKS",
     "Task",
+    "class_scores",
+    "classification_loss",
     "image_task",
     "load_entry_point",
+    "model_input",
     "resolve_task",
 ]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------- class scores
+IGNORE_INDEX = -100  # a target to skip (padding), as in ``F.cross_entropy``
+
+
+def class_scores(outputs: torch.Tensor, targets: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class scores as ``(M, C)`` and their targets as ``(M,)``, whatever the layout:
+    ``(N, C)`` with ``(N,)``; per position, ``(..., C)`` with ``(...)`` (a language
+    model's ``(batch, time, vocab)``) or PyTorch's ``(N, C, d1, ...)`` with ``(N, d1, ...)``.
+    Anything else is returned as it is, for the loss or metric to say what is wrong."""
+    if outputs.dim() != targets.dim() + 1 or outputs.dim() == 2:
+        return outputs, targets
+    if outputs.shape[:-1] == targets.shape:
+        return outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1)
+    if outputs.shape[0] == targets.shape[0] and outputs.shape[2:] == targets.shape[1:]:
+        return outputs.movedim(1, -1).reshape(-1, outputs.shape[1]), targets.reshape(-1)
+    return outputs, targets
+
+
+def classification_loss(outputs: torch.Tensor, targets: torch.Tensor, *,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over every scored position (one per example, or per token), targets
+    equal to :data:`IGNORE_INDEX` (padding) left out: ``F.cross_entropy`` for ``(N, C)``."""
+    o, t = class_scores(outputs, targets)
+    return F.cross_entropy(o, t, label_smoothing=label_smoothing, ignore_index=IGNORE_INDEX)
+
+
+def model_input(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch's inputs on ``device``: floating ones as fp32, anything else (token ids)
+    keeping its dtype."""
+    x = x.to(device)
+    return x.float() if x.is_floating_point() else x
 
 
 # ---------------------------------------------------------------- metrics
@@ -64,14 +103,22 @@ class Metric:
         """Sum of the per-example scores of one batch."""
         raise NotImplementedError
 
+    def count(self, targets: torch.Tensor) -> torch.Tensor | int:
+        """How many scores a batch adds (examples; scored positions for per-token ones)."""
+        return len(targets)
+
+    def finish(self, mean: float) -> float:
+        """The metric from the mean of the per-example scores (perplexity: its exp)."""
+        return mean
+
     def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         self._sum = self._sum + self.batch(outputs.detach().float(), targets).double()
-        self._n += len(targets)
+        self._n += int(self.count(targets))
 
     def compute(self) -> float:
         if not self._n:
             raise DeepzipError(f"metric {self.name}: no examples were evaluated")
-        value = float(self._sum) / self._n
+        value = self.finish(float(self._sum) / self._n)
         if not math.isfinite(value):
             raise DeepzipError(f"metric {self.name} is {value} (NaN or infinite outputs?)")
         return value
@@ -81,13 +128,36 @@ class Metric:
 
 
 class Accuracy(Metric):
-    """Top-1 accuracy of class scores ``(N, C)`` against integer labels ``(N,)``."""
+    """Top-1 accuracy of class scores against integer labels: per example for ``(N, C)``,
+    per position for sequences (see :func:`class_scores`), padding (:data:`IGNORE_INDEX`)
+    not counted."""
 
     name = "acc"
     higher_is_better = True
 
     def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (outputs.argmax(1) == targets).sum()
+        o, t = class_scores(outputs, targets)
+        return ((o.argmax(1) == t) & (t != IGNORE_INDEX)).sum()
+
+    def count(self, targets: torch.Tensor) -> torch.Tensor | int:
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            return len(targets)
+        return (targets != IGNORE_INDEX).sum()
+
+
+class Perplexity(Accuracy):
+    """exp of the mean cross-entropy per scored token (a language model's usual number;
+    lower is better), padding (:data:`IGNORE_INDEX`) left out."""
+
+    name = "ppl"
+    higher_is_better = False
+
+    def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        o, t = class_scores(outputs, targets)
+        return F.cross_entropy(o.float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def finish(self, mean: float) -> float:
+        return math.exp(min(mean, 700.0))
 
 
 class MeanSquaredError(Metric):
@@ -154,7 +224,7 @@ class Task:
     train: Any
     eval: Any
     metric: Metric = dataclasses.field(default_factory=Accuracy)
-    loss: LossFn = F.cross_entropy
+    loss: LossFn = classification_loss
     classification: bool = True
     description: str = ""
     eval_size: int | None = None
@@ -169,9 +239,9 @@ class Task:
         default (MSE loss, no class soft targets); say otherwise with the arguments."""
         metric = metric or Accuracy()
         if classification is None:
-            classification = isinstance(metric, Accuracy)
+            classification = isinstance(metric, Accuracy)  # perplexity too
         if loss is None:
-            loss = F.cross_entropy if classification else mse_loss
+            loss = classification_loss if classification else mse_loss
         size = _dataset_size(eval)
         return cls(name=name, train=train, eval=eval, metric=metric, loss=loss,
                    classification=classification, eval_size=size,
@@ -207,7 +277,9 @@ class Task:
         model.eval()
         try:
             with torch.inference_mode():
-                out = _step("one batch through the model", lambda: model(x.to(device).float()))
+                out = _step(f"one batch of {self.name} through the model (is {self.name} "
+                            "its task? --task names another)",
+                            lambda: model(model_input(x, device)))
                 loss = _step(f"one batch through the loss {_name(self.loss)}",
                              lambda: self.loss(out, y.to(device)))
                 if not torch.is_tensor(loss) or loss.numel() != 1:
@@ -302,14 +374,20 @@ TASKS = ("cifar10", "mnist")
 
 
 def load_entry_point(spec: str, what: str) -> Any:
-    """``package.module:attribute`` -> the attribute (imports the module: the user's code)."""
+    """``package.module:attribute`` -> the attribute (imports the module: the user's code,
+    found from the current folder first, as ``python -m`` finds modules)."""
+    import sys
+
     mod_name, _, attr = spec.partition(":")
     if not mod_name or not attr:
         raise DeepzipError(f"{what} {spec!r}: expected package.module:function")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
-        raise DeepzipError(f"{what} {spec!r}: cannot import {mod_name} ({e})") from None
+        raise DeepzipError(f"{what} {spec!r}: cannot import {mod_name} ({e}; modules are "
+                           "found from the current folder and PYTHONPATH)") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise DeepzipError(f"{what} {spec!r}: {mod_name} has no {attr}")

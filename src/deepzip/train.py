@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_torch_save, atomic_write
 from .errors import DeepzipError
-from .task import Accuracy, Metric
+from .task import Accuracy, Metric, class_scores, classification_loss, model_input
 
 __all__ = [
     "Distillation",
@@ -198,7 +198,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     >>> loss, acc = evaluate(model, test_loader)  # doctest: +SKIP
     """
     metric = metric or Accuracy()
-    loss_fn = loss_fn or F.cross_entropy
+    loss_fn = loss_fn or classification_loss
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -207,8 +207,8 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
         metric.reset()
     try:
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            out = model(x.float())
+            x, y = model_input(x, device), y.to(device)
+            out = model(x)
             loss_sum += float(loss_fn(out, y)) * len(y)
             if metric.streaming:
                 metric.update(out, y)
@@ -245,16 +245,17 @@ class Distillation:
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.alpha, self.t = alpha, temperature
-        self.base = base or F.cross_entropy
+        self.base = base or classification_loss
         self.classification = classification
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor
                  ) -> torch.Tensor:
         with torch.no_grad():
             teacher = self.teacher(inputs).float()
-        if self.classification:
-            target = F.log_softmax(teacher / self.t, 1)
-            soft = F.kl_div(F.log_softmax(logits.float() / self.t, 1), target,
+        if self.classification:  # per example, or per token: (M, C) scores either way
+            scores, _ = class_scores(logits.float(), labels)
+            target = F.log_softmax(class_scores(teacher, labels)[0] / self.t, 1)
+            soft = F.kl_div(F.log_softmax(scores / self.t, 1), target,
                             log_target=True, reduction="batchmean") * self.t ** 2
         else:
             soft = F.mse_loss(logits.float(), teacher)
@@ -407,7 +408,8 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
         net.train()
         epoch_lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with, for the log
         t0 = time.perf_counter()
-        totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss, metric sums, n
+        # loss and metric sums, examples, scores (per token for sequences)
+        totals = torch.zeros(4, device=device, dtype=torch.float64)
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if main else True, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
@@ -415,7 +417,7 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
             with autocast:
                 logits = net(x)
                 loss = (loss_fn(logits, y, x) if loss_fn is not None else
-                        F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+                        classification_loss(logits, y, label_smoothing=cfg.label_smoothing))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -425,24 +427,27 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
                 after_step(model)
             score = (metric.batch(logits.detach().float(), y).double() if metric.streaming
                      else torch.zeros((), device=device, dtype=torch.float64))
-            totals += torch.stack([loss.detach().double() * len(y), score,
-                                   torch.tensor(len(y), device=device, dtype=torch.float64)])
+            totals += torch.stack([
+                loss.detach().double() * len(y), score,
+                torch.tensor(len(y), device=device, dtype=torch.float64),
+                torch.as_tensor(metric.count(y), device=device, dtype=torch.float64)])
             if i % 20 == 0:
-                loss_sum, score_sum, seen = totals.tolist()
+                loss_sum, score_sum, seen, scored = totals.tolist()
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
-                                **{metric.name: f"{score_sum / seen:.3f}"},
+                                **{metric.name: f"{metric.finish(score_sum / scored):.3f}"},
                                 ex_s=f"{seen * _world() / (time.perf_counter() - t0):.0f}")
         if _world() > 1:
             dist.all_reduce(totals)
         train_time = time.perf_counter() - t0
-        loss_sum, score_sum, seen = totals.tolist()
+        loss_sum, score_sum, seen, scored = totals.tolist()
         if not math.isfinite(loss_sum):
             raise DeepzipError(f"{desc}: training diverged in epoch {epoch + 1} (loss "
                                f"{loss_sum / seen}); lower the learning rate or add warmup")
         rec: dict[str, Any] = {
             "epoch": epoch + 1, "lr": epoch_lr,
             "train_loss": loss_sum / seen,
-            **({f"train_{metric.name}": score_sum / seen} if metric.streaming else {}),
+            **({f"train_{metric.name}": metric.finish(score_sum / max(scored, 1))}
+               if metric.streaming else {}),
             "images_per_s": seen / train_time, "train_time_s": train_time,
         }
         if test_loader is not None and cfg.eval_every and (
