@@ -18,10 +18,20 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-def test_python_dash_m_and_console_script():
+def test_python_dash_m_and_the_console_script_say_one_version():
+    import shutil
+    from importlib.metadata import version
+
+    import deepzip
+
     r = subprocess.run([sys.executable, "-m", "deepzip", "--version"], capture_output=True,
                        text=True)
-    assert r.returncode == 0 and r.stdout.startswith("deepzip ")
+    assert r.returncode == 0 and r.stdout.strip() == f"deepzip {deepzip.__version__}"
+    assert version("deepzip") == deepzip.__version__  # pip show says the same
+    script = shutil.which("deepzip")
+    if script:  # installed: the console script runs the same main
+        r = subprocess.run([script, "--version"], capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() == f"deepzip {deepzip.__version__}"
 
 
 @pytest.mark.parametrize("argv,match", [

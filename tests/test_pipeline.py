@@ -219,6 +219,13 @@ def test_resumed_run_writes_the_same_bytes(tmp_path, clean_run, monkeypatch, sto
     with pytest.raises(KeyboardInterrupt):
         Pipeline(recipe, tmp_path / "resumed", data, log=lambda _m: None).run()
     monkeypatch.setattr(Pipeline, stop_at, original)
-    Pipeline(recipe, tmp_path / "resumed", data, log=lambda _m: None).run()
-    assert (tmp_path / "resumed" / "model.dzip").read_bytes() == clean
+    written = tmp_path / "resumed" / "model.dzip"
+    before = written.stat().st_mtime_ns if written.exists() else None
+    state = json.loads((tmp_path / "resumed" / "state.json").read_text())
+    assert stop_at not in state["stages"]  # the interrupted stage had not finished
+    report = Pipeline(recipe, tmp_path / "resumed", data, log=lambda _m: None).run()
+    assert written.read_bytes() == clean
     assert not list((tmp_path / "resumed").rglob("*.tmp"))
+    assert report["summary"]["identical_outputs"]  # the resumed verify ran on the file
+    if before is not None:  # written before the interrupt: kept, not written again
+        assert written.stat().st_mtime_ns == before
