@@ -183,3 +183,61 @@ def test_compress_an_unregistered_model_from_python(tmp_path, capsys):
     back = Unregistered()
     back.load_state_dict(torch.load(tmp_path / "back.pt", weights_only=True)["state_dict"])
     assert torch.equal(back.eval()(x[:8]), decoded(x[:8]))
+
+
+USER_MODULE = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import deepzip
+
+
+class TinyCNN(nn.Module):  # one input channel, as a grey-image model has
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def _data(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 1, 8, 8, generator=g)
+    return TensorDataset(x, (x.mean((1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long())
+
+
+def make_task(**_):
+    return deepzip.Task.from_loaders(DataLoader(_data(0), batch_size=64),
+                                     DataLoader(_data(1), batch_size=128), name="grey")
+'''
+
+
+def test_a_one_channel_model_of_the_users_own_through_the_cli(tmp_path, monkeypatch, capsys,
+                                                             data_root):
+    """The user's module next to them (found from the current folder), their task: the
+    file records the task's normalization (none) and name, never CIFAR's 3 channels, and
+    evaluates and decodes with no further flags; a missing --task is one line."""
+    (tmp_path / "greynet.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("",)])
+    torch.manual_seed(0)
+    from deepzip.task import load_entry_point
+
+    net = load_entry_point("greynet:TinyCNN", "--arch")  # found from the current folder
+    torch.save({"state_dict": net().state_dict()}, tmp_path / "grey.pt")
+    (tmp_path / "r.yaml").write_text(TINY)
+    flags = ["--arch", "greynet:TinyCNN", "--task", "greynet:make_task"]
+    assert main(["run", "r.yaml", "--model", "grey.pt", *flags, "-o", "run"]) == 0
+    spec = deepzip.dzip.read_arrays("run/model.dzip")[1]
+    assert spec["mean"] == [] and spec["std"] == [] and spec["task"] == "grey"
+    assert spec["num_classes"] is None
+    capsys.readouterr()
+    assert main(["eval", "run/model.dzip", *flags, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] > 0
+    assert main(["decode", "run/model.dzip", "-o", "back.pt"]) == 0
+    assert main(["eval", "grey.pt", "--arch", "greynet:TinyCNN", "--subset", "100",
+                 "--data-dir", str(data_root)]) == 2  # CIFAR-10 by default: 3 channels
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--task" in err and "1 channels" in err

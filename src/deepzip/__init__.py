@@ -17,6 +17,7 @@ _WHERE = {
     "ModelSpec": "models", "load_checkpoint": "models", "load_model": "models",
     "pretrained": "models", "register_model": "models", "save_checkpoint": "models",
     "Compressed": "pipeline", "compress": "pipeline", "verify": "pipeline",
+    "save": "dzip_torch", "load": "dzip_torch",  # safetensors' and torchao's spelling
     "Accuracy": "task", "FunctionMetric": "task", "MeanAbsoluteError": "task",
     "MeanSquaredError": "task", "Metric": "task", "Perplexity": "task", "Task": "task",
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
@@ -25,6 +26,7 @@ _MODULES = {"atomic", "cli", "data", "dzip", "dzip_torch", "errors", "huffman", 
             "pipeline", "prune", "quantize", "recipe", "report", "task", "train"}
 
 if TYPE_CHECKING:
+    from .dzip_torch import load, save
     from .models import (
         ModelSpec,
         load_checkpoint,
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
         register_model,
         save_checkpoint,
     )
-    from .pipeline import compress, verify
+    from .pipeline import Compressed, compress, verify
     from .task import (
         Accuracy,
         FunctionMetric,
@@ -66,13 +68,16 @@ __all__ = [
     "Perplexity",
     "Task",
     "TrainConfig",
+    "Compressed",
     "compress",
     "evaluate",
     "fit",
+    "load",
     "load_checkpoint",
     "load_model",
     "pretrained",
     "register_model",
+    "save",
     "save_checkpoint",
     "verify",
 ]

@@ -98,7 +98,7 @@ HEADER_DICT = (
     b'"encoding":"kernel","gap_bits":3,"entries":,"gap_nbits":,"count_nbits":,'
     b'"subset_nbits":,"index_nbits":')
 _BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_TORCH_SIDE = {"save", "load", "load_state", "inspect", "round_to_file_precision_",
+_TORCH_SIDE = {"save", "load", "load_state", "info", "inspect", "round_to_file_precision_",
                "precision_changes", "state_dict_bytes"}
 
 

@@ -44,7 +44,7 @@ from .errors import DeepzipError, DeepzipFormatError
 from .models import ModelSpec, load_state_dict_strict
 from .prune import _join, bake_, is_pruned
 
-__all__ = ["inspect", "load", "load_state", "precision_changes", "round_to_file_precision_",
+__all__ = ["info", "inspect", "load", "load_state", "precision_changes", "round_to_file_precision_",
            "save", "state_dict_bytes"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -533,6 +533,9 @@ def _raw_kind(entry: dict[str, Any]) -> str:
     if len(entry["shape"]) >= 2:
         return "unshared weights"
     return "biases" if entry["name"].endswith("bias") else "other"
+
+
+info = inspect  # the name that does not shadow the standard library's module
 
 
 def state_dict_bytes(model: nn.Module) -> int:
