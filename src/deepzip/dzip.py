@@ -236,15 +236,14 @@ def _sparse_entries(nz: np.ndarray, idx: np.ndarray, numel: int, k: int,
     """(runs, symbols) covering all ``numel`` positions; symbol ``k`` marks a filler."""
     r_max = (1 << gap_bits) - 1
     span = r_max + 1
-    gaps = np.diff(np.concatenate([[-1], nz])) - 1
-    fill, rem = gaps // span, gaps % span
-    tail = numel - 1 - (int(nz[-1]) if len(nz) else -1)
+    gaps, tail = _gaps(nz, numel)
+    fill = gaps >> gap_bits
     tail_fill, tail_rem = tail // span, tail % span
-    n = int(fill.sum()) + len(nz) + tail_fill + (tail_rem > 0)
-    runs = np.full(n, r_max, dtype=np.int64)
-    syms = np.full(n, k, dtype=np.int64)
-    real = np.cumsum(fill + 1) - 1
-    runs[real], syms[real] = rem, idx
+    n = int(fill.sum(dtype=np.int64)) + len(nz) + tail_fill + (tail_rem > 0)
+    runs = np.full(n, r_max, dtype=np.uint8)  # gap_bits <= 8; symbols <= 256: small types
+    syms = np.full(n, k, dtype=np.uint16)
+    real = np.cumsum(fill + 1, dtype=np.int64) - 1
+    runs[real], syms[real] = gaps & r_max, idx
     if tail_rem:
         runs[-1] = tail_rem - 1
     return runs, syms
@@ -272,7 +271,9 @@ def _sparse_codes(gaps: np.ndarray, tail: int, sym_counts: np.ndarray, k: int,
 
 def _gaps(nz: np.ndarray, numel: int) -> tuple[np.ndarray, int]:
     """(zeros before each of the sorted positions ``nz``, zeros after the last)."""
-    return np.diff(nz, prepend=-1) - 1, numel - 1 - (int(nz[-1]) if len(nz) else -1)
+    gaps = np.diff(nz, prepend=nz.dtype.type(-1))  # in the positions' own type
+    gaps -= 1
+    return gaps, numel - 1 - (int(nz[-1]) if len(nz) else -1)
 
 
 @dataclass
@@ -289,9 +290,12 @@ class _Encoded:
 def _encode_shared(w: np.ndarray, codebook_dtype: str) -> _Encoded:
     flat = w.ravel()
     nz = np.flatnonzero(flat)
+    if flat.size < 1 << 31:  # positions and cluster indices in the smallest types: a big
+        nz = nz.astype(np.int32)  # layer's temporaries stay a fraction of the layer
     values = flat[nz]
     book = np.unique(values)
-    idx = np.searchsorted(book, values)
+    idx = np.searchsorted(book, values).astype(np.uint16)
+    del values
     k = len(book)
     codebook_dtype, book_bytes = _book_bytes(book, codebook_dtype)
     base = {"clusters": k, "codebook_dtype": codebook_dtype}
