@@ -75,9 +75,11 @@ def _task(args: argparse.Namespace, recorded: str | None = None) -> Task:
     pass (the user's own choice)."""
     name = getattr(args, "task", None)
     if name is None and recorded and recorded not in TASKS:
+        how = (f"--task {shlex.quote(recorded)} if you trust it" if ":" in recorded else
+               "--task package.module:function, the entry point that makes that task")
         raise DeepzipError(f"the model records the task {recorded!r}, not one deepzip ships "
                            f"({', '.join(TASKS)}), and deepzip never runs code a file names: "
-                           f"pass --task {shlex.quote(recorded)} (or your own) to use it")
+                           f"pass {how}")
     name = name or recorded or "cifar10"
     cache = args.__dict__.setdefault("_tasks", {})
     if name not in cache:
