@@ -19,10 +19,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +40,6 @@ __all__ = [
     "finetune_after_prune",
     "global_masks",
     "is_pruned",
-    "iterative_prune",
     "mask_smallest",
     "masks",
     "percentile_mask",
@@ -606,28 +603,3 @@ def finetune_after_prune(
     if not masks(model):
         raise DeepzipError("model has no pruning masks; call prune_ or restore_masks_ first")
     return fit(model, train_loader, cfg, **fit_kwargs)
-
-
-def iterative_prune(
-    model: nn.Module,
-    steps: list[tuple[PruneConfig, TrainConfig]],
-    train_loader: BatchLoader,
-    *,
-    out_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    **fit_kwargs: Any,
-) -> list[dict[str, Any]]:
-    """Prune, retrain, prune harder, retrain... (e.g. q = 0.5 -> 0.6 -> 0.64).
-
-    Each step checkpoints under ``out_dir/step{i}``; with ``resume`` the steps are
-    replayed and each finished one is loaded from its checkpoint instead of retrained.
-    """
-    history: list[dict[str, Any]] = []
-    for i, (pcfg, tcfg) in enumerate(steps, 1):
-        sp = prune_(model, pcfg)
-        step_dir = Path(out_dir) / f"step{i}" if out_dir is not None else None
-        hist = finetune_after_prune(model, train_loader, tcfg, out_dir=step_dir, resume=resume,
-                                    desc=f"step {i}/{len(steps)}", **fit_kwargs)
-        history += [{"step": i, "method": pcfg.method, "amount": pcfg.amount,
-                     "sparsity": sum(sp.values()) / len(sp), **r} for r in hist]
-    return history
