@@ -2,6 +2,7 @@
 deep nesting and oversized files are one error each; the asdict form round-trips."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -24,27 +25,67 @@ def test_shipped_names_cover_the_folder():
 
 
 @pytest.mark.parametrize("text,match", [
-    ("colour: blue\n", "unknown key"),
-    ("seed: fast\n", "expected int"),
-    ("prune: {schedule: sometimes}\n", "prune.schedule"),
-    ("quantize: {bits: 12}\n", "bits"),
-    ("a: &x [1]\nb: *x\n", "anchors"),
-    ("prune: " + "[" * 40 + "]" * 40 + "\n", "nests"),
-    ("name: [unclosed\n", "not valid YAML"),
+    ("name: x\nprune: {schedule: iterative, steps: [{method: percentile, amount: 0.5}]}\n"
+     "bogus: 1\n", "unknown key"),
+    ("prune: {schedule: iterative, steps: [{method: percentile, amount: 1.5}]}", r"\[0, 1\)"),
+    ("prune: {schedule: iterative, steps: [{method: magic, amount: 0.5}]}", "method"),
+    ("prune: {schedule: iterative, steps: [{method: percentile, amount: 0.5, epoch: 3}]}",
+     "unknown key"),
+    ("prune: {schedule: iterative, steps: []}", "needs prune.steps"),
+    ("prune: {schedule: agp}", "needs a prune.agp"),
+    ("prune: {schedule: none}\nquantize: {bits: 12}", "bits"),
+    ("prune: {schedule: none}\nquantize: {bits: five}", "expected int"),
+    ("prune: {schedule: none, train: {learning_rate: 0.1}}", "unknown training"),
+    ("prune: {schedule: none}\nencode: {raw_dtype: float64}", "encode.raw_dtype must be one of"),
+    ("prune: {schedule: none}\nencode: {codebook_dtype: int9}",
+     "encode.codebook_dtype must be one of"),
+    ("prune: {schedule: agp, agp: {final: 0.5, kernel_exponent: -2}}", "kernel_exponent"),
+    ("prune: {schedule: none}\nquantize: {qat_epochs: -1}", "qat_epochs must be >= 0"),
+    ("prune: {schedule: none}\nquantize: {sensitivity: hessian}",
+     "sensitivity must be fisher or null"),
+    ("prune: {schedule: none}\nquantize: {target_bits: 2}", "target_bits must be in"),
+    ("prune: {schedule: none}\nquantize: {recluster_every: 0}", "recluster_every must be"),
+    ("prune: {schedule: none}\nquantize: {qat_train: {lr: fast}}", "lr must be float"),
+    ("prune: [unclosed", "not valid YAML"),
+    # the audit's cases: each refused before any work, with one line naming it
+    ("prune: {schedule: none, train: {lr: fast}}", "lr must be float"),
+    ("prune: {schedule: none, train: {batch_size: big}}", "batch_size must be int"),
+    ("prune: {schedule: none, train: {milestones: 5}}", "milestones"),
+    ("prune: {schedule: none, train: {warmup_epochs: .nan}}", "warmup_epochs"),
+    ("prune: {schedule: none, train: {batch_size: 1.5}}", "batch_size must be int"),
+    ("seed: " + "9" * 5000, "cannot be read"),
+    ("seed: 1267650600228229401496703205376", "out of range"),
+    ("prune: {schedule: agp, agp: {sensitivity_max_drop: .nan}}", "finite"),
+    ("a: &a [x, x]\nb: [*a, *a]", "anchors or aliases"),
+    ("prune: " + "[" * 5000 + "]" * 5000, "deeper than"),
     ("eval_every: 1.5\n", "expected int"),
+    ("colour: blue\n", "unknown key"),
 ])
-def test_bad_recipes_are_one_error_naming_the_key(tmp_path, text, match):
-    path = tmp_path / "r.yaml"
-    path.write_text(text)
+def test_bad_recipes_fail_before_work(tmp_path, text, match):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
     with pytest.raises(DeepzipError, match=match):
-        load_recipe(path)
+        load_recipe(p)
 
 
-def test_a_huge_recipe_is_refused_before_it_is_parsed(tmp_path):
-    path = tmp_path / "big.yaml"
-    path.write_bytes(b"# " + b"x" * (1 << 20) + b"\n")
-    with pytest.raises(DeepzipError, match="larger than any recipe"):
-        load_recipe(path)
+def test_binary_and_huge_recipes(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(DeepzipError, match="not UTF-8"):
+        load_recipe(p)
+    p.write_bytes(b"# " + b"x" * (2 << 20))
+    with pytest.raises(DeepzipError, match="larger than any|over"):
+        load_recipe(p)
+
+
+def test_shipped_recipes_are_valid():
+    files = sorted(Path("src/deepzip/recipes").glob("*.yaml"))
+    assert {"seed", "default", "smoke"} <= {f.stem for f in files}
+    for f in files:
+        assert load_recipe(f).name == f.stem
+    seed = load_recipe("recipes/seed.yaml")
+    assert [s.amount for s in seed.prune.steps] == [0.5, 0.6, 0.64]
+    assert seed.quantize.bits == 5
 
 
 def test_entry_points_are_listed_and_need_consent():

@@ -471,11 +471,12 @@ def load_model(name_or_path: str, spec: ModelSpec | None = None, *,
                 f"no weights ship for {name!r} (shipped: {', '.join(_PRETRAINED)}); train "
                 f"them with 'deepzip train --model {name} --out runs/{name}' and pass "
                 f"runs/{name}/model.pt, or pass your own checkpoint with --arch {name}")
-    if is_dzip(name) or _is_safetensors(name):
+    packed = is_dzip(name)
+    if packed or _is_safetensors(name):
         from .dzip import load_state
         from .export import read_safetensors
 
-        state, recorded = load_state(name) if is_dzip(name) else read_safetensors(name)
+        state, recorded = load_state(name) if packed else read_safetensors(name)
         spec = spec or _compose(recorded, default, override)
         model = _build(spec, name) if model is None else model
         load_state_dict_strict(model, state)
