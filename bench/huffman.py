@@ -5,7 +5,7 @@
 Decoding: deepzip (canonical code, bitarray's C decoder) vs a pure-Python bit-by-bit
 decoder over the same canonical code, vs the dahuffman package, on the same symbols
 (cluster indices drawn like a 5-bit quantized layer's: a peaked distribution).
-Load: ``deepzip.dzip.load`` of a pruned, 5-bit ResNet-20 vs ``torch.load`` of the same
+Load: ``deepzip.dzip_torch.load`` of a pruned, 5-bit ResNet-20 vs ``torch.load`` of the same
 model's fp32 state_dict.
 """
 
@@ -21,9 +21,10 @@ import torch
 from common import median_time
 from dahuffman import HuffmanCodec
 
-from deepzip import dzip
+from deepzip import dzip_torch
+from deepzip.checkpoint import ModelSpec
 from deepzip.huffman import HuffmanCode, decode, encode
-from deepzip.models import ModelSpec, pretrained
+from deepzip.loading import pretrained
 from deepzip.prune import PruneConfig, prune_
 from deepzip.quantize import QuantizeConfig, quantize_
 
@@ -72,17 +73,17 @@ def main() -> None:
     quantize_(model, QuantizeConfig(bits=5))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.dzip"
-        dzip.save(model, path, spec=spec)
+        dzip_torch.save(model, path, spec=spec)
         buf = io.BytesIO()
-        torch.save(dzip._plain_state(model), buf)
+        torch.save(dzip_torch._plain_state(model), buf)
         raw = buf.getvalue()
-        t_load = median_time(lambda: dzip.load(path), 5)
+        t_load = median_time(lambda: dzip_torch.load(path), 5)
         t_torch = median_time(lambda: torch.load(io.BytesIO(raw), weights_only=True), 5)
         t_torch_model = median_time(lambda: ModelSpec().build().load_state_dict(
             torch.load(io.BytesIO(raw), weights_only=True)), 5)
         print(f"loading ResNet-20 (64% pruned, 5-bit): .dzip {path.stat().st_size:,} bytes, "
               f"state_dict {len(raw):,} bytes")
-        print(f"  deepzip.dzip.load (decode + build model)  {t_load * 1000:7.1f} ms")
+        print(f"  deepzip.dzip_torch.load (decode + build model)  {t_load * 1000:7.1f} ms")
         print(f"  torch.load state_dict                     {t_torch * 1000:7.1f} ms")
         print(f"  torch.load + build model + load_state_dict {t_torch_model * 1000:7.1f} ms")
         print(f"  ratio dzip/torch (both building the model): {t_load / t_torch_model:.2f}x")

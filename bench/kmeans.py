@@ -16,9 +16,9 @@ import numpy as np
 from common import median_time
 from sklearn.cluster import KMeans
 
-from deepzip.models import pretrained
+from deepzip.kmeans import init_centroids, kmeans_1d
+from deepzip.loading import pretrained
 from deepzip.prune import prunable
-from deepzip.quantize import init_centroids, kmeans_1d
 
 
 def sk_kmeans(x: np.ndarray, init: np.ndarray) -> float:

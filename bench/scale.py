@@ -10,7 +10,7 @@ Random weights of the real shapes: VGG-16 (Deep Compression's model, 138M), GPT-
 decoder (22 layers, d 2048, FFN 5632, vocabulary 32000, untied; grouped KV projections as
 TinyLlama's). One thread. Each model: global and per-layer magnitude pruning to 90% (+
 ``bake_``), Fisher sensitivities on two small batches, entropy-constrained and plain 4-bit
-sharing, ``dzip.save``, ``dzip.load`` into the model's own storage, ``load_state``, the NumPy
+sharing, ``deepzip.save``, ``deepzip.load`` into the model's own storage, ``load_state``, the NumPy
 ``read_arrays`` and ``decode`` to safetensors. Timings are one run each (these machines are
 noisy: read the ratios, not the seconds). Goals in the README's performance section.
 """
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from deepzip import dzip  # noqa: E402
+from deepzip import dzip, dzip_torch  # noqa: E402
 from deepzip.prune import PruneConfig, bake_, prune_  # noqa: E402
 from deepzip.quantize import QuantizeConfig, fisher_sensitivity, quantize_  # noqa: E402
 
@@ -225,24 +225,24 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None]) -> list[dict]:
     _unshare(model)
     stage("share: k-means, 4 bits", lambda: quantize_(model, QuantizeConfig(bits=4)), "save")
     path = tmp / f"{name}.dzip"
-    stage("dzip.save", lambda: dzip.save(model, path), "save")
+    stage("dzip.save", lambda: dzip_torch.save(model, path), "save")
     size = path.stat().st_size
     model = fresh = None  # the model is freed; a fresh one is filled from the file
     gc.collect()
     fresh = make()
-    stage("dzip.load into the model", lambda: dzip.load(path, fresh), "load")
+    stage("dzip.load into the model", lambda: dzip_torch.load(path, fresh), "load")
     fresh = None
     gc.collect()
     with torch.device("meta"):  # the shapes to check the file against, without memory
         meta = make()  # (a file of over 2^28 values is decoded only against a model)
     shapes = {k: list(v.shape) for k, v in meta.state_dict().items()}
-    stage("dzip.load_state", lambda: dzip.load_state(path, meta), "load")
+    stage("dzip.load_state", lambda: dzip_torch.load_state(path, meta), "load")
     stage("read_arrays (NumPy)", lambda: dzip.read_arrays(path, shapes), "load")
 
     def decode() -> None:
         from deepzip.export import to_safetensors
 
-        to_safetensors(dzip.load_state(path, meta)[0], tmp / f"{name}.safetensors")
+        to_safetensors(dzip_torch.load_state(path, meta)[0], tmp / f"{name}.safetensors")
 
     stage("decode to safetensors", decode, "save")
     (tmp / f"{name}.safetensors").unlink(missing_ok=True)

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepzip.dzip import _nonzero_huffman_bits
-from deepzip.pipeline import open_model
+from deepzip.codecs import nonzero_huffman_bits
+from deepzip.loading import load_model as open_model
 from deepzip.prune import prunable
 from deepzip.quantize import QuantizeConfig, dequantize_, fisher_sensitivity, quantize_
-from deepzip.report import text_table
+from deepzip.render import text_table
 from deepzip.task import image_task
 from deepzip.train import evaluate
 
@@ -58,7 +58,7 @@ def sharing(model: torch.nn.Module, score, settings=SHARING, sensitivity=None) -
         coded = nonzero = 0
         for t in prunable(m):
             w = t.weight.detach().numpy().ravel()
-            coded += _nonzero_huffman_bits(w)
+            coded += nonzero_huffman_bits(w)
             nonzero += int((w != 0).sum())
         clusters = sum(v["clusters"] for v in layers.values())
         kind = "k-means" if not beta else f"entropy-constrained {beta:g}"

@@ -3,21 +3,23 @@
     python experiments/ship_baseline.py runs/resnet20-baseline --data-dir ../shared/data
     python experiments/ship_baseline.py runs/lenet300-baseline --data-dir ../shared/data
 
-Writes src/deepzip/weights/ARCH_TASK.{pt,json} (the names models.pretrained knows) and
+Writes src/deepzip/weights/ARCH_TASK.{pt,json} (the names deepzip.pretrained knows) and
 results/baseline/ for ResNet-20, results/baseline-ARCH/ for the others (README.md,
 metrics.jsonl, command.txt), evaluating the shipped file on the task's full test set.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
-from common import ROOT, command_line, parser, write_json, write_text
-
-from deepzip.models import _PRETRAINED, load_checkpoint
+from deepzip.atomic import atomic_write
+from deepzip.checkpoint import load_checkpoint
+from deepzip.loading import PRETRAINED
 from deepzip.task import image_task
 from deepzip.train import evaluate
 
@@ -25,8 +27,25 @@ AUGMENTATION = {"cifar10": "random crop (4-pixel padding) and horizontal flip",
                 "mnist": "random crop (2-pixel padding), no flip"}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def command_line() -> str:
+    return shlex.join(["python", "experiments/ship_baseline.py", *sys.argv[1:]])
+
+
 def main() -> None:
-    p = parser(__doc__)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None, help="folder holding the data sets")
     p.add_argument("run", help="folder written by deepzip train")
     args = p.parse_args()
     run = Path(args.run)
@@ -34,7 +53,7 @@ def main() -> None:
         sys.exit(f"{run}/model.pt not found: has the run finished?")
     _, spec = load_checkpoint(run / "model.pt")
     task = image_task(spec.task or "cifar10", args.data_dir)
-    name = _PRETRAINED[spec.arch]  # e.g. resnet20_cifar10.pt
+    name = PRETRAINED[spec.arch]  # e.g. resnet20_cifar10.pt
     weights = ROOT / "src" / "deepzip" / "weights"
     weights.mkdir(exist_ok=True)
     shutil.copyfile(run / "model.pt", weights / name)
@@ -57,7 +76,7 @@ def main() -> None:
                 "bf16 autocast with channels_last")
     write_text(out / "README.md", f"""# The shipped {spec.arch} baseline
 
-`deepzip.models.pretrained("{spec.arch}")`, file `src/deepzip/weights/{name}`
+`deepzip.pretrained("{spec.arch}")`, file `src/deepzip/weights/{name}`
 ({(weights / name).stat().st_size:,} bytes).
 
 **Test accuracy: {acc * 100:.2f}%** (error {100 - acc * 100:.2f}%) on {task.description},

@@ -198,12 +198,13 @@ def fuzz_dzip(files: list[tuple[bytes, int, Any]], n: int, seed: int, tmp: Path,
     first ``warmup`` variants (of another seed) run unmeasured and uncounted: they import
     what the error paths import once per process (torch builds models on the meta device
     to name the architecture a file fits), which is not the input's doing."""
-    from deepzip.dzip import DeepzipFormatError, inspect, load, load_state
+    from deepzip.dzip import DeepzipFormatError
+    from deepzip.dzip_torch import info, load, load_state
 
     if warmup:
         import torch
 
-        from deepzip.models import guess_arch
+        from deepzip.checkpoint import guess_arch
 
         guess_arch({"w": torch.zeros(2, 2)})  # imports torch's meta-device machinery once
         fuzz_dzip(files, warmup, seed + 10_000, tmp, warmup=0)
@@ -230,7 +231,7 @@ def fuzz_dzip(files: list[tuple[bytes, int, Any]], n: int, seed: int, tmp: Path,
              DeepzipFormatError, bound)
         feed(out, f"#{i} {label} load", lambda target=target: load(path, target),
              DeepzipFormatError, lambda _r, b=bound: b(None))
-        feed(out, f"#{i} {label} inspect", lambda target=target: inspect(path, target),
+        feed(out, f"#{i} {label} inspect", lambda target=target: info(path, target),
              DeepzipFormatError, lambda _r, b=bound: b(None))
     return out
 
@@ -444,8 +445,9 @@ def dzip_bases(tmp: Path) -> list[tuple[bytes, int, Any]]:
     import torch
     from torch import nn
 
-    from deepzip.dzip import save, state_dict_bytes
-    from deepzip.models import ModelSpec, get
+    from deepzip.checkpoint import ModelSpec
+    from deepzip.dzip_torch import save, state_dict_bytes
+    from deepzip.models import get
     from deepzip.prune import PruneConfig, prune_
     from deepzip.quantize import QuantizeConfig, quantize_
 
@@ -511,7 +513,7 @@ def fuzz_specs(n: int, seed: int, tmp: Path) -> Outcome:
 
     import torch
 
-    from deepzip.dzip import save
+    from deepzip.dzip_torch import save
     from deepzip.models import get
 
     rng = random.Random(seed)
@@ -549,7 +551,7 @@ def _one_spec(i: int, rng: random.Random, out: Outcome, args: Any, tmp: Path,
 
     from deepzip.cli import _task
     from deepzip.errors import DeepzipError
-    from deepzip.pipeline import open_model
+    from deepzip.loading import load_model as open_model
 
     pre, header, body = parts
     spec = spec_variant(rng)

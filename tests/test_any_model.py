@@ -6,10 +6,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from deepzip import TrainConfig, evaluate, fit
-from deepzip.dzip import load, round_to_file_precision_, save
+from deepzip.dzip_torch import load, round_to_file_precision_, save
 from deepzip.models import get
 from deepzip.prune import PruneConfig, bake_, finetune_after_prune, prune_, sparsity_of
-from deepzip.quantize import QuantizeConfig, distinct_nonzero, quantize_, train_centroids
+from deepzip.qat import train_centroids
+from deepzip.quantize import QuantizeConfig, distinct_nonzero, quantize_
 
 
 class VGGSmall(nn.Module):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from deepzip import TrainConfig, evaluate, fit
+from deepzip.checkpoint import load_checkpoint
 from deepzip.cli import main
 from deepzip.data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader
-from deepzip.models import get, load_checkpoint
+from deepzip.models import get
 
 
 def run(capsys, *argv):
@@ -96,7 +97,7 @@ def test_train_prune_summary_commands(capsys, tmp_path, data_root):
 
 
 def test_quantize_with_fisher_weighted_penalties_and_a_budget(capsys, tmp_path, data_root):
-    from deepzip.models import ModelSpec, save_checkpoint
+    from deepzip.checkpoint import ModelSpec, save_checkpoint
     from deepzip.prune import PruneConfig, bake_, prune_
 
     torch.manual_seed(0)
@@ -116,7 +117,7 @@ def test_quantize_with_fisher_weighted_penalties_and_a_budget(capsys, tmp_path, 
 
 
 def test_quantize_encode_inspect_decode_eval(capsys, tmp_path, data_root):
-    from deepzip.models import ModelSpec, save_checkpoint
+    from deepzip.checkpoint import ModelSpec, save_checkpoint
     from deepzip.prune import PruneConfig, bake_, prune_
 
     torch.manual_seed(0)
@@ -211,8 +212,8 @@ def test_mnist_lenet_eval_and_bad_patterns(capsys, data_root):
 
 
 def test_encode_says_when_the_file_rounds(capsys, tmp_path):
-    from deepzip.dzip import round_to_file_precision_
-    from deepzip.models import ModelSpec, save_checkpoint
+    from deepzip.checkpoint import ModelSpec, save_checkpoint
+    from deepzip.dzip_torch import round_to_file_precision_
     from deepzip.quantize import QuantizeConfig, dequantize_, quantize_
 
     torch.manual_seed(0)

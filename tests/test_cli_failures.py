@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+from deepzip.checkpoint import ModelSpec, save_checkpoint
 from deepzip.cli import main
-from deepzip.models import ModelSpec, get, save_checkpoint
+from deepzip.models import get
 
 
 def one_line(capsys, *argv, code=2):
@@ -48,11 +49,11 @@ def test_disk_full_during_a_checkpoint(capsys, tmp_path, ckpt, monkeypatch):
 
 
 def _dzip(tmp_path, ckpt):
-    from deepzip import dzip
-    from deepzip.models import load_checkpoint
+    from deepzip import dzip_torch
+    from deepzip.checkpoint import load_checkpoint
 
     path = tmp_path / "m.dzip"
-    dzip.save(load_checkpoint(ckpt)[0], path, spec=ModelSpec())
+    dzip_torch.save(load_checkpoint(ckpt)[0], path, spec=ModelSpec())
     return path
 
 

@@ -9,33 +9,38 @@ import pytest
 import torch
 from torch import nn
 
-from deepzip import DeepzipError
-from deepzip.dzip import (
-    HEADER_DICT,
+from deepzip import DeepzipError, dzip
+from deepzip.checkpoint import ModelSpec
+from deepzip.codecs import (
     RAW_INTS,
-    VERSION,
-    DeepzipFormatError,
-    _decode_shared,
-    _encode_shared,
     _pack_subsets,
-    _read,
     _unpack_subsets,
     book_round,
+    decode_shared,
+    encode_shared,
     grid_bytes,
     grid_encode,
     grid_round,
     grid_too_coarse,
-    inspect,
+)
+from deepzip.dzip import (
+    HEADER_DICT,
+    VERSION,
+    DeepzipFormatError,
+    pack_header,
+    read_container,
+    unpack_header,
+)
+from deepzip.dzip_torch import (
+    info,
     load,
     load_state,
-    pack_header,
     precision_changes,
     round_to_file_precision_,
     save,
     state_dict_bytes,
-    unpack_header,
 )
-from deepzip.models import ModelSpec, get
+from deepzip.models import get
 from deepzip.prune import PruneConfig, prune_
 from deepzip.quantize import QuantizeConfig, quantize_
 
@@ -52,21 +57,21 @@ def _sparse_quantized(shape, sparsity, clusters, seed=0):
 
 
 def _decode(enc, w):
-    return _decode_shared({**enc.meta, "shape": list(w.shape)}, enc.parts, w.size)
+    return decode_shared({**enc.meta, "shape": list(w.shape)}, enc.parts, w.size)
 
 
 def test_kernel_layout_wins_when_whole_kernels_are_empty():
     rng = np.random.default_rng(0)
     w = _sparse_quantized((64, 64, 3, 3), 0.6, 16)
     w[rng.random((64, 64)) < 0.8] = 0  # 80% of the kernels empty
-    enc = _encode_shared(w, "float32")
+    enc = encode_shared(w, "float32")
     assert enc.meta["encoding"] == "kernel"
-    flat = _encode_shared(w.reshape(-1), "float32")  # 1-D: no kernels, zero runs
+    flat = encode_shared(w.reshape(-1), "float32")  # 1-D: no kernels, zero runs
     assert flat.meta["encoding"] == "sparse" and enc.nbytes < flat.nbytes
     assert np.array_equal(_decode(enc, w), w.ravel())
     for shape in [(4, 4, 5, 5), (3, 2, 2), (2, 2, 1, 1)]:  # 25 > 16 and 1: no kernel layout
         v = _sparse_quantized(shape, 0.5, 4)
-        e = _encode_shared(v, "float32")
+        e = encode_shared(v, "float32")
         assert (e.meta["encoding"] == "kernel") <= (shape == (3, 2, 2))
         assert np.array_equal(_decode(e, v), v.ravel())
 
@@ -91,7 +96,7 @@ def test_subsets_pack_to_their_information_content():
 @pytest.mark.parametrize("clusters", [1, 2, 32, 256])
 def test_shared_tensor_roundtrip(shape, sparsity, clusters):
     w = _sparse_quantized(shape, sparsity, clusters)
-    enc = _encode_shared(w, "float32")
+    enc = encode_shared(w, "float32")
     out = _decode(enc, w)
     assert np.array_equal(out, w.ravel())
     assert out.tobytes() == w.ravel().tobytes()  # bit-identical, signs of zero included
@@ -100,10 +105,10 @@ def test_shared_tensor_roundtrip(shape, sparsity, clusters):
 def test_sparse_layout_wins_when_sparse_and_fillers_cover_long_gaps():
     w = np.zeros(100_000, np.float32)
     w[[5, 70_000, 99_999]] = [0.5, -0.25, 0.5]
-    enc = _encode_shared(w, "float32")
+    enc = encode_shared(w, "float32")
     assert enc.meta["encoding"] == "sparse" and enc.nbytes < 300  # dense: >= 12,500 bytes
     assert np.array_equal(_decode(enc, w), w)
-    dense = _encode_shared(_sparse_quantized((4096,), 0.0, 4), "float32")
+    dense = encode_shared(_sparse_quantized((4096,), 0.0, 4), "float32")
     assert dense.meta["encoding"] == "dense"
 
 
@@ -133,7 +138,7 @@ def test_grid_store_falls_back_to_float32_where_the_grid_cannot_hold_a_tensor(tm
     round_to_file_precision_(m, "int6", "float32")
     x = torch.randn(2, 3, 32, 32)
     save(m, tmp_path / "m.dzip", spec=ModelSpec(), raw_dtype="int6")
-    header, _, _ = _read(tmp_path / "m.dzip")
+    header, _, _ = read_container(tmp_path / "m.dzip")
     stores = {e["name"]: e["store"] for e in header["tensors"] if "store" in e}
     assert stores["linear.bias"] == stores["bn1"] == "float32"
     assert stores["layer1.0.bn1"] == "int6"
@@ -155,7 +160,7 @@ def test_a_grid_too_coarse_for_most_values_gives_way_to_float16(tmp_path):
     round_to_file_precision_(m, "int8", "float32")
     assert precision_changes(m, "int8", "float32") == []  # the stores are chosen again alike
     save(m, tmp_path / "m.dzip", spec=ModelSpec(), raw_dtype="int8")
-    header, _, _ = _read(tmp_path / "m.dzip")
+    header, _, _ = read_container(tmp_path / "m.dzip")
     stores = {e["name"]: e["store"] for e in header["tensors"] if "store" in e}
     assert stores["bn1"] == "float16" and stores["layer1.0.bn1"] == "int8"
     x = torch.randn(2, 3, 32, 32)
@@ -166,7 +171,7 @@ def test_a_grid_with_a_non_finite_end_is_refused(tmp_path):
     m = _model()
     path = tmp_path / "m.dzip"
     save(m, path, spec=ModelSpec(), raw_dtype="int8")
-    header, data, head = _read(path)
+    header, data, head = read_container(path)
     off = next(e for e in header["tensors"] if e["encoding"] == "bn")["parts"]["data"][0]
     body = bytearray(data)
     body[off:off + 2] = np.array([np.inf], "<f2").tobytes()  # lo of the first group
@@ -184,7 +189,7 @@ def test_older_versions_still_load(tmp_path, version):
     path = tmp_path / "new.dzip"
     save(m, path, spec=ModelSpec())
     data = path.read_bytes()
-    header, _, _ = _read(path)
+    header, _, _ = read_container(path)
     header["version"] = version
     if version >= 4:
         for t in header["tensors"]:
@@ -225,13 +230,13 @@ def test_model_roundtrip_is_exact(tmp_path, raw, book):
     loaded = load(path)
     assert not loaded.training
     assert torch.equal(loaded(x), ref)
-    info = inspect(path)
-    assert info["file_bytes"] == path.stat().st_size == sum(info["bytes_by_kind"].values())
-    assert info["bytes_by_kind"]["positions"] > 0 and info["bytes_by_kind"]["values"] > 0
-    assert info["bytes_by_kind"]["BatchNorm"] > 0 and info["bytes_by_kind"]["biases"] > 0
-    assert info["bytes_by_kind"]["unshared weights"] == 0  # every weight is shared
+    sizes = info(path)
+    assert sizes["file_bytes"] == path.stat().st_size == sum(sizes["bytes_by_kind"].values())
+    assert sizes["bytes_by_kind"]["positions"] > 0 and sizes["bytes_by_kind"]["values"] > 0
+    assert sizes["bytes_by_kind"]["BatchNorm"] > 0 and sizes["bytes_by_kind"]["biases"] > 0
+    assert sizes["bytes_by_kind"]["unshared weights"] == 0  # every weight is shared
     assert set(load_state(path)[0]) == set(get("resnet20").state_dict())
-    assert sum(r["encoding"] == "bn" for r in info["tensors"]) == 19  # folded BatchNorm
+    assert sum(r["encoding"] == "bn" for r in sizes["tensors"]) == 19  # folded BatchNorm
 
 
 def test_grid_codebooks_cost_one_byte_per_value_and_fall_back_exactly(tmp_path):
@@ -239,8 +244,8 @@ def test_grid_codebooks_cost_one_byte_per_value_and_fall_back_exactly(tmp_path):
     sizes = {}
     for book in ("float16", "int8"):
         save(m, tmp_path / f"{book}.dzip", spec=ModelSpec(), codebook_dtype=book)
-        sizes[book] = inspect(tmp_path / f"{book}.dzip")["bytes_by_kind"]["codebooks"]
-    rows = [r for r in inspect(tmp_path / "int8.dzip")["tensors"] if "clusters" in r]
+        sizes[book] = info(tmp_path / f"{book}.dzip")["bytes_by_kind"]["codebooks"]
+    rows = [r for r in info(tmp_path / "int8.dzip")["tensors"] if "clusters" in r]
     clusters = sum(r["clusters"] for r in rows)  # neighbours closer than a step merge
     assert clusters <= sizes["float16"] // 2
     assert sizes["int8"] == clusters + 4 * len(rows)  # k levels + fp16 lo and step per layer
@@ -251,7 +256,7 @@ def test_grid_codebooks_cost_one_byte_per_value_and_fall_back_exactly(tmp_path):
     with torch.no_grad():
         lin.weight.copy_(w)
     save(lin, tmp_path / "big.dzip", codebook_dtype="int8")
-    header, _, _ = _read(tmp_path / "big.dzip")
+    header, _, _ = read_container(tmp_path / "big.dzip")
     assert {t["name"]: t for t in header["tensors"]}["weight"]["codebook_dtype"] == "float32"
     assert torch.equal(load_state(tmp_path / "big.dzip")[0]["weight"], w)
 
@@ -326,13 +331,13 @@ def _load_bytes(tmp_path, data):
 def test_truncation_at_every_section_boundary(tmp_path, good_file):
     info_path = tmp_path / "ok.dzip"
     info_path.write_bytes(good_file)
-    info = inspect(info_path)
-    head = info["header_bytes"]
+    sizes = info(info_path)
+    head = sizes["header_bytes"]
     cuts = {0, 4, 8, 12, 19, 20, head - 1, head, len(good_file) - 1}
-    for t in info["tensors"]:
+    for t in sizes["tensors"]:
         cuts.add(head + t.get("bytes", 0))
     offset = head
-    header, _, _ = _read(info_path)  # version 4 lists no offsets: the reader derives them
+    header, _, _ = read_container(info_path)  # version 4 lists no offsets: the reader derives them
     for t in header["tensors"]:
         for off, length in t["parts"].values():
             cuts.update({head + off, head + off + length - 1})
@@ -442,7 +447,7 @@ def test_tied_attention_lstm_model_roundtrips_identically(tmp_path):
     assert torch.equal(back(x), ref)
     assert back.decoder.weight is back.embedding.weight
     assert sparsity_of(back) == pytest.approx(0.6, abs=1e-3)
-    rows = {r["name"]: r for r in inspect(tmp_path / "lm.dzip", TiedLM())["tensors"]}
+    rows = {r["name"]: r for r in info(tmp_path / "lm.dzip", TiedLM())["tensors"]}
     assert rows["decoder.weight"]["encoding"] == "alias of embedding.weight"
     assert rows["decoder.weight"]["bytes"] == 0
     assert rows["lstm.weight_hh_l0"]["encoding"] in ("dense", "sparse")
@@ -470,16 +475,42 @@ def test_hostile_alias_entries_are_rejected(tmp_path, mutate):
         _load_bytes(tmp_path, _with_header(data, header))
 
 
-def test_version_2_files_still_load():
-    """The previous default's committed file was written by format version 2."""
+# Files written by earlier format versions (a ResNet-20 in v2, LeNet-300-100 in v3, a
+# ResNet-20 in v4), with a digest of their decoded tensors as deepzip 0.2.0 decoded them.
+OLD_FORMATS = {2: "1c2fa904d7a26710", 3: "5ac46afc9940152b", 4: "0d9865ef35582e22"}
+
+
+def _digest(arrays: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        for part in (k.encode(), str(a.dtype).encode(), str(a.shape).encode(), a.tobytes()):
+            h.update(part)
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("version", sorted(OLD_FORMATS))
+def test_files_of_earlier_format_versions_decode_to_the_same_weights(version, tmp_path):
+    """An old file still reads, to the very tensors it held, and re-encodes in the current
+    version without a change to any of them."""
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "results" / "previous-default" / "model.dzip"
-    if not path.is_file():
-        pytest.skip("results/previous-default/model.dzip not in this checkout")
-    assert struct.unpack_from("<H", path.read_bytes(), 8)[0] == 2
-    state, spec = load_state(path)
-    assert spec.arch == "resnet20" and "linear.weight" in state
+    from deepzip import dzip_torch
+
+    path = pathlib.Path(__file__).parent / "fixtures" / f"format-v{version}.dzip"
+    assert struct.unpack_from("<H", path.read_bytes(), 8)[0] == version
+    arrays, meta = dzip.read_arrays(path)
+    assert _digest(arrays) == OLD_FORMATS[version]
+    state, spec = dzip_torch.load_state(path)
+    assert spec.arch == meta["arch"]
+    model = dzip_torch.load(path)
+    dzip_torch.save(model, tmp_path / "now.dzip", spec=spec, raw_dtype="float32",
+                    codebook_dtype="float32", fold_batchnorm=False)
+    again, _ = dzip_torch.load_state(tmp_path / "now.dzip")
+    assert struct.unpack_from("<H", (tmp_path / "now.dzip").read_bytes(), 8)[0] == dzip.VERSION
+    assert set(again) == set(state) and all(torch.equal(again[k], state[k]) for k in state)
 
 
 BLOCK_TORCH = """
@@ -566,11 +597,11 @@ def test_a_tied_embedding_is_pruned_shared_and_stored_once(tmp_path, bake):
     assert fresh.head.weight is fresh.embed.weight
     x = torch.randint(500, (4, 7))
     assert torch.equal(fresh(x), model(x))
-    info = inspect(path, _TiedLM())
-    assert info["params"] == sum(p.numel() for p in _TiedLM().parameters())
-    assert info["state_dict_bytes"] == state_dict_bytes(_TiedLM())  # counted once
-    assert info["real_ratio"] > 20
-    assert inspect(path)["state_dict_bytes"] < 1.1 * 4 * info["params"]  # without a model too
+    sizes = info(path, _TiedLM())
+    assert sizes["params"] == sum(p.numel() for p in _TiedLM().parameters())
+    assert sizes["state_dict_bytes"] == state_dict_bytes(_TiedLM())  # counted once
+    assert sizes["real_ratio"] > 20
+    assert info(path)["state_dict_bytes"] < 1.1 * 4 * sizes["params"]  # without a model too
     dequantize_(model)
     assert model.head.weight is model.embed.weight
 

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from deepzip.checkpoint import ModelSpec
 from deepzip.cli import main
-from deepzip.dzip import load_state, save
-from deepzip.models import ModelSpec, get
+from deepzip.dzip_torch import load_state, save
+from deepzip.models import get
 from deepzip.prune import PruneConfig, prune_
 from deepzip.quantize import QuantizeConfig, quantize_
 
@@ -59,7 +60,7 @@ def test_onnx_on_plain_images_scores_what_deepzip_eval_reports(capsys, tmp_path,
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     from deepzip.data import load_cifar10, load_mnist
-    from deepzip.models import load_model
+    from deepzip.loading import load_model
 
     model, spec = load_model(name)
     if normalize:
@@ -116,8 +117,9 @@ def test_deepzip_reads_the_safetensors_it_writes_with_their_normalization(
     so it scores exactly what the .dzip scores (ImageNet constants, not CIFAR's)."""
     pytest.importorskip("safetensors")
     from deepzip.data import parse_normalize
+    from deepzip.loading import load_model
 
-    model, _ = __import__("deepzip.models", fromlist=["load_model"]).load_model("resnet20")
+    model, _ = load_model("resnet20")
     mean, std = parse_normalize("imagenet")
     save(model, tmp_path / "m.dzip", spec=ModelSpec(mean=mean, std=std), raw_dtype="float32")
     scores = {}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepzip import dzip
+from deepzip import dzip_torch
 from deepzip.prune import PruneConfig, prune_
 from deepzip.quantize import QuantizeConfig, quantize_
 
@@ -52,12 +52,12 @@ def test_prune_share_save_and_load_stay_within_the_models_size(tmp_path):
     peaks = {
         "prune": _peak_beyond(lambda: prune_(model, PruneConfig("global", 0.9), bake=True)),
         "share": _peak_beyond(lambda: quantize_(model, QuantizeConfig(bits=4))),
-        "save": _peak_beyond(lambda: dzip.save(model, tmp_path / "w.dzip")),
+        "save": _peak_beyond(lambda: dzip_torch.save(model, tmp_path / "w.dzip")),
     }
     model = None
     gc.collect()
     fresh = Wide()
-    peaks["load"] = _peak_beyond(lambda: dzip.load(tmp_path / "w.dzip", fresh))
+    peaks["load"] = _peak_beyond(lambda: dzip_torch.load(tmp_path / "w.dzip", fresh))
     over = {k: f"{v / size:.2f}x" for k, v in peaks.items() if v > size + slack}
     assert not over, f"peak memory beyond the model ({size / 2**20:.0f} MiB): {over}"
     assert (tmp_path / "w.dzip").stat().st_size < size / 30

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from deepzip import DeepzipError
-from deepzip.models import (
-    CifarResNet,
-    ModelSpec,
-    available,
-    extract_state_dict,
-    get,
-    load_checkpoint,
-    save_checkpoint,
-)
+from deepzip.checkpoint import ModelSpec, extract_state_dict, load_checkpoint, save_checkpoint
+from deepzip.models import CifarResNet, available, get
 
 
 @pytest.mark.parametrize("name,depth", [("resnet20", 20), ("resnet32", 32), ("resnet44", 44),

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from deepzip import DeepzipError, dzip
+from deepzip.checkpoint import ModelSpec, save_checkpoint
 from deepzip.cli import main
-from deepzip.models import ModelSpec, get, load_model, save_checkpoint
+from deepzip.loading import load_model
+from deepzip.models import get
 from deepzip.pipeline import Pipeline
 from deepzip.recipe import Distill, load_recipe
 from deepzip.task import image_task
@@ -118,10 +120,10 @@ encode: {{codebook_dtype: int8, raw_dtype: int8}}
     assert 2.0 < s["huffman_avg_bits"] <= 2.5 + 0.05  # the budget (+ the classifier's zeros)
     sens = report["stages"]["quantize"]["sensitivity"]
     assert set(sens) == set(layers) and all(v > 0 for v in sens.values())
-    stores = {e["store"] for e in dzip._read(tmp_path / "run" / "model.dzip")[0]["tensors"]
+    stores = {e["store"] for e in dzip.read_container(tmp_path / "run" / "model.dzip")[0]["tensors"]
               if "store" in e}
     assert stores == {"int8"}  # BatchNorm and the classifier bias on 8-bit grids
-    books = {e["codebook_dtype"] for e in dzip._read(tmp_path / "run" / "model.dzip")[0][
+    books = {e["codebook_dtype"] for e in dzip.read_container(tmp_path / "run" / "model.dzip")[0][
         "tensors"] if "codebook_dtype" in e}
     assert books == {"int8"}
     phases = [r["phase"] for r in report["stages"]["quantize"]["history"]]

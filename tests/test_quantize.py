@@ -5,26 +5,20 @@ from torch import nn
 
 from deepzip import DeepzipError, TrainConfig
 from deepzip.data import BatchLoader, ImageSplit
+from deepzip.kmeans import entropy_constrained, envelope, index_bits, init_centroids, kmeans_1d
 from deepzip.models import get
 from deepzip.prune import PruneConfig, prunable, prune_
+from deepzip.qat import TrainedSharing, qat_, train_centroids
 from deepzip.quantize import (
     INITS,
     QuantizeConfig,
     SharedWeight,
-    TrainedSharing,
     codebooks,
     dequantize_,
     distinct_nonzero,
-    entropy_constrained,
-    envelope,
     fisher_sensitivity,
-    index_bits,
-    init_centroids,
-    kmeans_1d,
     penalties,
-    qat_,
     quantize_,
-    train_centroids,
 )
 
 
@@ -155,7 +149,7 @@ def test_every_code_is_used_when_values_allow():
 
 
 def test_centroid_lr_is_divided_by_cluster_size(monkeypatch):
-    import deepzip.quantize as q
+    import deepzip.qat as q
 
     model = nn.Sequential(nn.Linear(100, 10))
     quantize_(model, QuantizeConfig(bits=2))

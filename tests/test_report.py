@@ -4,10 +4,9 @@ import csv
 import json
 
 from deepzip.cli import main
-from deepzip.report import (
+from deepzip.render import (
     label_axes,
     markdown_table,
-    pareto_front,
     plot_pareto,
     plot_sensitivity,
     pyplot,
@@ -15,6 +14,7 @@ from deepzip.report import (
     text_table,
     write_csv,
 )
+from deepzip.report import pareto_front
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROWS = [{"name": "conv1", "shape": [16, 3, 3, 3], "sparsity": 0.25, "bytes": 293},

@@ -13,11 +13,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from deepzip import dzip
+from deepzip import dzip_torch
 from deepzip.atomic import LOCK_NAME, folder_lock, open_regular, read_gzip_limited
+from deepzip.checkpoint import ModelSpec, save_checkpoint
 from deepzip.cli import main
 from deepzip.errors import DeepzipError
-from deepzip.models import ModelSpec, get, save_checkpoint
+from deepzip.models import get
 from deepzip.recipe import Recipe, load_recipe
 
 EVIL = "deepzip_evil_probe"
@@ -56,7 +57,7 @@ def _hostile_files(folder):
         ckpt = folder / f"evil-{tag}.pt"
         save_checkpoint(model, spec, ckpt)
         packed = folder / f"evil-{tag}.dzip"
-        dzip.save(model, packed, spec=spec)
+        dzip_torch.save(model, packed, spec=spec)
         files += [ckpt, packed]
     return files
 
@@ -94,13 +95,13 @@ def test_a_recorded_task_or_arch_imports_nothing_under_any_command(
 
 
 def test_inspect_decode_and_the_python_loaders_import_nothing(capsys, tmp_path, evil):
-    from deepzip.models import load_model
+    from deepzip.loading import load_model
 
     for f in _hostile_files(tmp_path):
         if f.suffix == ".dzip":
             assert _run(capsys, "inspect", f)[0] == 0
             assert _run(capsys, "decode", f, "-o", tmp_path / "back.pt")[0] == 0
-            state, spec = dzip.load_state(f)
+            state, spec = dzip_torch.load_state(f)
             assert spec.task == f"{EVIL}:make_task"  # kept as a label, never resolved
         if "task" in f.name:
             model, spec = load_model(str(f))

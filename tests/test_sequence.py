@@ -74,7 +74,7 @@ def test_a_tied_language_model_through_compress(tmp_path):
     assert s["decoded_score"] == pytest.approx(_per_token(result.model, task.eval))
     assert truth - 0.1 < s["decoded_score"] <= 1.0
     assert result.model.head.weight is result.model.embed.weight  # re-tied
-    rows = {r["name"]: r for r in deepzip.dzip.inspect(result.path, tiny_lm.TinyLM())
+    rows = {r["name"]: r for r in deepzip.dzip_torch.info(result.path, tiny_lm.TinyLM())
             ["tensors"]}
     assert rows["head.weight"]["encoding"] == "alias of embed.weight"
     assert rows["embed.weight"]["encoding"] in ("sparse", "dense")  # pruned and shared

@@ -19,8 +19,8 @@ from deepzip import (
     evaluate,
     fit,
 )
+from deepzip.checkpoint import ModelSpec, save_checkpoint
 from deepzip.cli import main
-from deepzip.models import ModelSpec, save_checkpoint
 from deepzip.task import Accuracy, resolve_task
 
 TINY = """
@@ -164,7 +164,7 @@ def test_compress_an_unregistered_model_from_python(tmp_path, capsys):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
     assert s["identical_outputs"] and s["same_predictions"] == "256/256"
     assert s["baseline_score"] > 0.6 and s["decoded_score"] > s["baseline_score"] - 0.1  # 3 classes
-    decoded = deepzip.dzip.load(tmp_path / "run" / "model.dzip", Unregistered())
+    decoded = deepzip.dzip_torch.load(tmp_path / "run" / "model.dzip", Unregistered())
     assert report.path == tmp_path / "run" / "model.dzip"  # what compress made, handed back
     assert torch.equal(report.model(x[:64]), decoded(x[:64]))
     made = (tmp_path / "run" / "report.md").read_text()

@@ -10,32 +10,31 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import DeepzipError, DeepzipFormatError
-
-__version__ = "0.2.0"  # the one place: pyproject.toml reads it
+from .version import __version__
 
 _WHERE = {
-    "ModelSpec": "models", "load_checkpoint": "models", "load_model": "models",
-    "pretrained": "models", "register_model": "models", "save_checkpoint": "models",
+    "ModelSpec": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "load_model": "loading", "pretrained": "loading", "register_model": "models",
     "Compressed": "pipeline", "compress": "pipeline", "verify": "pipeline",
-    "save": "dzip_torch", "load": "dzip_torch",  # safetensors' and torchao's spelling
+    "save": "dzip_torch", "load": "dzip_torch", "info": "dzip_torch",
+    "PruneConfig": "prune", "prune_": "prune", "QuantizeConfig": "quantize",
+    "quantize_": "quantize",
     "Accuracy": "task", "FunctionMetric": "task", "MeanAbsoluteError": "task",
     "MeanSquaredError": "task", "Metric": "task", "Perplexity": "task", "Task": "task",
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
 }
-_MODULES = {"atomic", "cli", "data", "dzip", "dzip_torch", "errors", "huffman", "models",
-            "pipeline", "prune", "quantize", "recipe", "report", "task", "train"}
+_MODULES = {"atomic", "checkpoint", "cli", "codecs", "data", "dzip", "dzip_torch", "errors",
+            "export", "huffman", "kmeans", "loading", "models", "pipeline", "prune", "qat",
+            "quantize", "recipe", "report", "stages", "targets", "task", "train"}
 
 if TYPE_CHECKING:
-    from .dzip_torch import load, save
-    from .models import (
-        ModelSpec,
-        load_checkpoint,
-        load_model,
-        pretrained,
-        register_model,
-        save_checkpoint,
-    )
+    from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+    from .dzip_torch import info, load, save
+    from .loading import load_model, pretrained
+    from .models import register_model
     from .pipeline import Compressed, compress, verify
+    from .prune import PruneConfig, prune_
+    from .quantize import QuantizeConfig, quantize_
     from .task import (
         Accuracy,
         FunctionMetric,
@@ -57,6 +56,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "__version__",
     "Accuracy",
     "DeepzipError",
     "DeepzipFormatError",
@@ -66,16 +66,21 @@ __all__ = [
     "Metric",
     "ModelSpec",
     "Perplexity",
+    "PruneConfig",
+    "QuantizeConfig",
     "Task",
     "TrainConfig",
     "Compressed",
     "compress",
     "evaluate",
     "fit",
+    "info",
     "load",
     "load_checkpoint",
     "load_model",
     "pretrained",
+    "prune_",
+    "quantize_",
     "register_model",
     "save",
     "save_checkpoint",

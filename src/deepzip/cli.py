@@ -18,24 +18,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import stages
 from .atomic import read_limited
-from .dzip import BOOK_DTYPES, RAW_DTYPES
+from .checkpoint import ModelSpec, save_checkpoint
+from .codecs import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
-from .models import ModelSpec, available, resolve_arch, save_checkpoint
-from .pipeline import open_model
+from .loading import load_model
+from .models import available, resolve_arch
 from .prune import FINETUNE
-from .quantize import CENTROID_TRAINING, INITS
+from .qat import CENTROID_TRAINING
+from .quantize import INITS
 from .recipe import shipped_recipes
-from .task import TASKS, Accuracy, Task, classification_loss, resolve_task
+from .task import TASKS, Accuracy, Task, resolve_task
 from .train import (
     TrainConfig,
     default_device,
-    evaluate,
     fit,
     init_distributed_from_env,
     is_main_process,
 )
+from .version import __version__
 
 TASK_HELP = (f"what the model is for: {', '.join(TASKS)}, or package.module:function "
              "returning a deepzip Task (default: the task the model records, else cifar10)")
@@ -96,7 +98,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec]:
     that records no normalization gets the task's.
     """
     task = _task(args) if getattr(args, "task", None) else None
-    return open_model(args.model, arch=args.arch, normalize=args.normalize, task=task)
+    return load_model(args.model, arch=args.arch, normalize=args.normalize, task=task)
 
 
 def model_and_task(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, Task]:
@@ -106,12 +108,6 @@ def model_and_task(args: argparse.Namespace) -> tuple[nn.Module, ModelSpec, Task
     task = _task(args, spec.task)
     task.check(model, task.eval_loader(mean=spec.mean, std=spec.std))  # one line if unfit
     return model, spec, task
-
-
-def _score(model: nn.Module, task: Task, spec: ModelSpec) -> tuple[float, float]:
-    """(loss, metric) of ``model`` on the task's evaluation data."""
-    return evaluate(model, task.eval_loader(mean=spec.mean, std=spec.std),
-                    metric=task.metric, loss_fn=task.loss)
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -128,20 +124,6 @@ def _device(args: argparse.Namespace) -> torch.device:
     return dev
 
 
-def train_loader(task: Task, spec: ModelSpec, cfg: TrainConfig):
-    return task.train_loader(cfg.batch_size, cfg.seed, mean=spec.mean, std=spec.std,
-                             channels_last=cfg.channels_last)
-
-
-def _fit_kwargs(task: Task, spec: ModelSpec) -> dict:
-    """What every training command passes to ``fit``: the task's data, metric and loss."""
-    loss = task.loss
-    return {"test_loader": task.eval_loader(mean=spec.mean, std=spec.std),
-            "metric": task.metric, "eval_loss": loss,
-            "loss_fn": None if loss is classification_loss else
-            (lambda logits, y, _x: loss(logits, y))}
-
-
 def _add_finetune_args(p: argparse.ArgumentParser, what: str, d: TrainConfig) -> None:
     g = p.add_argument_group(what)
     g.add_argument("--finetune-epochs", type=int, default=0, help=f"{what} epochs (0: none)")
@@ -154,20 +136,19 @@ def _add_finetune_args(p: argparse.ArgumentParser, what: str, d: TrainConfig) ->
     g.add_argument("--resume", action="store_true", help=f"continue {what} from OUT")
 
 
-def _finetune_config(args: argparse.Namespace) -> TrainConfig:
+def _finetune_config(args: argparse.Namespace) -> TrainConfig | None:
+    """The retraining of prune and quantize (--finetune-epochs and friends); None: none."""
+    if not args.finetune_epochs:
+        return None
     return TrainConfig(epochs=args.finetune_epochs, lr=args.lr, batch_size=args.batch_size,
                        weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed)
 
 
-def _finetune(args: argparse.Namespace, model: nn.Module, spec: ModelSpec, task: Task,
-              out: Path, result: dict, train_fn, key: str, what: str) -> None:
-    """The optional retraining of prune and quantize (--finetune-epochs and friends)."""
-    if not args.finetune_epochs:
+def _retrained(args: argparse.Namespace, model: nn.Module, spec: ModelSpec, task: Task,
+               result: dict, cfg: TrainConfig | None, key: str, what: str) -> None:
+    if cfg is None:
         return
-    cfg = _finetune_config(args)
-    train_fn(model, train_loader(task, spec, cfg), cfg, out_dir=out, resume=args.resume,
-             desc=what, **_fit_kwargs(task, spec))
-    _, result[key] = _score(model, task, spec)
+    result[key] = stages.score(model, task, spec).value
     result["finetune"] = dataclasses.asdict(cfg)
     print(f"after {cfg.epochs} epochs of {what}: {_fmt(task, result[key])}")
 
@@ -193,14 +174,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = ModelSpec(arch=resolve_arch(args.arch), mean=mean, std=std, task=task.name)
     torch.manual_seed(cfg.seed)
     model = spec.build()
-    train = train_loader(task, spec, cfg)
+    train = stages.train_loader(task, spec, cfg)
     out = Path(args.out)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
     t0 = time.time()
-    history = fit(model, train, cfg, out_dir=out, resume=args.resume, desc=spec.arch,
-                  **_fit_kwargs(task, spec))
+    history = fit(model, train, cfg, **stages.training(task, spec, out_dir=out,
+                                                       resume=args.resume, desc=spec.arch))
     if not is_main_process():
         return 0
     save_checkpoint(model, spec, out / "model.pt")
@@ -213,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model, spec, task = model_and_task(args)
-    loss, value = _score(model, task, spec)
+    loss, value = stages.score(model, task, spec)
     m = task.metric.name
     result = {"model": args.model, "arch": spec.arch, "task": task.name, "metric": m,
               f"test_{m}": value, "test_loss": loss, "examples": task.eval_size,
@@ -245,22 +226,26 @@ def _prune_config(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import bake_, finetune_after_prune, prune_, sparsity_of
+    from .prune import bake_, sparsity_of
     from .report import summary
 
-    pcfg = _prune_config(args)
+    pcfg, retrain = _prune_config(args), _finetune_config(args)
     model, spec, task = model_and_task(args)
     m = task.metric.name
     out = Path(args.out)
-    _, before = _score(model, task, spec)
-    prune_(model, pcfg)
-    _, pruned = _score(model, task, spec)
-    result = {"method": pcfg.method, "amount": pcfg.amount, "sparsity": sparsity_of(model),
-              "metric": m, f"{m}_before": before, f"{m}_pruned": pruned}
-    print(f"pruned ({pcfg.method} {pcfg.amount}): sparsity {result['sparsity']:.4f}, "
-          f"{_fmt(task, before)} -> {_fmt(task, pruned)}")
-    _finetune(args, model, spec, task, out, result, finetune_after_prune, f"{m}_retrained",
-              "masked retraining")
+    before = stages.score(model, task, spec).value
+    result: dict = {"method": pcfg.method, "amount": pcfg.amount, "metric": m,
+                    f"{m}_before": before}
+
+    def pruned(_model: nn.Module) -> None:  # reported between pruning and retraining
+        result.update(sparsity=sparsity_of(model), **{
+            f"{m}_pruned": stages.score(model, task, spec).value})
+        print(f"pruned ({pcfg.method} {pcfg.amount}): sparsity {result['sparsity']:.4f}, "
+              f"{_fmt(task, before)} -> {_fmt(task, result[f'{m}_pruned'])}")
+
+    stages.prune_step(model, task, spec, pcfg, retrain, out_dir=out, resume=args.resume,
+                      desc="masked retraining", after_prune=pruned)
+    _retrained(args, model, spec, task, result, retrain, f"{m}_retrained", "masked retraining")
     bake_(model)
     save_checkpoint(model, spec, out / "model.pt")
     _write_json(out / "prune.json", {**result, "summary": summary(model)})
@@ -270,28 +255,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .prune import prunable
-    from .quantize import (
-        QuantizeConfig,
-        codebooks,
-        dequantize_,
-        fisher_sensitivity,
-        quantize_,
-        train_centroids,
-    )
-    from .report import plot_weight_sharing
+    from .quantize import QuantizeConfig, codebooks, dequantize_
+    from .render import plot_weight_sharing
 
     qcfg = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv,
                           bits_linear=args.bits_linear, init=args.init, seed=args.seed,
                           exclude=args.exclude or [], entropy_weight=args.entropy_weight,
                           target_bits=args.target_bits)
+    centroids = _finetune_config(args)
     model, spec, task = model_and_task(args)
-    if args.sensitivity == "fisher":
-        qcfg = dataclasses.replace(qcfg, sensitivity=fisher_sensitivity(
-            model, task.train_loader(128, args.seed, mean=spec.mean, std=spec.std), task.loss,
-            exclude=qcfg.exclude))
     m = task.metric.name
     out = Path(args.out)
-    _, before = _score(model, task, spec)
+    before = stages.score(model, task, spec).value
     names = args.plot_layers or []
     targets = {t.name: t for t in prunable(model)}
     missing = [n for n in names if n not in targets]
@@ -299,13 +274,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise DeepzipError(f"--plot-layers: no layer {', '.join(missing)}; layers: "
                            + ", ".join(targets))
     weights_before = {n: targets[n].weight.detach().clone() for n in names}
-    layers = quantize_(model, qcfg)
-    _, quantized = _score(model, task, spec)
-    result = {"config": dataclasses.asdict(qcfg), "metric": m, f"{m}_before": before,
-              f"{m}_quantized": quantized, "layers": layers}
-    print(f"quantized ({args.init} init): {_fmt(task, before)} -> {_fmt(task, quantized)}")
-    _finetune(args, model, spec, task, out, result, train_centroids, f"{m}_trained",
-              "centroid training")
+    shared = stages.share(
+        model, task, spec, qcfg, centroids=centroids, out_dir=out, resume=args.resume,
+        fisher=TrainConfig(batch_size=128, seed=args.seed) if args.sensitivity == "fisher"
+        else None)
+    print(f"quantized ({args.init} init): {_fmt(task, before)} -> "
+          f"{_fmt(task, shared.score_kmeans)}")
+    result = {"config": dataclasses.asdict(shared.config), "metric": m, f"{m}_before": before,
+              f"{m}_quantized": shared.score_kmeans, "layers": shared.layers}
+    _retrained(args, model, spec, task, result, centroids, f"{m}_trained", "centroid training")
     books = codebooks(model)
     missing = [n for n in names if n not in books]
     if missing:
@@ -323,7 +300,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _size_table(info: dict) -> str:
-    from .report import bytes_by_kind_line, text_table
+    from .render import bytes_by_kind_line, text_table
 
     rows = [{**r, "shape": r["shape"], "huffman": r.get("huffman_avg", "")}
             for r in info["tensors"] if "clusters" in r]
@@ -348,15 +325,15 @@ def _size_table(info: dict) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from . import dzip
+    from . import dzip_torch
 
     model, spec = resolve_model(args)
     out = Path(args.output)
-    changed = dzip.precision_changes(model, args.raw_dtype, args.codebook_dtype,
+    changed = dzip_torch.precision_changes(model, args.raw_dtype, args.codebook_dtype,
                                      args.fold_batchnorm)
-    dzip.save(model, out, spec=spec, raw_dtype=args.raw_dtype,
+    dzip_torch.save(model, out, spec=spec, raw_dtype=args.raw_dtype,
               codebook_dtype=args.codebook_dtype, fold_batchnorm=args.fold_batchnorm)
-    print(_size_table(dzip.inspect(out)))
+    print(_size_table(dzip_torch.info(out)))
     if changed:
         print(f"note: {len(changed)} tensors are not at the file's precision "
               f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the file "
@@ -370,9 +347,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import dzip
+    from . import dzip_torch
 
-    info = dzip.inspect(args.file)
+    info = dzip_torch.info(args.file)
     print(json.dumps(info) if args.json else _size_table(info))
     return 0
 
@@ -380,11 +357,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     """A .dzip back to a plain checkpoint: a state_dict needs no architecture; with
     --arch (or a registered one in the file) it is also checked against the model."""
-    from . import dzip
+    from . import dzip_torch
     from .atomic import atomic_torch_save
-    from .models import load_state_dict_strict
+    from .checkpoint import load_state_dict_strict
 
-    state, spec = dzip.load_state(args.file)
+    state, spec = dzip_torch.load_state(args.file)
     if args.arch:
         spec = dataclasses.replace(spec or ModelSpec(), arch=resolve_arch(args.arch))
         load_state_dict_strict(spec.build(), state)
@@ -447,7 +424,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"onnxruntime vs PyTorch on {task.description or task.name}: max output difference "
           f"{result['max_abs_diff']:.3g}{same}")
     if task.classification and isinstance(task.metric, Accuracy):
-        _, value = _score(model, task, spec)
+        value = stages.score(model, task, spec).value
         print(f"accuracy: onnxruntime {100 * result['onnx_correct'] / result['examples']:.2f}%"
               f" on {'[0, 1] images' if inside else 'normalized input'}, deepzip eval "
               f"{100 * value:.2f}%")
@@ -497,7 +474,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from .report import markdown_table, plot_pareto
+    from .render import markdown_table, plot_pareto
 
     reports = []
     for d in args.runs:
@@ -538,7 +515,8 @@ def _examples(summary: dict) -> int | None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .report import plot_filter_norms, structure, summary, text_table
+    from .render import plot_filter_norms, text_table
+    from .report import structure, summary
 
     model, _ = resolve_model(args)
     s = summary(model)
@@ -563,14 +541,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from .prune import sensitivity, targets_from_sensitivity
-    from .report import plot_sensitivity, write_csv
+    from .render import plot_sensitivity, write_csv
 
     try:
         levels = tuple(float(v) for v in args.levels.split(","))
     except ValueError:
         raise DeepzipError(f"bad --levels {args.levels!r}: use e.g. 0.1,0.5,0.9") from None
     model, spec, task = model_and_task(args)
-    rows = sensitivity(model, lambda m: _score(m, task, spec)[1], levels)
+    rows = sensitivity(model, lambda m: stages.score(m, task, spec).value, levels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "sensitivity.csv", rows)

@@ -2,8 +2,8 @@
 
 :mod:`deepzip.dzip` holds the format itself (NumPy and bitarray only); this module turns
 models into what it stores (pruning masks and shared weights folded in, BatchNorm folded,
-tied weights found) and decoded arrays back into tensors and models. Its public names are
-reachable as ``deepzip.dzip.save``, ``deepzip.dzip.load`` and so on.
+tied weights found) and decoded arrays back into tensors and models. ``save`` and ``load``
+are ``deepzip.save`` and ``deepzip.load``.
 """
 
 from __future__ import annotations
@@ -18,35 +18,31 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .dzip import (
-    _BN_KEYS,
-    _PART_KIND,
-    _PARTS,
-    _STORE,
+from .checkpoint import ModelSpec, load_state_dict_strict
+from .codecs import (
     BOOK_DTYPES,
+    FLOAT_STORES,
     MAX_CLUSTERS,
     RAW_DTYPES,
     RAW_INTS,
-    VERSION,
-    _encode_shared,
-    _grid,
-    _nonzero_huffman_bits,
-    _read,
     book_round,
-    decode_arrays,
+    encode_shared,
     folded_batchnorm,
     grid_encode,
+    grid_params,
     grid_round,
     grid_too_coarse,
-    write_file,
+    nonzero_huffman_bits,
 )
+from .deprecated import moved
+from .dzip import BN_KEYS, PART_KIND, PARTS, VERSION, decode_arrays, read_container, write_file
 from .errors import DeepzipError, DeepzipFormatError
-from .models import ModelSpec, load_state_dict_strict
-from .prune import _join, bake_, is_pruned
+from .targets import bake_, codebooks, is_pruned, join_name
 
-__all__ = ["info", "inspect", "load", "load_state", "precision_changes", "round_to_file_precision_",
+__all__ = ["info", "load", "load_state", "precision_changes", "round_to_file_precision_",
            "save", "state_dict_bytes"]
 
+__getattr__ = moved(__name__, {"inspect": "deepzip.dzip_torch:info"})  # shadowed a stdlib name
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 
@@ -74,12 +70,12 @@ def _plain_state(model: nn.Module, copy: bool = True, lazy: bool = False
             mod = head.rstrip(".")
             attr, _, tail = rest.partition(".")
             if tail == "original":
-                out[_join(mod, attr)] = functools.partial(getattr, modules[mod], attr) \
+                out[join_name(mod, attr)] = functools.partial(getattr, modules[mod], attr) \
                     if lazy else getattr(modules[mod], attr)
             continue
         if leaf.endswith(("_orig", "_mask")) and is_pruned(modules[owner], leaf[:-5]):
             if leaf.endswith("_orig"):
-                out[_join(owner, leaf[:-5])] = getattr(modules[owner], leaf[:-5])
+                out[join_name(owner, leaf[:-5])] = getattr(modules[owner], leaf[:-5])
             continue
         out[key] = t
     ordered = sorted(out.items(), key=lambda kv: (position.get(kv[0].rpartition(".")[0], -1),
@@ -117,7 +113,7 @@ def _codebook_keys(model: nn.Module) -> dict[str, torch.Tensor]:
                 book = getattr(plist[0], "codebook", None)
                 if len(plist) == 1 and isinstance(book, torch.Tensor) and \
                         book.numel() <= MAX_CLUSTERS:
-                    out[_join(layer, attr)] = book.detach()
+                    out[join_name(layer, attr)] = book.detach()
     return out
 
 
@@ -166,7 +162,7 @@ def _raw_store(t: torch.Tensor, raw_dtype: str) -> str:
     x = t.detach().float()
     if raw_dtype in RAW_INTS:
         values = x.cpu().numpy()
-        if _grid(values, RAW_INTS[raw_dtype]) is None:
+        if grid_params(values, RAW_INTS[raw_dtype]) is None:
             return "float32"
         if grid_too_coarse(values, RAW_INTS[raw_dtype]):
             return _raw_store(t, "float16")
@@ -191,7 +187,7 @@ def _stored(t: torch.Tensor, store: str) -> bytes:
         assert data is not None, "_raw_store chose a grid that cannot hold the tensor"
         return data
     conv = t.to(_DTYPES[store]) if t.is_floating_point() else t
-    return conv.detach().cpu().numpy().astype(_STORE[store]).tobytes()
+    return conv.detach().cpu().numpy().astype(FLOAT_STORES[store]).tobytes()
 
 
 def _batchnorms(model: nn.Module) -> dict[str, float]:
@@ -212,7 +208,7 @@ def _bn_affine(state: dict[str, torch.Tensor], prefix: str, eps: float
     A layer folded before (mean 0, variance 1 - eps) is taken as it is, so folding twice
     changes nothing and a folded in-memory model matches its file bit for bit.
     """
-    w, b, mean, var = (state[f"{prefix}.{k}"].float() for k in _BN_KEYS[:4])
+    w, b, mean, var = (state[f"{prefix}.{k}"].float() for k in BN_KEYS[:4])
     if torch.all(mean == 0) and torch.equal(var, _folded_var(var, eps)):
         return w, b
     scale = w / torch.sqrt(var + eps)
@@ -233,8 +229,6 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
     """Change ``model`` in place exactly as :func:`save` will store it, so the in-memory
     model and the decoded file give bit-identical outputs: bakes pruning masks, folds
     BatchNorm (if asked), rounds to the storage dtypes."""
-    from .quantize import codebooks
-
     _check_dtypes(raw_dtype, codebook_dtype)
     bake_(model)
     state = _plain_state(model)
@@ -247,7 +241,7 @@ def round_to_file_precision_(model: nn.Module, raw_dtype: str = "float16",
                 scale, shift = _bn_affine(state, prefix, eps)
                 for key, value in _bn_state(prefix, scale, shift, eps).items():
                     own[key].copy_(value)
-                folded.update(f"{prefix}.{k}" for k in _BN_KEYS[2:])  # rebuilt, not stored
+                folded.update(f"{prefix}.{k}" for k in BN_KEYS[2:])  # rebuilt, not stored
                 store = _bn_store(scale, shift, raw_dtype)
                 stores.update({f"{prefix}.weight": store, f"{prefix}.bias": store})
         for cb in codebooks(model).values():
@@ -326,7 +320,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     aliases = _aliases(model, list(state))
     known = _codebook_keys(model)
     bns = _batchnorms(model) if fold_batchnorm else {}
-    owner = {f"{p}.{k}": p for p in bns for k in _BN_KEYS}
+    owner = {f"{p}.{k}": p for p in bns for k in BN_KEYS}
     blobs: list[bytes] = []
     offset = 0
     tensors, report = [], []
@@ -357,7 +351,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
         elif _is_shared(t, known.get(key)):
             w = t.float() if codebook_dtype == "float32" else \
                 _round_shared(t.float(), codebook_dtype)  # float32 keeps every value
-            enc = _encode_shared(w.numpy(), codebook_dtype)
+            enc = encode_shared(w.numpy(), codebook_dtype)
             del w  # one layer's weights alive at a time
             entry.update(enc.meta)
             parts = enc.parts
@@ -367,7 +361,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
             entry.update({"encoding": "raw", "store": store})
             parts = {"data": _stored(t, store)}
             info = {"nonzero": int(torch.count_nonzero(t))}
-        for pname in _PARTS[entry["encoding"]]:  # back to back: the reader derives offsets
+        for pname in PARTS[entry["encoding"]]:  # back to back: the reader derives offsets
             blobs.append(parts[pname])
             offset += len(parts[pname])
         tensors.append(entry)
@@ -418,7 +412,7 @@ def load_state(path: str | os.PathLike[str], model: nn.Module | None = None
     ``model`` (or the architecture the file records, built without memory), so a damaged
     or hostile file is refused before anything is allocated for it.
     """
-    header, data, _ = _read(path)
+    header, data, _ = read_container(path)
     spec = _spec_of(header, str(path))
     target = model if model is not None else _meta_model(spec)
     expected = _plain_shapes(target) if target is not None else None
@@ -463,14 +457,14 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
         raise DeepzipFormatError(f"{path}: {e}") from None
 
 
-def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
+def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
     """Per-tensor and total sizes of a ``.dzip`` file, both ways, and ``bytes_by_kind``.
 
     ``formula``: the assignment's ratio, 32 bits x weights / sum(nonzero x Huffman bits of
     the nonzeros' cluster indices), over shared weights only. ``real``: bytes of the fp32
     ``state_dict`` written by ``torch.save`` over bytes of this file; the one we lead with.
     """
-    header, data, head = _read(path)
+    header, data, head = read_container(path)
     state, spec = load_state(path, model)
     rows, weights, coded_bits = [], 0, 0.0
     where = dict.fromkeys(("header", "positions", "values", "codebooks", "unshared weights",
@@ -484,7 +478,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
         t = state[e["name"] + ".weight" if e["encoding"] == "bn" else e["name"]]
         nbytes = 0
         for pname, (_, length) in e["parts"].items():
-            where[_PART_KIND.get(pname) or _raw_kind(e)] += length
+            where[PART_KIND.get(pname) or _raw_kind(e)] += length
             nbytes += length
         row = {"name": e["name"], "shape": e["shape"],
                "params": t.numel() * (2 if e["encoding"] == "bn" else 1),  # bn: scale, shift
@@ -492,7 +486,7 @@ def inspect(path: str | os.PathLike[str], model: nn.Module | None = None) -> dic
                "nonzero": int(torch.count_nonzero(t))}
         if e["encoding"] in ("dense", "sparse", "kernel"):
             k = e["clusters"]
-            hbits = _nonzero_huffman_bits(t.float().numpy().ravel())
+            hbits = nonzero_huffman_bits(t.float().numpy().ravel())
             row.update(clusters=k, bits=max(1, math.ceil(math.log2(max(k, 1)))),
                        huffman_avg=hbits / row["nonzero"] if row["nonzero"] else 0.0,
                        gap_bits=e.get("gap_bits", ""))
@@ -534,8 +528,6 @@ def _raw_kind(entry: dict[str, Any]) -> str:
         return "unshared weights"
     return "biases" if entry["name"].endswith("bias") else "other"
 
-
-info = inspect  # the name that does not shadow the standard library's module
 
 
 def state_dict_bytes(model: nn.Module) -> int:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path, atomic_write
+from .atomic import atomic_path, atomic_write, open_regular
+from .checkpoint import ModelSpec
 from .errors import DeepzipError
 
 __all__ = ["OPSET", "compare_onnx", "require", "to_onnx", "to_safetensors"]
@@ -68,7 +69,7 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
     scaled to [0, 1] (``example`` too). ``metadata`` goes into the file's
     ``metadata_props`` (deepzip writes mean, std, the input it expects, task, version).
 
-    >>> model = deepzip.dzip.load("model.dzip")  # doctest: +SKIP
+    >>> model = deepzip.load("model.dzip")  # doctest: +SKIP
     >>> to_onnx(model, torch.rand(1, 3, 32, 32), "m.onnx", mean=MEAN, std=STD)  # doctest: +SKIP
     """
     onnx = require("onnx")
@@ -171,9 +172,7 @@ def _index_dtype(numel: int) -> torch.dtype:
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any]:
     """A ``.safetensors`` file as ``to_safetensors`` writes it (any other too): the dense
     state_dict, sparse tensors rebuilt, and the model spec its metadata records (a
-    :class:`~deepzip.models.ModelSpec`, or None). Opening it runs no code."""
-    from .atomic import open_regular
-    from .models import ModelSpec
+    :class:`~deepzip.checkpoint.ModelSpec`, or None). Opening it runs no code."""
 
     st = require("safetensors")
     with open_regular(path, "safetensors file"):
@@ -200,7 +199,6 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
 
 def is_safetensors(path: str | os.PathLike[str]) -> bool:
     """Does the file start as safetensors does (an 8-byte header size, then ``{``)?"""
-    from .atomic import open_regular
 
     try:
         with open_regular(path) as f:

@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dzip
+from . import dzip_torch, stages
 from .atomic import LOCK_NAME, atomic_write, folder_lock, read_limited, remove_stale_temps
+from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from .deprecated import moved
 from .errors import DeepzipError
-from .models import ModelSpec, load_checkpoint, load_model, resolve_arch, save_checkpoint
+from .loading import load_model
 from .prune import (
     AGPSchedule,
     PruneConfig,
@@ -35,13 +37,15 @@ from .prune import (
     sparsity_of,
     targets_from_sensitivity,
 )
-from .quantize import QuantizeConfig, fisher_sensitivity, qat_, quantize_, train_centroids
+from .quantize import QuantizeConfig, dequantize_
 from .recipe import Recipe, load_recipe, recipe_path
 from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
-from .train import Distillation, TrainConfig, barrier, default_device, evaluate, is_main_process
+from .train import Distillation, barrier, default_device, evaluate, is_main_process
 
-__all__ = ["Compressed", "Pipeline", "compress", "open_model", "run_folder", "verify",
+__all__ = ["Compressed", "Pipeline", "compress", "run_folder", "verify",
            "write_run_files"]
+
+__getattr__ = moved(__name__, {"open_model": "deepzip.loading:load_model"})  # moved in 0.3
 
 MAX_JSON = 64 << 20  # a run's own JSON files are kilobytes
 STAGES = ("baseline", "prune", "quantize", "encode", "verify")
@@ -136,7 +140,7 @@ class Pipeline:
     def _open(self, name: str) -> tuple[nn.Module, ModelSpec]:
         """The recipe's model or reference: a checkpoint, a .dzip file or a shipped name,
         with the recipe's ``arch`` and ``normalize`` where given."""
-        return open_model(name, arch=self.recipe.arch, normalize=self.recipe.normalize,
+        return load_model(name, arch=self.recipe.arch, normalize=self.recipe.normalize,
                           task=self.task)
 
     def start(self) -> tuple[nn.Module, ModelSpec]:
@@ -171,32 +175,18 @@ class Pipeline:
         model, _ = load_checkpoint(path, spec, model=self._fresh())
         return model.to(self.device), spec
 
-    def test_loader(self, spec: ModelSpec) -> Iterable:
-        return self.task.eval_loader(mean=spec.mean, std=spec.std)
-
-    def train_loader(self, spec: ModelSpec, cfg: TrainConfig) -> Iterable:
-        return self.task.train_loader(cfg.batch_size, cfg.seed, mean=spec.mean, std=spec.std,
-                                      channels_last=cfg.channels_last)
-
     def _loss(self, d: Any) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
-                                        torch.Tensor]:
-        """The task's loss, or distillation against the reference if the stage asks."""
+                                        torch.Tensor] | None:
+        """Distillation against the reference if the stage asks, else None (the task's)."""
         if d is None:
-            task_loss = self.task.loss
-            return lambda logits, y, _x: task_loss(logits, y)
+            return None
         if self._teacher is None:
             self._teacher, _ = self._reference()
         return Distillation(self._teacher.to(self.device), d.alpha, d.temperature,
                             base=self.task.loss, classification=self.task.classification)
 
-    def _fit_kwargs(self, spec: ModelSpec, d: Any) -> dict[str, Any]:
-        """What every training stage passes to ``fit``: test data, metric, losses."""
-        return {"test_loader": self.test_loader(spec), "metric": self.task.metric,
-                "eval_loss": self.task.loss, "loss_fn": self._loss(d)}
-
     def _score(self, model: nn.Module, spec: ModelSpec) -> float:
-        return evaluate(model.to(self.device), self.test_loader(spec), metric=self.task.metric,
-                        loss_fn=self.task.loss).value
+        return stages.score(model.to(self.device), self.task, spec).value
 
     # ------------------------------------------------------------------ stages
     def baseline(self) -> tuple[nn.Module, ModelSpec]:
@@ -206,7 +196,7 @@ class Pipeline:
         model, spec = self.start()
         if not self._done("baseline"):
             t0 = time.time()
-            self.task.check(model, self.test_loader(spec))
+            self.task.check(model, stages.eval_loader(self.task, spec))
             ref, ref_spec = (model, spec) if r.reference is None else self._reference()
             name = r.reference or r.model
             self.log(f"[baseline] evaluating {name} on {self.task.description or self.task.name}")
@@ -225,13 +215,12 @@ class Pipeline:
             for i, step in enumerate(p.steps, 1):
                 self.log(f"[prune] step {i}/{len(p.steps)}: {step.method} {step.amount}, "
                          f"{step.epochs} epochs of masked retraining")
-                prune_(model, PruneConfig(step.method, step.amount, include=p.include,
-                                          exclude=p.exclude))
-                cfg = self.recipe.train_config(p.train, step.epochs)
-                history += finetune_after_prune(
-                    model, self.train_loader(spec, cfg), cfg,
-                    out_dir=self.out / "prune" / f"step{i}", resume=True, desc=f"prune {i}",
-                    **self._fit_kwargs(spec, p.distill))
+                history += stages.prune_step(
+                    model, self.task, spec,
+                    PruneConfig(step.method, step.amount, include=p.include, exclude=p.exclude),
+                    self.recipe.train_config(p.train, step.epochs),
+                    loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / f"step{i}",
+                    desc=f"prune {i}")
         elif p.schedule == "agp":
             history = self._agp(model, spec)
         bake_(model)
@@ -264,7 +253,7 @@ class Pipeline:
             per_layer = {n: max(v, a.final) if n not in a.per_layer else a.per_layer[n]
                          for n, v in derived.items()}
         cfg = self.recipe.train_config(p.train, a.epochs)
-        loader = self.train_loader(spec, cfg)
+        loader = stages.train_loader(self.task, spec, cfg)
         steps = len(loader)
         prune_(model, PruneConfig("percentile", 0.0, include=p.include, exclude=p.exclude))
         hook = AGPSchedule(model, a.final, int(a.start_epoch * steps), int(a.end_epoch * steps),
@@ -274,9 +263,9 @@ class Pipeline:
         self.log(f"[prune] gradual pruning to {a.final} over epochs {a.start_epoch}-"
                  f"{a.end_epoch} of {a.epochs}" + (f", per layer {per_layer}" if per_layer else "")
                  + (f", kernel exponent {a.kernel_exponent}" if a.kernel_exponent else ""))
-        return finetune_after_prune(model, loader, cfg, out_dir=self.out / "prune" / "agp",
-                                    resume=True, after_step=hook, desc="agp",
-                                    **self._fit_kwargs(spec, p.distill))
+        return finetune_after_prune(model, loader, cfg, after_step=hook, **stages.training(
+            self.task, spec, loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / "agp",
+            desc="agp"))
 
     def quantize(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         q = self.recipe.quantize
@@ -284,61 +273,42 @@ class Pipeline:
         t0 = time.time()
         e = self.recipe.encode
         if q is None:  # nothing to share: the pruned model at file precision (idempotent)
-            dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
+            dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
                                           e.fold_batchnorm)
             if not self._done("quantize"):
                 self._finish("quantize", t0, skipped=True, score=self._score(model, spec))
             return model, spec
         if self._done("quantize"):
             return self._load(path, spec)
-        sensitivity = None
-        if q.sensitivity == "fisher":
-            sensitivity = fisher_sensitivity(
-                model, self.train_loader(spec, self.recipe.train_config(q.train, 1)),
-                self.task.loss, include=q.include, exclude=q.exclude)
         qcfg = QuantizeConfig(bits=q.bits, bits_conv=q.bits_conv, bits_linear=q.bits_linear,
                               per_layer=q.per_layer, init=q.init, include=q.include,
                               exclude=q.exclude, seed=self.recipe.seed,
-                              entropy_weight=q.entropy_weight, sensitivity=sensitivity,
-                              target_bits=q.target_bits)
+                              entropy_weight=q.entropy_weight, target_bits=q.target_bits)
         self.log(f"[quantize] k-means weight sharing ({q.init} init, {q.bits} bits"
                  + (f", conv {q.bits_conv}" if q.bits_conv else "")
                  + (f", linear {q.bits_linear}" if q.bits_linear else "")
                  + (f", entropy-constrained, weight {q.entropy_weight}"
                     if q.entropy_weight else "")
                  + (", penalties weighted by the Fisher sensitivity of each layer"
-                    if sensitivity else "")
+                    if q.sensitivity == "fisher" else "")
                  + (f", indices within {q.target_bits} Huffman bits per nonzero"
                     if q.target_bits else "") + ")")
-        history: list[dict[str, Any]] = []
-        if q.qat_epochs:
-            cfg = self.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs)
-            self.log(f"[quantize] quantization-aware training, {q.qat_epochs} epochs, "
-                     f"re-clustering every {q.recluster_every} steps")
-            layers, history = qat_(model, self.train_loader(spec, cfg), cfg, qcfg,
-                                   recluster_every=q.recluster_every,
-                                   out_dir=self.out / "quantize" / "qat", resume=True,
-                                   desc="qat", **self._fit_kwargs(spec, q.distill))
-            history = [{"phase": "qat", **r} for r in history]
-        else:
-            layers = quantize_(model, qcfg)
-        score_kmeans = self._score(model, spec)
-        if q.epochs:
-            cfg = self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.epochs)
-            self.log(f"[quantize] centroid training, {q.epochs} epochs")
-            history += [{"phase": "centroids", **r} for r in train_centroids(
-                model, self.train_loader(spec, cfg), cfg, out_dir=self.out / "quantize" / "train",
-                resume=True, desc="centroids", **self._fit_kwargs(spec, q.distill))]
-        dzip.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype, e.fold_batchnorm)
+        shared = stages.share(
+            model, self.task, spec, qcfg,
+            fisher=self.recipe.train_config(q.train, 1) if q.sensitivity == "fisher" else None,
+            qat=self.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs),
+            recluster_every=q.recluster_every,
+            centroids=self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.epochs),
+            out_dir=self.out / "quantize", loss_fn=self._loss(q.distill), log=self.log)
+        dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype, e.fold_batchnorm)
         score = self._score(model, spec)
-        from .quantize import dequantize_
-
         dequantize_(model)
         if is_main_process():
             save_checkpoint(model, spec, path)
         self._drop_checkpoints("quantize")
-        self._finish("quantize", t0, score=score, score_kmeans=score_kmeans, layers=layers,
-                     history=history, **({"sensitivity": sensitivity} if sensitivity else {}))
+        self._finish("quantize", t0, score=score, score_kmeans=shared.score_kmeans,
+                     layers=shared.layers, history=shared.history,
+                     **({"sensitivity": shared.sensitivity} if shared.sensitivity else {}))
         return model, spec
 
     def encode(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
@@ -347,10 +317,10 @@ class Pipeline:
             t0 = time.time()
             e = self.recipe.encode
             if is_main_process():
-                dzip.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
+                dzip_torch.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
                           codebook_dtype=e.codebook_dtype, fold_batchnorm=e.fold_batchnorm)
             barrier()
-            info = dzip.inspect(path, self._fresh())
+            info = dzip_torch.info(path, self._fresh())
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
                      f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
             self._finish("encode", t0, **{k: v for k, v in info.items() if k != "tensors"},
@@ -362,8 +332,8 @@ class Pipeline:
         in-memory model on the whole evaluation set: outputs, predictions and the metric."""
         if not self._done("verify"):
             t0 = time.time()
-            decoded = dzip.load(self.out / "model.dzip", self._fresh())
-            result = verify(model, decoded, self.test_loader(spec), task=self.task)
+            decoded = dzip_torch.load(self.out / "model.dzip", self._fresh())
+            result = verify(model, decoded, stages.eval_loader(self.task, spec), task=self.task)
             self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4f}, "
                      f"outputs identical: {result['identical']} (max difference "
                      f"{result['max_abs_diff']:.3g})"
@@ -394,7 +364,7 @@ class Pipeline:
         self.encode(model, spec)
         stage(5, "verify")
         self.verify(model, spec)
-        from .report import write_run_report
+        from .render import write_run_report
 
         if not is_main_process():
             return {"stages": self.state["stages"]}
@@ -460,7 +430,7 @@ def verify(model: nn.Module, decoded: nn.Module | str | Path, loader: Iterable, 
     (True, 0.0)
     """
     if not isinstance(decoded, nn.Module):
-        decoded = dzip.load(decoded, copy.deepcopy(model))
+        decoded = dzip_torch.load(decoded, copy.deepcopy(model))
     device = next(model.parameters()).device
     decoded = decoded.to(device).eval()
     _match_layout(decoded, model)
@@ -494,24 +464,6 @@ def verify(model: nn.Module, decoded: nn.Module | str | Path, loader: Iterable, 
     if classification:
         out["same_predictions"] = same
     return out
-
-
-def open_model(name: str, *, arch: str | None = None, normalize: str | None = None,
-               task: Task | None = None) -> tuple[nn.Module, ModelSpec]:
-    """A model as the CLI and recipes name it: a checkpoint, a ``.dzip`` or a shipped name;
-    ``arch`` (a registered name or ``package.module:Factory``) and ``normalize`` replace
-    what the file records, and a file that records nothing gets the task's normalization.
-    """
-    from .data import parse_normalize
-
-    mean, std = parse_normalize(normalize) if normalize else (None, None)  # fail before I/O
-    arch = resolve_arch(arch) if arch else None
-    default = None
-    if task is not None:  # a file that records nothing is the task's model, not CIFAR's
-        mean, std = task.normalization or ((), ())
-        default = ModelSpec(mean=mean, std=std, task=task.name,
-                            num_classes=10 if task.normalization else None)
-    return load_model(name, default=default, arch=arch, mean=mean, std=std)
 
 
 @torch.no_grad()
@@ -609,5 +561,5 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
                         " (as deepzip.compress ran it)")
         report = pipe.run()
         path = folder / "model.dzip"
-        decoded = dzip.load(path, pipe._fresh().cpu()) if is_main_process() else None
+        decoded = dzip_torch.load(path, pipe._fresh().cpu()) if is_main_process() else None
     return Compressed(decoded, path, report)

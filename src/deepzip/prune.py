@@ -17,7 +17,6 @@ is pruned and shared once, stays tied, is stored once in a ``.dzip`` and re-tied
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +24,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as tprune
 
 from .data import BatchLoader
 from .errors import DeepzipError
+from .targets import (
+    Target,
+    bake_,
+    is_pruned,
+    masks,
+    prunable,
+    restore_masks_,
+    set_mask,
+)
 from .train import TrainConfig, fit
 
 __all__ = [
@@ -198,102 +205,6 @@ def agp_sparsity(step: int, initial: float, final: float, start: int, end: int) 
     return final + (initial - final) * (1 - t) ** 3
 
 
-# ---------------------------------------------------------------- what can be pruned
-DEFAULT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding,
-                  nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase)
-
-
-@dataclass(frozen=True, eq=False)
-class Target:
-    """One prunable, shareable parameter: ``module.attr`` of the layer named ``layer``.
-
-    ``name`` is the layer's name for its ``weight`` (``conv1``, ``layer1.0.conv2``) and
-    ``layer.attr`` otherwise (``lstm.weight_hh_l0``, ``attn.in_proj_weight``).
-    """
-
-    layer: str
-    module: nn.Module
-    attr: str
-    also: tuple[tuple[nn.Module, str], ...] = ()  # the same tensor's other owners (tied)
-
-    @property
-    def owners(self) -> tuple[tuple[nn.Module, str], ...]:
-        """Every (module, attribute) holding this tensor: a mask or a codebook goes on
-        all of them, so tied weights stay tied."""
-        return ((self.module, self.attr), *self.also)
-
-    @property
-    def name(self) -> str:
-        return self.layer if self.attr == "weight" else _join(self.layer, self.attr)
-
-    @property
-    def key(self) -> str:
-        """The parameter's key in the plain model's state_dict."""
-        return _join(self.layer, self.attr)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The effective tensor: masked or codebook-shared if pruned or quantized."""
-        return getattr(self.module, self.attr)
-
-    def matches(self, patterns: Sequence[str]) -> bool:
-        return any(fnmatch.fnmatchcase(n, p) for p in patterns
-                   for n in {self.name, self.layer, self.key})
-
-
-def _join(owner: str, attr: str) -> str:
-    return f"{owner}.{attr}" if owner else attr
-
-
-def _params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(logical name, underlying parameter) of a module's own parameters: a pruned one is
-    listed under its name (not ``X_orig``), a parametrized one by its original."""
-    out = []
-    for n, p in module.named_parameters(recurse=False):
-        if n.endswith("_orig") and hasattr(module, f"{n[:-5]}_mask"):
-            n = n[:-5]
-        out.append((n, p))
-    if hasattr(module, "parametrizations"):
-        out += [(n, plist.original) for n, plist in module.parametrizations.items()]
-    return out
-
-
-def prunable(model: nn.Module, include: Sequence[str] | None = None,
-             exclude: Sequence[str] | None = None) -> list[Target]:
-    """The parameters that pruning and sharing act on, in model order.
-
-    Default: the 2+-dimensional floating parameters of Conv, Linear, Bilinear, Embedding,
-    MultiheadAttention and RNN/LSTM/GRU layers (never BatchNorm or biases). With
-    ``include`` glob patterns (over layer and parameter names), any such parameter of any
-    module that matches; ``exclude`` removes matches. A pattern that matches no parameter
-    at all is an error that lists the names, so a typo never silently prunes everything.
-    """
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    found = []
-    for layer, m in model.named_modules():
-        for attr, p in _params(m):
-            if p.is_floating_point() and p.dim() >= 2:
-                owners.setdefault(id(p), []).append((m, attr))
-                found.append((layer, m, attr, id(p)))
-    every: list[Target] = []
-    for layer, m, attr, key in found:  # a tied tensor once, under its first name
-        first, *rest = owners[key]
-        if first == (m, attr):
-            every.append(Target(layer, m, attr, tuple(rest)))
-    for kind, patterns in (("include", include or []), ("exclude", exclude or [])):
-        for pat in patterns:
-            if pat != "*" and not any(t.matches([pat]) for t in every):
-                names = ", ".join(t.name for t in every[:40]) + (
-                    f" (+{len(every) - 40} more)" if len(every) > 40 else "")
-                raise DeepzipError(f"{kind} pattern {pat!r} matches no prunable parameter; "
-                                   f"they are: {names or '(none)'}")
-    if include:
-        chosen = [t for t in every if t.matches(include)]
-    else:
-        chosen = [t for t in every if isinstance(t.module, DEFAULT_LAYERS)]
-    return [t for t in chosen if not t.matches(exclude or [])]
-
-
 # ---------------------------------------------------------------- module adapters
 @dataclass
 class PruneConfig:
@@ -341,32 +252,6 @@ def per_target(targets: Sequence[Target], per_layer: Mapping[str, float],
             for t in targets}
 
 
-def is_pruned(module: nn.Module, attr: str | None = None) -> bool:
-    """Does ``module`` carry a pruning mask (on ``attr``, or on any parameter)?"""
-    names = _pruned_attrs(module)
-    return bool(names) if attr is None else attr in names
-
-
-def _pruned_attrs(module: nn.Module) -> list[str]:
-    return [h._tensor_name for h in module._forward_pre_hooks.values()
-            if isinstance(h, tprune.BasePruningMethod)
-            and hasattr(module, f"{h._tensor_name}_mask")]
-
-
-def _set_mask(t: Target, mask: torch.Tensor) -> None:
-    """Install or tighten a target's mask (on each owner of a tied tensor); pruned
-    weights are also zeroed underneath."""
-    for m, a in t.owners:
-        if is_pruned(m, a):
-            getattr(m, f"{a}_mask").mul_(mask.to(getattr(m, f"{a}_mask")))
-        else:
-            tprune.custom_from_mask(m, a, mask.to(getattr(m, a).device))
-        with torch.no_grad():
-            orig, msk = getattr(m, f"{a}_orig"), getattr(m, f"{a}_mask")
-            orig.mul_(msk)
-            setattr(m, a, orig * msk)  # refresh now, not at the next forward
-
-
 def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False) -> dict[str, float]:
     """Prune ``model`` in place; return each pruned parameter's sparsity, by target name.
 
@@ -397,7 +282,7 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False) -> dict
             with torch.no_grad():
                 t.weight.masked_fill_(~mask, 0)
         else:
-            _set_mask(t, mask.to(t.weight.dtype))
+            set_mask(t, mask.to(t.weight.dtype))
             mask = getattr(t.module, f"{t.attr}_mask")
         out[t.name] = 1 - int(torch.count_nonzero(mask)) / mask.numel()
     return out
@@ -408,35 +293,6 @@ def _layer_mask(w: torch.Tensor, method: str, amount: float) -> torch.Tensor:
     if method == "percentile":
         return next(smallest_masks([w], round(amount * w.numel())))
     return w.abs() >= std_threshold(w, amount)
-
-
-def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The current masks of the pruned parameters, by target name."""
-    out = {}
-    for layer, m in model.named_modules():
-        for a in _pruned_attrs(m):
-            out[Target(layer, m, a).name] = getattr(m, f"{a}_mask")
-    return out
-
-
-def bake_(model: nn.Module) -> nn.Module:
-    """Make masks permanent: plain parameters with exact zeros, no hooks."""
-    for _, m in model.named_modules():
-        for a in _pruned_attrs(m):
-            tprune.remove(m, a)
-    return model
-
-
-def restore_masks_(model: nn.Module, include: list[str] | None = None,
-                   exclude: list[str] | None = None) -> dict[str, float]:
-    """Re-attach masks to a baked model from its zeros, so retraining keeps them."""
-    out = {}
-    for t in prunable(model, include, exclude):
-        mask = (t.weight.detach() != 0).to(t.weight.dtype)
-        if mask.min() < 1:
-            _set_mask(t, mask)
-            out[t.name] = 1 - float(mask.mean())
-    return out
 
 
 class AGPSchedule:
@@ -494,7 +350,7 @@ class AGPSchedule:
             new = {t.name: percentile_mask(scores[t.name], goals[t.name])
                    for t in self.targets_}
         for t in self.targets_:
-            _set_mask(t, new[t.name])
+            set_mask(t, new[t.name])
 
     def metrics(self) -> dict[str, float]:
         """Logged by ``fit`` each epoch: the sparsity reached so far, to watch the ramp."""

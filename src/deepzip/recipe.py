@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .atomic import read_limited
-from .dzip import BOOK_DTYPES, RAW_DTYPES
+from .codecs import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
+from .kmeans import MAX_BITS
 from .prune import METHODS
-from .quantize import INITS, MAX_BITS
+from .quantize import INITS
 from .train import TrainConfig, brief
 
 __all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "load_recipe",

@@ -1,29 +1,25 @@
-"""Tables, JSON and plots about a model: per-layer sparsity and the structure of the zeros."""
+"""The numbers deepzip reports about a model and a run: per-layer sparsity, the structure
+of the zeros, a run's summary (scores, sizes, ratios, time). :mod:`deepzip.render` shows them."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from .deprecated import moved
 from .errors import DeepzipError
-from .prune import prunable
+from .targets import prunable
 
-__all__ = [
-    "markdown_table",
-    "plot_filter_norms",
-    "plot_sensitivity",
-    "plot_weight_sharing",
-    "bytes_by_kind_line",
-    "pyplot",
-    "structure",
-    "summary",
-    "text_table",
-    "write_csv",
-]
+__all__ = ["pareto_front", "run_score", "run_summary", "structure", "summary"]
+
+# moved in 0.3: tables, plots and the report files to deepzip.render
+__getattr__ = moved(__name__, {n: f"deepzip.render:{n}" for n in (
+    "bytes_by_kind_line", "label_axes", "markdown_table", "plot_filter_norms", "plot_pareto",
+    "plot_sensitivity", "plot_weight_sharing", "pyplot", "save_figure", "text_table",
+    "write_csv", "write_run_report")})
 
 
 def summary(model: nn.Module) -> dict[str, Any]:
@@ -78,155 +74,6 @@ def structure(model: nn.Module, names: Sequence[str] | None = None) -> dict[str,
     return out
 
 
-def plot_filter_norms(model: nn.Module, names: Sequence[str], path: str | os.PathLike[str],
-                      title: str = "") -> None:
-    """Bar plot of per-output-filter L1 norms for the chosen layers (one panel each)."""
-    plt = pyplot()
-
-    st = structure(model, names)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        l1 = st[name]["filter_l1"]
-        ax.bar(range(len(l1)), l1, color="tab:blue")
-        ax.set_title(f"{name}: {st[name]['empty_filters']} of {len(l1)} filters all-zero")
-        ax.set_xlabel("output filter")
-        ax.set_ylabel("L1 norm")
-    if title:
-        fig.suptitle(title)
-    save_figure(fig, path)
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the headless Agg backend (imported lazily: plotting is rare)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def label_axes(ax: Any, xlabel: str | None = None, ylabel: str | None = None,
-               title: str | None = None, *, grid: str = "major", **legend: Any) -> None:
-    """Labels, a light grid and a legend: the one style every deepzip line plot uses."""
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3, which=grid)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(**legend)
-
-
-def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
-    """Lay out, save atomically and close a matplotlib figure."""
-    from .atomic import atomic_write
-
-    plt = pyplot()
-
-    fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
-    with atomic_write(path) as f:  # "tight": long rotated tick labels are never cut off
-        fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, list):
-        return "x".join(map(str, v))
-    return str(v)
-
-
-def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Aligned plain-text table for the terminal."""
-    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) if v[:1].isdigit() or v[:1] == "-" else v.ljust(w)
-                        for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]]) -> None:
-    """Rows of dicts to CSV (columns from the first row), atomically."""
-    import csv
-
-    from .atomic import atomic_write
-
-    with atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot_sensitivity(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Accuracy vs. pruning level, one line per layer."""
-    plt = pyplot()
-
-    base = next(r["accuracy"] for r in rows if r["layer"] == "(none)")
-    layers = list(dict.fromkeys(r["layer"] for r in rows if r["layer"] != "(none)"))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    cmap = plt.get_cmap("viridis")
-    for i, layer in enumerate(layers):
-        pts = sorted((r["level"], r["accuracy"]) for r in rows if r["layer"] == layer)
-        ax.plot([0] + [p[0] for p in pts], [base] + [p[1] for p in pts], marker=".",
-                color=cmap(i / max(1, len(layers) - 1)), label=layer)
-    label_axes(ax, "fraction of the layer pruned (percentile)", "test accuracy",
-               "Pruning sensitivity, one layer at a time", fontsize=6, ncol=2, loc="lower left")
-    save_figure(fig, path)
-
-
-def plot_weight_sharing(layers: Sequence[tuple[str, torch.Tensor, torch.Tensor,
-                                               torch.Tensor]],
-                        path: str | os.PathLike[str], title: str = "") -> None:
-    """Per layer, the nonzero weight distribution before and after weight sharing.
-
-    ``layers``: (name, weights before, weights after, codebook). Centroids are marked as
-    vertical lines on the "before" histogram; "after" shows how many weights share each.
-    """
-    plt = pyplot()
-
-    fig, axes = plt.subplots(len(layers), 2, figsize=(11, 3 * len(layers)), squeeze=False,
-                             layout="constrained")  # titles never overlap the axes above
-    for (name, before, after, centroids), (ax0, ax1) in zip(layers, axes, strict=True):
-        b = before.detach().flatten().float()
-        b = b[b != 0].cpu().numpy()
-        a = after.detach().flatten().float()
-        a = a[a != 0].cpu()
-        ax0.hist(b, bins=120, color="tab:gray")
-        for c in centroids.detach().cpu().tolist():
-            ax0.axvline(c, color="tab:red", lw=0.6, alpha=0.8)
-        ax0.set_title(f"{name}: {len(b)} nonzero weights, before (red: centroids)")
-        values, counts = torch.unique(a, return_counts=True)
-        span = float(values.max() - values.min()) if len(values) > 1 else 1.0
-        ax1.bar(values.numpy(), counts.numpy(), width=span / 150 + 1e-9, color="tab:red")
-        ax1.set_title(f"{name}: after, {len(values)} shared values")
-        ax1.set_xlim(ax0.get_xlim())
-        for ax in (ax0, ax1):
-            ax.set_xlabel("weight value")
-            ax.set_ylabel("count")
-    if title:
-        fig.suptitle(title)
-    save_figure(fig, path)
-
-
-def bytes_by_kind_line(kinds: dict[str, int]) -> str:
-    """``header 1,385, positions 15,047, ...``: a file's bytes by kind (those it has), for
-    one line of text."""
-    return ", ".join(f"{k} {v:,}" for k, v in kinds.items() if v or k == "header")
-
-
 def _training_seconds(stage: dict[str, Any]) -> float | None:
     """Training time of a stage's epochs from its history, which survives resumes."""
     history = stage.get("history") or []
@@ -234,25 +81,29 @@ def _training_seconds(stage: dict[str, Any]) -> float | None:
     return float(sum(times)) if times else None
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+def run_score(summary_row: dict[str, Any], which: str) -> float:
+    """``baseline``/``decoded`` score of a report's summary, also from reports written
+    before tasks had metrics (``*_acc`` keys)."""
+    value = summary_row.get(f"{which}_score", summary_row.get(f"{which}_acc"))
+    if not isinstance(value, (int, float)):
+        raise DeepzipError(f"report summary has no {which} score")
+    return float(value)
 
 
-def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, Any],
-                     task: Any = None) -> dict[str, Any]:
-    """``report.md``, ``report.json`` and ``layers.png`` for one pipeline run.
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (higher is better on both), by x."""
+    best, front = float("-inf"), []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front[::-1]
 
-    Scores are the task's metric (``metric``, with its direction); the task and data set
-    the run was evaluated on are named, as measured, not assumed.
-    """
-    import json
-    from pathlib import Path
 
-    from .atomic import atomic_write
-
-    out = Path(out)
+def run_summary(recipe_name: str, state: dict[str, Any], task: Any = None) -> dict[str, Any]:
+    """The numbers of one pipeline run, from its stage results: the summary row (scores in
+    the task's metric, with its direction; sizes, ratios, bits per parameter), the stages
+    (per-layer sparsity added) and the time each took. :mod:`deepzip.render` writes them."""
     st = state["stages"]
     enc, ver = st["encode"], st["verify"]
     metric = getattr(getattr(task, "metric", None), "name", "acc")
@@ -264,7 +115,7 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
     examples = ver.get("examples", ver.get("images"))
     change = ver["score"] - base
     summary_row = {
-        "recipe": recipe.name,
+        "recipe": recipe_name,
         "task": getattr(task, "name", "cifar10"),
         "metric": metric,
         "higher_is_better": higher,
@@ -289,148 +140,4 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
     report = {"summary": summary_row, "stages": st,
               "seconds": {k: v.get("seconds") for k, v in st.items()},
               "training_seconds": {k: _training_seconds(v) for k, v in st.items()}}
-    with atomic_write(out / "report.json", "w") as f:
-        json.dump(report, f, indent=2)
-    _plot_layers(layers, out / "layers.png", recipe.name)
-    key = f"test {metric}"
-    rows = [{"model": name, key: st[k].get(field)} for name, k, field in [
-        ("baseline", "baseline", "score"), ("pruned + retrained", "prune", "score"),
-        ("quantized (k-means)", "quantize", "score_kmeans"),
-        ("quantized (final, file precision)", "quantize", "score"),
-        ("decoded from .dzip", "verify", "score")] if st[k].get(field) is not None]
-    fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
-    cmd_file = out / "command.txt"
-    command = cmd_file.read_text().strip() if cmd_file.is_file() else "deepzip run"
-    if metric == "acc":
-        score_line = (f"{base * 100:.2f}% -> {ver['score'] * 100:.2f}% "
-                      f"({change * 100:+.2f} points)")
-    else:
-        score_line = (f"{base:.6g} -> {ver['score']:.6g} ({change:+.4g}; "
-                      f"{'higher' if higher else 'lower'} is better)")
-    size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (fp32 "
-                 f"state_dict): {enc['real_ratio']:.2f}x")
-    data = getattr(task, "description", "") or "CIFAR-10 test set"
-    agree = [f"outputs identical: {ver['identical']} (max difference "
-             f"{ver['max_abs_diff']:.3g})"] if "identical" in ver else []
-    if summary_row["same_predictions"]:
-        agree.append(f"{summary_row['same_predictions']} predictions equal")
-    bpp = (f"| bits per parameter (file bits / parameters) | "
-           f"{summary_row['bits_per_param']:.3f} |\n") if summary_row["bits_per_param"] else ""
-    md = f"""# deepzip run: {recipe.name}
-
-{recipe.description}
-
-Made by `{command}` with the recipe in `recipe.yaml` beside this file (the exact
-settings are also in `report.json`). Task `{summary_row['task']}`, evaluated on: {data};
-metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32.
-
-## Result
-
-| | |
-|---|---|
-| {metric}, baseline -> decoded .dzip | {score_line} |
-| **real size on disk** | **{size_line}** |
-{bpp}| assignment's formula | {fmt_ratio} |
-| weight sparsity | {(summary_row['sparsity'] or 0) * 100:.1f}% |
-| Huffman, average bits per nonzero index | {enc['huffman_avg']:.3f} |
-| decoded model agrees with the in-memory model | {'; '.join(agree)} |
-
-{markdown_table(rows, ["model", key])}
-
-## Time per stage
-
-"time" is the stage's wall time in the process that finished it (a resumed stage counts
-only its last process); "training" sums the training time of its epochs over every process
-that ran them (evaluation passes not included).
-
-{markdown_table([{"stage": k, "time": _duration(v),
-                  "training": _duration(report["training_seconds"][k])
-                  if report["training_seconds"][k] else ""}
-                 for k, v in report["seconds"].items()], ["stage", "time", "training"])}
-
-## Per layer
-
-{markdown_table(layers, ["name", "shape", "params", "nonzero", "sparsity", "clusters", "bits",
-                         "huffman_avg", "encoding", "gap_bits", "bytes"])}
-
-Where the bytes go: {bytes_by_kind_line(enc.get("bytes_by_kind", {}))}
-("positions": where the nonzero weights are, the Huffman-coded zero runs; "values": their
-cluster indices; "unshared weights": weight tensors stored as they are; "other": norms'
-scales and buffers).
-
-![per-layer sparsity and bytes](layers.png)
-"""
-    with atomic_write(out / "report.md", "w") as f:
-        f.write(md)
     return report
-
-
-def _plot_layers(layers: Sequence[dict[str, Any]], path: os.PathLike[str] | str,
-                 title: str) -> None:
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(10, 4))
-    x = range(len(layers))
-    ax.bar(x, [t["bytes"] for t in layers], color="tab:blue", label="bytes in .dzip")
-    ax.set_ylabel("bytes")
-    ax.set_xticks(list(x), [t["name"].removesuffix(".weight") for t in layers], rotation=75,
-                  fontsize=7)
-    ax2 = ax.twinx()
-    ax2.plot(list(x), [t["sparsity"] for t in layers], "o-", color="tab:red", label="sparsity")
-    ax2.set_ylim(0, 1)
-    ax2.set_ylabel("sparsity")
-    ax.set_title(f"{title}: per-layer size and sparsity")
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
-    save_figure(fig, path)
-
-
-def run_score(summary_row: dict[str, Any], which: str) -> float:
-    """``baseline``/``decoded`` score of a report's summary, also from reports written
-    before tasks had metrics (``*_acc`` keys)."""
-    value = summary_row.get(f"{which}_score", summary_row.get(f"{which}_acc"))
-    if not isinstance(value, (int, float)):
-        raise DeepzipError(f"report summary has no {which} score")
-    return float(value)
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points no other point beats on both axes (higher is better on both), by x."""
-    best, front = float("-inf"), []
-    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if y > best:
-            front.append((x, y))
-            best = y
-    return front[::-1]
-
-
-def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str) -> None:
-    """Accuracy against real on-disk compression, one point per run."""
-    plt = pyplot()
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = sorted((r["summary"]["real_ratio"], run_score(r["summary"], "decoded") * 100,
-                  r["summary"].get("run") or r["summary"]["recipe"]) for r in reports)
-    for x, y, name in pts:
-        ax.scatter(x, y, color="tab:blue", zorder=3)
-        ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    front = pareto_front([(x, y) for x, y, _ in pts])
-    if len(front) > 1:
-        ax.plot(*zip(*front, strict=True), color="tab:blue", alpha=0.4, label="Pareto front")
-    if reports:
-        base = run_score(reports[0]["summary"], "baseline") * 100
-        ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline {base:.2f}%")
-        ax.axhline(base - 1, color="tab:red", ls=":", lw=1, label="baseline - 1 point")
-    ax.set_xscale("log")
-    if pts:  # readable ratios ("20x") instead of powers of ten
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-
-        lo, hi = pts[0][0], pts[-1][0]
-        ax.set_xticks([t for t in (1, 2, 5, 10, 20, 30, 50, 100, 200, 500, 1000)
-                       if lo / 1.5 <= t <= hi * 1.5])
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    label_axes(ax, "real compression on disk (fp32 state_dict bytes / .dzip bytes)",
-               "test accuracy of the decoded model (%)", "Accuracy vs. real compression",
-               grid="both", loc="lower left")
-    save_figure(fig, path)

@@ -13,7 +13,6 @@ an entry point ``package.module:function`` that returns one.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .entrypoints import load_entry_point
 from .errors import DeepzipError
 
 __all__ = [
@@ -371,28 +371,6 @@ def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
 
 
 TASKS = ("cifar10", "mnist")
-
-
-def load_entry_point(spec: str, what: str) -> Any:
-    """``package.module:attribute`` -> the attribute (imports the module: the user's code,
-    found from the current folder first, as ``python -m`` finds modules)."""
-    import sys
-
-    mod_name, _, attr = spec.partition(":")
-    if not mod_name or not attr:
-        raise DeepzipError(f"{what} {spec!r}: expected package.module:function")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise DeepzipError(f"{what} {spec!r}: cannot import {mod_name} ({e}; modules are "
-                           "found from the current folder and PYTHONPATH)") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise DeepzipError(f"{what} {spec!r}: {mod_name} has no {attr}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def resolve_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_torch_save, atomic_write
 from .errors import DeepzipError
-from .task import Accuracy, Metric, class_scores, classification_loss, model_input
+from .task import Accuracy, Metric, Task, class_scores, classification_loss, model_input
 
 __all__ = [
     "Distillation",
@@ -190,15 +190,16 @@ class Evaluation(NamedTuple):
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-             metric: Metric | None = None,
+             task: Task | None = None, metric: Metric | None = None,
              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
              ) -> Evaluation:
-    """Mean loss and the metric (top-1 accuracy and cross-entropy by default), in fp32.
+    """Mean loss and the metric, in fp32: the ``task``'s metric and loss, else top-1
+    accuracy and cross-entropy (``metric`` and ``loss_fn`` replace either).
 
-    >>> loss, acc = evaluate(model, test_loader)  # doctest: +SKIP
+    >>> loss, acc = evaluate(model, test_loader, task=task)  # doctest: +SKIP
     """
-    metric = metric or Accuracy()
-    loss_fn = loss_fn or classification_loss
+    metric = metric or (task.metric if task is not None else Accuracy())
+    loss_fn = loss_fn or (task.loss if task is not None else classification_loss)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -308,6 +309,7 @@ def fit(
     after_step: Callable[[nn.Module], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     lr_scale: Callable[[str, nn.Parameter], float] | None = None,
+    task: Task | None = None,
     metric: Metric | None = None,
     eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     desc: str = "train",
@@ -316,9 +318,10 @@ def fit(
 
     ``loss_fn(logits, labels, inputs)`` replaces cross-entropy, e.g. :class:`Distillation`.
     ``lr_scale(name, param)`` multiplies the learning rate of single parameters (shared
-    weights, whose gradient sums over many weights, need a smaller one). ``metric`` (top-1
-    accuracy by default) is logged as ``train_<name>``/``test_<name>``; ``eval_loss`` is
-    the test loss (cross-entropy by default).
+    weights, whose gradient sums over many weights, need a smaller one). ``task`` gives
+    the metric (logged as ``train_<name>``/``test_<name>``) and the loss (its
+    cross-entropy with ``cfg.label_smoothing``); without it top-1 accuracy and
+    cross-entropy. ``metric`` and ``eval_loss`` (the test loss) replace the task's.
 
     ``train_loader`` is a :class:`~deepzip.data.BatchLoader` or any sized iterable of
     ``(inputs, labels)`` batches (a ``DataLoader``). With ``out_dir``, each epoch
@@ -330,6 +333,11 @@ def fit(
     >>> loader = BatchLoader(train, 128, train=True)  # doctest: +SKIP
     >>> history = fit(model, loader, TrainConfig(epochs=1))  # doctest: +SKIP
     """
+    if task is not None:
+        metric, eval_loss = metric or task.metric, eval_loss or task.loss
+        if loss_fn is None and task.loss is not classification_loss:
+            task_loss = task.loss
+            loss_fn = lambda logits, y, _x: task_loss(logits, y)  # noqa: E731
     device = getattr(train_loader, "device", None) or next(model.parameters()).device
     model.to(device)
     if cfg.channels_last:

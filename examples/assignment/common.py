@@ -1,4 +1,4 @@
-"""Helpers shared by the assignment-table scripts in this folder."""
+"""Helpers shared by the assignment's lab scripts in this folder."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from typing import Any
 
 from deepzip.atomic import atomic_write
 from deepzip.data import BatchLoader, load_cifar10
-from deepzip.models import pretrained
+from deepzip.loading import pretrained
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/")
-    p.add_argument("--out", default=str(ROOT / "results"), help="results folder")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"),
+                   help="results folder")
     return p
 
 

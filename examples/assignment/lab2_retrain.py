@@ -1,10 +1,10 @@
 """Lab 2: prune the shipped ResNet-20 (std and percentile), then masked retraining.
 
-    python experiments/lab2_retrain.py --data-dir ../shared/data [--epochs 20]
+    python examples/assignment/lab2_retrain.py --data-dir ../shared/data [--epochs 20]
 
 Each setting trains in runs/lab2/<name>/ (resumable: rerun the same command) and leaves
-its result in results/lab2/<name>.json; the table in results/lab2/README.md is rebuilt
-from those files on every run. s=0 and q=0 prune nothing: they are one run, shown twice.
+its result in examples/assignment/results/lab2/<name>.json; the table in its README.md is
+rebuilt from those files on every run. s=0 and q=0 prune nothing: they are one run, shown twice.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from common import ROOT, baseline_and_test, command_line, parser, write_json, wr
 
 from deepzip.data import BatchLoader, load_cifar10
 from deepzip.prune import FINETUNE, PruneConfig, finetune_after_prune, prune_, sparsity_of
-from deepzip.report import label_axes, markdown_table, pyplot, save_figure
+from deepzip.render import label_axes, markdown_table, pyplot, save_figure
 from deepzip.train import TrainConfig, evaluate
 
 # The student's numbers from ../shared/seed: (sparsity, before, after); lr 0.001, 20 epochs.
@@ -81,7 +81,7 @@ def table(out: Path, cfg: TrainConfig) -> None:
         _plot(done, out)
     write_text(out / "README.md", f"""# Lab 2: pruning ResNet-20 with masked retraining
 
-Made by `python experiments/lab2_retrain.py --data-dir ../shared/data --epochs {cfg.epochs}`
+Made by `python examples/assignment/lab2_retrain.py --data-dir ../shared/data --epochs {cfg.epochs}`
 from the shipped baseline. Retraining: {cfg.epochs} epochs, SGD momentum {cfg.momentum}
 (Nesterov), lr {cfg.lr} with a {cfg.schedule} schedule, weight decay {cfg.weight_decay},
 batch {cfg.batch_size}, bf16 autocast; masks through `torch.nn.utils.prune`, so pruned

@@ -1,8 +1,9 @@
 """Lab 1: prune the shipped ResNet-20 by std and by percentile, no retraining.
 
-    python experiments/lab1_prune.py --data-dir ../shared/data
+    python examples/assignment/lab1_prune.py --data-dir ../shared/data
 
-Writes results/lab1/{README.md, lab1.json, accuracy.png, filters_*.png, layer_sparsity.png}.
+Writes examples/assignment/results/lab1/{README.md, lab1.json, accuracy.png, filters_*.png,
+layer_sparsity.png}.
 """
 
 from __future__ import annotations
@@ -13,14 +14,8 @@ from pathlib import Path
 from common import baseline_and_test, command_line, parser, write_json, write_text
 
 from deepzip.prune import PruneConfig, prunable, prune_, sparsity_of
-from deepzip.report import (
-    label_axes,
-    markdown_table,
-    plot_filter_norms,
-    pyplot,
-    save_figure,
-    summary,
-)
+from deepzip.render import label_axes, markdown_table, plot_filter_norms, pyplot, save_figure
+from deepzip.report import summary
 from deepzip.train import evaluate
 
 # The student's numbers from ../shared/seed (reference points, not truth).
@@ -76,7 +71,7 @@ def main() -> None:
     write_text(out / "README.md", f"""# Lab 1: pruning ResNet-20 without retraining
 
 Made by `{command_line()}` from the shipped baseline
-(`deepzip.models.pretrained("resnet20")`), all Conv and Linear weights pruned, accuracy on
+(`deepzip.pretrained("resnet20")`), all Conv and Linear weights pruned, accuracy on
 the full CIFAR-10 test set (fp32). `seed_*` columns: the assignment's student answers in
 `../shared/seed/` (their own baseline, 91.4%).
 

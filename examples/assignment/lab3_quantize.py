@@ -1,11 +1,11 @@
 """Lab 3: k-means weight sharing of ResNet-20 at 3-6 bits and with five initializations,
 each with and without centroid training; from the shipped baseline and from a pruned model.
 
-    python experiments/lab3_quantize.py --data-dir ../shared/data \\
+    python examples/assignment/lab3_quantize.py --data-dir ../shared/data \\
         [--pruned runs/seed/prune/model.pt] [--epochs 2]
 
-Writes results/lab3/{README.md, lab3.json, weights_*.png}; each configuration's result is
-kept in results/lab3/runs/ so an interrupted run resumes.
+Writes examples/assignment/results/lab3/{README.md, lab3.json, weights_*.png}; each
+configuration's result is kept in its runs/ folder so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -16,20 +16,14 @@ from pathlib import Path
 
 from common import cached, command_line, parser, write_json, write_text
 
+from deepzip.checkpoint import load_checkpoint
+from deepzip.codecs import nonzero_huffman_bits
 from deepzip.data import BatchLoader, load_cifar10
-from deepzip.dzip import _nonzero_huffman_bits
-from deepzip.models import load_checkpoint, pretrained
+from deepzip.loading import pretrained
 from deepzip.prune import prunable, sparsity_of
-from deepzip.quantize import (
-    CENTROID_TRAINING,
-    INITS,
-    QuantizeConfig,
-    codebooks,
-    dequantize_,
-    quantize_,
-    train_centroids,
-)
-from deepzip.report import markdown_table, plot_weight_sharing
+from deepzip.qat import CENTROID_TRAINING, train_centroids
+from deepzip.quantize import INITS, QuantizeConfig, codebooks, dequantize_, quantize_
+from deepzip.render import markdown_table, plot_weight_sharing
 from deepzip.train import evaluate
 
 SEED_BITS = {3: 0.8639, 4: 0.9036, 5: 0.9121, 6: 0.912}  # student, linear init
@@ -68,7 +62,7 @@ def main() -> None:
                         for n, cb in codebooks(model).items())
             dequantize_(model)
             weights = [t.weight.detach() for t in prunable(model)]
-            hbits = sum(_nonzero_huffman_bits(w.flatten().numpy()) for w in weights)
+            hbits = sum(nonzero_huffman_bits(w.flatten().numpy()) for w in weights)
             nz = sum(int((w != 0).sum()) for w in weights)
             return {"start": start, "bits": bits, "init": init, "acc_kmeans": acc,
                     "acc_trained": trained, "kmeans_error": sum(v["error"]

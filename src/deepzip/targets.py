@@ -1,0 +1,237 @@
+"""What deepzip compresses in a model, and the state it leaves there.
+
+A :class:`Target` is one prunable, shareable parameter: by default the floating
+parameters of two or more dimensions of Conv, Linear, Embedding, attention and
+RNN/LSTM/GRU layers, and with ``include`` patterns any other. Pruning leaves masks
+(``torch.nn.utils.prune``: ``weight_orig`` * ``weight_mask``), weight sharing leaves a
+:class:`SharedWeight` parametrization (``codebook[indices] * mask``); both keep the model
+a standard module. The format writer reads them here without importing training.
+
+A tensor tied under several names (a language model's embedding and output layer) is
+one target, named after its first owner: its mask and codebook go on every owner, so it
+is pruned and shared once, stays tied, is stored once in a ``.dzip`` and re-tied on load.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as tprune
+
+from .errors import DeepzipError
+
+__all__ = ["DEFAULT_LAYERS", "SharedWeight", "Target", "bake_", "codebooks", "dequantize_",
+           "install", "is_pruned", "join_name", "masks", "prunable", "pruned_attrs",
+           "restore_masks_", "set_mask", "shared_parameters"]
+
+
+DEFAULT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding,
+                  nn.EmbeddingBag, nn.MultiheadAttention, nn.RNNBase)
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """One prunable, shareable parameter: ``module.attr`` of the layer named ``layer``.
+
+    ``name`` is the layer's name for its ``weight`` (``conv1``, ``layer1.0.conv2``) and
+    ``layer.attr`` otherwise (``lstm.weight_hh_l0``, ``attn.in_proj_weight``).
+    """
+
+    layer: str
+    module: nn.Module
+    attr: str
+    also: tuple[tuple[nn.Module, str], ...] = ()  # the same tensor's other owners (tied)
+
+    @property
+    def owners(self) -> tuple[tuple[nn.Module, str], ...]:
+        """Every (module, attribute) holding this tensor: a mask or a codebook goes on
+        all of them, so tied weights stay tied."""
+        return ((self.module, self.attr), *self.also)
+
+    @property
+    def name(self) -> str:
+        return self.layer if self.attr == "weight" else join_name(self.layer, self.attr)
+
+    @property
+    def key(self) -> str:
+        """The parameter's key in the plain model's state_dict."""
+        return join_name(self.layer, self.attr)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective tensor: masked or codebook-shared if pruned or quantized."""
+        return getattr(self.module, self.attr)
+
+    def matches(self, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for p in patterns
+                   for n in {self.name, self.layer, self.key})
+
+
+def join_name(owner: str, attr: str) -> str:
+    return f"{owner}.{attr}" if owner else attr
+
+
+def _params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(logical name, underlying parameter) of a module's own parameters: a pruned one is
+    listed under its name (not ``X_orig``), a parametrized one by its original."""
+    out = []
+    for n, p in module.named_parameters(recurse=False):
+        if n.endswith("_orig") and hasattr(module, f"{n[:-5]}_mask"):
+            n = n[:-5]
+        out.append((n, p))
+    if hasattr(module, "parametrizations"):
+        out += [(n, plist.original) for n, plist in module.parametrizations.items()]
+    return out
+
+
+def prunable(model: nn.Module, include: Sequence[str] | None = None,
+             exclude: Sequence[str] | None = None) -> list[Target]:
+    """The parameters that pruning and sharing act on, in model order.
+
+    Default: the 2+-dimensional floating parameters of Conv, Linear, Bilinear, Embedding,
+    MultiheadAttention and RNN/LSTM/GRU layers (never BatchNorm or biases). With
+    ``include`` glob patterns (over layer and parameter names), any such parameter of any
+    module that matches; ``exclude`` removes matches. A pattern that matches no parameter
+    at all is an error that lists the names, so a typo never silently prunes everything.
+    """
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    found = []
+    for layer, m in model.named_modules():
+        for attr, p in _params(m):
+            if p.is_floating_point() and p.dim() >= 2:
+                owners.setdefault(id(p), []).append((m, attr))
+                found.append((layer, m, attr, id(p)))
+    every: list[Target] = []
+    for layer, m, attr, key in found:  # a tied tensor once, under its first name
+        first, *rest = owners[key]
+        if first == (m, attr):
+            every.append(Target(layer, m, attr, tuple(rest)))
+    for kind, patterns in (("include", include or []), ("exclude", exclude or [])):
+        for pat in patterns:
+            if pat != "*" and not any(t.matches([pat]) for t in every):
+                names = ", ".join(t.name for t in every[:40]) + (
+                    f" (+{len(every) - 40} more)" if len(every) > 40 else "")
+                raise DeepzipError(f"{kind} pattern {pat!r} matches no prunable parameter; "
+                                   f"they are: {names or '(none)'}")
+    if include:
+        chosen = [t for t in every if t.matches(include)]
+    else:
+        chosen = [t for t in every if isinstance(t.module, DEFAULT_LAYERS)]
+    return [t for t in chosen if not t.matches(exclude or [])]
+
+
+def is_pruned(module: nn.Module, attr: str | None = None) -> bool:
+    """Does ``module`` carry a pruning mask (on ``attr``, or on any parameter)?"""
+    names = pruned_attrs(module)
+    return bool(names) if attr is None else attr in names
+
+
+def pruned_attrs(module: nn.Module) -> list[str]:
+    return [h._tensor_name for h in module._forward_pre_hooks.values()
+            if isinstance(h, tprune.BasePruningMethod)
+            and hasattr(module, f"{h._tensor_name}_mask")]
+
+
+def set_mask(t: Target, mask: torch.Tensor) -> None:
+    """Install or tighten a target's mask (on each owner of a tied tensor); pruned
+    weights are also zeroed underneath."""
+    for m, a in t.owners:
+        if is_pruned(m, a):
+            getattr(m, f"{a}_mask").mul_(mask.to(getattr(m, f"{a}_mask")))
+        else:
+            tprune.custom_from_mask(m, a, mask.to(getattr(m, a).device))
+        with torch.no_grad():
+            orig, msk = getattr(m, f"{a}_orig"), getattr(m, f"{a}_mask")
+            orig.mul_(msk)
+            setattr(m, a, orig * msk)  # refresh now, not at the next forward
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The current masks of the pruned parameters, by target name."""
+    out = {}
+    for layer, m in model.named_modules():
+        for a in pruned_attrs(m):
+            out[Target(layer, m, a).name] = getattr(m, f"{a}_mask")
+    return out
+
+
+def bake_(model: nn.Module) -> nn.Module:
+    """Make masks permanent: plain parameters with exact zeros, no hooks."""
+    for _, m in model.named_modules():
+        for a in pruned_attrs(m):
+            tprune.remove(m, a)
+    return model
+
+
+def restore_masks_(model: nn.Module, include: list[str] | None = None,
+                   exclude: list[str] | None = None) -> dict[str, float]:
+    """Re-attach masks to a baked model from its zeros, so retraining keeps them."""
+    out = {}
+    for t in prunable(model, include, exclude):
+        mask = (t.weight.detach() != 0).to(t.weight.dtype)
+        if mask.min() < 1:
+            set_mask(t, mask)
+            out[t.name] = 1 - float(mask.mean())
+    return out
+
+
+class SharedWeight(nn.Module):
+    """Parametrization ``weight = codebook[indices] * mask`` (indices and mask fixed).
+
+    Indices are kept as uint8 (at most 256 centroids) and the mask as bool: a shared
+    layer costs two bytes per weight beside its latent fp32 weights, not twelve."""
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor,
+                 bits: int) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(codebook.clone())
+        self.register_buffer("indices", indices.to(torch.uint8))
+        self.register_buffer("mask", mask.bool())
+        self.bits = bits
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        if self.codebook.numel() == 0:
+            return torch.zeros(self.mask.shape, dtype=self.codebook.dtype,
+                               device=self.mask.device)
+        return self.codebook[self.indices.int()].mul_(self.mask)  # no third copy
+
+
+def install(t: Target, parametrization: nn.Module) -> None:
+    """One parametrization on every owner of the target's tensor (tied weights share
+    one codebook, so they stay tied)."""
+    for m, a in t.owners:
+        parametrize.register_parametrization(m, a, parametrization, unsafe=True)
+
+
+def codebooks(model: nn.Module) -> dict[str, SharedWeight]:
+    """The weight-sharing parametrization of each quantized parameter, by target name."""
+    return {name: cb for name, (_, cb) in shared_parameters(model).items()}
+
+
+def shared_parameters(model: nn.Module) -> dict[str, tuple[str, SharedWeight]]:
+    """target name -> (the codebook's parameter name in the model, its SharedWeight)."""
+    out = {}
+    for layer, m in model.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for attr, plist in m.parametrizations.items():
+            if isinstance(plist[0], SharedWeight):
+                prefix = f"{layer}." if layer else ""
+                out[Target(layer, m, attr).name] = (
+                    f"{prefix}parametrizations.{attr}.0.codebook", plist[0])
+    return out
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Make shared weights plain parameters holding ``codebook[indices] * mask`` (needed
+    before the model's ``state_dict`` loads into a plain, unquantized model)."""
+    owners = [(m, attr) for _, m in model.named_modules() if parametrize.is_parametrized(m)
+              for attr, plist in m.parametrizations.items() if isinstance(plist[0], SharedWeight)]
+    for m, attr in owners:
+        parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
+    return model
