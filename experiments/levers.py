@@ -1,9 +1,9 @@
-"""Where a pruned model's bytes can still come from: the levers of issue #13, measured.
+"""Where a pruned model's bytes can still come from: each lever, measured.
 
     python experiments/levers.py runs/default-seed1/prune/model.pt --data-dir ../shared/data
 
-On one pruned checkpoint (no training, so each row takes one evaluation). BatchNorm and
-biases on N-bit grids are measured on trained files instead (``experiments/raw_stores.sh``).
+On one pruned checkpoint (no training, so each row takes one evaluation); part of
+``experiments/ablations.sh``.
 
 1. bits per value: plain k-means at 3 and 4 bits against entropy-constrained clustering
    (``QuantizeConfig(entropy_weight=...)``) at 4-6 bit caps: accuracy right after

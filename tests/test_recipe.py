@@ -95,3 +95,20 @@ def test_entry_points_are_listed_and_need_consent():
         recipe.check_code(False)
     recipe.check_code(True)
     recipe.check_code(False, given={"task"})  # named on the command line: the user's own
+
+
+def test_every_recipe_key_has_a_meaning_and_the_readme_shows_them_all():
+    """The README's recipe reference is generated from the dataclasses (python -m
+    deepzip.recipe): a key added, renamed or given another default without the README
+    following fails here."""
+    import pathlib
+
+    from deepzip import recipe
+
+    text = recipe.reference()
+    keys = {line.split("`")[1] for line in text.splitlines()[2:]}
+    assert keys == set(recipe.HELP)
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("<!-- recipe-reference: begin -->\n")[1].split(
+        "\n<!-- recipe-reference: end -->")[0]
+    assert block == text

@@ -37,7 +37,7 @@ from .prune import (
     sparsity_of,
     targets_from_sensitivity,
 )
-from .quantize import QuantizeConfig, dequantize_
+from .quantize import dequantize_
 from .recipe import Recipe, load_recipe, recipe_path
 from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
 from .train import Distillation, barrier, default_device, evaluate, is_main_process
@@ -217,7 +217,7 @@ class Pipeline:
                          f"{step.epochs} epochs of masked retraining")
                 history += stages.prune_step(
                     model, self.task, spec,
-                    PruneConfig(step.method, step.amount, include=p.include, exclude=p.exclude),
+                    step.config(p.include, p.exclude),
                     self.recipe.train_config(p.train, step.epochs),
                     loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / f"step{i}",
                     desc=f"prune {i}")
@@ -280,10 +280,7 @@ class Pipeline:
             return model, spec
         if self._done("quantize"):
             return self._load(path, spec)
-        qcfg = QuantizeConfig(bits=q.bits, bits_conv=q.bits_conv, bits_linear=q.bits_linear,
-                              per_layer=q.per_layer, init=q.init, include=q.include,
-                              exclude=q.exclude, seed=self.recipe.seed,
-                              entropy_weight=q.entropy_weight, target_bits=q.target_bits)
+        qcfg = q.config(self.recipe.seed)
         self.log(f"[quantize] k-means weight sharing ({q.init} init, {q.bits} bits"
                  + (f", conv {q.bits_conv}" if q.bits_conv else "")
                  + (f", linear {q.bits_linear}" if q.bits_linear else "")

@@ -76,8 +76,9 @@ class QuantizeConfig:
                 raise DeepzipError(f"bits must be integers in 1..{MAX_BITS}, got {b!r}")
         if self.init not in INITS:
             raise DeepzipError(f"k-means init must be one of {INITS}, got {self.init!r}")
-        if not (isinstance(self.entropy_weight, (int, float)) and self.entropy_weight >= 0):
-            raise DeepzipError(f"entropy_weight must be a number >= 0, got "
+        if not (isinstance(self.entropy_weight, (int, float))
+                and math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
+            raise DeepzipError(f"entropy_weight must be a finite number >= 0, got "
                                f"{self.entropy_weight!r}")
         if self.sensitivity is not None and not all(
                 isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
@@ -151,7 +152,7 @@ def penalties(targets: list[Target], config: QuantizeConfig) -> dict[str, float 
     al. 2017 weigh each weight by the Hessian; this is that per layer). On the default's
     pruned ResNet-20, right after clustering: 89.6% with 8.9 KB of indices and codebooks
     against plain's 88.0% with 8.8 KB (``experiments/levers.py --tables 3``,
-    ``results/levers/sensitivity.txt``)."""
+    ``results/ablations/sensitivity.txt``)."""
     if not config.entropy_weight:
         return {t.name: None for t in targets}
     errors, sizes = {}, {}

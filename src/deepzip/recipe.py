@@ -15,9 +15,8 @@ from typing import Any
 from .atomic import read_limited
 from .codecs import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
-from .kmeans import MAX_BITS
-from .prune import METHODS
-from .quantize import INITS
+from .prune import PruneConfig
+from .quantize import QuantizeConfig
 from .train import TrainConfig, brief
 
 __all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "load_recipe",
@@ -31,6 +30,10 @@ class PruneStep:
     method: str = "percentile"
     amount: float = 0.5
     epochs: int = 10
+
+    def config(self, include: list[str] | None, exclude: list[str]) -> PruneConfig:
+        """The library's :class:`~deepzip.prune.PruneConfig` for this step (it validates)."""
+        return PruneConfig(self.method, self.amount, include=include, exclude=exclude)
 
 
 @dataclass
@@ -88,6 +91,15 @@ class QuantizeStage:
     train: dict[str, Any] = field(default_factory=dict)
     distill: Distill | None = None  # for both kinds of training
 
+    def config(self, seed: int) -> QuantizeConfig:
+        """The library's :class:`~deepzip.quantize.QuantizeConfig` for this stage (it
+        validates; the Fisher sensitivities are measured when the stage runs)."""
+        return QuantizeConfig(bits=self.bits, bits_conv=self.bits_conv,
+                              bits_linear=self.bits_linear, per_layer=dict(self.per_layer),
+                              init=self.init, include=self.include, exclude=list(self.exclude),
+                              seed=seed, entropy_weight=self.entropy_weight,
+                              target_bits=self.target_bits)
+
 
 @dataclass
 class EncodeStage:
@@ -129,15 +141,11 @@ class Recipe:
             problems.append("prune.schedule iterative needs prune.steps")
         if p.schedule == "agp" and p.agp is None:
             problems.append("prune.schedule agp needs a prune.agp section")
-        for i, s in enumerate(p.steps):
-            if s.method not in METHODS:
-                problems.append(f"prune.steps[{i}].method must be one of {METHODS}")
-            if s.epochs < 0:
+        for i, step in enumerate(p.steps):
+            if step.epochs < 0:
                 problems.append(f"prune.steps[{i}].epochs must be >= 0")
-            elif s.method == "std" and not (math.isfinite(s.amount) and s.amount >= 0):
-                problems.append(f"prune.steps[{i}].amount (std's s) must be >= 0")
-            elif s.method != "std" and not 0 <= s.amount < 1:
-                problems.append(f"prune.steps[{i}].amount must be in [0, 1)")
+            problems += _invalid(f"prune.steps[{i}]", lambda step=step: step.config(
+                p.include, p.exclude))
         if p.agp is not None:
             a = p.agp
             for v in [a.final, a.initial, *a.per_layer.values()]:
@@ -157,20 +165,11 @@ class Recipe:
             if d is not None and (not 0 <= d.alpha <= 1 or d.temperature <= 0):
                 problems.append("distill needs 0 <= alpha <= 1 and temperature > 0")
         if q is not None:
-            for b in [q.bits, q.bits_conv, q.bits_linear, *q.per_layer.values()]:
-                if b is not None and not 1 <= b <= MAX_BITS:
-                    problems.append(f"quantize bits must be in 1..{MAX_BITS}, got {b}")
-            if q.init not in INITS:
-                problems.append(f"quantize.init must be one of {INITS}")
+            problems += _invalid("quantize", lambda: q.config(self.seed))
             if q.epochs < 0 or q.qat_epochs < 0:
                 problems.append("quantize.epochs and quantize.qat_epochs must be >= 0")
             if q.recluster_every < 1:
                 problems.append("quantize.recluster_every must be >= 1")
-            if not 0 <= q.entropy_weight <= 1000:
-                problems.append("quantize.entropy_weight must be in [0, 1000]")
-            if q.target_bits is not None and not (0 < q.target_bits <= 16 and q.entropy_weight):
-                problems.append("quantize.target_bits must be in (0, 16] and needs "
-                                "quantize.entropy_weight > 0")
             if q.sensitivity not in (None, "fisher"):
                 problems.append(f"quantize.sensitivity must be fisher or null, not "
                                 f"{brief(q.sensitivity)}")
@@ -213,6 +212,16 @@ class Recipe:
 
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def _invalid(where: str, build: Any) -> list[str]:
+    """The problem a library config finds with a recipe section, as one message: the
+    values are checked in one place, the config's own ``__post_init__``."""
+    try:
+        build()
+    except DeepzipError as e:
+        return [f"{where}: {e}"]
+    return []
 
 
 def _nul_strings(v: Any, where: str) -> Iterator[str]:
@@ -353,3 +362,134 @@ def load_recipe(path: str | os.PathLike[str] | None) -> Recipe:
         recipe = Recipe.from_dict(data if data is not None else {})
     recipe.validate()
     return recipe
+
+
+# What each recipe key means, by its dotted path: the reference (README's recipe section,
+# ``python -m deepzip.recipe``) is generated from the dataclasses and these lines, and a
+# test checks that every key has one.
+HELP = {
+    "name": "the run's name: a plain folder name; the run goes to runs/NAME unless --out",
+    "description": "what the recipe does, copied into every run's report",
+    "model": "where compression starts: a checkpoint, a .dzip file or a shipped model's name",
+    "reference": "what the loss is measured against and distillation imitates (default: model)",
+    "arch": "architecture of a checkpoint without deepzip metadata: a registered name, or "
+            "package.module:Factory (needs --allow-code)",
+    "normalize": "the input normalization the weights were trained with: cifar, imagenet, "
+                 "mnist or M,.../S,...",
+    "task": "cifar10, mnist, or package.module:function returning a Task (needs --allow-code)",
+    "seed": "data order, augmentation and k-means seed",
+    "eval_every": "test-set evaluations while training: every N epochs and the last (0: none)",
+    "prune": "the pruning stage",
+    "prune.schedule": "iterative (prune, retrain, repeat), agp (gradual, during training) "
+                      "or none",
+    "prune.steps": "iterative: the steps, in order",
+    "prune.steps.method": "percentile (q of each layer), std (|w| < s x std) or global "
+                          "(one threshold, this fraction of all weights)",
+    "prune.steps.amount": "q, s or the global sparsity; percentiles are total sparsity",
+    "prune.steps.epochs": "masked retraining after this step",
+    "prune.agp": "agp: gradual pruning (Zhu & Gupta 2017)",
+    "prune.agp.final": "sparsity reached at end_epoch",
+    "prune.agp.initial": "sparsity at start_epoch",
+    "prune.agp.epochs": "training epochs in all",
+    "prune.agp.start_epoch": "when the cubic ramp starts",
+    "prune.agp.end_epoch": "when it reaches final (the rest retrains at that sparsity)",
+    "prune.agp.frequency": "optimizer steps between mask updates",
+    "prune.agp.global_threshold": "one magnitude threshold across layers instead of one "
+                                  "per layer",
+    "prune.agp.kernel_exponent": "> 0: prune weights of weak kernels first (cheaper "
+                                 "positions, some accuracy)",
+    "prune.agp.per_layer": "name pattern -> final sparsity of matching layers",
+    "prune.agp.sensitivity_max_drop": "derive per-layer targets from a sensitivity scan: "
+                                      "the most each layer may cost alone",
+    "prune.include": "name patterns of the parameters to prune (default: Conv, Linear, "
+                     "Embedding, attention and RNN weights)",
+    "prune.exclude": "name patterns to leave unpruned",
+    "prune.train": "training settings (deepzip.TrainConfig fields: lr, batch_size, "
+                   "weight_decay, schedule, ...)",
+    "prune.distill": "retrain against the reference's soft outputs",
+    "prune.distill.alpha": "weight of the distillation term",
+    "prune.distill.temperature": "softmax temperature of both models",
+    "quantize": "the weight-sharing stage (null: none)",
+    "quantize.bits": "cluster bits per layer (at most 2^bits shared values; a cap when "
+                     "entropy-constrained)",
+    "quantize.bits_conv": "bits for convolutions instead",
+    "quantize.bits_linear": "bits for Linear layers instead",
+    "quantize.per_layer": "name pattern -> bits",
+    "quantize.init": "k-means initialization: linear, kmeans++, random, density or optimal",
+    "quantize.entropy_weight": "> 0: entropy-constrained clustering; a bit of code length is "
+                               "worth this times the layer's k-means error",
+    "quantize.sensitivity": "fisher: weigh each layer's error by its Fisher sensitivity",
+    "quantize.target_bits": "at most this many Huffman bits per nonzero's index (a size "
+                            "budget; needs entropy_weight)",
+    "quantize.include": "name patterns of the parameters to share",
+    "quantize.exclude": "name patterns to leave unshared",
+    "quantize.qat_epochs": "quantization-aware training of the weights before sharing is "
+                           "fixed",
+    "quantize.qat_train": "its training settings (TrainConfig fields)",
+    "quantize.recluster_every": "optimizer steps between re-clusterings during it",
+    "quantize.epochs": "centroid training (trained quantization) after sharing",
+    "quantize.train": "its training settings (TrainConfig fields)",
+    "quantize.distill": "distillation for both kinds of training",
+    "quantize.distill.alpha": "weight of the distillation term",
+    "quantize.distill.temperature": "softmax temperature of both models",
+    "encode": "how the .dzip file stores what is not shared",
+    "encode.raw_dtype": "unshared tensors (BatchNorm, biases, excluded weights): float16, "
+                        "float32 or int2..int8 (an N-bit grid, float16 where too coarse)",
+    "encode.codebook_dtype": "codebooks: float16, float32 or int2..int8",
+    "encode.fold_batchnorm": "fold BatchNorm into a scale and a shift (4 -> 2 values per "
+                             "channel)",
+}
+
+
+def _type_name(tp: Any) -> str:
+    """A recipe value's type in words: text, integer, number, true/false, a list or map of
+    them, a section (a nested mapping), each ``or null`` where null is allowed."""
+    args = typing.get_args(tp)
+    if type(tp) is types.UnionType or typing.get_origin(tp) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(args[0]).replace('section', 'sections')}"
+    if origin is dict:
+        return f"map of {_type_name(args[1])}" if args[1] is not Any else "map"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return {str: "text", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        v = f.default_factory()
+        if dataclasses.is_dataclass(v):
+            return "(see below)"
+    else:
+        return ""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"`{str(v).lower()}`"
+    return f"`{v}`" if v != "" else '`""`'
+
+
+def reference() -> str:
+    """The recipe reference as a Markdown table: every key, its type, default and meaning,
+    from the dataclasses themselves (so it cannot drift from what is validated)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    sections = {"": Recipe, "prune": PruneStage, "prune.steps": PruneStep,
+                "prune.agp": AGPStage, "prune.distill": Distill, "quantize": QuantizeStage,
+                "quantize.distill": Distill, "encode": EncodeStage}
+    hints = {cls: typing.get_type_hints(cls) for cls in sections.values()}
+    for prefix, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            meaning = HELP[key].replace("|", "\\|")
+            rows.append(f"| `{key}` | {_type_name(hints[cls][f.name])} | {_default(f)} | "
+                        f"{meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m deepzip.recipe: the reference, for the README
+    print(reference())
