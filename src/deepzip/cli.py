@@ -330,10 +330,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
     model, spec = resolve_model(args)
     out = Path(args.output)
     changed = dzip_torch.precision_changes(model, args.raw_dtype, args.codebook_dtype,
-                                     args.fold_batchnorm)
-    dzip_torch.save(model, out, spec=spec, raw_dtype=args.raw_dtype,
-              codebook_dtype=args.codebook_dtype, fold_batchnorm=args.fold_batchnorm)
-    print(_size_table(dzip_torch.info(out)))
+                                           args.fold_batchnorm)
+    print(_size_table(stages.encode(model, spec, out, raw_dtype=args.raw_dtype,
+                                    codebook_dtype=args.codebook_dtype,
+                                    fold_batchnorm=args.fold_batchnorm)))
     if changed:
         print(f"note: {len(changed)} tensors are not at the file's precision "
               f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): the file "

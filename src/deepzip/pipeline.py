@@ -312,12 +312,8 @@ class Pipeline:
         path = self.out / "model.dzip"
         if not self._done("encode"):
             t0 = time.time()
-            e = self.recipe.encode
-            if is_main_process():
-                dzip_torch.save(model, path, spec=spec, raw_dtype=e.raw_dtype,
-                          codebook_dtype=e.codebook_dtype, fold_batchnorm=e.fold_batchnorm)
-            barrier()
-            info = dzip_torch.info(path, self._fresh())
+            info = stages.encode(model, spec, path, **dataclasses.asdict(self.recipe.encode),
+                                 like=self._fresh())
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
                      f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
             self._finish("encode", t0, **{k: v for k, v in info.items() if k != "tensors"},

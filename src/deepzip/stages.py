@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import dzip_torch
 from .checkpoint import ModelSpec
 from .prune import PruneConfig, finetune_after_prune, prune_
 from .qat import qat_, train_centroids
 from .quantize import QuantizeConfig, fisher_sensitivity, quantize_
 from .task import Task
-from .train import Evaluation, TrainConfig, evaluate
+from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
-__all__ = ["Shared", "eval_loader", "prune_step", "score", "share", "train_loader", "training"]
+__all__ = ["Shared", "encode", "eval_loader", "prune_step", "score", "share", "train_loader",
+           "training"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -128,3 +130,16 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
             **training(task, spec, loss_fn=loss_fn, out_dir=sub("train"), resume=resume,
                        desc="centroids"))]
     return result
+
+
+def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
+           raw_dtype: str = "float16", codebook_dtype: str = "float32",
+           fold_batchnorm: bool = True, like: nn.Module | None = None) -> dict[str, Any]:
+    """Write ``model`` as a ``.dzip`` file (one process writes; the others wait) and return
+    its sizes (:func:`~deepzip.dzip_torch.info`), read back against ``like`` (a fresh
+    instance of the model) or the architecture the file records."""
+    if is_main_process():
+        dzip_torch.save(model, path, spec=spec, raw_dtype=raw_dtype,
+                        codebook_dtype=codebook_dtype, fold_batchnorm=fold_batchnorm)
+    barrier()
+    return dzip_torch.info(path, like)
