@@ -168,3 +168,139 @@ def test_resumed_run_writes_the_same_bytes(tmp_path, clean_run, monkeypatch, sto
     assert report["summary"]["identical_outputs"]  # the resumed verify ran on the file
     if before is not None:  # written before the interrupt: kept, not written again
         assert written.stat().st_mtime_ns == before
+
+
+class _Watched:
+    """A test loader that records, at its first batch, which of the run's files exist."""
+
+    def __init__(self, loader, out):
+        self.loader, self.out, self.first = loader, out, None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.first is None:
+            self.first = sorted(p.name for p in self.out.iterdir())
+        return iter(self.loader)
+
+
+def test_a_run_with_validation_data_reads_the_test_set_only_in_its_final_evaluation(
+        tmp_path):
+    """Decisions (training-time evaluations, the baseline check, a sensitivity scan, the
+    scores stages record) read the validation data; the test loader's first batch comes
+    after the file is written, in the final evaluation, and the report says so."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deepzip import Task
+    from deepzip.pipeline import compress
+    from deepzip.recipe import AGPStage, PruneStage, QuantizeStage, Recipe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(384, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    part = lambda a, b: DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=64)  # noqa: E731
+    out = tmp_path / "run"
+    out.mkdir()
+    test = _Watched(part(320, 384), out)
+    task = Task.from_loaders(part(0, 256), test, val=part(256, 320))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    recipe = Recipe(name="val", validation=64, prune=PruneStage(
+        schedule="agp", agp=AGPStage(final=0.5, epochs=2, end_epoch=1, frequency=1,
+                                     sensitivity_max_drop=0.5)),
+        quantize=QuantizeStage(bits=3, epochs=1))
+    result = compress(model, task, recipe, out=out, log=lambda _: None)
+    assert test.first is not None and "model.dzip" in test.first  # after encode
+    st = result.report["stages"]
+    assert "val_score" in st["baseline"] and "score" in st["baseline"]  # both, named
+    history = st["prune"]["history"]
+    assert all("val_acc" in r and "test_acc" not in r for r in history)
+    s = result.report["summary"]
+    assert s["decisions_on"] == "validation" and s["validation_examples"] == 64
+    assert "read only by the final evaluation" in (out / "report.md").read_text()
+
+
+def test_a_recipe_asking_for_validation_needs_a_task_that_holds_some_out(tmp_path):
+    from torch import nn
+
+    from deepzip.pipeline import compress
+    from deepzip.recipe import Recipe
+
+    loader = [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(DeepzipError, match="holds none out"):
+        compress(nn.Linear(8, 3), (loader, loader), Recipe(validation=10), out=tmp_path / "r")
+
+
+def test_deepzip_run_holds_out_validation_data_on_request(tmp_path, data_root, start_model):
+    out = tmp_path / "run"
+    assert main(["run", "smoke", "--model", str(start_model), "--subset", "256",
+                 "--validation", "1000", "--data-dir", str(data_root), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["decisions_on"] == "validation"
+    assert report["summary"]["validation_examples"] == 256  # the first N of --subset
+    assert all("val_acc" in r for r in report["stages"]["prune"]["history"] if
+               any(k.endswith("_acc") and not k.startswith("train") for k in r))
+
+
+def _tiny_classification(out):
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deepzip import Task
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(640, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    part = lambda a, b: DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=64)  # noqa: E731
+    test = _Watched(part(512, 640), out)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+    from deepzip import TrainConfig, fit
+
+    fit(model, part(0, 384), TrainConfig(epochs=15, lr=0.1, precision="fp32", eval_every=0))
+    return model, Task.from_loaders(part(0, 384), test, val=part(384, 512)), test
+
+
+def test_max_loss_finds_the_smallest_file_within_the_budget_on_validation_data(tmp_path):
+    """The search's probes bisect the sharing budget; the run writes the smallest budget
+    that passed, confirmed by the full stage on validation data, and reads the test set
+    only at the end; a looser budget gives a file no bigger."""
+    from deepzip.pipeline import compress
+    from deepzip.recipe import PruneStage, QuantizeStage, Recipe
+
+    sizes = {}
+    for max_loss in (2.0, 20.0):
+        out = tmp_path / f"run{max_loss}"
+        out.mkdir()
+        model, task, test = _tiny_classification(out)
+        recipe = Recipe(name="budget", max_loss=max_loss, prune=PruneStage(schedule="none"),
+                        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1,
+                                               probe_epochs=1, train={"lr": 0.01}))
+        result = compress(model, task, recipe, out=out, log=lambda _: None)
+        q = result.report["stages"]["quantize"]
+        budget = q["budget"]
+        probes = budget["probes"]
+        assert probes[0]["target_bits"] == 6.0 and probes[0]["within"]  # 6 bits: no loss
+        assert len(probes) == 7 and budget["max_loss"] == max_loss
+        first = budget["confirmed"][0]
+        assert first["target_bits"] == min(p["target_bits"] for p in probes if p["within"])
+        assert budget["confirmed"][-1]["target_bits"] == q["target_bits"]
+        if first["within"]:
+            assert len(budget["confirmed"]) == 1 and first["loss"] <= max_loss
+        assert "model.dzip" in test.first  # the test set: only the final evaluation
+        sizes[max_loss] = result.report["summary"]["file_bytes"]
+    assert sizes[20.0] <= sizes[2.0]
+
+
+def test_max_loss_needs_validation_data(tmp_path):
+    from torch import nn
+
+    from deepzip.pipeline import compress
+    from deepzip.recipe import QuantizeStage, Recipe
+
+    loader = [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]
+    recipe = Recipe(max_loss=1.0, quantize=QuantizeStage(entropy_weight=50))
+    with pytest.raises(DeepzipError, match="validation"):
+        compress(nn.Linear(8, 3), (loader, loader), recipe, out=tmp_path / "r")

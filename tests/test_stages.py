@@ -1,6 +1,7 @@
 """The stage functions the Pipeline and the CLI share: they take the Task as the unit,
 and what a TrainConfig says (label smoothing) reaches the training loss."""
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -62,3 +63,41 @@ def test_encode_writes_the_file_and_reads_its_sizes_back(tmp_path):
     info = stages.encode(model, SPEC, tmp_path / "m.dzip", like=_model())
     assert info["file_bytes"] == (tmp_path / "m.dzip").stat().st_size
     assert info["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_loss_points_follow_the_metrics_direction():
+    from deepzip import MeanSquaredError
+
+    acc = _classification()
+    mse = Task.from_loaders([], [], metric=MeanSquaredError())
+    assert stages.loss_points(acc, 0.92, 0.91) == pytest.approx(1.0)  # points of accuracy
+    assert stages.loss_points(acc, 0.92, 0.93) == pytest.approx(-1.0)
+    assert stages.loss_points(mse, 0.10, 0.15) == pytest.approx(0.05)  # lower is better
+    assert stages.loss_points(mse, 0.10, 0.05) == pytest.approx(-0.05)
+
+
+def test_budget_search_on_a_lower_is_better_metric():
+    """A regression model scored by MSE: the search keeps the budgets whose MSE rose by at
+    most max_loss, returns the smallest of them and leaves the model as it was."""
+    from regression_task import RegressionMLP, make_task
+
+    task = make_task(512)
+    task = Task.from_loaders(task.train, task.eval, metric=task.metric, val=task.eval)
+    torch.manual_seed(0)
+    model = RegressionMLP()
+    from deepzip import fit
+
+    fit(model, task.train, TrainConfig(epochs=5, lr=0.05, precision="fp32", eval_every=0),
+        task=task)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base = stages.decision_score(model, task, SPEC).value
+    bits, probes = stages.search_budget(
+        model, task, SPEC, QuantizeConfig(bits=6, entropy_weight=20), baseline=base,
+        max_loss=0.01, probe=TrainConfig(epochs=1, lr=0.001, precision="fp32", eval_every=0),
+        steps=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for p in probes:
+        assert p["loss"] == pytest.approx(p["score"] - base)
+        assert p["within"] == (p["loss"] <= 0.01)
+    if probes[0]["within"]:
+        assert bits == min(p["target_bits"] for p in probes if p["within"])

@@ -241,3 +241,36 @@ def test_a_one_channel_model_of_the_users_own_through_the_cli(tmp_path, monkeypa
                  "--data-dir", str(data_root)]) == 2  # CIFAR-10 by default: 3 channels
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--task" in err and "1 channels" in err
+
+
+
+def test_a_split_holds_out_disjoint_images_the_same_way_every_time():
+    import torch
+
+    from deepzip.data import ImageSplit
+
+    n = 1000
+    split = ImageSplit(torch.arange(n).view(n, 1, 1, 1).to(torch.uint8), torch.arange(n))
+    (keep, out), (keep2, out2) = split.split(100), split.split(100)
+    assert len(out) == 100 and len(keep) == 900
+    assert torch.equal(out.labels, out2.labels) and torch.equal(keep.labels, keep2.labels)
+    assert set(out.labels.tolist()).isdisjoint(keep.labels.tolist())
+    assert sorted(out.labels.tolist() + keep.labels.tolist()) == list(range(n))
+    assert not torch.equal(split.split(100, seed=1)[1].labels, out.labels)
+
+
+def test_image_tasks_hold_out_validation_images_from_training_only(data_root):
+    """validation=N takes N training images out, by a fixed seed (every run and recipe
+    seed gets the same split); training sees the rest; the test set is as before."""
+    import torch
+
+    from deepzip.task import image_task
+
+    a = image_task("mnist", data_root, validation=5000)
+    b = image_task("mnist", data_root, validation=5000)
+    plain = image_task("mnist", data_root)
+    assert a.val_size == 5000 and plain.val is None and plain.val_loader() is None
+    va, vb = next(iter(a.val_loader())), next(iter(b.val_loader()))
+    assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
+    assert sum(len(y) for _, y in a.train_loader(1000, 0)) == 55_000
+    assert a.eval_size == plain.eval_size == 10_000

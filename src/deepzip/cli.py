@@ -431,7 +431,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed")
+OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed", "validation",
+             "max_loss")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -455,7 +456,12 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     from .pipeline import Pipeline, write_run_files
 
     task = resolve_task(recipe.task, args.data_dir, download=args.download,
-                        subset=args.subset, device=_device(args))
+                        subset=args.subset, device=_device(args),
+                        validation=recipe.validation)
+    if recipe.validation and task.val is None:
+        raise DeepzipError(f"the recipe asks for {recipe.validation} validation examples, "
+                           f"but task {task.name!r} holds none out (its function takes a "
+                           "validation= argument, or returns Task(val=...))")
     pipe = Pipeline(recipe, out, task, device=_device(args))
     changed = any(getattr(args, k) is not None for k in OVERRIDES)
     write_run_files(out, recipe, "deepzip " + shlex.join(sys.argv[1:]),
@@ -649,6 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--normalize", default=None, metavar="SPEC",
                    help="the model's input normalization (cifar, imagenet, mnist, M,.../S,...)")
     r.add_argument("--seed", type=int, default=None, help="the recipe's seed, for a repeat")
+    r.add_argument("--validation", type=int, default=None, metavar="N",
+                   help="hold N training examples out as validation data: every decision "
+                        "of the run reads them, the test set only the final evaluation")
+    r.add_argument("--max-loss", type=float, default=None, metavar="POINTS",
+                   help="the smallest file within this loss on validation data (points for "
+                        "accuracy): chooses the sharing budget; needs --validation")
     r.add_argument("--out", "-o", default=None, help="run folder (default runs/RECIPE-NAME)")
     r.add_argument("--restart", action="store_true",
                    help="discard an earlier deepzip run in --out (only a folder a run made)")

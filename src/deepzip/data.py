@@ -194,6 +194,17 @@ class ImageSplit:
         """The first ``n`` images (for quick tests and smoke runs)."""
         return ImageSplit(self.images[:n], self.labels[:n])
 
+    def split(self, held_out: int, seed: int = 0) -> tuple[ImageSplit, ImageSplit]:
+        """(the rest, ``held_out`` images drawn by ``seed``), each in the original order:
+        a validation set taken from the training data, the same for every run."""
+        if not 0 < held_out < len(self):
+            raise DeepzipError(f"cannot hold out {held_out} of {len(self)} images for "
+                               "validation")
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        keep, out = order[held_out:].sort().values, order[:held_out].sort().values
+        return (ImageSplit(self.images[keep], self.labels[keep]),
+                ImageSplit(self.images[out], self.labels[out]))
+
 
 def _fetch(url: str, dest: Path) -> None:
     """Download ``url`` to ``dest`` (any failure is one DeepzipError)."""

@@ -37,7 +37,7 @@ from .prune import (
     sparsity_of,
     targets_from_sensitivity,
 )
-from .quantize import dequantize_
+from .quantize import QuantizeConfig, dequantize_, fisher_sensitivity
 from .recipe import Recipe, load_recipe, recipe_path
 from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
 from .train import Distillation, barrier, default_device, evaluate, is_main_process
@@ -69,6 +69,10 @@ class Pipeline:
         self._given = (model, spec)
         self._start: tuple[nn.Module, ModelSpec] | None = None
         self._teacher: nn.Module | None = None
+        if recipe.max_loss is not None and task.val is None:
+            raise DeepzipError(f"max_loss decides on validation data, and task {task.name!r} "
+                               "holds none out: set validation: N (shipped tasks) or pass "
+                               "Task.from_loaders(train, test, val=...)")
         if self.state_path.is_file():
             self.state = self._resume_state(self._read_state())
 
@@ -102,7 +106,8 @@ class Pipeline:
             before = dataclasses.asdict(Recipe.from_dict(old["recipe"]))
         except (DeepzipError, KeyError, TypeError):
             before = {}
-        upstream = ("model", "reference", "arch", "normalize", "task", "seed", "prune")
+        upstream = ("model", "reference", "arch", "normalize", "task", "validation", "seed",
+                    "prune")
         if not before or any(before[k] != now[k] for k in upstream):
             raise DeepzipError(f"{self.out} holds a run of a different recipe; "
                                "use another --out or --restart")
@@ -186,7 +191,14 @@ class Pipeline:
                             base=self.task.loss, classification=self.task.classification)
 
     def _score(self, model: nn.Module, spec: ModelSpec) -> float:
-        return stages.score(model.to(self.device), self.task, spec).value
+        """The metric a decision reads: on validation data when the task holds some out
+        (the test set is then read only by the final evaluation), else on the test set."""
+        return stages.decision_score(model.to(self.device), self.task, spec).value
+
+    def _scored(self, model: nn.Module, spec: ModelSpec, key: str = "score") -> dict[str, float]:
+        """A stage's result entry for the model's score, named by the data it read."""
+        on_val = self.task.val is not None
+        return {f"val_{key}" if on_val else key: self._score(model, spec)}
 
     # ------------------------------------------------------------------ stages
     def baseline(self) -> tuple[nn.Module, ModelSpec]:
@@ -196,11 +208,11 @@ class Pipeline:
         model, spec = self.start()
         if not self._done("baseline"):
             t0 = time.time()
-            self.task.check(model, stages.eval_loader(self.task, spec))
+            self.task.check(model, stages.decision_loader(self.task, spec))
             ref, ref_spec = (model, spec) if r.reference is None else self._reference()
             name = r.reference or r.model
             self.log(f"[baseline] evaluating {name} on {self.task.description or self.task.name}")
-            self._finish("baseline", t0, score=self._score(ref, ref_spec),
+            self._finish("baseline", t0, **self._scored(ref, ref_spec),
                          sparsity=sparsity_of(ref), model=name)
         return model, spec
 
@@ -227,7 +239,7 @@ class Pipeline:
         if is_main_process():
             save_checkpoint(model, spec, path)
         self._drop_checkpoints("prune")
-        self._finish("prune", t0, score=self._score(model, spec),
+        self._finish("prune", t0, **self._scored(model, spec),
                      sparsity=sparsity_of(model, p.include, p.exclude), history=history)
         return model, spec
 
@@ -276,7 +288,7 @@ class Pipeline:
             dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
                                           e.fold_batchnorm)
             if not self._done("quantize"):
-                self._finish("quantize", t0, skipped=True, score=self._score(model, spec))
+                self._finish("quantize", t0, skipped=True, **self._scored(model, spec))
             return model, spec
         if self._done("quantize"):
             return self._load(path, spec)
@@ -290,23 +302,68 @@ class Pipeline:
                     if q.sensitivity == "fisher" else "")
                  + (f", indices within {q.target_bits} Huffman bits per nonzero"
                     if q.target_bits else "") + ")")
-        shared = stages.share(
-            model, self.task, spec, qcfg,
-            fisher=self.recipe.train_config(q.train, 1) if q.sensitivity == "fisher" else None,
-            qat=self.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs),
-            recluster_every=q.recluster_every,
-            centroids=self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.epochs),
-            out_dir=self.out / "quantize", loss_fn=self._loss(q.distill), log=self.log)
-        dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype, e.fold_batchnorm)
-        score = self._score(model, spec)
+        if q.sensitivity == "fisher":
+            qcfg = dataclasses.replace(qcfg, sensitivity=fisher_sensitivity(
+                model, stages.train_loader(self.task, spec, self.recipe.train_config(q.train, 1)),
+                self.task.loss, include=q.include, exclude=q.exclude))
+        budget = None
+        if self.recipe.max_loss is not None:
+            pruned = copy.deepcopy(model)
+            qcfg, budget = self._budget(model, spec, qcfg)
+        while True:
+            shared = stages.share(
+                model, self.task, spec, qcfg,
+                qat=self.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs),
+                recluster_every=q.recluster_every,
+                centroids=self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.epochs),
+                out_dir=self.out / "quantize", loss_fn=self._loss(q.distill), log=self.log)
+            dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
+                                                e.fold_batchnorm)
+            score = self._scored(model, spec)
+            if budget is None or self._confirmed(budget, score["val_score"], qcfg.target_bits):
+                break
+            qcfg = dataclasses.replace(qcfg, target_bits=(qcfg.target_bits + q.bits) / 2)
+            self.log(f"[quantize] over budget: once more at {qcfg.target_bits:.3f} bits")
+            model = copy.deepcopy(pruned)
+            if is_main_process():
+                shutil.rmtree(self.out / "quantize", ignore_errors=True)
         dequantize_(model)
         if is_main_process():
             save_checkpoint(model, spec, path)
         self._drop_checkpoints("quantize")
-        self._finish("quantize", t0, score=score, score_kmeans=shared.score_kmeans,
+        kmeans = "val_score_kmeans" if self.task.val is not None else "score_kmeans"
+        self._finish("quantize", t0, **score, **{kmeans: shared.score_kmeans},
                      layers=shared.layers, history=shared.history,
-                     **({"sensitivity": shared.sensitivity} if shared.sensitivity else {}))
+                     **({"sensitivity": qcfg.sensitivity} if qcfg.sensitivity else {}),
+                     **({"budget": budget, "target_bits": qcfg.target_bits} if budget else {}))
         return model, spec
+
+    def _budget(self, model: nn.Module, spec: ModelSpec, qcfg: QuantizeConfig
+                ) -> tuple[QuantizeConfig, dict[str, Any]]:
+        """The recipe's ``max_loss``: the sharing budget of the smallest file within it on
+        validation data, searched on probes of the pruned model (which stays as it is)."""
+        q, max_loss = self.recipe.quantize, self.recipe.max_loss
+        base = self.state["stages"]["baseline"]["val_score"]
+        self.log(f"[quantize] searching the smallest file within {max_loss} of the "
+                 f"baseline's validation {self.task.metric.name} {base:.4f}")
+        bits, probes = stages.search_budget(
+            model, self.task, spec, qcfg, baseline=base, max_loss=max_loss,
+            probe=self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.probe_epochs),
+            loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
+            log=self.log)
+        return (dataclasses.replace(qcfg, target_bits=bits),
+                {"max_loss": max_loss, "baseline_val_score": base, "probes": probes,
+                 "confirmed": []})
+
+    def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float) -> bool:
+        """Did the full stage stay within ``max_loss`` on validation data? One retry at a
+        larger budget, then the file stands as made (the report shows both)."""
+        lost = stages.loss_points(self.task, budget["baseline_val_score"], val_score)
+        budget["confirmed"].append({"target_bits": bits, "val_score": val_score,
+                                    "loss": lost, "within": lost <= budget["max_loss"]})
+        self.log(f"[quantize] full stage at {bits:.3f} bits: validation loss {lost:.3f} "
+                 f"(budget {budget['max_loss']})")
+        return lost <= budget["max_loss"] or len(budget["confirmed"]) > 1
 
     def encode(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
         path = self.out / "model.dzip"
@@ -322,9 +379,12 @@ class Pipeline:
 
     def verify(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
         """Decode the file into a fresh copy of the starting model and compare it with the
-        in-memory model on the whole evaluation set: outputs, predictions and the metric."""
+        in-memory model on the whole evaluation set: outputs, predictions and the metric.
+        A run that decided on validation data reads the test set here, and only here."""
         if not self._done("verify"):
             t0 = time.time()
+            if self.task.val is not None:
+                self._test_scores(model, spec)
             decoded = dzip_torch.load(self.out / "model.dzip", self._fresh())
             result = verify(model, decoded, stages.eval_loader(self.task, spec), task=self.task)
             self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4f}, "
@@ -334,6 +394,18 @@ class Pipeline:
                         f"{result['examples']}" if self.task.classification else ""))
             self._finish("verify", t0, **result)
         return self.state["stages"]["verify"]
+
+    def _test_scores(self, model: nn.Module, spec: ModelSpec) -> None:
+        """The test-set scores of the reference, the pruned and the shared model, for the
+        report, when every decision before was taken on validation data."""
+        st = self.state["stages"]
+        ref, ref_spec = self._reference()
+        st["baseline"]["score"] = stages.score(ref.to(self.device), self.task, ref_spec).value
+        pruned = self.out / "prune" / "model.pt"
+        if pruned.is_file():
+            st["prune"]["score"] = stages.score(self._load(pruned, spec)[0], self.task,
+                                                spec).value
+        st["quantize"]["score"] = stages.score(model, self.task, spec).value
 
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -539,10 +611,14 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
     if isinstance(task, tuple):
         task = Task.from_loaders(*task)
     elif isinstance(task, str):
-        task = resolve_task(task, device=dev)
+        task = resolve_task(task, device=dev, validation=recipe.validation)
     if not isinstance(task, Task):
         raise DeepzipError("task must be a deepzip Task, a (train, eval) pair of loaders or "
                            "a task name")
+    if recipe.validation and task.val is None:
+        raise DeepzipError(f"recipe {recipe.name!r} asks for {recipe.validation} validation "
+                           f"examples, but task {task.name!r} holds none out: pass "
+                           "Task.from_loaders(train, test, val=...)")
     if reference is not None:
         recipe.reference = reference
     given = model if isinstance(model, nn.Module) else None

@@ -87,6 +87,7 @@ class QuantizeStage:
     qat_epochs: int = 0  # quantization-aware training of the weights before sharing is fixed
     qat_train: dict[str, Any] = field(default_factory=dict)  # its TrainConfig overrides
     recluster_every: int = 50  # steps between re-clusterings during quantization-aware training
+    probe_epochs: int = 1  # centroid training of each max_loss probe
     epochs: int = 0  # centroid training
     train: dict[str, Any] = field(default_factory=dict)
     distill: Distill | None = None  # for both kinds of training
@@ -119,6 +120,8 @@ class Recipe:
     arch: str | None = None  # architecture of a checkpoint without deepzip metadata
     normalize: str | None = None  # its input normalization: cifar, imagenet, mnist, M/S
     task: str = "cifar10"  # cifar10, mnist, or package.module:function returning a Task
+    validation: int = 0  # training examples held out for the run's decisions
+    max_loss: float | None = None  # the smallest file within this loss on validation data
     seed: int = 0
     eval_every: int = 1  # test-set evaluations while training: every N epochs (0: none)
     prune: PruneStage = field(default_factory=PruneStage)
@@ -178,6 +181,16 @@ class Recipe:
             if not isinstance(v, str) or v not in allowed:
                 problems.append(f"encode.{key} must be one of {', '.join(allowed)}, not "
                                 f"{brief(v)}")
+        if self.max_loss is not None and not (
+                math.isfinite(self.max_loss) and self.max_loss >= 0 and q is not None
+                and q.entropy_weight > 0 and q.target_bits is None):
+            problems.append("max_loss must be a number >= 0 and needs a quantize section "
+                            "with entropy_weight > 0 and no target_bits (it chooses them)")
+        if q is not None and q.probe_epochs < 0:
+            problems.append("quantize.probe_epochs must be >= 0")
+        if not 0 <= self.validation <= 10_000_000:
+            problems.append(f"validation must be a count of examples >= 0, got "
+                            f"{brief(self.validation)}")
         if not 0 <= self.seed < 2 ** 63:
             problems.append(f"seed must be in 0..2^63-1, got {brief(self.seed)}")
         if problems:
@@ -377,6 +390,14 @@ HELP = {
     "normalize": "the input normalization the weights were trained with: cifar, imagenet, "
                  "mnist or M,.../S,...",
     "task": "cifar10, mnist, or package.module:function returning a Task (needs --allow-code)",
+    "validation": "training examples held out as validation data (shipped tasks; a task of "
+                  "your own passes val=): every decision of the run (training-time "
+                  "evaluations, sensitivity scans) reads them, and the test set is read only "
+                  "by the final evaluation; 0: none, decisions read the test set",
+    "max_loss": "an accuracy budget: the smallest file whose loss against the baseline on "
+                "validation data stays within this (points for accuracy, the metric's units "
+                "otherwise); it chooses quantize.target_bits by bisection on probes, then "
+                "confirms with the full stage; needs validation data",
     "seed": "data order, augmentation and k-means seed",
     "eval_every": "test-set evaluations while training: every N epochs and the last (0: none)",
     "prune": "the pruning stage",
@@ -427,6 +448,7 @@ HELP = {
                            "fixed",
     "quantize.qat_train": "its training settings (TrainConfig fields)",
     "quantize.recluster_every": "optimizer steps between re-clusterings during it",
+    "quantize.probe_epochs": "max_loss: centroid training of each probe of the search",
     "quantize.epochs": "centroid training (trained quantization) after sharing",
     "quantize.train": "its training settings (TrainConfig fields)",
     "quantize.distill": "distillation for both kinds of training",

@@ -243,11 +243,25 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
         json.dump(report, f, indent=2)
     _plot_layers(layers, out / "layers.png", recipe.name)
     key = f"test {metric}"
-    rows = [{"model": name, key: st[k].get(field)} for name, k, field in [
-        ("baseline", "baseline", "score"), ("pruned + retrained", "prune", "score"),
-        ("quantized (k-means)", "quantize", "score_kmeans"),
-        ("quantized (final, file precision)", "quantize", "score"),
-        ("decoded from .dzip", "verify", "score")] if st[k].get(field) is not None]
+    val_key = f"validation {metric}"
+    rows = [{"model": name, key: _blank(st[k].get(field)),
+             val_key: _blank(st[k].get(f"val_{field}"))}
+            for name, k, field in [
+                ("baseline", "baseline", "score"), ("pruned + retrained", "prune", "score"),
+                ("quantized (k-means)", "quantize", "score_kmeans"),
+                ("quantized (final, file precision)", "quantize", "score"),
+                ("decoded from .dzip", "verify", "score")]
+            if st[k].get(field) is not None or st[k].get(f"val_{field}") is not None]
+    columns = ["model", key] + ([val_key] if any(r[val_key] != "" for r in rows) else [])
+    if summary_row.get("decisions_on") == "validation":
+        n = summary_row["validation_examples"]
+        decided = ("Every decision of the run (training-time evaluations, sensitivity "
+                   f"scans) read validation data ({f'{n:,} examples, ' if n else ''}held "
+                   "out of the training data); the test set was read only by the final "
+                   "evaluation.")
+    else:
+        decided = ("The task holds no validation data: training-time evaluations and "
+                   "sensitivity scans read the test set.")
     fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
     cmd_file = out / "command.txt"
     command = cmd_file.read_text().strip() if cmd_file.is_file() else "deepzip run"
@@ -272,7 +286,7 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
 
 Made by `{command}` with the recipe in `recipe.yaml` beside this file (the exact
 settings are also in `report.json`). Task `{summary_row['task']}`, evaluated on: {data};
-metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32.
+metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32. {decided}
 
 ## Result
 
@@ -285,8 +299,8 @@ metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32.
 | Huffman, average bits per nonzero index | {enc['huffman_avg']:.3f} |
 | decoded model agrees with the in-memory model | {'; '.join(agree)} |
 
-{markdown_table(rows, ["model", key])}
-
+{markdown_table(rows, columns)}
+{_budget_section(st["quantize"].get("budget"), metric)}
 ## Time per stage
 
 "time" is the stage's wall time in the process that finished it (a resumed stage counts
@@ -313,3 +327,32 @@ scales and buffers).
     with atomic_write(out / "report.md", "w") as f:
         f.write(md)
     return report
+
+
+def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:
+    """The ``max_loss`` search of a run: every probe and every full-stage confirmation."""
+    if not budget:
+        return ""
+    probes = [{"target bits": p["target_bits"], f"validation {metric}": p["score"],
+               "loss": p["loss"], "bytes": p["file_bytes"], "within": p["within"]}
+              for p in budget["probes"]]
+    full = [{"target bits": c["target_bits"], f"validation {metric}": c["val_score"],
+             "loss": c["loss"], "within": c["within"]} for c in budget["confirmed"]]
+    return f"""
+## The accuracy budget
+
+`max_loss` {budget['max_loss']}: the smallest file whose loss against the baseline's
+validation {metric} ({budget['baseline_val_score']:.4f}) stays within it. Probes (each
+shares a copy of the pruned model at that budget of Huffman bits per nonzero index and
+trains its centroids briefly), bisecting from the cap:
+
+{markdown_table(probes, list(probes[0]))}
+
+The full stage at the chosen budget (a second try at a larger one if the first is over):
+
+{markdown_table(full, list(full[0]))}
+"""
+
+
+def _blank(v: Any) -> Any:
+    return "" if v is None else v

@@ -133,6 +133,9 @@ def run_summary(recipe_name: str, state: dict[str, Any], task: Any = None) -> di
         "real_ratio": enc["real_ratio"],
         "bits_per_param": 8 * enc["file_bytes"] / max(1, enc.get("params", 0)) if enc.get(
             "params") else None,
+        "decisions_on": ("validation" if getattr(task, "val", None) is not None
+                         else "test"),
+        "validation_examples": getattr(task, "val_size", None),
         "identical_outputs": ver.get("identical"),
         "same_predictions": (f"{ver['same_predictions']}/{examples}"
                              if "same_predictions" in ver else None),

@@ -28,8 +28,8 @@ from .quantize import QuantizeConfig, fisher_sensitivity, quantize_
 from .task import Task
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
-__all__ = ["Shared", "encode", "eval_loader", "prune_step", "score", "share", "train_loader",
-           "training"]
+__all__ = ["Shared", "decision_loader", "decision_score", "encode", "eval_loader", "loss_points",
+           "prune_step", "score", "search_budget", "share", "train_loader", "training"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -47,8 +47,20 @@ def eval_loader(task: Task, spec: ModelSpec) -> Iterable:
 
 
 def score(model: nn.Module, task: Task, spec: ModelSpec) -> Evaluation:
-    """(loss, metric) of ``model`` on the task's evaluation data."""
+    """(loss, metric) of ``model`` on the task's evaluation (test) data."""
     return evaluate(model, eval_loader(task, spec), task=task)
+
+
+def decision_loader(task: Task, spec: ModelSpec) -> Iterable:
+    """The data a run decides on: the task's validation data if it holds some out, else
+    its evaluation data (a task without validation data has nothing else)."""
+    val = task.val_loader(mean=spec.mean, std=spec.std)
+    return val if val is not None else eval_loader(task, spec)
+
+
+def decision_score(model: nn.Module, task: Task, spec: ModelSpec) -> Evaluation:
+    """(loss, metric) on :func:`decision_loader`."""
+    return evaluate(model, decision_loader(task, spec), task=task)
 
 
 def training(task: Task, spec: ModelSpec, *, loss_fn: LossFn | None = None,
@@ -56,10 +68,12 @@ def training(task: Task, spec: ModelSpec, *, loss_fn: LossFn | None = None,
              desc: str = "train") -> dict[str, Any]:
     """What every training stage passes to :func:`~deepzip.train.fit` besides the batches:
     the task (its metric and loss; label smoothing of the config applies to
-    cross-entropy), its evaluation data, the optional replacement loss and where to keep
-    resumable checkpoints."""
-    return {"task": task, "test_loader": eval_loader(task, spec), "loss_fn": loss_fn,
-            "out_dir": out_dir, "resume": resume, "desc": desc}
+    cross-entropy), the data to evaluate on while training (validation data when the task
+    has it: training-time numbers never read the test set then), the optional
+    replacement loss and where to keep resumable checkpoints."""
+    return {"task": task, "test_loader": decision_loader(task, spec), "loss_fn": loss_fn,
+            "eval_name": "val" if task.val is not None else "test", "out_dir": out_dir,
+            "resume": resume, "desc": desc}
 
 
 def prune_step(model: nn.Module, task: Task, spec: ModelSpec, config: PruneConfig,
@@ -82,7 +96,7 @@ def prune_step(model: nn.Module, task: Task, spec: ModelSpec, config: PruneConfi
 class Shared:
     """What :func:`share` did: the config it clustered with (Fisher sensitivities filled
     in), per target ``{bits, clusters}``, the training history, the metric right after
-    clustering and the sensitivities (if any)."""
+    clustering (on :func:`decision_loader`'s data) and the sensitivities (if any)."""
 
     config: QuantizeConfig
     layers: dict[str, dict[str, Any]]
@@ -121,7 +135,8 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
         history += [{"phase": "qat", **r} for r in qat_history]
     else:
         layers = quantize_(model, config)
-    result = Shared(config, layers, history, score(model, task, spec).value, sensitivity)
+    result = Shared(config, layers, history, decision_score(model, task, spec).value,
+                    sensitivity)
     log(f"[quantize] shared: {task.metric.name} {result.score_kmeans:.4f} before training")
     if centroids is not None and centroids.epochs:
         log(f"[quantize] centroid training, {centroids.epochs} epochs")
@@ -143,3 +158,56 @@ def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
                         codebook_dtype=codebook_dtype, fold_batchnorm=fold_batchnorm)
     barrier()
     return dzip_torch.info(path, like)
+
+
+def loss_points(task: Task, baseline: float, score: float) -> float:
+    """How much worse ``score`` is than ``baseline`` in the task's metric: in points
+    (hundredths) for accuracy, in the metric's own units otherwise; negative is better."""
+    worse = baseline - score if task.metric.higher_is_better else score - baseline
+    return worse * 100 if task.metric.name == "acc" else worse
+
+
+def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig, *,
+                  baseline: float, max_loss: float, probe: TrainConfig | None = None,
+                  steps: int = 6, low: float = 0.5, loss_fn: LossFn | None = None,
+                  encoding: dict[str, Any] | None = None, log: Log = lambda _: None
+                  ) -> tuple[float, list[dict[str, Any]]]:
+    """The smallest sharing budget (``target_bits``, Huffman bits per nonzero's index)
+    whose model stays within ``max_loss`` of ``baseline`` on the decision data, by
+    bisection between ``low`` and ``config.bits`` on cheap proxies: each probe shares a
+    copy of ``model`` at that budget, trains its centroids for ``probe``'s epochs and is
+    scored (and its file's size measured). Returns (the budget, every probe); the full
+    stage that follows confirms it. ``model`` is not changed."""
+    import copy
+    import tempfile
+
+    probes: list[dict[str, Any]] = []
+
+    def run(bits: float) -> bool:
+        trial = copy.deepcopy(model)
+        share(trial, task, spec, dataclasses.replace(config, target_bits=bits),
+              centroids=probe, loss_fn=loss_fn)
+        dzip_torch.round_to_file_precision_(trial, **(encoding or {}))
+        value = decision_score(trial, task, spec).value
+        with tempfile.TemporaryDirectory() as tmp:
+            dzip_torch.save(trial, os.path.join(tmp, "probe.dzip"), spec=spec,
+                            **(encoding or {}))
+            size = os.path.getsize(os.path.join(tmp, "probe.dzip"))
+        lost = loss_points(task, baseline, value)
+        probes.append({"target_bits": bits, "score": value, "loss": lost, "file_bytes": size,
+                       "within": lost <= max_loss})
+        log(f"[quantize] budget {bits:.3f} bits: {task.metric.name} {value:.4f} "
+            f"(loss {lost:.3f}), {size:,} bytes" + (" ok" if lost <= max_loss else ""))
+        return lost <= max_loss
+
+    high = float(config.bits)
+    if not run(high):
+        return high, probes  # nothing smaller can do better: the full stage decides
+    lo, hi = low, high
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if run(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi, probes

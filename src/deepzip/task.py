@@ -218,6 +218,10 @@ class Task:
     ``classification`` says whether outputs are class scores, which distillation needs
     (soft targets for classes, matched outputs otherwise). ``normalization`` is the
     (mean, std) a model without its own gets (the shipped image tasks' usual constants).
+    ``val`` (a loader or a factory like ``eval``) is validation data held out from
+    training: when a task has it, every decision a pipeline makes (training-time
+    evaluations, sensitivity scans, budgets) uses it, and ``eval`` (the test set) is only
+    read for the final report.
     """
 
     name: str
@@ -229,14 +233,18 @@ class Task:
     description: str = ""
     eval_size: int | None = None
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    val: Any = None
+    val_size: int | None = None
 
     @classmethod
     def from_loaders(cls, train: Iterable[Batch], eval: Iterable[Batch], *,  # noqa: A002
                      name: str = "custom", metric: Metric | None = None,
                      loss: LossFn | None = None, classification: bool | None = None,
-                     description: str = "") -> Task:
-        """A task from two loaders. A metric that is not accuracy means regression by
-        default (MSE loss, no class soft targets); say otherwise with the arguments."""
+                     description: str = "", val: Iterable[Batch] | None = None) -> Task:
+        """A task from two loaders (and a validation loader, ``val``, if you hold one out:
+        then decisions use it, never the test data). A metric that is not accuracy means
+        regression by default (MSE loss, no class soft targets); say otherwise with the
+        arguments."""
         metric = metric or Accuracy()
         if classification is None:
             classification = isinstance(metric, Accuracy)  # perplexity too
@@ -244,7 +252,8 @@ class Task:
             loss = classification_loss if classification else mse_loss
         size = _dataset_size(eval)
         return cls(name=name, train=train, eval=eval, metric=metric, loss=loss,
-                   classification=classification, eval_size=size,
+                   classification=classification, eval_size=size, val=val,
+                   val_size=_dataset_size(val) if val is not None else None,
                    description=description or f"{name}: the user's evaluation loader"
                    + (f" ({size:,} examples)" if size else ""))
 
@@ -261,6 +270,15 @@ class Task:
         if callable(self.eval) and not _is_loader(self.eval):
             return self.eval(mean=mean, std=std)
         return self.eval
+
+    def val_loader(self, *, mean: tuple[float, ...] | None = None,
+                   std: tuple[float, ...] | None = None) -> Iterable[Batch] | None:
+        """The validation batches, or None if the task holds none out."""
+        if self.val is None:
+            return None
+        if callable(self.val) and not _is_loader(self.val):
+            return self.val(mean=mean, std=std)
+        return self.val
 
     def check(self, model: nn.Module, loader: Iterable[Batch]) -> None:
         """Push one batch through model, loss and metric before any long work starts, so a
@@ -321,12 +339,14 @@ def _dataset_size(loader: Any) -> int | None:
 # ---------------------------------------------------------------- shipped image tasks
 def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                download: bool = False, subset: int | None = None,
-               device: str | torch.device = "cpu") -> Task:
+               device: str | torch.device = "cpu", validation: int = 0) -> Task:
     """``cifar10`` or ``mnist`` from ``data_dir`` (torchvision's layouts), held in memory.
 
     Normalization comes from the model (its spec's mean and std), since third-party
     weights were trained with other constants; augmentation is the data set's usual one
-    (CIFAR: pad-4 crop and mirror; MNIST: pad-2 crop, no mirror).
+    (CIFAR: pad-4 crop and mirror; MNIST: pad-2 crop, no mirror). ``validation`` > 0
+    holds that many training images out as validation data, drawn by a fixed seed (the
+    same split for every run); ``subset`` then takes the first N of each part.
     """
     from .data import NORMALIZATIONS, BatchLoader, load_cifar10, load_mnist
 
@@ -337,15 +357,24 @@ def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                            "package.module:function")
     if subset is not None and subset < 1:
         raise DeepzipError(f"--subset must be >= 1, got {subset}")
+    if not isinstance(validation, int) or isinstance(validation, bool) or validation < 0:
+        raise DeepzipError(f"validation must be a count of images >= 0, got {validation!r}")
     load, title, pad, flip = info[name]
-    splits: dict[bool, Any] = {}
+    splits: dict[str, Any] = {}
     eval_cache: dict[tuple, BatchLoader] = {}
 
-    def split(train: bool) -> Any:
-        if train not in splits:
-            s = load(data_dir, train=train, download=download)
-            splits[train] = s.subset(subset) if subset else s
-        return splits[train]
+    def split(part: str) -> Any:
+        """``train``, ``val`` (held out from the training images) or ``test``."""
+        if part not in splits:
+            if part == "test":
+                parts = {"test": load(data_dir, train=False, download=download)}
+            else:
+                full = load(data_dir, train=True, download=download)
+                parts = dict(zip(("train", "val"), full.split(validation) if validation
+                                 else (full, None), strict=True))
+            splits.update({k: v.subset(subset) if subset and v is not None else v
+                           for k, v in parts.items()})
+        return splits[part]
 
     default = NORMALIZATIONS["cifar" if name == "cifar10" else "mnist"]
 
@@ -354,18 +383,22 @@ def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
 
     def train(*, batch_size: int, seed: int, mean: Any = None, std: Any = None,
               channels_last: bool = False) -> BatchLoader:
-        return BatchLoader(split(True), batch_size, train=True, device=device, seed=seed,
+        return BatchLoader(split("train"), batch_size, train=True, device=device, seed=seed,
                            channels_last=channels_last, pad=pad, flip=flip, **norm(mean, std))
 
-    def evaluate(*, mean: Any = None, std: Any = None) -> BatchLoader:
-        kw = norm(mean, std)
-        key = (kw["mean"], kw["std"])  # one loader per normalization, never a stale one
-        if key not in eval_cache:
-            eval_cache[key] = BatchLoader(split(False), 500, device=device, **kw)
-        return eval_cache[key]
+    def loader(part: str) -> Callable[..., BatchLoader]:
+        def make(*, mean: Any = None, std: Any = None) -> BatchLoader:
+            kw = norm(mean, std)
+            key = (part, kw["mean"], kw["std"])  # one loader per normalization
+            if key not in eval_cache:
+                eval_cache[key] = BatchLoader(split(part), 500, device=device, **kw)
+            return eval_cache[key]
+        return make
 
-    n = len(split(False))
-    return Task(name=name, train=train, eval=evaluate, eval_size=n, normalization=default,
+    n = len(split("test"))
+    return Task(name=name, train=train, eval=loader("test"), eval_size=n,
+                normalization=default, val=loader("val") if validation else None,
+                val_size=len(split("val")) if validation else None,
                 description=f"{title} test set ({n:,} images"
                 + (", the first N of --subset)" if subset else ")"))
 
@@ -375,18 +408,21 @@ TASKS = ("cifar10", "mnist")
 
 def resolve_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                  download: bool = False, subset: int | None = None,
-                 device: str | torch.device = "cpu") -> Task:
+                 device: str | torch.device = "cpu", validation: int = 0) -> Task:
     """A shipped task's name, or ``package.module:function`` returning a :class:`Task`.
 
-    The function is called with those of ``data_dir``, ``download``, ``subset`` and
-    ``device`` that its signature accepts.
+    The function is called with those of ``data_dir``, ``download``, ``subset``,
+    ``device`` and ``validation`` (training examples to hold out) that its signature
+    accepts.
     """
     if ":" not in name:
-        return image_task(name, data_dir, download=download, subset=subset, device=device)
+        return image_task(name, data_dir, download=download, subset=subset, device=device,
+                          validation=validation)
     fn = load_entry_point(name, "--task")
     if not callable(fn):
         raise DeepzipError(f"--task {name!r} is not callable")
-    offered = {"data_dir": data_dir, "download": download, "subset": subset, "device": device}
+    offered = {"data_dir": data_dir, "download": download, "subset": subset, "device": device,
+               "validation": validation}
     try:
         params = inspect.signature(fn).parameters
         kwargs = {k: v for k, v in offered.items() if k in params} if not any(

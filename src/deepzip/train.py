@@ -312,6 +312,7 @@ def fit(
     task: Task | None = None,
     metric: Metric | None = None,
     eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    eval_name: str = "test",
     desc: str = "train",
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD; return per-epoch metrics.
@@ -322,6 +323,8 @@ def fit(
     the metric (logged as ``train_<name>``/``test_<name>``) and the loss (its
     cross-entropy with ``cfg.label_smoothing``); without it top-1 accuracy and
     cross-entropy. ``metric`` and ``eval_loss`` (the test loss) replace the task's.
+    ``test_loader`` is evaluated every ``cfg.eval_every`` epochs and logged as
+    ``<eval_name>_loss``/``<eval_name>_<metric>`` (``val`` for validation data).
 
     ``train_loader`` is a :class:`~deepzip.data.BatchLoader` or any sized iterable of
     ``(inputs, labels)`` batches (a ``DataLoader``). With ``out_dir``, each epoch
@@ -355,14 +358,15 @@ def fit(
             groups.setdefault(lr_scale(n, p) if lr_scale else 1.0, []).append(p)
         param_groups = [{"params": ps, "lr": cfg.lr * k} for k, ps in groups.items()]
         return _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir,
-                    resume, after_step, loss_fn, metric or Accuracy(), eval_loss, desc)
+                    resume, after_step, loss_fn, metric or Accuracy(), eval_loss, desc,
+                    eval_name)
     finally:
         for p in frozen:
             p.requires_grad_(True)
 
 
 def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, resume,
-         after_step, loss_fn, metric, eval_loss, desc) -> list[dict[str, Any]]:
+         after_step, loss_fn, metric, eval_loss, desc, eval_name) -> list[dict[str, Any]]:
     main = is_main_process()
     net: nn.Module = model
     if _world() > 1:
@@ -460,7 +464,7 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
         }
         if test_loader is not None and cfg.eval_every and (
                 (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            rec["test_loss"], rec[f"test_{metric.name}"] = evaluate(
+            rec[f"{eval_name}_loss"], rec[f"{eval_name}_{metric.name}"] = evaluate(
                 model, test_loader, metric=metric, loss_fn=eval_loss)
         if hasattr(after_step, "metrics"):
             rec.update(after_step.metrics())
