@@ -211,7 +211,10 @@ class Pipeline:
             self.task.check(model, stages.decision_loader(self.task, spec))
             ref, ref_spec = (model, spec) if r.reference is None else self._reference()
             name = r.reference or r.model
-            self.log(f"[baseline] evaluating {name} on {self.task.description or self.task.name}")
+            n = self.task.val_size
+            data = ("validation data" + (f" ({n:,} examples held out of training)" if n else "")
+                    if self.task.val is not None else self.task.description or self.task.name)
+            self.log(f"[baseline] evaluating {name} on {data}")
             self._finish("baseline", t0, **self._scored(ref, ref_spec),
                          sparsity=sparsity_of(ref), model=name)
         return model, spec
