@@ -230,3 +230,14 @@ def test_encode_says_when_the_file_rounds(capsys, tmp_path):
     rc, out, _ = run(capsys, "encode", tmp_path / "raw.pt", "-o", tmp_path / "c.dzip",
                      "--raw-dtype", "float32", "--no-fold-batchnorm")
     assert rc == 0 and "not at the file's precision" not in out  # stored exactly
+
+
+def test_train_holds_out_the_validation_images_the_pipeline_decides_on(capsys, tmp_path,
+                                                                       data_root):
+    rc, out, _ = run(capsys, "train", "--model", "lenet300", "--task", "mnist", "--epochs", 1,
+                     "--validation", 5000, "--subset", 1000, "--data-dir", data_root,
+                     "--out", tmp_path / "t")
+    assert rc == 0 and "; val acc 0." in out
+    log = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text()
+           .splitlines()]
+    assert "val_acc" in log[-1] and "test_acc" not in log[-1]

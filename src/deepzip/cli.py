@@ -86,7 +86,8 @@ def _task(args: argparse.Namespace, recorded: str | None = None) -> Task:
     cache = args.__dict__.setdefault("_tasks", {})
     if name not in cache:
         cache[name] = resolve_task(name, args.data_dir, download=args.download,
-                                   subset=args.subset, device=_device(args))
+                                   subset=args.subset, device=_device(args),
+                                   validation=getattr(args, "validation", None) or 0)
     return cache[name]
 
 
@@ -185,8 +186,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     save_checkpoint(model, spec, out / "model.pt")
-    final = history[-1].get(f"test_{task.metric.name}") if history else None
-    print(f"saved {out / 'model.pt'}; test {task.metric.name} "
+    on = "val" if task.val is not None else "test"
+    final = history[-1].get(f"{on}_{task.metric.name}") if history else None
+    print(f"saved {out / 'model.pt'}; {on} {task.metric.name} "
           f"{final if final is None else f'{final:.4f}'} after {len(history)} epochs "
           f"({(time.time() - t0) / 60:.1f} min this run)")
     return 0
@@ -591,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp16", "fp32"])
     t.add_argument("--compile", action="store_true", help="torch.compile the model (GPUs)")
+    t.add_argument("--validation", type=int, default=None, metavar="N",
+                   help="hold the N training images out that `deepzip run --validation N` "
+                        "decides on (the same fixed split), and evaluate on them while "
+                        "training: a baseline whose validation data it never saw")
     t.add_argument("--out", required=True, help="output folder (checkpoints, log, model.pt)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     _add_data_args(t)

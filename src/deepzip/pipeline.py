@@ -26,7 +26,7 @@ from .atomic import LOCK_NAME, atomic_write, folder_lock, read_limited, remove_s
 from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from .deprecated import moved
 from .errors import DeepzipError
-from .loading import load_model
+from .loading import PRETRAINED, load_model
 from .prune import (
     AGPSchedule,
     PruneConfig,
@@ -73,6 +73,11 @@ class Pipeline:
             raise DeepzipError(f"max_loss decides on validation data, and task {task.name!r} "
                                "holds none out: set validation: N (shipped tasks) or pass "
                                "Task.from_loaders(train, test, val=...)")
+        if task.val is not None and model is None and recipe.model in PRETRAINED:
+            self.log(f"[note] the shipped {recipe.model} was trained on every training "
+                     "example, so the held-out ones are not unseen data for it: decisions on "
+                     "them judge how well compression keeps what it learned; for a model "
+                     "that never saw them, train one with deepzip train --validation N")
         if self.state_path.is_file():
             self.state = self._resume_state(self._read_state())
 

@@ -393,7 +393,8 @@ HELP = {
     "validation": "training examples held out as validation data (shipped tasks; a task of "
                   "your own passes val=): every decision of the run (training-time "
                   "evaluations, sensitivity scans) reads them, and the test set is read only "
-                  "by the final evaluation; 0: none, decisions read the test set",
+                  "by the final evaluation; 0: none, decisions read the test set. Unseen "
+                  "only for a model trained without them (deepzip train --validation N)",
     "max_loss": "an accuracy budget: the smallest file whose loss against the baseline on "
                 "validation data stays within this (points for accuracy, the metric's units "
                 "otherwise); it chooses quantize.target_bits by bisection on probes, then "
