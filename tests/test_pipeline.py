@@ -304,3 +304,32 @@ def test_max_loss_needs_validation_data(tmp_path):
     recipe = Recipe(max_loss=1.0, quantize=QuantizeStage(entropy_weight=50))
     with pytest.raises(DeepzipError, match="validation"):
         compress(nn.Linear(8, 3), (loader, loader), recipe, out=tmp_path / "r")
+
+
+def test_an_interrupted_budget_search_is_not_run_again(tmp_path, monkeypatch):
+    from deepzip import stages
+    from deepzip.pipeline import compress
+    from deepzip.recipe import PruneStage, QuantizeStage, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    model, task, _ = _tiny_classification(out)
+    recipe = Recipe(name="budget", max_loss=5.0, prune=PruneStage(schedule="none"),
+                    quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1))
+    calls, real = [], stages.share
+
+    def share(*a, **kw):
+        calls.append(kw.get("out_dir"))
+        if len(calls) == 8:  # 7 probes, then the full stage: interrupted
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(stages, "share", share)
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, task, recipe, out=out, log=lambda _: None)
+    assert (out / "quantize" / "budget.json").is_file()
+    calls.clear()
+    result = compress(model, task, recipe, out=out, log=lambda _: None)
+    assert len(calls) == 1  # the full stage only: the search was kept
+    assert result.report["stages"]["quantize"]["target_bits"] == json.loads(
+        (out / "quantize" / "budget.json").read_text())["chosen"]

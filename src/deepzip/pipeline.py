@@ -352,6 +352,10 @@ class Pipeline:
         validation data, searched on probes of the pruned model (which stays as it is)."""
         q, max_loss = self.recipe.quantize, self.recipe.max_loss
         base = self.state["stages"]["baseline"]["val_score"]
+        saved = self.out / "quantize" / "budget.json"  # an interrupted stage keeps its search
+        if saved.is_file():
+            budget = json.loads(read_limited(saved, MAX_JSON, "budget search"))
+            return dataclasses.replace(qcfg, target_bits=budget["chosen"]), budget
         self.log(f"[quantize] searching the smallest file within {max_loss} of the "
                  f"baseline's validation {self.task.metric.name} {base:.4f}")
         bits, probes = stages.search_budget(
@@ -359,9 +363,13 @@ class Pipeline:
             probe=self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.probe_epochs),
             loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
             log=self.log)
-        return (dataclasses.replace(qcfg, target_bits=bits),
-                {"max_loss": max_loss, "baseline_val_score": base, "probes": probes,
-                 "confirmed": []})
+        budget = {"max_loss": max_loss, "baseline_val_score": base, "probes": probes,
+                  "chosen": bits, "confirmed": []}
+        if is_main_process():
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(saved, "w") as f:
+                json.dump(budget, f)
+        return dataclasses.replace(qcfg, target_bits=bits), budget
 
     def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float) -> bool:
         """Did the full stage stay within ``max_loss`` on validation data? One retry at a
