@@ -241,3 +241,11 @@ def test_train_holds_out_the_validation_images_the_pipeline_decides_on(capsys, t
     log = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text()
            .splitlines()]
     assert "val_acc" in log[-1] and "test_acc" not in log[-1]
+
+
+def test_eval_scores_the_held_out_examples_on_request(capsys, tmp_path, data_root):
+    rc, out, _ = run(capsys, "eval", "lenet300", "--validation", 5000, "--subset", 500,
+                     "--json", "--data-dir", data_root)
+    result = json.loads(out)
+    assert rc == 0 and result["examples"] == 500 and "val_acc" in result
+    assert "test_acc" not in result

@@ -196,16 +196,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model, spec, task = model_and_task(args)
-    loss, value = stages.score(model, task, spec)
+    on, loss, value = ("val", *stages.decision_score(model, task, spec)) if args.validation \
+        else ("test", *stages.score(model, task, spec))
     m = task.metric.name
+    data = (f"{task.val_size:,} held-out training examples (--validation)" if args.validation
+            else task.description or task.name)
     result = {"model": args.model, "arch": spec.arch, "task": task.name, "metric": m,
-              f"test_{m}": value, "test_loss": loss, "examples": task.eval_size,
+              f"{on}_{m}": value, f"{on}_loss": loss,
+              "examples": task.val_size if args.validation else task.eval_size,
               "mean": list(spec.mean), "std": list(spec.std)}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model}: test {_fmt(task, value)} on {task.description or task.name} "
-              f"(loss {loss:.4f})")
+        print(f"{args.model}: {on} {_fmt(task, value)} on {data} (loss {loss:.4f})")
     return 0
 
 
@@ -605,6 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="a model's test metric on its task's evaluation data")
     _add_model_args(e, positional=True)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--validation", type=int, default=None, metavar="N",
+                   help="score on the N training examples --validation N holds out instead")
     _add_data_args(e)
     e.set_defaults(func=cmd_eval)
 
