@@ -333,3 +333,21 @@ def test_an_interrupted_budget_search_is_not_run_again(tmp_path, monkeypatch):
     assert len(calls) == 1  # the full stage only: the search was kept
     assert result.report["stages"]["quantize"]["target_bits"] == json.loads(
         (out / "quantize" / "budget.json").read_text())["chosen"]
+
+
+def test_max_loss_over_budget_at_the_cap_is_not_retried(tmp_path):
+    """When even the bit cap loses more than max_loss (the pruning alone is over budget),
+    the search says so and the full stage runs once, at the cap."""
+    from deepzip.pipeline import compress
+    from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    model, task, _ = _tiny_classification(out)
+    recipe = Recipe(name="cap", max_loss=0.0, prune=PruneStage(
+        steps=[PruneStep("percentile", 0.97, 0)]), quantize=QuantizeStage(
+        bits=6, entropy_weight=50, epochs=0, probe_epochs=0))
+    budget = compress(model, task, recipe, out=out, log=lambda _: None).report[
+        "stages"]["quantize"]["budget"]
+    assert len(budget["probes"]) == 1 and not budget["probes"][0]["within"]
+    assert [c["target_bits"] for c in budget["confirmed"]] == [6.0]

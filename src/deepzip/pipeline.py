@@ -328,7 +328,8 @@ class Pipeline:
             dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
                                                 e.fold_batchnorm)
             score = self._scored(model, spec)
-            if budget is None or self._confirmed(budget, score["val_score"], qcfg.target_bits):
+            if budget is None or self._confirmed(budget, score["val_score"], qcfg.target_bits,
+                                                 q.bits):
                 break
             qcfg = dataclasses.replace(qcfg, target_bits=(qcfg.target_bits + q.bits) / 2)
             self.log(f"[quantize] over budget: once more at {qcfg.target_bits:.3f} bits")
@@ -371,15 +372,20 @@ class Pipeline:
                 json.dump(budget, f)
         return dataclasses.replace(qcfg, target_bits=bits), budget
 
-    def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float) -> bool:
+    def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float,
+                   cap: float) -> bool:
         """Did the full stage stay within ``max_loss`` on validation data? One retry at a
-        larger budget, then the file stands as made (the report shows both)."""
+        larger budget, then the file stands as made (the report shows both); none at the
+        cap, where a larger budget cannot help (the pruning alone is over the budget)."""
         lost = stages.loss_points(self.task, budget["baseline_val_score"], val_score)
         budget["confirmed"].append({"target_bits": bits, "val_score": val_score,
                                     "loss": lost, "within": lost <= budget["max_loss"]})
         self.log(f"[quantize] full stage at {bits:.3f} bits: validation loss {lost:.3f} "
                  f"(budget {budget['max_loss']})")
-        return lost <= budget["max_loss"] or len(budget["confirmed"]) > 1
+        if lost > budget["max_loss"] and bits >= cap:
+            self.log(f"[quantize] over budget at the {cap}-bit cap: the loss comes from the "
+                     "pruning, which this search does not change")
+        return lost <= budget["max_loss"] or len(budget["confirmed"]) > 1 or bits >= cap
 
     def encode(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
         path = self.out / "model.dzip"
