@@ -52,6 +52,19 @@ python experiments/ship_baseline.py runs/lenet5-baseline --data-dir "$DATA"
 deepzip run lenet300 --data-dir "$DATA" --out runs/lenet300 && publish lenet300
 deepzip run lenet5 --data-dir "$DATA" --out runs/lenet5 && publish lenet5
 
+# Deciding on held-out data: baselines trained without the images --validation 5000 holds
+# out (not shipped), and the accuracy budget on LeNet-300-100.
+deepzip train --model resnet20 --epochs 50 --seed 1 --validation 5000 --data-dir "$DATA" \
+  --out runs/resnet20-val-s1
+python experiments/ship_baseline.py runs/resnet20-val-s1 --data-dir "$DATA" \
+  --not-shipped baseline-val-s1
+deepzip train --model lenet300 --task mnist --epochs 60 --lr 0.05 --weight-decay 0.0005 \
+  --precision fp32 --validation 5000 --data-dir "$DATA" --out runs/lenet300-val
+python experiments/ship_baseline.py runs/lenet300-val --data-dir "$DATA" \
+  --not-shipped baseline-lenet300-val
+deepzip run experiments/recipes/lenet300-budget.yaml --model results/baseline-lenet300-val/model.pt \
+  --data-dir "$DATA" --out runs/lenet300-budget && publish lenet300-budget
+
 # Deployment: ONNX against the in-memory model on the full test sets.
 rm -f results/export/onnx.txt
 record results/export/onnx.txt deepzip export results/default/model.dzip -o runs/default.onnx \
