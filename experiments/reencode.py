@@ -28,22 +28,12 @@ from deepzip import dzip, dzip_torch, stages
 from deepzip.atomic import atomic_path
 from deepzip.pipeline import verify
 from deepzip.render import write_run_report
-from deepzip.report import run_summary
+from deepzip.report import current_stages, run_summary
 from deepzip.task import resolve_task
 
 
 def version_of(path: Path) -> int:
     return struct.unpack_from("<H", path.read_bytes()[:10], 8)[0]
-
-
-# Stage keys of reports written before tasks had metrics (accuracy was the only score).
-OLD_KEYS = {"accuracy": "score", "accuracy_kmeans": "score_kmeans", "images": "examples"}
-
-
-def upgraded(stages: dict) -> dict:
-    """A report's stages with the keys of the current report format."""
-    return {name: {OLD_KEYS.get(k, k): v for k, v in stage.items()}
-            for name, stage in stages.items()}
 
 
 def reencode(run: Path, data_dir: str | None) -> str:
@@ -75,7 +65,7 @@ def reencode(run: Path, data_dir: str | None) -> str:
         decoded = dzip_torch.load(tmp, spec.build())
         checked = verify(model, decoded, stages.eval_loader(task, spec), task=task)
         verify_seconds = time.time() - t0
-        st = upgraded(json.loads((run / "report.json").read_text())["stages"])
+        st = current_stages(json.loads((run / "report.json").read_text())["stages"])
         st["encode"] = {"seconds": encode_seconds, **info}
         st["verify"] = {"seconds": verify_seconds, **checked}
         run_summary(recipe["name"], {"stages": st}, task)  # the report can be made: replace

@@ -145,8 +145,9 @@ def _finetune_config(args: argparse.Namespace) -> TrainConfig | None:
                        weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed)
 
 
-def _retrained(args: argparse.Namespace, model: nn.Module, spec: ModelSpec, task: Task,
-               result: dict, cfg: TrainConfig | None, key: str, what: str) -> None:
+def _retrained(model: nn.Module, spec: ModelSpec, task: Task, result: dict,
+               cfg: TrainConfig | None, key: str, what: str) -> None:
+    """The score after the optional retraining of prune and quantize, into ``result``."""
     if cfg is None:
         return
     result[key] = stages.score(model, task, spec).value
@@ -186,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     save_checkpoint(model, spec, out / "model.pt")
-    on = "val" if task.val is not None else "test"
+    on = task.decision_split
     final = history[-1].get(f"{on}_{task.metric.name}") if history else None
     print(f"saved {out / 'model.pt'}; {on} {task.metric.name} "
           f"{final if final is None else f'{final:.4f}'} after {len(history)} epochs "
@@ -250,7 +251,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     stages.prune_step(model, task, spec, pcfg, retrain, out_dir=out, resume=args.resume,
                       desc="masked retraining", after_prune=pruned)
-    _retrained(args, model, spec, task, result, retrain, f"{m}_retrained", "masked retraining")
+    _retrained(model, spec, task, result, retrain, f"{m}_retrained", "masked retraining")
     bake_(model)
     save_checkpoint(model, spec, out / "model.pt")
     _write_json(out / "prune.json", {**result, "summary": summary(model)})
@@ -287,7 +288,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{_fmt(task, shared.score_kmeans)}")
     result = {"config": dataclasses.asdict(shared.config), "metric": m, f"{m}_before": before,
               f"{m}_quantized": shared.score_kmeans, "layers": shared.layers}
-    _retrained(args, model, spec, task, result, centroids, f"{m}_trained", "centroid training")
+    _retrained(model, spec, task, result, centroids, f"{m}_trained", "centroid training")
     books = codebooks(model)
     missing = [n for n in names if n not in books]
     if missing:

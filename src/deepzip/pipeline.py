@@ -37,8 +37,9 @@ from .prune import (
     sparsity_of,
     targets_from_sensitivity,
 )
-from .quantize import QuantizeConfig, dequantize_, fisher_sensitivity
+from .quantize import QuantizeConfig, dequantize_
 from .recipe import Recipe, load_recipe, recipe_path
+from .report import current_stages
 from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
 from .train import Distillation, barrier, default_device, evaluate, is_main_process
 
@@ -86,11 +87,7 @@ class Pipeline:
         try:
             old = json.loads(read_limited(self.state_path, MAX_JSON, "run state"))
             if isinstance(old, dict) and isinstance(old.get("stages"), dict):
-                for stage in old["stages"].values():  # runs from before tasks had metrics
-                    for a, b in (("accuracy", "score"), ("accuracy_kmeans", "score_kmeans")):
-                        if isinstance(stage, dict) and a in stage:
-                            stage[b] = stage.pop(a)
-                return old
+                return {**old, "stages": current_stages(old["stages"])}
         except (OSError, ValueError, DeepzipError):
             pass
         raise DeepzipError(f"{self.state_path} is damaged; use --restart to start the run "
@@ -200,10 +197,13 @@ class Pipeline:
         (the test set is then read only by the final evaluation), else on the test set."""
         return stages.decision_score(model.to(self.device), self.task, spec).value
 
-    def _scored(self, model: nn.Module, spec: ModelSpec, key: str = "score") -> dict[str, float]:
+    def _scored(self, model: nn.Module, spec: ModelSpec) -> dict[str, float]:
         """A stage's result entry for the model's score, named by the data it read."""
-        on_val = self.task.val is not None
-        return {f"val_{key}" if on_val else key: self._score(model, spec)}
+        return {self._named("score"): self._score(model, spec)}
+
+    def _named(self, key: str) -> str:
+        """A recorded score's key: ``val_`` in front when it was read on validation data."""
+        return f"val_{key}" if self.task.decision_split == "val" else key
 
     # ------------------------------------------------------------------ stages
     def baseline(self) -> tuple[nn.Module, ModelSpec]:
@@ -310,10 +310,9 @@ class Pipeline:
                     if q.sensitivity == "fisher" else "")
                  + (f", indices within {q.target_bits} Huffman bits per nonzero"
                     if q.target_bits else "") + ")")
-        if q.sensitivity == "fisher":
-            qcfg = dataclasses.replace(qcfg, sensitivity=fisher_sensitivity(
-                model, stages.train_loader(self.task, spec, self.recipe.train_config(q.train, 1)),
-                self.task.loss, include=q.include, exclude=q.exclude))
+        if q.sensitivity == "fisher":  # before the budget search: its probes share them
+            qcfg = stages.with_fisher(model, self.task, spec, qcfg,
+                                      self.recipe.train_config(q.train, 1))
         budget = None
         if self.recipe.max_loss is not None:
             pruned = copy.deepcopy(model)
@@ -340,8 +339,8 @@ class Pipeline:
         if is_main_process():
             save_checkpoint(model, spec, path)
         self._drop_checkpoints("quantize")
-        kmeans = "val_score_kmeans" if self.task.val is not None else "score_kmeans"
-        self._finish("quantize", t0, **score, **{kmeans: shared.score_kmeans},
+        self._finish("quantize", t0, **score,
+                     **{self._named("score_kmeans"): shared.score_kmeans},
                      layers=shared.layers, history=shared.history,
                      **({"sensitivity": qcfg.sensitivity} if qcfg.sensitivity else {}),
                      **({"budget": budget, "target_bits": qcfg.target_bits} if budget else {}))

@@ -13,7 +13,8 @@ from .deprecated import moved
 from .errors import DeepzipError
 from .targets import prunable
 
-__all__ = ["pareto_front", "run_score", "run_summary", "structure", "summary"]
+__all__ = ["current_stages", "pareto_front", "run_score", "run_summary", "structure",
+           "summary"]
 
 # moved in 0.3: tables, plots and the report files to deepzip.render
 __getattr__ = moved(__name__, {n: f"deepzip.render:{n}" for n in (
@@ -81,6 +82,16 @@ def _training_seconds(stage: dict[str, Any]) -> float | None:
     return float(sum(times)) if times else None
 
 
+# Stage keys of runs written before tasks had metrics (accuracy was the only score).
+_OLD_KEYS = {"accuracy": "score", "accuracy_kmeans": "score_kmeans", "images": "examples"}
+
+
+def current_stages(stages: dict[str, Any]) -> dict[str, Any]:
+    """A run's stage results (``state.json``, ``report.json``) with the current keys."""
+    return {name: {_OLD_KEYS.get(k, k): v for k, v in stage.items()}
+            if isinstance(stage, dict) else stage for name, stage in stages.items()}
+
+
 def run_score(summary_row: dict[str, Any], which: str) -> float:
     """``baseline``/``decoded`` score of a report's summary, also from reports written
     before tasks had metrics (``*_acc`` keys)."""
@@ -112,7 +123,7 @@ def run_summary(recipe_name: str, state: dict[str, Any], task: Any = None) -> di
     layers = [t for t in enc["tensors"] if "clusters" in t]
     for t in layers:
         t["sparsity"] = 1 - t["nonzero"] / t["params"] if t["params"] else 0.0
-    examples = ver.get("examples", ver.get("images"))
+    examples = ver.get("examples")
     change = ver["score"] - base
     summary_row = {
         "recipe": recipe_name,
@@ -133,7 +144,7 @@ def run_summary(recipe_name: str, state: dict[str, Any], task: Any = None) -> di
         "real_ratio": enc["real_ratio"],
         "bits_per_param": 8 * enc["file_bytes"] / max(1, enc.get("params", 0)) if enc.get(
             "params") else None,
-        "decisions_on": ("validation" if getattr(task, "val", None) is not None
+        "decisions_on": ("validation" if getattr(task, "decision_split", "test") == "val"
                          else "test"),
         "validation_examples": getattr(task, "val_size", None),
         "identical_outputs": ver.get("identical"),

@@ -11,8 +11,10 @@ library's own config dataclasses (:class:`~deepzip.prune.PruneConfig`,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +31,8 @@ from .task import Task
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Shared", "decision_loader", "decision_score", "encode", "eval_loader", "loss_points",
-           "prune_step", "score", "search_budget", "share", "train_loader", "training"]
+           "prune_step", "score", "search_budget", "share", "train_loader", "training",
+           "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -72,7 +75,7 @@ def training(task: Task, spec: ModelSpec, *, loss_fn: LossFn | None = None,
     has it: training-time numbers never read the test set then), the optional
     replacement loss and where to keep resumable checkpoints."""
     return {"task": task, "test_loader": decision_loader(task, spec), "loss_fn": loss_fn,
-            "eval_name": "val" if task.val is not None else "test", "out_dir": out_dir,
+            "eval_name": task.decision_split, "out_dir": out_dir,
             "resume": resume, "desc": desc}
 
 
@@ -92,17 +95,25 @@ def prune_step(model: nn.Module, task: Task, spec: ModelSpec, config: PruneConfi
                                 **training(task, spec, **fit_kwargs))
 
 
+def with_fisher(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
+                batches: TrainConfig) -> QuantizeConfig:
+    """``config`` with each target's Fisher sensitivity, measured on training batches of
+    ``batches``' size and seed."""
+    return dataclasses.replace(config, sensitivity=fisher_sensitivity(
+        model, train_loader(task, spec, batches), task.loss, include=config.include,
+        exclude=config.exclude))
+
+
 @dataclass
 class Shared:
     """What :func:`share` did: the config it clustered with (Fisher sensitivities filled
-    in), per target ``{bits, clusters}``, the training history, the metric right after
-    clustering (on :func:`decision_loader`'s data) and the sensitivities (if any)."""
+    in), per target ``{bits, clusters}``, the training history and the metric right after
+    clustering (on :func:`decision_loader`'s data)."""
 
     config: QuantizeConfig
     layers: dict[str, dict[str, Any]]
     history: list[dict[str, Any]] = field(default_factory=list)
     score_kmeans: float | None = None
-    sensitivity: dict[str, Any] | None = None
 
 
 def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig, *,
@@ -115,11 +126,8 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
     given), quantization-aware training (``qat``'s epochs) or plain clustering, then
     centroid training (``centroids``' epochs).
     Shared weights stay parametrized (:func:`~deepzip.quantize.dequantize_` to bake)."""
-    sensitivity = None
     if fisher is not None:
-        sensitivity = fisher_sensitivity(model, train_loader(task, spec, fisher), task.loss,
-                                         include=config.include, exclude=config.exclude)
-        config = dataclasses.replace(config, sensitivity=sensitivity)
+        config = with_fisher(model, task, spec, config, fisher)
     history: list[dict[str, Any]] = []
 
     def sub(name: str) -> str | None:
@@ -135,8 +143,7 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
         history += [{"phase": "qat", **r} for r in qat_history]
     else:
         layers = quantize_(model, config)
-    result = Shared(config, layers, history, decision_score(model, task, spec).value,
-                    sensitivity)
+    result = Shared(config, layers, history, decision_score(model, task, spec).value)
     log(f"[quantize] shared: {task.metric.name} {result.score_kmeans:.4f} before training")
     if centroids is not None and centroids.epochs:
         log(f"[quantize] centroid training, {centroids.epochs} epochs")
@@ -178,9 +185,6 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
     copy of ``model`` at that budget, trains its centroids for ``probe``'s epochs and is
     scored (and its file's size measured). Returns (the budget, every probe); the full
     stage that follows confirms it. ``model`` is not changed."""
-    import copy
-    import tempfile
-
     probes: list[dict[str, Any]] = []
 
     def run(bits: float) -> bool:

@@ -271,6 +271,12 @@ class Task:
             return self.eval(mean=mean, std=std)
         return self.eval
 
+    @property
+    def decision_split(self) -> str:
+        """``val`` if the task holds validation data out (decisions read it), else
+        ``test``: the prefix of the scores a run records while deciding."""
+        return "val" if self.val is not None else "test"
+
     def val_loader(self, *, mean: tuple[float, ...] | None = None,
                    std: tuple[float, ...] | None = None) -> Iterable[Batch] | None:
         """The validation batches, or None if the task holds none out."""
