@@ -233,13 +233,19 @@ def test_a_recipe_asking_for_validation_needs_a_task_that_holds_some_out(tmp_pat
         compress(nn.Linear(8, 3), (loader, loader), Recipe(validation=10), out=tmp_path / "r")
 
 
-def test_deepzip_run_holds_out_validation_data_on_request(tmp_path, data_root, start_model):
+@pytest.mark.parametrize("source", ["train", "test"])
+def test_deepzip_run_holds_out_validation_data_on_request(tmp_path, data_root, start_model,
+                                                          source):
     out = tmp_path / "run"
     assert main(["run", "smoke", "--model", str(start_model), "--subset", "256",
-                 "--validation", "1000", "--data-dir", str(data_root), "--out", str(out)]) == 0
+                 "--validation", "1000", "--validation-from", source,
+                 "--data-dir", str(data_root), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["decisions_on"] == "validation"
     assert report["summary"]["validation_examples"] == 256  # the first N of --subset
+    held = {"train": "training images held out", "test": "test images held out"}[source]
+    assert held in report["summary"]["validation_data"]
+    assert held in (out / "report.md").read_text()
     assert all("val_acc" in r for r in report["stages"]["prune"]["history"] if
                any(k.endswith("_acc") and not k.startswith("train") for k in r))
 

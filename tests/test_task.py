@@ -259,6 +259,28 @@ def test_a_split_holds_out_disjoint_images_the_same_way_every_time():
     assert not torch.equal(split.split(100, seed=1)[1].labels, out.labels)
 
 
+def test_image_tasks_can_hold_validation_images_out_of_the_test_set(data_root):
+    """validation_from="test" (for a model that saw every training image): N test images
+    by a fixed seed decide, the task reports on the rest, training keeps every image."""
+    import torch
+
+    from deepzip.data import held_out_indices, load_mnist
+    from deepzip.task import image_task
+
+    task = image_task("mnist", data_root, validation=4000, validation_from="test")
+    assert task.val_size == 4000 and task.eval_size == 6000
+    assert "test images held out" in task.val_description
+    assert "validation does not hold out" in task.description
+    assert sum(len(y) for _, y in task.train_loader(1000, 0)) == 60_000
+    full = load_mnist(data_root, train=False)
+    report, decide = held_out_indices(len(full), 4000)
+    val = torch.cat([y for _, y in task.val_loader()])
+    test = torch.cat([y for _, y in task.eval_loader()])
+    assert torch.equal(val, full.labels[decide]) and torch.equal(test, full.labels[report])
+    with pytest.raises(DeepzipError, match="validation_from"):
+        image_task("mnist", data_root, validation=10, validation_from="val")
+
+
 def test_image_tasks_hold_out_validation_images_from_training_only(data_root):
     """validation=N takes N training images out, by a fixed seed (every run and recipe
     seed gets the same split); training sees the rest; the test set is as before."""

@@ -45,6 +45,13 @@ ARCH_HELP = (f"architecture of a checkpoint without deepzip metadata: {', '.join
              ", or package.module:Factory for your own (default: resnet20)")
 
 
+def _add_validation_from(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--validation-from", choices=["train", "test"], default=None,
+                   help="hold --validation's examples out of the training images (default; "
+                        "for a model trained without them) or the test images (for a model "
+                        "that saw every training image: the test set is then the rest)")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task", default=None, metavar="TASK", help=TASK_HELP)
@@ -87,7 +94,9 @@ def _task(args: argparse.Namespace, recorded: str | None = None) -> Task:
     if name not in cache:
         cache[name] = resolve_task(name, args.data_dir, download=args.download,
                                    subset=args.subset, device=_device(args),
-                                   validation=getattr(args, "validation", None) or 0)
+                                   validation=getattr(args, "validation", None) or 0,
+                                   validation_from=getattr(args, "validation_from", None)
+                                   or "train")
     return cache[name]
 
 
@@ -200,8 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     on, loss, value = ("val", *stages.decision_score(model, task, spec)) if args.validation \
         else ("test", *stages.score(model, task, spec))
     m = task.metric.name
-    data = (f"{task.val_size:,} held-out training examples (--validation)" if args.validation
-            else task.description or task.name)
+    data = (task.val_description if args.validation else task.description or task.name)
     result = {"model": args.model, "arch": spec.arch, "task": task.name, "metric": m,
               f"{on}_{m}": value, f"{on}_loss": loss,
               "examples": task.val_size if args.validation else task.eval_size,
@@ -438,7 +446,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed", "validation",
-             "max_loss")
+             "validation_from", "max_loss")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -463,11 +471,8 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
 
     task = resolve_task(recipe.task, args.data_dir, download=args.download,
                         subset=args.subset, device=_device(args),
-                        validation=recipe.validation)
-    if recipe.validation and task.val is None:
-        raise DeepzipError(f"the recipe asks for {recipe.validation} validation examples, "
-                           f"but task {task.name!r} holds none out (its function takes a "
-                           "validation= argument, or returns Task(val=...))")
+                        validation=recipe.validation,
+                        validation_from=recipe.validation_from)
     pipe = Pipeline(recipe, out, task, device=_device(args))
     changed = any(getattr(args, k) is not None for k in OVERRIDES)
     write_run_files(out, recipe, "deepzip " + shlex.join(sys.argv[1:]),
@@ -610,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e, positional=True)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--validation", type=int, default=None, metavar="N",
-                   help="score on the N training examples --validation N holds out instead")
+                   help="score on the N examples --validation N holds out instead")
+    _add_validation_from(e)
     _add_data_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -668,8 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's input normalization (cifar, imagenet, mnist, M,.../S,...)")
     r.add_argument("--seed", type=int, default=None, help="the recipe's seed, for a repeat")
     r.add_argument("--validation", type=int, default=None, metavar="N",
-                   help="hold N training examples out as validation data: every decision "
-                        "of the run reads them, the test set only the final evaluation")
+                   help="hold N examples out as validation data: every decision of the run "
+                        "reads them, the test set only the final evaluation")
+    _add_validation_from(r)
     r.add_argument("--max-loss", type=float, default=None, metavar="POINTS",
                    help="the smallest file within this loss on validation data (points for "
                         "accuracy): chooses the sharing budget; needs --validation")

@@ -196,14 +196,18 @@ class ImageSplit:
 
     def split(self, held_out: int, seed: int = 0) -> tuple[ImageSplit, ImageSplit]:
         """(the rest, ``held_out`` images drawn by ``seed``), each in the original order:
-        a validation set taken from the training data, the same for every run."""
-        if not 0 < held_out < len(self):
-            raise DeepzipError(f"cannot hold out {held_out} of {len(self)} images for "
-                               "validation")
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        keep, out = order[held_out:].sort().values, order[:held_out].sort().values
+        a validation set, the same for every run."""
+        keep, out = held_out_indices(len(self), held_out, seed)
         return (ImageSplit(self.images[keep], self.labels[keep]),
                 ImageSplit(self.images[out], self.labels[out]))
+
+
+def held_out_indices(n: int, held_out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): the indices of ``n`` examples split by a fixed seed, each sorted."""
+    if not 0 < held_out < n:
+        raise DeepzipError(f"cannot hold out {held_out} of {n} examples for validation")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[held_out:].sort().values, order[:held_out].sort().values
 
 
 def _fetch(url: str, dest: Path) -> None:

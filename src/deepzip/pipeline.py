@@ -74,7 +74,13 @@ class Pipeline:
             raise DeepzipError(f"max_loss decides on validation data, and task {task.name!r} "
                                "holds none out: set validation: N (shipped tasks) or pass "
                                "Task.from_loaders(train, test, val=...)")
-        if task.val is not None and model is None and recipe.model in PRETRAINED:
+        if recipe.validation and task.val is None:
+            raise DeepzipError(f"recipe {recipe.name!r} asks for {recipe.validation} "
+                               f"validation examples, but task {task.name!r} holds none out "
+                               "(pass Task.from_loaders(..., val=...), or a task function "
+                               "that takes validation=)")
+        if task.val is not None and model is None and recipe.model in PRETRAINED \
+                and recipe.validation_from == "train":
             self.log(f"[note] the shipped {recipe.model} was trained on every training "
                      "example, so the held-out ones are not unseen data for it: decisions on "
                      "them judge how well compression keeps what it learned; for a model "
@@ -216,8 +222,7 @@ class Pipeline:
             self.task.check(model, stages.decision_loader(self.task, spec))
             ref, ref_spec = (model, spec) if r.reference is None else self._reference()
             name = r.reference or r.model
-            n = self.task.val_size
-            data = ("validation data" + (f" ({n:,} examples held out of training)" if n else "")
+            data = (f"validation data ({self.task.val_description})"
                     if self.task.val is not None else self.task.description or self.task.name)
             self.log(f"[baseline] evaluating {name} on {data}")
             self._finish("baseline", t0, **self._scored(ref, ref_spec),
@@ -632,14 +637,11 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
     if isinstance(task, tuple):
         task = Task.from_loaders(*task)
     elif isinstance(task, str):
-        task = resolve_task(task, device=dev, validation=recipe.validation)
+        task = resolve_task(task, device=dev, validation=recipe.validation,
+                            validation_from=recipe.validation_from)
     if not isinstance(task, Task):
         raise DeepzipError("task must be a deepzip Task, a (train, eval) pair of loaders or "
                            "a task name")
-    if recipe.validation and task.val is None:
-        raise DeepzipError(f"recipe {recipe.name!r} asks for {recipe.validation} validation "
-                           f"examples, but task {task.name!r} holds none out: pass "
-                           "Task.from_loaders(train, test, val=...)")
     if reference is not None:
         recipe.reference = reference
     given = model if isinstance(model, nn.Module) else None

@@ -255,10 +255,11 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
     columns = ["model", key] + ([val_key] if any(r[val_key] != "" for r in rows) else [])
     if summary_row.get("decisions_on") == "validation":
         n = summary_row["validation_examples"]
+        held = summary_row.get("validation_data") or (
+            f"{f'{n:,} examples ' if n else ''}held out of the training data")
         decided = ("Every decision of the run (training-time evaluations, sensitivity "
-                   f"scans) read validation data ({f'{n:,} examples, ' if n else ''}held "
-                   "out of the training data); the test set was read only by the final "
-                   "evaluation.")
+                   f"scans, budgets) read validation data ({held}); the test data "
+                   "this report gives was read only by the final evaluation.")
     else:
         decided = ("The task holds no validation data: training-time evaluations and "
                    "sensitivity scans read the test set.")

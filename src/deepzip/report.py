@@ -147,6 +147,7 @@ def run_summary(recipe_name: str, state: dict[str, Any], task: Any = None) -> di
         "decisions_on": ("validation" if getattr(task, "decision_split", "test") == "val"
                          else "test"),
         "validation_examples": getattr(task, "val_size", None),
+        "validation_data": getattr(task, "val_description", ""),
         "identical_outputs": ver.get("identical"),
         "same_predictions": (f"{ver['same_predictions']}/{examples}"
                              if "same_predictions" in ver else None),

@@ -235,6 +235,7 @@ class Task:
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     val: Any = None
     val_size: int | None = None
+    val_description: str = ""
 
     @classmethod
     def from_loaders(cls, train: Iterable[Batch], eval: Iterable[Batch], *,  # noqa: A002
@@ -251,9 +252,11 @@ class Task:
         if loss is None:
             loss = classification_loss if classification else mse_loss
         size = _dataset_size(eval)
+        n_val = _dataset_size(val) if val is not None else None
         return cls(name=name, train=train, eval=eval, metric=metric, loss=loss,
-                   classification=classification, eval_size=size, val=val,
-                   val_size=_dataset_size(val) if val is not None else None,
+                   classification=classification, eval_size=size, val=val, val_size=n_val,
+                   val_description="the user's validation loader" + (
+                       f" ({n_val:,} examples)" if n_val else "") if val is not None else "",
                    description=description or f"{name}: the user's evaluation loader"
                    + (f" ({size:,} examples)" if size else ""))
 
@@ -345,14 +348,19 @@ def _dataset_size(loader: Any) -> int | None:
 # ---------------------------------------------------------------- shipped image tasks
 def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                download: bool = False, subset: int | None = None,
-               device: str | torch.device = "cpu", validation: int = 0) -> Task:
+               device: str | torch.device = "cpu", validation: int = 0,
+               validation_from: str = "train") -> Task:
     """``cifar10`` or ``mnist`` from ``data_dir`` (torchvision's layouts), held in memory.
 
     Normalization comes from the model (its spec's mean and std), since third-party
     weights were trained with other constants; augmentation is the data set's usual one
     (CIFAR: pad-4 crop and mirror; MNIST: pad-2 crop, no mirror). ``validation`` > 0
-    holds that many training images out as validation data, drawn by a fixed seed (the
-    same split for every run); ``subset`` then takes the first N of each part.
+    holds that many images out as validation data, drawn by a fixed seed (the same split
+    for every run): from the training images (``validation_from="train"``, for a model
+    trained without them), or from the test images (``"test"``, for a model that saw every
+    training image, as most published ones did: its training images are no measure of
+    what compression costs). Then the test set the task reports on is the rest, which no
+    decision reads. ``subset`` then takes the first N of each part.
     """
     from .data import NORMALIZATIONS, BatchLoader, load_cifar10, load_mnist
 
@@ -365,21 +373,23 @@ def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
         raise DeepzipError(f"--subset must be >= 1, got {subset}")
     if not isinstance(validation, int) or isinstance(validation, bool) or validation < 0:
         raise DeepzipError(f"validation must be a count of images >= 0, got {validation!r}")
+    if validation_from not in VALIDATION_FROM:
+        raise DeepzipError(f"validation_from must be one of {', '.join(VALIDATION_FROM)}, "
+                           f"got {validation_from!r}")
     load, title, pad, flip = info[name]
+    held_from = validation_from if validation else None
     splits: dict[str, Any] = {}
     eval_cache: dict[tuple, BatchLoader] = {}
 
     def split(part: str) -> Any:
-        """``train``, ``val`` (held out from the training images) or ``test``."""
+        """``train``, ``val`` (held out of the training or the test images) or ``test``."""
         if part not in splits:
-            if part == "test":
-                parts = {"test": load(data_dir, train=False, download=download)}
-            else:
-                full = load(data_dir, train=True, download=download)
-                parts = dict(zip(("train", "val"), full.split(validation) if validation
-                                 else (full, None), strict=True))
-            splits.update({k: v.subset(subset) if subset and v is not None else v
-                           for k, v in parts.items()})
+            source = "train" if part == "train" else (
+                "test" if part == "test" else held_from)
+            full = load(data_dir, train=source == "train", download=download)
+            parts = (dict(zip((source, "val"), full.split(validation), strict=True))
+                     if source == held_from else {source: full})
+            splits.update({k: v.subset(subset) if subset else v for k, v in parts.items()})
         return splits[part]
 
     default = NORMALIZATIONS["cifar" if name == "cifar10" else "mnist"]
@@ -402,33 +412,40 @@ def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
         return make
 
     n = len(split("test"))
+    n_val = len(split("val")) if validation else None
+    rest = (f"the {n:,} of its images that validation does not hold out"
+            if held_from == "test" else f"{n:,} images")
     return Task(name=name, train=train, eval=loader("test"), eval_size=n,
                 normalization=default, val=loader("val") if validation else None,
-                val_size=len(split("val")) if validation else None,
-                description=f"{title} test set ({n:,} images"
+                val_size=n_val,
+                val_description=(f"{n_val:,} {title} {held_from.replace('train', 'training')}"
+                                 " images held out by a fixed seed" if held_from else ""),
+                description=f"{title} test set ({rest}"
                 + (", the first N of --subset)" if subset else ")"))
 
 
 TASKS = ("cifar10", "mnist")
+VALIDATION_FROM = ("train", "test")
 
 
 def resolve_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
                  download: bool = False, subset: int | None = None,
-                 device: str | torch.device = "cpu", validation: int = 0) -> Task:
+                 device: str | torch.device = "cpu", validation: int = 0,
+                 validation_from: str = "train") -> Task:
     """A shipped task's name, or ``package.module:function`` returning a :class:`Task`.
 
     The function is called with those of ``data_dir``, ``download``, ``subset``,
-    ``device`` and ``validation`` (training examples to hold out) that its signature
-    accepts.
+    ``device``, ``validation`` (examples to hold out) and ``validation_from`` (``train``
+    or ``test``: where from) that its signature accepts.
     """
     if ":" not in name:
         return image_task(name, data_dir, download=download, subset=subset, device=device,
-                          validation=validation)
+                          validation=validation, validation_from=validation_from)
     fn = load_entry_point(name, "--task")
     if not callable(fn):
         raise DeepzipError(f"--task {name!r} is not callable")
     offered = {"data_dir": data_dir, "download": download, "subset": subset, "device": device,
-               "validation": validation}
+               "validation": validation, "validation_from": validation_from}
     try:
         params = inspect.signature(fn).parameters
         kwargs = {k: v for k, v in offered.items() if k in params} if not any(
