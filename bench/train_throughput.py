@@ -1,9 +1,10 @@
 """Training throughput: deepzip's step vs a plain PyTorch loop, same model, batch and run.
 
-deepzip: the in-memory uint8 CIFAR-10 tensor, batch-wise crop/flip, bf16 autocast and
-channels_last (CPU) or AMP (CUDA). Baseline: fp32, a per-sample ``DataLoader`` over a
-``Dataset`` applying torchvision-style transforms (pad+random crop, flip, normalize) to
-each image in Python, as most CIFAR training scripts do.
+deepzip: the in-memory uint8 CIFAR-10 tensor, batch-wise crop/flip, channels_last and
+the autocast ``precision: auto`` chooses (bf16 on CUDA and AVX-512 CPUs, fp32 on other
+CPUs), also timed in the precision it did not choose. Baseline: fp32, a per-sample
+``DataLoader`` over a ``Dataset`` applying torchvision-style transforms (pad+random crop,
+flip, normalize) to each image in Python, as most CIFAR training scripts do.
 
     python bench/train_throughput.py --data-dir ../shared/data [--steps 40] [--workers 0]
         [--compile]
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from deepzip.data import CIFAR10_MEAN, CIFAR10_STD, BatchLoader, load_cifar10
 from deepzip.models import get
-from deepzip.train import _autocast, default_device
+from deepzip.train import _autocast, auto_precision, default_device
 
 
 class PerSampleCifar(Dataset):
@@ -99,9 +100,14 @@ def main() -> None:
     torch.manual_seed(0)
     ours_loader = BatchLoader(train, args.batch_size, train=True, device=device,
                               channels_last=True)
-    autocast, _ = _autocast(device, "auto")
+    chosen = auto_precision(device)
+    autocast, _ = _autocast(device, chosen)
     ours, ours_data, _ = measure(get("resnet20").to(device), _cycle(ours_loader), args.steps,
                                  autocast, device, channels_last=True)
+    other = "fp32" if chosen != "fp32" else "bf16"  # what auto did not choose, for the ratio
+    torch.manual_seed(0)
+    alt, _, _ = measure(get("resnet20").to(device), _cycle(ours_loader), args.steps,
+                        _autocast(device, other)[0], device, channels_last=True)
     if args.compile:
         torch.manual_seed(0)
         comp, _, comp_warm = measure(torch.compile(get("resnet20").to(device)),
@@ -118,7 +124,9 @@ def main() -> None:
 
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, {args.steps} timed steps each")
-    print(f"deepzip   : {ours:8.0f} images/s, data {ours_data * 100:5.1f}% of step time")
+    print(f"deepzip   : {ours:8.0f} images/s, data {ours_data * 100:5.1f}% of step time "
+          f"(precision auto: {chosen}, CPU capability {torch.backends.cpu.get_cpu_capability()})")
+    print(f"  in {other:4}  : {alt:8.0f} images/s (auto's choice is {ours / alt:.2f}x that)")
     print(f"plain fp32: {base:8.0f} images/s, data {base_data * 100:5.1f}% of step time "
           f"(DataLoader, {args.workers} workers)")
     if args.compile:

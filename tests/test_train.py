@@ -159,3 +159,14 @@ def test_lr_scale_per_parameter(small):
         lr_scale=lambda n, p: 0.0 if n.startswith("linear") else 1.0)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) == n.startswith("linear"), n
+
+
+@pytest.mark.parametrize(("capability", "expected"), [("AVX512", "bf16"), ("AVX2", "fp32"),
+                                                      ("DEFAULT", "fp32")])
+def test_auto_precision_trains_in_bf16_only_on_cpus_that_compute_it(monkeypatch, capability,
+                                                                    expected):
+    """bf16 autocast on a CPU without AVX-512 is emulated, ~10x slower than fp32."""
+    from deepzip.train import auto_precision
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert auto_precision(torch.device("cpu")) == expected

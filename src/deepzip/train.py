@@ -167,14 +167,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def auto_precision(device: torch.device) -> str:
+    """What ``precision: auto`` trains in: bf16 where the hardware computes it (CUDA with
+    bf16, else fp16; CPUs with AVX-512, where oneDNN's bf16 kernels run), fp32 elsewhere:
+    on a CPU without them bf16 is emulated, about 10x slower than fp32
+    (``bench/train_throughput.py``)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") \
+            else "fp32"
+    return "bf16"
+
+
 def _autocast(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager,
                                                              bool]:
     """(context, needs_grad_scaler) for the training forward pass."""
     if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16"
+        precision = auto_precision(device)
     if precision == "fp32":
         return contextlib.nullcontext(), False
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
