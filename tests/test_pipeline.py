@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -298,6 +299,46 @@ def test_max_loss_finds_the_smallest_file_within_the_budget_on_validation_data(t
         assert "model.dzip" in test.first  # the test set: only the final evaluation
         sizes[max_loss] = result.report["summary"]["file_bytes"]
     assert sizes[20.0] <= sizes[2.0]
+
+
+def test_max_loss_with_search_from_chooses_the_sparsity_on_validation_data(tmp_path):
+    """The sparsity search tries the recipe's final sparsity first, then bisects towards
+    search_from; the full stage prunes to the highest sparsity whose probe stayed within
+    loss_share of max_loss, the report shows the probes, the test set waits for the end,
+    and a resumed run keeps the search."""
+    from deepzip.pipeline import compress
+    from deepzip.recipe import AGPStage, PruneStage, QuantizeStage, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    model, task, test = _tiny_classification(out)
+    recipe = Recipe(name="search", max_loss=4.0, prune=PruneStage(
+        schedule="agp", agp=AGPStage(final=0.97, epochs=4, end_epoch=2, frequency=1,
+                                     search_from=0.3, probe_epochs=2, search_steps=2,
+                                     loss_share=0.5), train={"lr": 0.05, "precision": "fp32"}),
+        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
+    result = compress(model, task, recipe, out=out, log=lambda _: None)
+    prune = result.report["stages"]["prune"]
+    search = prune["search"]
+    probes = search["probes"]
+    assert probes[0]["sparsity"] == 0.97 and search["limit"] == 2.0
+    assert 0.3 <= search["chosen"] <= 0.97
+    passed = [p["sparsity"] for p in probes if p["within"]]
+    assert search["chosen"] == (max(passed) if passed else 0.3)
+    assert prune["sparsity"] == pytest.approx(search["chosen"], abs=0.02)
+    assert "The sparsity search" in (out / "report.md").read_text()
+    assert "model.dzip" in test.first
+    assert not (out / "prune" / "probes").exists()
+    with pytest.raises(DeepzipError, match="different recipe"):  # the search read max_loss
+        compress(model, task, dataclasses.replace(recipe, max_loss=3.0), out=out,
+                 log=lambda _: None)
+
+
+def test_search_from_needs_max_loss():
+    from deepzip.recipe import AGPStage, PruneStage, Recipe
+
+    with pytest.raises(DeepzipError, match="search_from needs max_loss"):
+        Recipe(prune=PruneStage(schedule="agp", agp=AGPStage(search_from=0.5))).validate()
 
 
 def test_max_loss_needs_validation_data(tmp_path):

@@ -101,3 +101,23 @@ def test_budget_search_on_a_lower_is_better_metric():
         assert p["within"] == (p["loss"] <= 0.01)
     if probes[0]["within"]:
         assert bits == min(p["target_bits"] for p in probes if p["within"])
+
+
+@pytest.mark.parametrize("bold_first", [False, True])
+def test_bisect_finds_the_boldest_setting_that_passes_from_either_end(bold_first):
+    """A sparsity (bold is high) and a bit budget (bold is low) are the same search."""
+    from deepzip.stages import bisect
+
+    tried: list[float] = []
+
+    def passes(x: float) -> bool:
+        tried.append(x)
+        return x <= 0.7
+
+    found = bisect(passes, safe=0.5, bold=0.9, steps=4, bold_first=bold_first)
+    assert 0.7 - 0.4 / 2 ** 4 <= found <= 0.7 and passes(found)
+    assert tried[0] == (0.9 if bold_first else 0.5)
+    bits = bisect(lambda b: b >= 2.2, safe=6.0, bold=0.5, steps=6)
+    assert 2.2 <= bits <= 2.2 + 5.5 / 2 ** 6
+    assert bisect(lambda _: False, safe=0.5, bold=0.9, steps=3, bold_first=True) == 0.5
+    assert bisect(lambda _: True, safe=0.5, bold=0.9, steps=3, bold_first=True) == 0.9

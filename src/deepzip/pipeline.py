@@ -38,7 +38,7 @@ from .prune import (
     targets_from_sensitivity,
 )
 from .quantize import QuantizeConfig, dequantize_
-from .recipe import Recipe, load_recipe, recipe_path
+from .recipe import AGPStage, Recipe, load_recipe, recipe_path
 from .report import current_stages
 from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
 from .train import Distillation, barrier, default_device, evaluate, is_main_process
@@ -114,14 +114,16 @@ class Pipeline:
             before = dataclasses.asdict(Recipe.from_dict(old["recipe"]))
         except (DeepzipError, KeyError, TypeError):
             before = {}
-        upstream = ("model", "reference", "arch", "normalize", "task", "validation", "seed",
-                    "prune")
-        if not before or any(before[k] != now[k] for k in upstream):
+        upstream = ("model", "reference", "arch", "normalize", "task", "validation",
+                    "validation_from", "seed", "prune")
+        searched = (now["prune"].get("agp") or {}).get("search_from") is not None
+        if not before or any(before[k] != now[k] for k in upstream) or (
+                searched and before["max_loss"] != now["max_loss"]):
             raise DeepzipError(f"{self.out} holds a run of a different recipe; "
                                "use another --out or --restart")
-        if any(before[k] != now[k] for k in ("quantize", "encode")):
-            self.log("[resume] quantize/encode settings changed: keeping the pruned model, "
-                     "redoing quantize, encode and verify")
+        if any(before[k] != now[k] for k in ("quantize", "encode", "max_loss")):
+            self.log("[resume] quantize/encode settings or max_loss changed: keeping the "
+                     "pruned model, redoing quantize, encode and verify")
             for stage in STAGES[STAGES.index("quantize"):]:
                 old["stages"].pop(stage, None)
             if is_main_process():
@@ -236,6 +238,7 @@ class Pipeline:
             return self._load(path, spec)
         t0 = time.time()
         history: list[dict[str, Any]] = []
+        search = None
         if p.schedule == "iterative":
             for i, step in enumerate(p.steps, 1):
                 self.log(f"[prune] step {i}/{len(p.steps)}: {step.method} {step.amount}, "
@@ -247,19 +250,71 @@ class Pipeline:
                     loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / f"step{i}",
                     desc=f"prune {i}")
         elif p.schedule == "agp":
-            history = self._agp(model, spec)
+            assert p.agp is not None
+            a = p.agp
+            if a.search_from is not None:
+                a, search = self._sparsity(model, spec)
+            history = self._agp(model, spec, a, self.out / "prune" / "agp")
         bake_(model)
         if is_main_process():
             save_checkpoint(model, spec, path)
         self._drop_checkpoints("prune")
         self._finish("prune", t0, **self._scored(model, spec),
-                     sparsity=sparsity_of(model, p.include, p.exclude), history=history)
+                     sparsity=sparsity_of(model, p.include, p.exclude), history=history,
+                     **({"search": search} if search else {}))
         return model, spec
 
-    def _agp(self, model: nn.Module, spec: ModelSpec) -> list[dict[str, Any]]:
+    def _sparsity(self, model: nn.Module, spec: ModelSpec) -> tuple[AGPStage, dict[str, Any]]:
+        """``max_loss`` with ``prune.agp.search_from``: the highest final sparsity whose
+        probe (a copy of the model pruned by the schedule shrunk to ``probe_epochs``) loses
+        at most ``loss_share`` of the budget on validation data. A short schedule recovers
+        less than the full one, so the probes err on the safe side."""
+        a, max_loss = self.recipe.prune.agp, self.recipe.max_loss
+        assert a is not None and a.search_from is not None and max_loss is not None
+        saved = self.out / "prune" / "search.json"  # an interrupted stage keeps its search
+        if saved.is_file():
+            search = json.loads(read_limited(saved, MAX_JSON, "sparsity search"))
+            return dataclasses.replace(a, final=search["chosen"]), search
+        base = self.state["stages"]["baseline"]["val_score"]
+        limit = a.loss_share * max_loss
+        scale = a.probe_epochs / a.epochs
+        shrunk = dataclasses.replace(a, epochs=a.probe_epochs, start_epoch=a.start_epoch * scale,
+                                     end_epoch=a.end_epoch * scale)
+        self.log(f"[prune] searching the highest sparsity in [{a.search_from}, {a.final}] "
+                 f"within {limit:g} of the baseline's validation {self.task.metric.name} "
+                 f"{base:.4f} ({a.loss_share:g} of max_loss), probes of {a.probe_epochs} epochs")
+        probes: list[dict[str, Any]] = []
+
+        def passes(sparsity: float) -> bool:
+            trial = copy.deepcopy(model)
+            self._agp(trial, spec, dataclasses.replace(shrunk, final=sparsity),
+                      self.out / "prune" / "probes" / f"{sparsity:.4f}", quiet=True)
+            bake_(trial)
+            value = self._score(trial, spec)
+            lost = stages.loss_points(self.task, base, value)
+            probes.append({"sparsity": sparsity, "score": value, "loss": lost,
+                           "within": lost <= limit})
+            self.log(f"[prune] probe at sparsity {sparsity:.4f}: {self.task.metric.name} "
+                     f"{value:.4f} (loss {lost:.3f})" + (" ok" if lost <= limit else ""))
+            return lost <= limit
+
+        chosen = stages.bisect(passes, safe=a.search_from, bold=a.final,
+                               steps=a.search_steps, bold_first=True)
+        if not any(p["within"] for p in probes):
+            self.log(f"[prune] no probe within {limit:g}: pruning to the lowest, {chosen}")
+        search = {"max_loss": max_loss, "loss_share": a.loss_share, "limit": limit,
+                  "baseline_val_score": base, "probe_epochs": a.probe_epochs,
+                  "probes": probes, "chosen": chosen}
+        if is_main_process():
+            shutil.rmtree(self.out / "prune" / "probes", ignore_errors=True)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(saved, "w") as f:
+                json.dump(search, f)
+        return dataclasses.replace(a, final=chosen), search
+
+    def _agp(self, model: nn.Module, spec: ModelSpec, a: AGPStage, out_dir: Path, *,
+             quiet: bool = False) -> list[dict[str, Any]]:
         p = self.recipe.prune
-        a = p.agp
-        assert a is not None
         per_layer = dict(a.per_layer)
         if a.sensitivity_max_drop is not None:
             scan = self.out / "prune" / "sensitivity.json"
@@ -285,12 +340,14 @@ class Pipeline:
                            initial=a.initial, frequency=a.frequency, per_layer=per_layer,
                            global_=a.global_threshold, include=p.include, exclude=p.exclude,
                            kernel_exponent=a.kernel_exponent)
-        self.log(f"[prune] gradual pruning to {a.final} over epochs {a.start_epoch}-"
-                 f"{a.end_epoch} of {a.epochs}" + (f", per layer {per_layer}" if per_layer else "")
-                 + (f", kernel exponent {a.kernel_exponent}" if a.kernel_exponent else ""))
+        if not quiet:
+            self.log(f"[prune] gradual pruning to {a.final} over epochs {a.start_epoch}-"
+                     f"{a.end_epoch} of {a.epochs}"
+                     + (f", per layer {per_layer}" if per_layer else "")
+                     + (f", kernel exponent {a.kernel_exponent}" if a.kernel_exponent else ""))
         return finetune_after_prune(model, loader, cfg, after_step=hook, **stages.training(
-            self.task, spec, loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / "agp",
-            desc="agp"))
+            self.task, spec, loss_fn=self._loss(p.distill), out_dir=out_dir,
+            desc="agp probe" if quiet else "agp"))
 
     def quantize(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
         q = self.recipe.quantize

@@ -51,6 +51,10 @@ class AGPStage:
     kernel_exponent: float = 0.0  # > 0: prune weak kernels first (cheaper masks to store)
     per_layer: dict[str, float] = field(default_factory=dict)
     sensitivity_max_drop: float | None = None  # derive per_layer targets from a scan
+    search_from: float | None = None  # with max_loss: search the sparsity in [this, final]
+    loss_share: float = 0.5  # the part of max_loss the pruning may spend
+    probe_epochs: int = 4  # each probe of the search: the schedule shrunk to this many epochs
+    search_steps: int = 3  # halvings of the interval after its two ends
 
 
 @dataclass
@@ -165,6 +169,13 @@ class Recipe:
                 problems.append("prune.agp.kernel_exponent must be in [0, 100]")
             if a.sensitivity_max_drop is not None and not a.sensitivity_max_drop >= 0:
                 problems.append("prune.agp.sensitivity_max_drop must be >= 0")
+            if a.search_from is not None and not (
+                    self.max_loss is not None and 0 <= a.search_from < a.final):
+                problems.append("prune.agp.search_from needs max_loss and must be in "
+                                "[0, final)")
+            if not (0 < a.loss_share <= 1 and a.probe_epochs >= 1 and a.search_steps >= 0):
+                problems.append("prune.agp needs 0 < loss_share <= 1, probe_epochs >= 1 "
+                                "and search_steps >= 0")
         for d in (p.distill, q.distill if q else None):
             if d is not None and (not 0 <= d.alpha <= 1 or d.temperature <= 0):
                 problems.append("distill needs 0 <= alpha <= 1 and temperature > 0")
@@ -429,6 +440,14 @@ HELP = {
     "prune.agp.kernel_exponent": "> 0: prune weights of weak kernels first (cheaper "
                                  "positions, some accuracy)",
     "prune.agp.per_layer": "name pattern -> final sparsity of matching layers",
+    "prune.agp.search_from": "with max_loss: choose the final sparsity, the highest in "
+                             "[search_from, final] whose probe stays within loss_share of "
+                             "max_loss on validation data (final is tried first); the sharing "
+                             "search then spends what is left",
+    "prune.agp.loss_share": "the part of max_loss the pruning may spend (search_from)",
+    "prune.agp.probe_epochs": "each probe of the sparsity search: a copy of the model "
+                              "pruned by the schedule shrunk to this many epochs",
+    "prune.agp.search_steps": "halvings of the sparsity interval after its two ends",
     "prune.agp.sensitivity_max_drop": "derive per-layer targets from a sensitivity scan: "
                                       "the most each layer may cost alone",
     "prune.include": "name patterns of the parameters to prune (default: Conv, Linear, "

@@ -301,7 +301,8 @@ metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32. {decided}
 | decoded model agrees with the in-memory model | {'; '.join(agree)} |
 
 {markdown_table(rows, columns)}
-{_budget_section(st["quantize"].get("budget"), metric)}
+{_search_section(st["prune"].get("search"), metric)}{_budget_section(
+    st["quantize"].get("budget"), metric)}
 ## Time per stage
 
 "time" is the stage's wall time in the process that finished it (a resumed stage counts
@@ -328,6 +329,26 @@ scales and buffers).
     with atomic_write(out / "report.md", "w") as f:
         f.write(md)
     return report
+
+
+def _search_section(search: dict[str, Any] | None, metric: str) -> str:
+    """The sparsity search of a run with ``max_loss`` and ``prune.agp.search_from``."""
+    if not search:
+        return ""
+    probes = [{"sparsity": p["sparsity"], f"validation {metric}": p["score"],
+               "loss": p["loss"], "within": p["within"]} for p in search["probes"]]
+    return f"""
+## The sparsity search
+
+The pruning may spend {search['loss_share']:g} of `max_loss` {search['max_loss']}: at most
+{search['limit']:g} against the baseline's validation {metric}
+({search['baseline_val_score']:.4f}). Probes (each prunes a copy of the model by the
+schedule shrunk to {search['probe_epochs']} epochs; a short schedule recovers less than the
+full one, so they err on the safe side), the recipe's final sparsity first; the full stage
+pruned to **{search['chosen']:.4f}**:
+
+{markdown_table(probes, list(probes[0]))}
+"""
 
 
 def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:

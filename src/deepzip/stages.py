@@ -204,14 +204,24 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
             f"(loss {lost:.3f}), {size:,} bytes" + (" ok" if lost <= max_loss else ""))
         return lost <= max_loss
 
-    high = float(config.bits)
-    if not run(high):
-        return high, probes  # nothing smaller can do better: the full stage decides
-    lo, hi = low, high
+    return bisect(run, safe=float(config.bits), bold=low, steps=steps), probes
+
+
+def bisect(passes: Callable[[float], bool], *, safe: float, bold: float, steps: int,
+           bold_first: bool = False) -> float:
+    """The boldest setting between ``safe`` and ``bold`` that ``passes``, by ``steps``
+    halvings. ``safe`` is tried first (if it fails, nothing bolder can pass, and it is
+    returned for the full stage to judge), or with ``bold_first`` the bold end (returned
+    if it passes: nothing more to find)."""
+    if bold_first and passes(bold):
+        return bold
+    if not passes(safe):
+        return safe
+    ok, bad = safe, bold
     for _ in range(steps):
-        mid = (lo + hi) / 2
-        if run(mid):
-            hi = mid
+        mid = (ok + bad) / 2
+        if passes(mid):
+            ok = mid
         else:
-            lo = mid
-    return hi, probes
+            bad = mid
+    return ok
