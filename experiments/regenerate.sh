@@ -64,6 +64,13 @@ python experiments/ship_baseline.py runs/lenet300-val --data-dir "$DATA" \
   --not-shipped baseline-lenet300-val
 deepzip run experiments/recipes/lenet300-budget.yaml --model results/baseline-lenet300-val/model.pt \
   --data-dir "$DATA" --out runs/lenet300-budget && publish lenet300-budget
+deepzip run experiments/recipes/lenet300-search.yaml --model results/baseline-lenet300-val/model.pt \
+  --data-dir "$DATA" --out runs/lenet300-search && publish lenet300-search
+deepzip run experiments/recipes/lenet300-search.yaml --validation-from test --data-dir "$DATA" \
+  --out runs/lenet300-search-test && publish lenet300-search-test
+python experiments/split_noise.py resnet20 results/default/model.dzip \
+  results/default-seed1/model.dzip results/small/model.dzip results/small-seed1/model.dzip \
+  --data-dir "$DATA" --out results/ablations/split-noise.txt
 
 # Deployment: ONNX against the in-memory model on the full test sets.
 rm -f results/export/onnx.txt
