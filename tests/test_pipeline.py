@@ -329,6 +329,7 @@ def test_max_loss_with_search_from_chooses_the_sparsity_on_validation_data(tmp_p
     assert "The sparsity search" in (out / "report.md").read_text()
     assert "model.dzip" in test.first
     assert not (out / "prune" / "probes").exists()
+    assert json.loads((out / "prune" / "search.json").read_text())["chosen"] == search["chosen"]
     with pytest.raises(DeepzipError, match="different recipe"):  # the search read max_loss
         compress(model, task, dataclasses.replace(recipe, max_loss=3.0), out=out,
                  log=lambda _: None)

@@ -271,18 +271,11 @@ class Pipeline:
         less than the full one, so the probes err on the safe side."""
         a, max_loss = self.recipe.prune.agp, self.recipe.max_loss
         assert a is not None and a.search_from is not None and max_loss is not None
-        saved = self.out / "prune" / "search.json"  # an interrupted stage keeps its search
-        if saved.is_file():
-            search = json.loads(read_limited(saved, MAX_JSON, "sparsity search"))
-            return dataclasses.replace(a, final=search["chosen"]), search
         base = self.state["stages"]["baseline"]["val_score"]
         limit = a.loss_share * max_loss
         scale = a.probe_epochs / a.epochs
         shrunk = dataclasses.replace(a, epochs=a.probe_epochs, start_epoch=a.start_epoch * scale,
                                      end_epoch=a.end_epoch * scale)
-        self.log(f"[prune] searching the highest sparsity in [{a.search_from}, {a.final}] "
-                 f"within {limit:g} of the baseline's validation {self.task.metric.name} "
-                 f"{base:.4f} ({a.loss_share:g} of max_loss), probes of {a.probe_epochs} epochs")
         probes: list[dict[str, Any]] = []
 
         def passes(sparsity: float) -> bool:
@@ -298,19 +291,23 @@ class Pipeline:
                      f"{value:.4f} (loss {lost:.3f})" + (" ok" if lost <= limit else ""))
             return lost <= limit
 
-        chosen = stages.bisect(passes, safe=a.search_from, bold=a.final,
-                               steps=a.search_steps, bold_first=True)
-        if not any(p["within"] for p in probes):
-            self.log(f"[prune] no probe within {limit:g}: pruning to the lowest, {chosen}")
-        search = {"max_loss": max_loss, "loss_share": a.loss_share, "limit": limit,
-                  "baseline_val_score": base, "probe_epochs": a.probe_epochs,
-                  "probes": probes, "chosen": chosen}
-        if is_main_process():
-            shutil.rmtree(self.out / "prune" / "probes", ignore_errors=True)
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(saved, "w") as f:
-                json.dump(search, f)
-        return dataclasses.replace(a, final=chosen), search
+        def search() -> dict[str, Any]:
+            self.log(f"[prune] searching the highest sparsity in [{a.search_from}, "
+                     f"{a.final}] within {limit:g} of the baseline's validation "
+                     f"{self.task.metric.name} {base:.4f} ({a.loss_share:g} of max_loss), "
+                     f"probes of {a.probe_epochs} epochs")
+            chosen = stages.bisect(passes, safe=a.search_from, bold=a.final,
+                                   steps=a.search_steps, bold_first=True)
+            if not any(p["within"] for p in probes):
+                self.log(f"[prune] no probe within {limit:g}: pruning to the lowest, {chosen}")
+            if is_main_process():
+                shutil.rmtree(self.out / "prune" / "probes", ignore_errors=True)
+            return {"max_loss": max_loss, "loss_share": a.loss_share, "limit": limit,
+                    "baseline_val_score": base, "probe_epochs": a.probe_epochs,
+                    "probes": probes, "chosen": chosen}
+
+        found = self._kept(self.out / "prune" / "search.json", "sparsity search", search)
+        return dataclasses.replace(a, final=found["chosen"]), found
 
     def _agp(self, model: nn.Module, spec: ModelSpec, a: AGPStage, out_dir: Path, *,
              quiet: bool = False) -> list[dict[str, Any]]:
@@ -414,24 +411,33 @@ class Pipeline:
         validation data, searched on probes of the pruned model (which stays as it is)."""
         q, max_loss = self.recipe.quantize, self.recipe.max_loss
         base = self.state["stages"]["baseline"]["val_score"]
-        saved = self.out / "quantize" / "budget.json"  # an interrupted stage keeps its search
-        if saved.is_file():
-            budget = json.loads(read_limited(saved, MAX_JSON, "budget search"))
-            return dataclasses.replace(qcfg, target_bits=budget["chosen"]), budget
-        self.log(f"[quantize] searching the smallest file within {max_loss} of the "
-                 f"baseline's validation {self.task.metric.name} {base:.4f}")
-        bits, probes = stages.search_budget(
-            model, self.task, spec, qcfg, baseline=base, max_loss=max_loss,
-            probe=self.recipe.train_config({"weight_decay": 0.0, **q.train}, q.probe_epochs),
-            loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
-            log=self.log)
-        budget = {"max_loss": max_loss, "baseline_val_score": base, "probes": probes,
-                  "chosen": bits, "confirmed": []}
+
+        def search() -> dict[str, Any]:
+            self.log(f"[quantize] searching the smallest file within {max_loss} of the "
+                     f"baseline's validation {self.task.metric.name} {base:.4f}")
+            bits, probes = stages.search_budget(
+                model, self.task, spec, qcfg, baseline=base, max_loss=max_loss,
+                probe=self.recipe.train_config({"weight_decay": 0.0, **q.train},
+                                               q.probe_epochs),
+                loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
+                log=self.log)
+            return {"max_loss": max_loss, "baseline_val_score": base, "probes": probes,
+                    "chosen": bits, "confirmed": []}
+
+        budget = self._kept(self.out / "quantize" / "budget.json", "budget search", search)
+        return dataclasses.replace(qcfg, target_bits=budget["chosen"]), budget
+
+    def _kept(self, path: Path, what: str, search: Callable[[], dict[str, Any]]
+              ) -> dict[str, Any]:
+        """A search's result, kept in ``path``: an interrupted stage does not search again."""
+        if path.is_file():
+            return json.loads(read_limited(path, MAX_JSON, what))
+        result = search()
         if is_main_process():
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(saved, "w") as f:
-                json.dump(budget, f)
-        return dataclasses.replace(qcfg, target_bits=bits), budget
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path, "w") as f:
+                json.dump(result, f)
+        return result
 
     def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float,
                    cap: float) -> bool:
