@@ -679,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_validation_from(r)
     r.add_argument("--max-loss", type=float, default=None, metavar="POINTS",
                    help="the smallest file within this loss on validation data (points for "
-                        "accuracy): chooses the sharing budget; needs --validation")
+                        "accuracy): chooses the sharing budget, and the sparsity with "
+                        "prune.agp.search_from; needs --validation")
     r.add_argument("--out", "-o", default=None, help="run folder (default runs/RECIPE-NAME)")
     r.add_argument("--restart", action="store_true",
                    help="discard an earlier deepzip run in --out (only a folder a run made)")
