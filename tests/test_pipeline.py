@@ -342,6 +342,29 @@ def test_search_from_needs_max_loss():
         Recipe(prune=PruneStage(schedule="agp", agp=AGPStage(search_from=0.5))).validate()
 
 
+def test_margin_se_holds_each_loss_plus_its_standard_error_against_the_budget(tmp_path):
+    """With margin_se, every probe and confirmation adds that many standard errors of its
+    loss (paired over the validation examples) before the comparison; the report shows
+    the margins."""
+    from deepzip.pipeline import compress
+    from deepzip.recipe import PruneStage, QuantizeStage, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    model, task, _ = _tiny_classification(out)
+    recipe = Recipe(name="margin", max_loss=3.0, margin_se=2.0, prune=PruneStage(
+        schedule="none"), quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1,
+                                                probe_epochs=0, train={"lr": 0.01}))
+    budget = compress(model, task, recipe, out=out, log=lambda _: None
+                      ).report["stages"]["quantize"]["budget"]
+    rows = budget["probes"] + budget["confirmed"]
+    assert budget["margin_se"] == 2.0 and any(r["margin"] > 0 for r in rows)
+    assert all(r["within"] == (r["loss"] + r["margin"] <= 3.0) for r in rows)
+    assert "standard errors more" in (out / "report.md").read_text()
+    with pytest.raises(DeepzipError, match="margin_se"):
+        Recipe(margin_se=1.0).validate()
+
+
 def test_max_loss_needs_validation_data(tmp_path):
     from torch import nn
 

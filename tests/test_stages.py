@@ -121,3 +121,24 @@ def test_bisect_finds_the_boldest_setting_that_passes_from_either_end(bold_first
     assert 2.2 <= bits <= 2.2 + 5.5 / 2 ** 6
     assert bisect(lambda _: False, safe=0.5, bold=0.9, steps=3, bold_first=True) == 0.5
     assert bisect(lambda _: True, safe=0.5, bold=0.9, steps=3, bold_first=True) == 0.9
+
+
+def test_per_example_scores_and_the_paired_standard_error_of_a_loss():
+    """The decision data's per-example scores average to the metric; the standard error
+    of a loss counts only the examples on which the two models differ."""
+    from deepzip import MeanSquaredError, Perplexity
+
+    task, model = _classification(), _model()
+    scores = stages.outcomes(model, task, SPEC)
+    assert len(scores) == 256
+    assert float(scores.mean()) == pytest.approx(stages.decision_score(model, task, SPEC).value)
+    ref = torch.tensor([1.0, 1, 0, 0])
+    assert stages.loss_se(task, ref, torch.tensor([1.0, 0, 0, 1])) == pytest.approx(
+        100 * (2 / 3) ** 0.5 / 2)  # differences 0, 1, 0, -1: points of accuracy
+    assert stages.loss_se(task, ref, ref.clone()) == 0.0
+    assert stages.loss_se(task, None, ref) is None
+    mse = Task.from_loaders([], [], metric=MeanSquaredError())
+    assert stages.loss_se(mse, torch.tensor([0.1, 0.3]), torch.tensor([0.2, 0.2])) == \
+        pytest.approx(float(torch.tensor([-0.1, 0.1]).std()) / 2 ** 0.5)  # its own units
+    ppl = Task.from_loaders(task.train, task.eval, metric=Perplexity())
+    assert stages.outcomes(model, ppl, SPEC) is None  # exp of a mean: no per-example scores

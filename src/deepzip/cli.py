@@ -446,7 +446,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed", "validation",
-             "validation_from", "max_loss")
+             "validation_from", "max_loss", "margin_se")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -681,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the smallest file within this loss on validation data (points for "
                         "accuracy): chooses the sharing budget, and the sparsity with "
                         "prune.agp.search_from; needs --validation")
+    r.add_argument("--margin-se", type=float, default=None, metavar="K",
+                   help="with --max-loss: hold each loss plus K of its standard errors "
+                        "(paired over the validation examples) against the budget")
     r.add_argument("--out", "-o", default=None, help="run folder (default runs/RECIPE-NAME)")
     r.add_argument("--restart", action="store_true",
                    help="discard an earlier deepzip run in --out (only a folder a run made)")

@@ -70,6 +70,7 @@ class Pipeline:
         self._given = (model, spec)
         self._start: tuple[nn.Module, ModelSpec] | None = None
         self._teacher: nn.Module | None = None
+        self._reference_scores: list[torch.Tensor | None] = []  # filled once, by _margin
         if recipe.max_loss is not None and task.val is None:
             raise DeepzipError(f"max_loss decides on validation data, and task {task.name!r} "
                                "holds none out: set validation: N (shipped tasks) or pass "
@@ -117,11 +118,12 @@ class Pipeline:
         upstream = ("model", "reference", "arch", "normalize", "task", "validation",
                     "validation_from", "seed", "prune")
         searched = (now["prune"].get("agp") or {}).get("search_from") is not None
+        budget = ("max_loss", "margin_se")
         if not before or any(before[k] != now[k] for k in upstream) or (
-                searched and before["max_loss"] != now["max_loss"]):
+                searched and any(before[k] != now[k] for k in budget)):
             raise DeepzipError(f"{self.out} holds a run of a different recipe; "
                                "use another --out or --restart")
-        if any(before[k] != now[k] for k in ("quantize", "encode", "max_loss")):
+        if any(before[k] != now[k] for k in ("quantize", "encode", *budget)):
             self.log("[resume] quantize/encode settings or max_loss changed: keeping the "
                      "pruned model, redoing quantize, encode and verify")
             for stage in STAGES[STAGES.index("quantize"):]:
@@ -209,6 +211,23 @@ class Pipeline:
         """A stage's result entry for the model's score, named by the data it read."""
         return {self._named("score"): self._score(model, spec)}
 
+    def _margin(self, model: nn.Module, spec: ModelSpec) -> float:
+        """``margin_se`` standard errors of ``model``'s loss against the reference on
+        validation data (paired per example); 0 without margin_se, or for a metric with
+        no per-example scores (said once)."""
+        if not self.recipe.margin_se:
+            return 0.0
+        if not self._reference_scores:
+            ref, ref_spec = self._reference()
+            self._reference_scores.append(stages.outcomes(ref.to(self.device), self.task,
+                                                          ref_spec))
+            if self._reference_scores[0] is None:
+                self.log(f"[note] metric {self.task.metric.name} is no mean of per-example "
+                         "scores: margin_se cannot be applied")
+        se = stages.loss_se(self.task, self._reference_scores[0],
+                            stages.outcomes(model.to(self.device), self.task, spec))
+        return self.recipe.margin_se * se if se is not None else 0.0
+
     def _named(self, key: str) -> str:
         """A recorded score's key: ``val_`` in front when it was read on validation data."""
         return f"val_{key}" if self.task.decision_split == "val" else key
@@ -284,12 +303,14 @@ class Pipeline:
                       self.out / "prune" / "probes" / f"{sparsity:.4f}", quiet=True)
             bake_(trial)
             value = self._score(trial, spec)
-            lost = stages.loss_points(self.task, base, value)
-            probes.append({"sparsity": sparsity, "score": value, "loss": lost,
-                           "within": lost <= limit})
+            lost, extra = stages.loss_points(self.task, base, value), self._margin(trial, spec)
+            ok = lost + extra <= limit
+            probes.append({"sparsity": sparsity, "score": value, "loss": lost, "margin": extra,
+                           "within": ok})
             self.log(f"[prune] probe at sparsity {sparsity:.4f}: {self.task.metric.name} "
-                     f"{value:.4f} (loss {lost:.3f})" + (" ok" if lost <= limit else ""))
-            return lost <= limit
+                     f"{value:.4f} (loss {lost:.3f}"
+                     + (f" + margin {extra:.3f}" if extra else "") + ")" + (" ok" if ok else ""))
+            return ok
 
         def search() -> dict[str, Any]:
             self.log(f"[prune] searching the highest sparsity in [{a.search_from}, "
@@ -302,7 +323,8 @@ class Pipeline:
                 self.log(f"[prune] no probe within {limit:g}: pruning to the lowest, {chosen}")
             if is_main_process():
                 shutil.rmtree(self.out / "prune" / "probes", ignore_errors=True)
-            return {"max_loss": max_loss, "loss_share": a.loss_share, "limit": limit,
+            return {"max_loss": max_loss, "margin_se": self.recipe.margin_se,
+                    "loss_share": a.loss_share, "limit": limit,
                     "baseline_val_score": base, "probe_epochs": a.probe_epochs,
                     "probes": probes, "chosen": chosen}
 
@@ -387,7 +409,7 @@ class Pipeline:
                                                 e.fold_batchnorm)
             score = self._scored(model, spec)
             if budget is None or self._confirmed(budget, score["val_score"], qcfg.target_bits,
-                                                 q.bits):
+                                                 q.bits, self._margin(model, spec)):
                 break
             qcfg = dataclasses.replace(qcfg, target_bits=(qcfg.target_bits + q.bits) / 2)
             self.log(f"[quantize] over budget: once more at {qcfg.target_bits:.3f} bits")
@@ -420,9 +442,10 @@ class Pipeline:
                 probe=self.recipe.train_config({"weight_decay": 0.0, **q.train},
                                                q.probe_epochs),
                 loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
-                log=self.log)
-            return {"max_loss": max_loss, "baseline_val_score": base, "probes": probes,
-                    "chosen": bits, "confirmed": []}
+                log=self.log, margin=lambda probe: self._margin(probe, spec))
+            return {"max_loss": max_loss, "margin_se": self.recipe.margin_se,
+                    "baseline_val_score": base, "probes": probes, "chosen": bits,
+                    "confirmed": []}
 
         budget = self._kept(self.out / "quantize" / "budget.json", "budget search", search)
         return dataclasses.replace(qcfg, target_bits=budget["chosen"]), budget
@@ -440,19 +463,22 @@ class Pipeline:
         return result
 
     def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float,
-                   cap: float) -> bool:
-        """Did the full stage stay within ``max_loss`` on validation data? One retry at a
-        larger budget, then the file stands as made (the report shows both); none at the
-        cap, where a larger budget cannot help (the pruning alone is over the budget)."""
+                   cap: float, extra: float) -> bool:
+        """Did the full stage stay within ``max_loss`` (its loss plus ``extra``, the
+        margin) on validation data? One retry at a larger budget, then the file stands as
+        made (the report shows both); none at the cap, where a larger budget cannot help
+        (the pruning alone is over the budget)."""
         lost = stages.loss_points(self.task, budget["baseline_val_score"], val_score)
+        ok = lost + extra <= budget["max_loss"]
         budget["confirmed"].append({"target_bits": bits, "val_score": val_score,
-                                    "loss": lost, "within": lost <= budget["max_loss"]})
-        self.log(f"[quantize] full stage at {bits:.3f} bits: validation loss {lost:.3f} "
-                 f"(budget {budget['max_loss']})")
-        if lost > budget["max_loss"] and bits >= cap:
+                                    "loss": lost, "margin": extra, "within": ok})
+        self.log(f"[quantize] full stage at {bits:.3f} bits: validation loss {lost:.3f}"
+                 + (f" + margin {extra:.3f}" if extra else "")
+                 + f" (budget {budget['max_loss']})")
+        if not ok and bits >= cap:
             self.log(f"[quantize] over budget at the {cap}-bit cap: the loss comes from the "
                      "pruning, which this search does not change")
-        return lost <= budget["max_loss"] or len(budget["confirmed"]) > 1 or bits >= cap
+        return ok or len(budget["confirmed"]) > 1 or bits >= cap
 
     def encode(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
         path = self.out / "model.dzip"

@@ -127,6 +127,7 @@ class Recipe:
     validation: int = 0  # examples held out for the run's decisions
     validation_from: str = "train"  # held out of the training (train) or the test set (test)
     max_loss: float | None = None  # the smallest file within this loss on validation data
+    margin_se: float = 0.0  # standard errors added to each loss held against max_loss
     seed: int = 0
     eval_every: int = 1  # test-set evaluations while training: every N epochs (0: none)
     prune: PruneStage = field(default_factory=PruneStage)
@@ -198,6 +199,9 @@ class Recipe:
                 and q.entropy_weight > 0 and q.target_bits is None):
             problems.append("max_loss must be a number >= 0 and needs a quantize section "
                             "with entropy_weight > 0 and no target_bits (it chooses them)")
+        if not (math.isfinite(self.margin_se) and self.margin_se >= 0) or (
+                self.margin_se and self.max_loss is None):
+            problems.append("margin_se must be a number >= 0, and needs max_loss")
         if q is not None and q.probe_epochs < 0:
             problems.append("quantize.probe_epochs must be >= 0")
         if self.validation_from not in ("train", "test"):
@@ -418,6 +422,9 @@ HELP = {
                 "validation data stays within this (points for accuracy, the metric's units "
                 "otherwise); it chooses quantize.target_bits by bisection on probes, then "
                 "confirms with the full stage; needs validation data",
+    "margin_se": "max_loss: each measured loss counts this many of its standard errors "
+                 "more (paired over the validation examples; accuracy, MSE, MAE), so a pass "
+                 "means the loss is likely within max_loss, not only measured within it",
     "seed": "data order, augmentation and k-means seed",
     "eval_every": "test-set evaluations while training: every N epochs and the last (0: none)",
     "prune": "the pruning stage",

@@ -335,8 +335,9 @@ def _search_section(search: dict[str, Any] | None, metric: str) -> str:
     """The sparsity search of a run with ``max_loss`` and ``prune.agp.search_from``."""
     if not search:
         return ""
-    probes = [{"sparsity": p["sparsity"], f"validation {metric}": p["score"],
-               "loss": p["loss"], "within": p["within"]} for p in search["probes"]]
+    probes = _with_margin([{"sparsity": p["sparsity"], f"validation {metric}": p["score"],
+                            "loss": p["loss"], "margin": p.get("margin", 0.0),
+                            "within": p["within"]} for p in search["probes"]])
     return f"""
 ## The sparsity search
 
@@ -345,7 +346,7 @@ The pruning may spend {search['loss_share']:g} of `max_loss` {search['max_loss']
 ({search['baseline_val_score']:.4f}). Probes (each prunes a copy of the model by the
 schedule shrunk to {search['probe_epochs']} epochs; a short schedule recovers less than the
 full one, so they err on the safe side), the recipe's final sparsity first; the full stage
-pruned to **{search['chosen']:.4f}**:
+pruned to **{search['chosen']:.4f}**.{_margin_line(search)}
 
 {markdown_table(probes, list(probes[0]))}
 """
@@ -355,18 +356,20 @@ def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:
     """The ``max_loss`` search of a run: every probe and every full-stage confirmation."""
     if not budget:
         return ""
-    probes = [{"target bits": p["target_bits"], f"validation {metric}": p["score"],
-               "loss": p["loss"], "bytes": p["file_bytes"], "within": p["within"]}
-              for p in budget["probes"]]
-    full = [{"target bits": c["target_bits"], f"validation {metric}": c["val_score"],
-             "loss": c["loss"], "within": c["within"]} for c in budget["confirmed"]]
+    probes = _with_margin([{"target bits": p["target_bits"], f"validation {metric}": p["score"],
+                            "loss": p["loss"], "margin": p.get("margin", 0.0),
+                            "bytes": p["file_bytes"], "within": p["within"]}
+                           for p in budget["probes"]])
+    full = _with_margin([{"target bits": c["target_bits"], f"validation {metric}": c["val_score"],
+                          "loss": c["loss"], "margin": c.get("margin", 0.0),
+                          "within": c["within"]} for c in budget["confirmed"]])
     return f"""
 ## The accuracy budget
 
 `max_loss` {budget['max_loss']}: the smallest file whose loss against the baseline's
 validation {metric} ({budget['baseline_val_score']:.4f}) stays within it. Probes (each
 shares a copy of the pruned model at that budget of Huffman bits per nonzero index and
-trains its centroids briefly), bisecting from the cap:
+trains its centroids briefly), bisecting from the cap.{_margin_line(budget)}
 
 {markdown_table(probes, list(probes[0]))}
 
@@ -374,6 +377,20 @@ The full stage at the chosen budget (a second try at a larger one if the first i
 
 {markdown_table(full, list(full[0]))}
 """
+
+
+def _margin_line(search: dict[str, Any]) -> str:
+    k = search.get("margin_se")
+    return (f" Each loss counts {k:g} of its standard errors more (\"margin\", paired over "
+            "the validation examples) before it is held against the budget." if k else "")
+
+
+def _with_margin(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A search's rows, their margin column (``margin_se`` standard errors of each loss,
+    added before the comparison) kept only where a run used one."""
+    if any(r["margin"] for r in rows):
+        return rows
+    return [{k: v for k, v in r.items() if k != "margin"} for r in rows]
 
 
 def _blank(v: Any) -> Any:

@@ -27,7 +27,7 @@ from .checkpoint import ModelSpec
 from .prune import PruneConfig, finetune_after_prune, prune_
 from .qat import qat_, train_centroids
 from .quantize import QuantizeConfig, fisher_sensitivity, quantize_
-from .task import Task
+from .task import Task, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Shared", "decision_loader", "decision_score", "encode", "eval_loader", "loss_points",
@@ -167,6 +167,38 @@ def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
     return dzip_torch.info(path, like)
 
 
+def outcomes(model: nn.Module, task: Task, spec: ModelSpec) -> torch.Tensor | None:
+    """Each decision example's score under the task's metric (correct or not, for
+    accuracy), in the data's order; None for a metric that is no mean of such scores."""
+    if not task.metric.streaming:
+        return None
+    device = next(model.parameters()).device
+    was, scores = model.training, []
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for x, y in decision_loader(task, spec):
+                e = task.metric.examples(model(model_input(x, device)).float(), y.to(device))
+                if e is None:
+                    return None
+                scores.append(e.double().cpu())
+    finally:
+        model.train(was)
+    return torch.cat(scores) if scores else None
+
+
+def loss_se(task: Task, reference: torch.Tensor | None, scores: torch.Tensor | None
+            ) -> float | None:
+    """The standard error of a loss (in :func:`loss_points`' units) measured on the same
+    examples as ``reference``: paired, so only the examples on which the two models differ
+    add to it. None when either side has no per-example scores."""
+    if reference is None or scores is None or len(reference) != len(scores) \
+            or len(scores) < 2:
+        return None
+    se = float((reference - scores).std() / len(scores) ** 0.5)
+    return se * 100 if task.metric.name == "acc" else se
+
+
 def loss_points(task: Task, baseline: float, score: float) -> float:
     """How much worse ``score`` is than ``baseline`` in the task's metric: in points
     (hundredths) for accuracy, in the metric's own units otherwise; negative is better."""
@@ -177,14 +209,16 @@ def loss_points(task: Task, baseline: float, score: float) -> float:
 def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig, *,
                   baseline: float, max_loss: float, probe: TrainConfig | None = None,
                   steps: int = 6, low: float = 0.5, loss_fn: LossFn | None = None,
-                  encoding: dict[str, Any] | None = None, log: Log = lambda _: None
+                  encoding: dict[str, Any] | None = None, log: Log = lambda _: None,
+                  margin: Callable[[nn.Module], float] = lambda _: 0.0
                   ) -> tuple[float, list[dict[str, Any]]]:
     """The smallest sharing budget (``target_bits``, Huffman bits per nonzero's index)
     whose model stays within ``max_loss`` of ``baseline`` on the decision data, by
     bisection between ``low`` and ``config.bits`` on cheap proxies: each probe shares a
     copy of ``model`` at that budget, trains its centroids for ``probe``'s epochs and is
-    scored (and its file's size measured). Returns (the budget, every probe); the full
-    stage that follows confirms it. ``model`` is not changed."""
+    scored (and its file's size measured); ``margin(probe)`` is added to its loss before
+    the comparison. Returns (the budget, every probe); the full stage that follows
+    confirms it. ``model`` is not changed."""
     probes: list[dict[str, Any]] = []
 
     def run(bits: float) -> bool:
@@ -197,12 +231,14 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
             dzip_torch.save(trial, os.path.join(tmp, "probe.dzip"), spec=spec,
                             **(encoding or {}))
             size = os.path.getsize(os.path.join(tmp, "probe.dzip"))
-        lost = loss_points(task, baseline, value)
-        probes.append({"target_bits": bits, "score": value, "loss": lost, "file_bytes": size,
-                       "within": lost <= max_loss})
+        lost, extra = loss_points(task, baseline, value), margin(trial)
+        ok = lost + extra <= max_loss
+        probes.append({"target_bits": bits, "score": value, "loss": lost, "margin": extra,
+                       "file_bytes": size, "within": ok})
         log(f"[quantize] budget {bits:.3f} bits: {task.metric.name} {value:.4f} "
-            f"(loss {lost:.3f}), {size:,} bytes" + (" ok" if lost <= max_loss else ""))
-        return lost <= max_loss
+            f"(loss {lost:.3f}" + (f" + margin {extra:.3f}" if extra else "") + f"), "
+            f"{size:,} bytes" + (" ok" if ok else ""))
+        return ok
 
     return bisect(run, safe=float(config.bits), bold=low, steps=steps), probes
 

@@ -107,6 +107,11 @@ class Metric:
         """How many scores a batch adds (examples; scored positions for per-token ones)."""
         return len(targets)
 
+    def examples(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """Each scored example's score, where the metric is their plain mean (accuracy,
+        MSE): what a loss's standard error is computed from. None for other metrics."""
+        return None
+
     def finish(self, mean: float) -> float:
         """The metric from the mean of the per-example scores (perplexity: its exp)."""
         return mean
@@ -144,6 +149,10 @@ class Accuracy(Metric):
             return len(targets)
         return (targets != IGNORE_INDEX).sum()
 
+    def examples(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        o, t = class_scores(outputs, targets)
+        return (o.argmax(1) == t)[t != IGNORE_INDEX].float()
+
 
 class Perplexity(Accuracy):
     """exp of the mean cross-entropy per scored token (a language model's usual number;
@@ -159,6 +168,9 @@ class Perplexity(Accuracy):
     def finish(self, mean: float) -> float:
         return math.exp(min(mean, 700.0))
 
+    def examples(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        return None  # the exp of a mean: not a mean of per-example scores
+
 
 class MeanSquaredError(Metric):
     """Mean over examples of the squared error summed over each example's outputs."""
@@ -167,7 +179,10 @@ class MeanSquaredError(Metric):
     higher_is_better = False
 
     def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (outputs - targets.float().view_as(outputs)).pow(2).flatten(1).sum(1).sum()
+        return self.examples(outputs, targets).sum()
+
+    def examples(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets.float().view_as(outputs)).pow(2).flatten(1).sum(1)
 
 
 class MeanAbsoluteError(Metric):
@@ -175,7 +190,10 @@ class MeanAbsoluteError(Metric):
     higher_is_better = False
 
     def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (outputs - targets.float().view_as(outputs)).abs().flatten(1).sum(1).sum()
+        return self.examples(outputs, targets).sum()
+
+    def examples(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets.float().view_as(outputs)).abs().flatten(1).sum(1)
 
 
 class FunctionMetric(Metric):
