@@ -68,6 +68,8 @@ deepzip run experiments/recipes/lenet300-search.yaml --model results/baseline-le
   --data-dir "$DATA" --out runs/lenet300-search && publish lenet300-search
 deepzip run experiments/recipes/lenet300-search.yaml --validation-from test --data-dir "$DATA" \
   --out runs/lenet300-search-test && publish lenet300-search-test
+deepzip run experiments/recipes/lenet300-search.yaml --validation-from test --margin-se 1 \
+  --data-dir "$DATA" --out runs/lenet300-search-margin && publish lenet300-search-margin
 python experiments/split_noise.py resnet20 results/default/model.dzip \
   results/default-seed1/model.dzip results/small/model.dzip results/small-seed1/model.dzip \
   --data-dir "$DATA" --out results/ablations/split-noise.txt
