@@ -30,9 +30,9 @@ from .quantize import QuantizeConfig, fisher_sensitivity, quantize_
 from .task import Task, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
-__all__ = ["Shared", "decision_loader", "decision_score", "encode", "eval_loader", "loss_points",
-           "prune_step", "score", "search_budget", "share", "train_loader", "training",
-           "with_fisher"]
+__all__ = ["Shared", "bisect", "decision_loader", "decision_score", "encode", "eval_loader",
+           "loss_points", "loss_se", "outcomes", "prune_step", "score", "search_budget", "share",
+           "train_loader", "training", "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
