@@ -287,7 +287,7 @@ class Pipeline:
         """``max_loss`` with ``prune.agp.search_from``: the highest final sparsity whose
         probe (a copy of the model pruned by the schedule shrunk to ``probe_epochs``) loses
         at most ``loss_share`` of the budget on validation data. A short schedule recovers
-        less than the full one, so the probes err on the safe side."""
+        less than the full one, so the probes tend to err on the safe side."""
         a, max_loss = self.recipe.prune.agp, self.recipe.max_loss
         assert a is not None and a.search_from is not None and max_loss is not None
         base = self.state["stages"]["baseline"]["val_score"]

@@ -345,7 +345,7 @@ The pruning may spend {search['loss_share']:g} of `max_loss` {search['max_loss']
 {search['limit']:g} against the baseline's validation {metric}
 ({search['baseline_val_score']:.4f}). Probes (each prunes a copy of the model by the
 schedule shrunk to {search['probe_epochs']} epochs; a short schedule recovers less than the
-full one, so they err on the safe side), the recipe's final sparsity first; the full stage
+full one, so they tend to err on the safe side), the recipe's final sparsity first; the full stage
 pruned to **{search['chosen']:.4f}**.{_margin_line(search)}
 
 {markdown_table(probes, list(probes[0]))}
