@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from deepzip import stages
 from deepzip.data import held_out_indices
 from deepzip.loading import load_model
 from deepzip.render import text_table
@@ -29,14 +30,11 @@ COLUMNS = ["compressed", "loss, all", "loss, decision half", "loss, report half"
 
 
 def correct(path: str, data_dir: str) -> torch.Tensor:
-    """1 where the model classifies a test image right, in the test set's order."""
+    """1 where the model classifies a test image right, in the test set's order (the task
+    holds no validation data, so its decision data is the test set)."""
     task = image_task("cifar10", data_dir)
     model, spec = load_model(path, task=task)
-    hits = []
-    with torch.inference_mode():
-        for x, y in task.eval_loader(mean=spec.mean, std=spec.std):
-            hits.append((model(x).argmax(1) == y).float())
-    return torch.cat(hits)
+    return stages.outcomes(model, task, spec)
 
 
 def main() -> None:
