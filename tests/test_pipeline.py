@@ -365,6 +365,30 @@ def test_margin_se_holds_each_loss_plus_its_standard_error_against_the_budget(tm
         Recipe(margin_se=1.0).validate()
 
 
+def test_the_sparsity_search_leaves_the_margin_to_the_final_confirmation(tmp_path):
+    """With margin_se, a sparsity probe may spend loss_share of what its margin leaves of
+    max_loss (not its loss plus the margin against the share), so the margin is counted
+    once, by the confirmation after the sharing, whatever the share."""
+    from deepzip.pipeline import compress
+    from deepzip.recipe import AGPStage, PruneStage, QuantizeStage, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    model, task, _ = _tiny_classification(out)
+    recipe = Recipe(name="search", max_loss=4.0, margin_se=1.0, prune=PruneStage(
+        schedule="agp", agp=AGPStage(final=0.97, epochs=2, end_epoch=1, frequency=1,
+                                     search_from=0.3, probe_epochs=1, search_steps=1,
+                                     loss_share=0.5), train={"lr": 0.05, "precision": "fp32"}),
+        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
+    compress(model, task, recipe, out=out, log=lambda _: None)
+    search = json.loads((out / "prune" / "search.json").read_text())
+    assert any(p["margin"] > 0 for p in search["probes"])
+    for p in search["probes"]:
+        assert p["limit"] == pytest.approx(0.5 * (4.0 - p["margin"]))
+        assert p["within"] == (p["loss"] <= p["limit"])
+    assert "what its margin" in " ".join((out / "report.md").read_text().split())
+
+
 def test_max_loss_needs_validation_data(tmp_path):
     from torch import nn
 

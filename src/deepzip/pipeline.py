@@ -286,8 +286,10 @@ class Pipeline:
     def _sparsity(self, model: nn.Module, spec: ModelSpec) -> tuple[AGPStage, dict[str, Any]]:
         """``max_loss`` with ``prune.agp.search_from``: the highest final sparsity whose
         probe (a copy of the model pruned by the schedule shrunk to ``probe_epochs``) loses
-        at most ``loss_share`` of the budget on validation data. A short schedule recovers
-        less than the full one, so the probes tend to err on the safe side."""
+        at most ``loss_share`` of the budget on validation data: of what the margin leaves
+        of it, since the final confirmation must still fit the margin after the sharing.
+        A short schedule recovers less than the full one, so the probes tend to err on the
+        safe side."""
         a, max_loss = self.recipe.prune.agp, self.recipe.max_loss
         assert a is not None and a.search_from is not None and max_loss is not None
         base = self.state["stages"]["baseline"]["val_score"]
@@ -304,23 +306,26 @@ class Pipeline:
             bake_(trial)
             value = self._score(trial, spec)
             lost, extra = stages.loss_points(self.task, base, value), self._margin(trial, spec)
-            ok = lost + extra <= limit
+            allowed = a.loss_share * (max_loss - extra)
+            ok = lost <= allowed
             probes.append({"sparsity": sparsity, "score": value, "loss": lost, "margin": extra,
-                           "within": ok})
+                           "limit": allowed, "within": ok})
             self.log(f"[prune] probe at sparsity {sparsity:.4f}: {self.task.metric.name} "
                      f"{value:.4f} (loss {lost:.3f}"
-                     + (f" + margin {extra:.3f}" if extra else "") + ")" + (" ok" if ok else ""))
+                     + (f", limit {allowed:.3f} after margin {extra:.3f}" if extra else "")
+                     + ")" + (" ok" if ok else ""))
             return ok
 
         def search() -> dict[str, Any]:
             self.log(f"[prune] searching the highest sparsity in [{a.search_from}, "
                      f"{a.final}] within {limit:g} of the baseline's validation "
-                     f"{self.task.metric.name} {base:.4f} ({a.loss_share:g} of max_loss), "
-                     f"probes of {a.probe_epochs} epochs")
+                     f"{self.task.metric.name} {base:.4f} ({a.loss_share:g} of max_loss"
+                     + (", less each probe's margin" if self.recipe.margin_se else "")
+                     + f"), probes of {a.probe_epochs} epochs")
             chosen = stages.bisect(passes, safe=a.search_from, bold=a.final,
                                    steps=a.search_steps, bold_first=True)
             if not any(p["within"] for p in probes):
-                self.log(f"[prune] no probe within {limit:g}: pruning to the lowest, {chosen}")
+                self.log(f"[prune] no probe within its limit: pruning to the lowest, {chosen}")
             if is_main_process():
                 shutil.rmtree(self.out / "prune" / "probes", ignore_errors=True)
             return {"max_loss": max_loss, "margin_se": self.recipe.margin_se,

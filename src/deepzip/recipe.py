@@ -451,7 +451,8 @@ HELP = {
                              "[search_from, final] whose probe stays within loss_share of "
                              "max_loss on validation data (final is tried first); the sharing "
                              "search then spends what is left",
-    "prune.agp.loss_share": "the part of max_loss the pruning may spend (search_from)",
+    "prune.agp.loss_share": "the part of max_loss the pruning may spend (search_from); "
+                            "with margin_se, of what each probe's margin leaves of it",
     "prune.agp.probe_epochs": "each probe of the sparsity search: a copy of the model "
                               "pruned by the schedule shrunk to this many epochs",
     "prune.agp.search_steps": "halvings of the sparsity interval after its two ends",

@@ -337,7 +337,12 @@ def _search_section(search: dict[str, Any] | None, metric: str) -> str:
         return ""
     probes = _with_margin([{"sparsity": p["sparsity"], f"validation {metric}": p["score"],
                             "loss": p["loss"], "margin": p.get("margin", 0.0),
-                            "within": p["within"]} for p in search["probes"]])
+                            "limit": p.get("limit", search["limit"]), "within": p["within"]}
+                           for p in search["probes"]])
+    margin = ("" if not search.get("margin_se") else
+              f" Each probe's limit is that share of what its margin ({search['margin_se']:g} "
+              "standard errors of its loss, paired over the validation examples) leaves of "
+              "`max_loss`: the margin is kept for the final confirmation, after the sharing.")
     return f"""
 ## The sparsity search
 
@@ -346,7 +351,7 @@ The pruning may spend {search['loss_share']:g} of `max_loss` {search['max_loss']
 ({search['baseline_val_score']:.4f}). Probes (each prunes a copy of the model by the
 schedule shrunk to {search['probe_epochs']} epochs; a short schedule recovers less than the
 full one, so they tend to err on the safe side), the recipe's final sparsity first; the full stage
-pruned to **{search['chosen']:.4f}**.{_margin_line(search)}
+pruned to **{search['chosen']:.4f}**.{margin}
 
 {markdown_table(probes, list(probes[0]))}
 """
@@ -387,10 +392,11 @@ def _margin_line(search: dict[str, Any]) -> str:
 
 def _with_margin(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A search's rows, their margin column (``margin_se`` standard errors of each loss,
-    added before the comparison) kept only where a run used one."""
+    added before the comparison) and a sparsity probe's limit (which its margin lowers)
+    kept only where a run used a margin."""
     if any(r["margin"] for r in rows):
         return rows
-    return [{k: v for k, v in r.items() if k != "margin"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("margin", "limit")} for r in rows]
 
 
 def _blank(v: Any) -> Any:
