@@ -314,8 +314,8 @@ def test_max_loss_with_search_from_chooses_the_sparsity_on_validation_data(tmp_p
     model, task, test = _tiny_classification(out)
     recipe = Recipe(name="search", max_loss=4.0, prune=PruneStage(
         schedule="agp", agp=AGPStage(final=0.97, epochs=4, end_epoch=2, frequency=1,
-                                     search_from=0.3, probe_epochs=2, search_steps=2,
-                                     loss_share=0.5), train={"lr": 0.05, "precision": "fp32"}),
+                                     search_from=0.3, probe_epochs=2, search_steps=2),
+        loss_share=0.5, train={"lr": 0.05, "precision": "fp32"}),
         quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
     result = compress(model, task, recipe, out=out, log=lambda _: None)
     prune = result.report["stages"]["prune"]
@@ -377,8 +377,8 @@ def test_the_sparsity_search_leaves_the_margin_to_the_final_confirmation(tmp_pat
     model, task, _ = _tiny_classification(out)
     recipe = Recipe(name="search", max_loss=4.0, margin_se=1.0, prune=PruneStage(
         schedule="agp", agp=AGPStage(final=0.97, epochs=2, end_epoch=1, frequency=1,
-                                     search_from=0.3, probe_epochs=1, search_steps=1,
-                                     loss_share=0.5), train={"lr": 0.05, "precision": "fp32"}),
+                                     search_from=0.3, probe_epochs=1, search_steps=1),
+        loss_share=0.5, train={"lr": 0.05, "precision": "fp32"}),
         quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
     compress(model, task, recipe, out=out, log=lambda _: None)
     search = json.loads((out / "prune" / "search.json").read_text())
@@ -386,7 +386,42 @@ def test_the_sparsity_search_leaves_the_margin_to_the_final_confirmation(tmp_pat
     for p in search["probes"]:
         assert p["limit"] == pytest.approx(0.5 * (4.0 - p["margin"]))
         assert p["within"] == (p["loss"] <= p["limit"])
-    assert "what its margin" in " ".join((out / "report.md").read_text().split())
+    assert "what the model's margin" in " ".join((out / "report.md").read_text().split())
+
+
+def test_stop_over_budget_keeps_the_last_pruning_step_within_its_part_of_max_loss(
+        tmp_path):
+    """Iterative pruning with stop_over_budget scores each step's retrained model on
+    validation data; the first over loss_share of what its margin leaves of max_loss is
+    undone, no later step runs, and the stage delivers the step before it."""
+    from deepzip.pipeline import compress
+    from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    model, task, test = _tiny_classification(out)
+    recipe = Recipe(name="steps", max_loss=10.0, margin_se=1.0, prune=PruneStage(
+        schedule="iterative", stop_over_budget=True, train={"lr": 0.05, "precision": "fp32"},
+        steps=[PruneStep("global", 0.3, 1), PruneStep("global", 0.995, 1),
+               PruneStep("global", 0.999, 1)]),
+        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
+    log: list[str] = []
+    prune = compress(model, task, recipe, out=out, log=log.append).report["stages"]["prune"]
+    rows = prune["search"]["probes"]
+    assert [r["step"] for r in rows] == [1, 2] and prune["search"]["kept_step"] == 1
+    assert rows[0]["within"] and not rows[1]["within"] and rows[0]["margin"] > 0
+    for r in rows:
+        assert r["limit"] == pytest.approx(0.5 * (10.0 - r["margin"]))
+        assert r["within"] == (r["loss"] <= r["limit"])
+    assert prune["sparsity"] == pytest.approx(rows[0]["sparsity"]) == pytest.approx(0.3, abs=0.01)
+    assert not any("step 3/3" in line for line in log)
+    assert "step 1 kept" in (out / "report.md").read_text()
+    assert "model.dzip" in test.first
+    with pytest.raises(DeepzipError, match="different recipe"):  # the steps read max_loss
+        compress(model, task, dataclasses.replace(recipe, max_loss=9.0), out=out,
+                 log=lambda _: None)
+    with pytest.raises(DeepzipError, match="stop_over_budget needs"):
+        dataclasses.replace(recipe, max_loss=None, margin_se=0.0).validate()
 
 
 def test_max_loss_needs_validation_data(tmp_path):

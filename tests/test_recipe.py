@@ -19,8 +19,9 @@ def test_every_shipped_recipe_loads_and_round_trips(name):
 
 
 def test_shipped_names_cover_the_folder():
-    assert {"default", "small", "smoke", "lenet300", "lenet5", "seed"} <= set(shipped_recipes())
-    with pytest.raises(DeepzipError, match="shipped recipes: default"):
+    assert {"default", "budget", "small", "smoke", "lenet300", "lenet5", "seed"
+            } <= set(shipped_recipes())
+    with pytest.raises(DeepzipError, match="shipped recipes: .*default"):
         recipe_path("no-such-recipe")
 
 
@@ -32,6 +33,13 @@ def test_shipped_names_cover_the_folder():
     ("prune: {schedule: iterative, steps: [{method: percentile, amount: 0.5, epoch: 3}]}",
      "unknown key"),
     ("prune: {schedule: iterative, steps: []}", "needs prune.steps"),
+    ("prune: {schedule: iterative, stop_over_budget: true, steps: [{amount: 0.5}]}",
+     "stop_over_budget needs"),
+    ("max_loss: 1\nprune: {schedule: agp, stop_over_budget: true, agp: {final: 0.5}}\n"
+     "quantize: {entropy_weight: 10}", "stop_over_budget needs"),
+    ("prune: {schedule: iterative, loss_share: 0, steps: [{amount: 0.5}]}", "loss_share"),
+    ("prune: {schedule: iterative, stop_over_budget: 3, steps: [{amount: 0.5}]}",
+     "stop_over_budget"),
     ("prune: {schedule: agp}", "needs a prune.agp"),
     ("prune: {schedule: none}\nquantize: {bits: 12}", "bits"),
     ("prune: {schedule: none}\nquantize: {bits: five}", "expected int"),

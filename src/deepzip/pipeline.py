@@ -117,7 +117,7 @@ class Pipeline:
             before = {}
         upstream = ("model", "reference", "arch", "normalize", "task", "validation",
                     "validation_from", "seed", "prune")
-        searched = (now["prune"].get("agp") or {}).get("search_from") is not None
+        searched = self.recipe.prune.reads_budget
         budget = ("max_loss", "margin_se")
         if not before or any(before[k] != now[k] for k in upstream) or (
                 searched and any(before[k] != now[k] for k in budget)):
@@ -259,15 +259,7 @@ class Pipeline:
         history: list[dict[str, Any]] = []
         search = None
         if p.schedule == "iterative":
-            for i, step in enumerate(p.steps, 1):
-                self.log(f"[prune] step {i}/{len(p.steps)}: {step.method} {step.amount}, "
-                         f"{step.epochs} epochs of masked retraining")
-                history += stages.prune_step(
-                    model, self.task, spec,
-                    step.config(p.include, p.exclude),
-                    self.recipe.train_config(p.train, step.epochs),
-                    loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / f"step{i}",
-                    desc=f"prune {i}")
+            model, history, search = self._iterative(model, spec)
         elif p.schedule == "agp":
             assert p.agp is not None
             a = p.agp
@@ -283,17 +275,72 @@ class Pipeline:
                      **({"search": search} if search else {}))
         return model, spec
 
+    def _iterative(self, model: nn.Module, spec: ModelSpec
+                   ) -> tuple[nn.Module, list[dict[str, Any]], dict[str, Any] | None]:
+        """Prune and retrain step by step; with ``stop_over_budget``, each step's model is
+        held against the pruning's part of ``max_loss`` and the first over it is undone.
+        Unlike a probe, what is judged is the model the stage delivers."""
+        p = self.recipe.prune
+        history: list[dict[str, Any]] = []
+        judged: list[dict[str, Any]] = []
+        for i, step in enumerate(p.steps, 1):
+            self.log(f"[prune] step {i}/{len(p.steps)}: {step.method} {step.amount}, "
+                     f"{step.epochs} epochs of masked retraining")
+            before = copy.deepcopy(model) if p.stop_over_budget else None
+            history += stages.prune_step(
+                model, self.task, spec,
+                step.config(p.include, p.exclude),
+                self.recipe.train_config(p.train, step.epochs),
+                loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / f"step{i}",
+                desc=f"prune {i}")
+            if before is not None and not self._within_share(
+                    model, spec, judged, f"step {i}", step=i,
+                    sparsity=sparsity_of(model, p.include, p.exclude)):
+                self.log(f"[prune] step {i} is over the pruning's part of max_loss: "
+                         "undone, " + (f"keeping step {i - 1}" if i > 1
+                                       else "the model stays unpruned"))
+                model = before
+                break
+        if not p.stop_over_budget:
+            return model, history, None
+        kept = len(judged) - (not judged[-1]["within"])
+        return model, history, self._share_record(judged, kept_step=kept)
+
+    def _within_share(self, model: nn.Module, spec: ModelSpec, rows: list[dict[str, Any]],
+                      what: str, **row: Any) -> bool:
+        """Is ``model``'s loss on validation data within the pruning's part of the budget:
+        ``prune.loss_share`` of what its margin leaves of ``max_loss`` (the margin is kept
+        for the final confirmation, after the sharing)? The measurement joins ``rows``."""
+        share, max_loss = self.recipe.prune.loss_share, self.recipe.max_loss
+        assert max_loss is not None
+        value = self._score(model, spec)
+        lost = stages.loss_points(self.task, self.state["stages"]["baseline"]["val_score"],
+                                  value)
+        extra = self._margin(model, spec)
+        allowed = share * (max_loss - extra)
+        ok = lost <= allowed
+        rows.append({**row, "score": value, "loss": lost, "margin": extra, "limit": allowed,
+                     "within": ok})
+        self.log(f"[prune] {what}: {self.task.metric.name} {value:.4f} (loss {lost:.3f}"
+                 + (f", limit {allowed:.3f} after margin {extra:.3f}" if extra else "")
+                 + ")" + (" ok" if ok else ""))
+        return ok
+
+    def _share_record(self, rows: list[dict[str, Any]], **found: Any) -> dict[str, Any]:
+        """What the report and a resumed run keep of a search of the pruning's part."""
+        return {"max_loss": self.recipe.max_loss, "margin_se": self.recipe.margin_se,
+                "loss_share": self.recipe.prune.loss_share,
+                "limit": self.recipe.prune.loss_share * self.recipe.max_loss,
+                "baseline_val_score": self.state["stages"]["baseline"]["val_score"],
+                "probes": rows, **found}
+
     def _sparsity(self, model: nn.Module, spec: ModelSpec) -> tuple[AGPStage, dict[str, Any]]:
         """``max_loss`` with ``prune.agp.search_from``: the highest final sparsity whose
-        probe (a copy of the model pruned by the schedule shrunk to ``probe_epochs``) loses
-        at most ``loss_share`` of the budget on validation data: of what the margin leaves
-        of it, since the final confirmation must still fit the margin after the sharing.
-        A short schedule recovers less than the full one, so the probes tend to err on the
-        safe side."""
-        a, max_loss = self.recipe.prune.agp, self.recipe.max_loss
-        assert a is not None and a.search_from is not None and max_loss is not None
-        base = self.state["stages"]["baseline"]["val_score"]
-        limit = a.loss_share * max_loss
+        probe (a copy of the model pruned by the schedule shrunk to ``probe_epochs``) stays
+        within the pruning's part of the budget on validation data. A short schedule
+        recovers less than the full one, so the probes tend to err on the safe side."""
+        a = self.recipe.prune.agp
+        assert a is not None and a.search_from is not None
         scale = a.probe_epochs / a.epochs
         shrunk = dataclasses.replace(a, epochs=a.probe_epochs, start_epoch=a.start_epoch * scale,
                                      end_epoch=a.end_epoch * scale)
@@ -304,34 +351,21 @@ class Pipeline:
             self._agp(trial, spec, dataclasses.replace(shrunk, final=sparsity),
                       self.out / "prune" / "probes" / f"{sparsity:.4f}", quiet=True)
             bake_(trial)
-            value = self._score(trial, spec)
-            lost, extra = stages.loss_points(self.task, base, value), self._margin(trial, spec)
-            allowed = a.loss_share * (max_loss - extra)
-            ok = lost <= allowed
-            probes.append({"sparsity": sparsity, "score": value, "loss": lost, "margin": extra,
-                           "limit": allowed, "within": ok})
-            self.log(f"[prune] probe at sparsity {sparsity:.4f}: {self.task.metric.name} "
-                     f"{value:.4f} (loss {lost:.3f}"
-                     + (f", limit {allowed:.3f} after margin {extra:.3f}" if extra else "")
-                     + ")" + (" ok" if ok else ""))
-            return ok
+            return self._within_share(trial, spec, probes, f"probe at sparsity {sparsity:.4f}",
+                                      sparsity=sparsity)
 
         def search() -> dict[str, Any]:
             self.log(f"[prune] searching the highest sparsity in [{a.search_from}, "
-                     f"{a.final}] within {limit:g} of the baseline's validation "
-                     f"{self.task.metric.name} {base:.4f} ({a.loss_share:g} of max_loss"
-                     + (", less each probe's margin" if self.recipe.margin_se else "")
-                     + f"), probes of {a.probe_epochs} epochs")
+                     f"{a.final}] within {self.recipe.prune.loss_share:g} of max_loss"
+                     + (" (less each probe's margin)" if self.recipe.margin_se else "")
+                     + f", probes of {a.probe_epochs} epochs")
             chosen = stages.bisect(passes, safe=a.search_from, bold=a.final,
                                    steps=a.search_steps, bold_first=True)
             if not any(p["within"] for p in probes):
                 self.log(f"[prune] no probe within its limit: pruning to the lowest, {chosen}")
             if is_main_process():
                 shutil.rmtree(self.out / "prune" / "probes", ignore_errors=True)
-            return {"max_loss": max_loss, "margin_se": self.recipe.margin_se,
-                    "loss_share": a.loss_share, "limit": limit,
-                    "baseline_val_score": base, "probe_epochs": a.probe_epochs,
-                    "probes": probes, "chosen": chosen}
+            return self._share_record(probes, probe_epochs=a.probe_epochs, chosen=chosen)
 
         found = self._kept(self.out / "prune" / "search.json", "sparsity search", search)
         return dataclasses.replace(a, final=found["chosen"]), found

@@ -52,7 +52,6 @@ class AGPStage:
     per_layer: dict[str, float] = field(default_factory=dict)
     sensitivity_max_drop: float | None = None  # derive per_layer targets from a scan
     search_from: float | None = None  # with max_loss: search the sparsity in [this, final]
-    loss_share: float = 0.5  # the part of max_loss the pruning may spend
     probe_epochs: int = 4  # each probe of the search: the schedule shrunk to this many epochs
     search_steps: int = 3  # halvings of the interval after its two ends
 
@@ -74,6 +73,14 @@ class PruneStage:
     exclude: list[str] = field(default_factory=list)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     distill: Distill | None = None
+    stop_over_budget: bool = False  # iterative, with max_loss: keep the last step within it
+    loss_share: float = 0.5  # the part of max_loss the pruning may spend (either search)
+
+    @property
+    def reads_budget(self) -> bool:
+        """Whether the pruning reads ``max_loss`` (a changed budget must redo it)."""
+        return self.stop_over_budget or (self.schedule == "agp" and self.agp is not None
+                                         and self.agp.search_from is not None)
 
 
 @dataclass
@@ -174,9 +181,13 @@ class Recipe:
                     self.max_loss is not None and 0 <= a.search_from < a.final):
                 problems.append("prune.agp.search_from needs max_loss and must be in "
                                 "[0, final)")
-            if not (0 < a.loss_share <= 1 and a.probe_epochs >= 1 and a.search_steps >= 0):
-                problems.append("prune.agp needs 0 < loss_share <= 1, probe_epochs >= 1 "
-                                "and search_steps >= 0")
+            if not (a.probe_epochs >= 1 and a.search_steps >= 0):
+                problems.append("prune.agp needs probe_epochs >= 1 and search_steps >= 0")
+        if p.stop_over_budget and not (p.schedule == "iterative" and self.max_loss is not None):
+            problems.append("prune.stop_over_budget needs the iterative schedule and max_loss")
+        if not (isinstance(p.stop_over_budget, bool) and 0 < p.loss_share <= 1):
+            problems.append("prune needs stop_over_budget true or false and "
+                            "0 < loss_share <= 1")
         for d in (p.distill, q.distill if q else None):
             if d is not None and (not 0 <= d.alpha <= 1 or d.temperature <= 0):
                 problems.append("distill needs 0 <= alpha <= 1 and temperature > 0")
@@ -448,11 +459,9 @@ HELP = {
                                  "positions, some accuracy)",
     "prune.agp.per_layer": "name pattern -> final sparsity of matching layers",
     "prune.agp.search_from": "with max_loss: choose the final sparsity, the highest in "
-                             "[search_from, final] whose probe stays within loss_share of "
-                             "max_loss on validation data (final is tried first); the sharing "
-                             "search then spends what is left",
-    "prune.agp.loss_share": "the part of max_loss the pruning may spend (search_from); "
-                            "with margin_se, of what each probe's margin leaves of it",
+                             "[search_from, final] whose probe stays within prune.loss_share "
+                             "of max_loss on validation data (final is tried first); the "
+                             "sharing search then spends what is left",
     "prune.agp.probe_epochs": "each probe of the sparsity search: a copy of the model "
                               "pruned by the schedule shrunk to this many epochs",
     "prune.agp.search_steps": "halvings of the sparsity interval after its two ends",
@@ -466,6 +475,12 @@ HELP = {
     "prune.distill": "retrain against the reference's soft outputs",
     "prune.distill.alpha": "weight of the distillation term",
     "prune.distill.temperature": "softmax temperature of both models",
+    "prune.stop_over_budget": "iterative, with max_loss: score each step's model on "
+                              "validation data; the first over loss_share of max_loss is "
+                              "undone and the pruning stops with the step before it",
+    "prune.loss_share": "the part of max_loss the pruning may spend (stop_over_budget, "
+                        "agp.search_from); with margin_se, of what each model's margin "
+                        "leaves of it",
     "quantize": "the weight-sharing stage (null: none)",
     "quantize.bits": "cluster bits per layer (at most 2^bits shared values; a cap when "
                      "entropy-constrained)",

@@ -332,28 +332,38 @@ scales and buffers).
 
 
 def _search_section(search: dict[str, Any] | None, metric: str) -> str:
-    """The sparsity search of a run with ``max_loss`` and ``prune.agp.search_from``."""
+    """How the pruning chose its sparsity within its part of ``max_loss``: the probes of
+    ``prune.agp.search_from``, or the judged steps of ``prune.stop_over_budget``."""
     if not search:
         return ""
-    probes = _with_margin([{"sparsity": p["sparsity"], f"validation {metric}": p["score"],
-                            "loss": p["loss"], "margin": p.get("margin", 0.0),
-                            "limit": p.get("limit", search["limit"]), "within": p["within"]}
-                           for p in search["probes"]])
+    steps = "kept_step" in search
+    rows = _with_margin([{**({"step": p["step"]} if steps else {}), "sparsity": p["sparsity"],
+                          f"validation {metric}": p["score"], "loss": p["loss"],
+                          "margin": p.get("margin", 0.0),
+                          "limit": p.get("limit", search["limit"]), "within": p["within"]}
+                         for p in search["probes"]])
     margin = ("" if not search.get("margin_se") else
-              f" Each probe's limit is that share of what its margin ({search['margin_se']:g} "
+              f" Each limit is that share of what the model's margin ({search['margin_se']:g} "
               "standard errors of its loss, paired over the validation examples) leaves of "
               "`max_loss`: the margin is kept for the final confirmation, after the sharing.")
+    if steps:
+        how = ("Each step's model, pruned and retrained, was scored on validation data; the "
+               "first over its limit was undone and the pruning stopped: **"
+               + (f"step {search['kept_step']} kept" if search["kept_step"] else
+                  "no step kept, the model stays unpruned") + "**.")
+    else:
+        how = (f"Probes (each prunes a copy of the model by the schedule shrunk to "
+               f"{search['probe_epochs']} epochs; a short schedule recovers less than the full "
+               "one, so they tend to err on the safe side), the recipe's final sparsity first; "
+               f"the full stage pruned to **{search['chosen']:.4f}**.")
     return f"""
 ## The sparsity search
 
 The pruning may spend {search['loss_share']:g} of `max_loss` {search['max_loss']}: at most
 {search['limit']:g} against the baseline's validation {metric}
-({search['baseline_val_score']:.4f}). Probes (each prunes a copy of the model by the
-schedule shrunk to {search['probe_epochs']} epochs; a short schedule recovers less than the
-full one, so they tend to err on the safe side), the recipe's final sparsity first; the full stage
-pruned to **{search['chosen']:.4f}**.{margin}
+({search['baseline_val_score']:.4f}). {how}{margin}
 
-{markdown_table(probes, list(probes[0]))}
+{markdown_table(rows, list(rows[0]))}
 """
 
 
