@@ -63,3 +63,14 @@ deepzip run experiments/recipes/kern3f.yaml --data-dir "$DATA" --out runs/kern3f
       '^(file:|other)' --raw-dtype "$raw" --codebook-dtype int8
   done
 } | tee $OUT/grid-tolerance.txt
+
+# 4. Short probes of the default's gradual schedule (4 of its 40 epochs) on the data a
+# budget decides on: their losses, against the full stage's in results/default. The run
+# is stopped once the search has logged them (the full stage after it is not needed).
+{
+  echo "\$ deepzip run experiments/recipes/agp-probes.yaml --data-dir $DATA --out runs/agp-probes"
+  rm -rf runs/agp-probes
+  deepzip run experiments/recipes/agp-probes.yaml --data-dir "$DATA" --out runs/agp-probes \
+    2>&1 | grep --line-buffered -E "^\[baseline\]|^\[prune\] (searching|probe|no probe|gradual)|epoch 4/4" \
+    | sed '/gradual pruning to/q' || true
+} | tee $OUT/agp-probes.txt
