@@ -230,8 +230,35 @@ def test_a_recipe_asking_for_validation_needs_a_task_that_holds_some_out(tmp_pat
     from deepzip.recipe import Recipe
 
     loader = [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]
-    with pytest.raises(DeepzipError, match="holds none out"):
-        compress(nn.Linear(8, 3), (loader, loader), Recipe(validation=10), out=tmp_path / "r")
+    with pytest.raises(DeepzipError, match="cannot hold 10 validation examples out of its "
+                       "test loader .* pass Task.from_loaders"):
+        compress(nn.Linear(8, 3), (loader, loader), Recipe(validation=10,
+                 validation_from="test"), out=tmp_path / "r")
+
+
+def test_a_pair_of_dataloaders_gets_its_validation_data_held_out_by_the_recipe(tmp_path):
+    """validation: N with validation_from: test holds N examples of a user's own test
+    DataLoader out (a fixed seed), so max_loss and the budget recipe work on any model and
+    data; the report is read on the rest."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deepzip.pipeline import compress
+    from deepzip.recipe import PruneStage, QuantizeStage, Recipe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(448, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    train = DataLoader(TensorDataset(x[:256], y[:256]), batch_size=64, shuffle=True)
+    test = DataLoader(TensorDataset(x[256:], y[256:]), batch_size=64)
+    recipe = Recipe(name="pair", validation=96, validation_from="test", max_loss=5.0,
+                    prune=PruneStage(schedule="none"),
+                    quantize=QuantizeStage(bits=4, entropy_weight=20, probe_epochs=0))
+    report = compress(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)),
+                      (train, test), recipe, out=tmp_path / "run", log=lambda _: None).report
+    assert report["summary"]["validation_examples"] == 96
+    assert "96 of the user's test examples held out" in report["summary"]["validation_data"]
+    assert report["stages"]["verify"]["examples"] == 192 - 96
 
 
 @pytest.mark.parametrize("source", ["train", "test"])

@@ -296,3 +296,30 @@ def test_image_tasks_hold_out_validation_images_from_training_only(data_root):
     assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
     assert sum(len(y) for _, y in a.train_loader(1000, 0)) == 55_000
     assert a.eval_size == plain.eval_size == 10_000
+
+
+def test_a_task_of_dataloaders_holds_validation_out_of_either_loader():
+    """Task.holding_out: the held-out examples and the rest are disjoint and together the
+    loader's dataset, drawn by the shipped tasks' fixed seed; loaders over no sized
+    dataset, or a task that has validation data, are refused in one line."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deepzip.data import held_out_indices
+
+    x = torch.arange(100, dtype=torch.float32).view(-1, 1)
+    train = DataLoader(TensorDataset(x, x.long().view(-1)), batch_size=16, shuffle=True)
+    test = DataLoader(TensorDataset(x + 1000, x.long().view(-1)), batch_size=16)
+    task = Task.from_loaders(train, test)
+    values = lambda loader: sorted(int(v) for b, _ in loader for v in b.view(-1))  # noqa: E731
+    held = task.holding_out(30, "test")
+    assert held.val_size == 30 and held.eval_size == 70 and held.train is train
+    assert values(held.val) == [1000 + i for i in held_out_indices(100, 30)[1].tolist()]
+    assert sorted(values(held.val) + values(held.eval)) == values(test)
+    assert "30 of the user's test examples" in held.val_description
+    from_train = task.holding_out(20, "train")
+    assert from_train.eval is test and len(values(from_train.train)) == 80
+    assert sorted(values(from_train.val) + values(from_train.train)) == values(train)
+    with pytest.raises(DeepzipError, match="holds validation data already"):
+        held.holding_out(10)
+    with pytest.raises(DeepzipError, match="no DataLoader over a sized dataset"):
+        Task.from_loaders([(x, x)], [(x, x)]).holding_out(10)

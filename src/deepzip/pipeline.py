@@ -62,6 +62,8 @@ class Pipeline:
     def __init__(self, recipe: Recipe, out_dir: str | Path, task: Task,
                  log: Callable[[str], None] = print, *, model: nn.Module | None = None,
                  spec: ModelSpec | None = None, device: torch.device | None = None) -> None:
+        if recipe.validation and task.val is None:
+            task = task.holding_out(recipe.validation, recipe.validation_from)
         self.recipe, self.out, self.task = recipe, Path(out_dir), task
         self.device = device or default_device()
         self.log = log if is_main_process() else (lambda _msg: None)
@@ -75,11 +77,6 @@ class Pipeline:
             raise DeepzipError(f"max_loss decides on validation data, and task {task.name!r} "
                                "holds none out: set validation: N (shipped tasks) or pass "
                                "Task.from_loaders(train, test, val=...)")
-        if recipe.validation and task.val is None:
-            raise DeepzipError(f"recipe {recipe.name!r} asks for {recipe.validation} "
-                               f"validation examples, but task {task.name!r} holds none out "
-                               "(pass Task.from_loaders(..., val=...), or a task function "
-                               "that takes validation=)")
         if task.val is not None and model is None and recipe.model in PRETRAINED \
                 and recipe.validation_from == "train":
             self.log(f"[note] the shipped {recipe.model} was trained on every training "

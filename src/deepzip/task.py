@@ -278,6 +278,45 @@ class Task:
                    description=description or f"{name}: the user's evaluation loader"
                    + (f" ({size:,} examples)" if size else ""))
 
+    def holding_out(self, n: int, source: str = "test") -> Task:
+        """This task with ``n`` examples of its test (``source="test"``) or training loader
+        held out as validation data, drawn by a fixed seed as the shipped tasks draw
+        theirs; the loader they came from keeps the rest. For plain DataLoaders over
+        sized (map-style) datasets; other loaders must pass ``val`` themselves."""
+        from torch.utils.data import DataLoader, RandomSampler, Subset
+
+        from .data import held_out_indices
+
+        if source not in VALIDATION_FROM:
+            raise DeepzipError(f"validation_from must be one of {', '.join(VALIDATION_FROM)}"
+                               f", got {source!r}")
+        loader = self.eval if source == "test" else self.train
+        size = _dataset_size(loader) if isinstance(loader, DataLoader) else None
+        if self.val is not None or not size or not hasattr(loader.dataset, "__getitem__"):
+            raise DeepzipError(
+                f"task {self.name!r} cannot hold {n} validation examples out of its "
+                f"{'test' if source == 'test' else 'training'} loader (it "
+                + ("holds validation data already" if self.val is not None else
+                   "is no DataLoader over a sized dataset")
+                + "): pass Task.from_loaders(train, test, val=...)")
+        kept, held = held_out_indices(size, n)
+
+        def part(idx: torch.Tensor) -> DataLoader:
+            return DataLoader(Subset(loader.dataset, idx.tolist()),
+                              batch_size=loader.batch_size,
+                              shuffle=isinstance(loader.sampler, RandomSampler),
+                              collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                              drop_last=loader.drop_last, pin_memory=loader.pin_memory)
+
+        where = "test" if source == "test" else "training"
+        rest = {"eval": part(kept), "eval_size": len(kept)} if source == "test" else {
+            "train": part(kept)}
+        return dataclasses.replace(
+            self, val=part(held), val_size=n, **rest,
+            val_description=f"{n:,} of the user's {where} examples held out by a fixed seed",
+            description=self.description + (
+                f" less the {n:,} validation holds out" if source == "test" else ""))
+
     def train_loader(self, batch_size: int, seed: int, *, mean: tuple[float, ...] | None = None,
                      std: tuple[float, ...] | None = None, channels_last: bool = False
                      ) -> Iterable[Batch]:
