@@ -292,25 +292,26 @@ class Task:
                                f", got {source!r}")
         loader = self.eval if source == "test" else self.train
         size = _dataset_size(loader) if isinstance(loader, DataLoader) else None
-        if self.val is not None or not size or not hasattr(loader.dataset, "__getitem__"):
+        if self.val is not None or not size or loader.batch_size is None \
+                or not hasattr(loader.dataset, "__getitem__"):
             raise DeepzipError(
                 f"task {self.name!r} cannot hold {n} validation examples out of its "
                 f"{'test' if source == 'test' else 'training'} loader (it "
                 + ("holds validation data already" if self.val is not None else
-                   "is no DataLoader over a sized dataset")
+                   "is no batching DataLoader over a sized dataset")
                 + "): pass Task.from_loaders(train, test, val=...)")
         kept, held = held_out_indices(size, n)
 
-        def part(idx: torch.Tensor) -> DataLoader:
+        def part(idx: torch.Tensor, shuffle: bool = False) -> DataLoader:
+            """Validation keeps one order: margins pair each example's two scores."""
             return DataLoader(Subset(loader.dataset, idx.tolist()),
-                              batch_size=loader.batch_size,
-                              shuffle=isinstance(loader.sampler, RandomSampler),
+                              batch_size=loader.batch_size, shuffle=shuffle,
                               collate_fn=loader.collate_fn, num_workers=loader.num_workers,
                               drop_last=loader.drop_last, pin_memory=loader.pin_memory)
 
         where = "test" if source == "test" else "training"
         rest = {"eval": part(kept), "eval_size": len(kept)} if source == "test" else {
-            "train": part(kept)}
+            "train": part(kept, isinstance(loader.sampler, RandomSampler))}
         return dataclasses.replace(
             self, val=part(held), val_size=n, **rest,
             val_description=f"{n:,} of the user's {where} examples held out by a fixed seed",
