@@ -123,6 +123,21 @@ def test_bisect_finds_the_boldest_setting_that_passes_from_either_end(bold_first
     assert bisect(lambda _: True, safe=0.5, bold=0.9, steps=3, bold_first=True) == 0.9
 
 
+def test_a_retry_after_a_near_miss_steps_up_the_probes_calibrated_by_the_full_stage():
+    """The probes and the confirmation of a ResNet-20 budget run: the full stage at 2.305
+    bits lost 0.172 more than its probe, so 2.391 (0.881 + 0.172 > 1) would miss too and
+    2.562 fits; with no probe that fits, halfway to the cap."""
+    probes = [{"target_bits": b, "loss": loss, "margin": m} for b, loss, m in [
+        (6.0, -0.12, 0.483), (3.25, -0.10, 0.465), (1.875, 0.54, 0.556),
+        (2.562, 0.0, 0.506), (2.219, 0.60, 0.551), (2.391, 0.36, 0.521),
+        (2.305, 0.30, 0.529)]]
+    failed = {"target_bits": 2.305, "loss": 0.46, "margin": 0.541}
+    assert stages.retry_budget(probes, failed, 1.0, 6.0) == 2.562
+    assert stages.retry_budget(probes, {**failed, "loss": 0.40}, 1.0, 6.0) == 2.391
+    assert stages.retry_budget(probes, {**failed, "loss": 1.5}, 1.0, 6.0) == (2.305 + 6) / 2
+    assert stages.retry_budget([], failed, 1.0, 6.0) == (2.305 + 6) / 2
+
+
 def test_per_example_scores_and_the_paired_standard_error_of_a_loss():
     """The decision data's per-example scores average to the metric; the standard error
     of a loss counts only the examples on which the two models differ."""

@@ -447,7 +447,8 @@ class Pipeline:
             if budget is None or self._confirmed(budget, score["val_score"], qcfg.target_bits,
                                                  q.bits, self._margin(model, spec)):
                 break
-            qcfg = dataclasses.replace(qcfg, target_bits=(qcfg.target_bits + q.bits) / 2)
+            qcfg = dataclasses.replace(qcfg, target_bits=stages.retry_budget(
+                budget["probes"], budget["confirmed"][-1], budget["max_loss"], q.bits))
             self.log(f"[quantize] over budget: once more at {qcfg.target_bits:.3f} bits")
             model = copy.deepcopy(pruned)
             if is_main_process():

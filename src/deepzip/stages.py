@@ -31,8 +31,8 @@ from .task import Task, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Shared", "bisect", "decision_loader", "decision_score", "encode", "eval_loader",
-           "loss_points", "loss_se", "outcomes", "prune_step", "score", "search_budget", "share",
-           "train_loader", "training", "with_fisher"]
+           "loss_points", "loss_se", "outcomes", "prune_step", "retry_budget", "score",
+           "search_budget", "share", "train_loader", "training", "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -241,6 +241,22 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
         return ok
 
     return bisect(run, safe=float(config.bits), bold=low, steps=steps), probes
+
+
+def retry_budget(probes: list[dict[str, Any]], failed: dict[str, Any], max_loss: float,
+                 cap: float) -> float:
+    """The sharing budget to run the full stage at once more after it went over
+    ``max_loss`` at ``failed`` (a confirmation: ``target_bits``, ``loss``, ``margin``).
+    The probes are calibrated against that one full stage: the smallest probed budget
+    above it that stays within ``max_loss`` once the full stage's excess over its own
+    probe is added; with none, halfway to the ``cap``. A near miss then costs a step up
+    the probes, not a file twice the size."""
+    bits = failed["target_bits"]
+    own = [p["loss"] + p["margin"] for p in probes if p["target_bits"] == bits]
+    excess = max(0.0, failed["loss"] + failed["margin"] - own[0]) if own else 0.0
+    fits = [p["target_bits"] for p in probes
+            if p["target_bits"] > bits and p["loss"] + p["margin"] + excess <= max_loss]
+    return min(fits, default=(bits + cap) / 2)
 
 
 def bisect(passes: Callable[[float], bool], *, safe: float, bold: float, steps: int,
