@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The ablations behind docs/results.md: what each lever of the default and small recipes
-# buys, measured on the default's pruned ResNet-20s (runs/default and runs/default-seed1,
-# which experiments/regenerate.sh makes first). Writes results/ablations/*.txt; each run is
+# The ablations behind docs/results.md: what each lever of the agp90 and small recipes
+# buys, measured on agp90's pruned ResNet-20s (runs/agp90 and runs/agp90-seed1, which
+# experiments/regenerate.sh makes first). Writes results/ablations/*.txt; each run is
 # resumable, so rerunning skips finished work.
 #   bash experiments/ablations.sh [DATA_DIR]
 set -euo pipefail
@@ -10,8 +10,8 @@ DATA=${1:-../shared/data}
 OUT=results/ablations
 mkdir -p runs/levers $OUT
 
-from_pruned() {  # from_pruned RECIPE SEED: reshare the default's pruned model of that seed
-  local src=runs/default; [ "$2" = 1 ] && src=runs/default-seed1
+from_pruned() {  # from_pruned RECIPE SEED: reshare agp90's pruned model of that seed
+  local src=runs/agp90; [ "$2" = 1 ] && src=runs/agp90-seed1
   if [ ! -f "runs/$1-s$2/state.json" ]; then
     mkdir -p "runs/$1-s$2" && cp -r $src/prune $src/state.json "runs/$1-s$2/"
   fi
@@ -26,13 +26,13 @@ encode_and_eval() {  # encode_and_eval CHECKPOINT FILE GREP ARGS...: bytes, then
   deepzip eval "$f" --data-dir "$DATA"
 }
 
-# 1. Clustering and position codes on the default's pruned models, no training.
-python experiments/levers.py runs/default-seed1/prune/model.pt --data-dir "$DATA" \
-  --out $OUT/default-seed1-pruned.txt
-python experiments/levers.py runs/default/prune/model.pt --data-dir "$DATA" --tables 3 \
+# 1. Clustering and position codes on agp90's pruned models, no training.
+python experiments/levers.py runs/agp90-seed1/prune/model.pt --data-dir "$DATA" \
+  --out $OUT/agp90-seed1-pruned.txt
+python experiments/levers.py runs/agp90/prune/model.pt --data-dir "$DATA" --tables 3 \
   --out $OUT/sensitivity.txt
 
-# 2. Sharing variants from the default's pruned models (only quantize, encode, verify run).
+# 2. Sharing variants from agp90's pruned models (only quantize, encode, verify run).
 for r in q320 qat320 qat500 qat80 qatlong320 budP budF defF; do from_pruned $r 0; done
 from_pruned budF 1 && from_pruned defF 1
 {
@@ -64,8 +64,8 @@ deepzip run experiments/recipes/kern3f.yaml --data-dir "$DATA" --out runs/kern3f
   done
 } | tee $OUT/grid-tolerance.txt
 
-# 4. Short probes of the default's gradual schedule (4 of its 40 epochs) on the data a
-# budget decides on: their losses, against the full stage's in results/default. The run
+# 4. Short probes of agp90's gradual schedule (4 of its 40 epochs) on the data a budget
+# decides on: their losses, against the full stage's in results/agp90. The run
 # is stopped once the search has logged them (the full stage after it is not needed).
 {
   echo "\$ deepzip run experiments/recipes/agp-probes.yaml --data-dir $DATA --out runs/agp-probes"

@@ -1,6 +1,6 @@
 """Where a pruned model's bytes can still come from: each lever, measured.
 
-    python experiments/levers.py runs/default-seed1/prune/model.pt --data-dir ../shared/data
+    python experiments/levers.py runs/agp90-seed1/prune/model.pt --data-dir ../shared/data
 
 On one pruned checkpoint (no training, so each row takes one evaluation); part of
 ``experiments/ablations.sh``.

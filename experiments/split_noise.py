@@ -1,7 +1,7 @@
 """How far a loss measured on one half of a test set is from the loss on the other half.
 
-    python experiments/split_noise.py resnet20 results/default/model.dzip \
-        results/default-seed1/model.dzip --data-dir ../shared/data
+    python experiments/split_noise.py resnet20 results/agp90/model.dzip \
+        results/agp90-seed1/model.dzip --data-dir ../shared/data
 
 The first model is the reference; each other one is a compressed model of it. For each,
 the accuracy loss (reference minus compressed, in points) on CIFAR-10's test set is

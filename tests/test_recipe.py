@@ -19,7 +19,7 @@ def test_every_shipped_recipe_loads_and_round_trips(name):
 
 
 def test_shipped_names_cover_the_folder():
-    assert {"default", "budget", "small", "smoke", "lenet300", "lenet5", "seed"
+    assert {"default", "agp90", "small", "smoke", "lenet300", "lenet5", "seed"
             } <= set(shipped_recipes())
     with pytest.raises(DeepzipError, match="shipped recipes: .*default"):
         recipe_path("no-such-recipe")

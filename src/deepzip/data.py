@@ -205,7 +205,8 @@ class ImageSplit:
 def held_out_indices(n: int, held_out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, held out): the indices of ``n`` examples split by a fixed seed, each sorted."""
     if not 0 < held_out < n:
-        raise DeepzipError(f"cannot hold out {held_out} of {n} examples for validation")
+        raise DeepzipError(f"cannot hold out {held_out} of {n} examples for validation; "
+                           "--validation N (a recipe's validation: N) sets how many")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[held_out:].sort().values, order[:held_out].sort().values
 

@@ -420,10 +420,11 @@ HELP = {
     "normalize": "the input normalization the weights were trained with: cifar, imagenet, "
                  "mnist or M,.../S,...",
     "task": "cifar10, mnist, or package.module:function returning a Task (needs --allow-code)",
-    "validation": "examples held out as validation data (shipped tasks; a task of your "
-                  "own passes val=): every decision of the run (training-time evaluations, "
-                  "sensitivity scans, max_loss) reads them, and the test set is read only "
-                  "by the final evaluation; 0: none, decisions read the test set",
+    "validation": "examples held out as validation data (shipped tasks and tasks of "
+                  "DataLoaders over sized datasets; other tasks pass val=): every decision "
+                  "of the run (training-time evaluations, sensitivity scans, max_loss) reads "
+                  "them, and the test set is read only by the final evaluation; 0: none, "
+                  "decisions read the test set",
     "validation_from": "where validation holds its examples out of: train (unseen only by "
                        "a model trained without them: deepzip train --validation N) or "
                        "test (for a model that saw every training example, as published "
