@@ -12,7 +12,7 @@ mkdir -p results/bench results/export
 
 record() {  # record FILE CMD...: run CMD, append the command and its output to FILE
   local file=$1; shift
-  { echo "\$ $*"; "$@"; } 2>&1 | grep -v '^\s*$' | tee -a "$file"
+  { echo "\$ $*"; "$@"; } 2>&1 | grep -v -e '^\s*$' -e '^W[0-9]\{4\} ' | tee -a "$file"
 }
 publish() {  # publish RUN [DEST]: a pipeline run's report and .dzip file, into DEST
   local dest=${2:-results/$1}
