@@ -63,6 +63,10 @@ deepzip train --model resnet20 --epochs 50 --seed 1 --validation 5000 --data-dir
   --out runs/resnet20-val-s1
 python experiments/ship_baseline.py runs/resnet20-val-s1 --data-dir "$DATA" \
   --not-shipped baseline-val-s1
+deepzip train --model resnet32 --epochs 30 --seed 0 --validation 5000 --data-dir "$DATA" \
+  --out runs/resnet32-val
+python experiments/ship_baseline.py runs/resnet32-val --data-dir "$DATA" \
+  --not-shipped baseline-resnet32-val
 deepzip train --model lenet300 --task mnist --epochs 60 --lr 0.05 --weight-decay 0.0005 \
   --precision fp32 --validation 5000 --data-dir "$DATA" --out runs/lenet300-val
 python experiments/ship_baseline.py runs/lenet300-val --data-dir "$DATA" \

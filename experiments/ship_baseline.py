@@ -97,8 +97,9 @@ def main() -> None:
     where = os.path.relpath(shipped, ROOT)
     n = re.search(r"--validation (\d+)", command)
     held_out = (f"\nThe {int(n[1]):,} training images that `--validation {n[1]}` holds out "
-                "were never trained on, so a run on this model can decide on them "
-                f"(`deepzip run --validation {n[1]}`).\n" if n else "")
+                "were never trained on, so a run on this model can decide on them and "
+                f"report on the whole test set (`deepzip run --model {where} "
+                f"--validation {n[1]} --validation-from train`).\n" if n else "")
     title, load = ((f"A {spec.arch} baseline trained here, not shipped", f"`{where}`")
                    if args.not_shipped else
                    (f"The shipped {spec.arch} baseline",
