@@ -79,10 +79,12 @@ deepzip run experiments/recipes/lenet300-search.yaml --validation-from test --da
   --out runs/lenet300-search-test && publish lenet300-search-test
 deepzip run experiments/recipes/lenet300-search.yaml --validation-from test --margin-se 1 \
   --data-dir "$DATA" --out runs/lenet300-search-margin && publish lenet300-search-margin
-# The default recipe on a ResNet-20 trained without the 5,000 images it decides on: the
-# whole test set reports.
+# The default recipe on a ResNet-20 and a ResNet-32 trained without the 5,000 images it
+# decides on: the whole test set reports.
 deepzip run default --model results/baseline-val-s1/model.pt --validation-from train \
   --data-dir "$DATA" --out runs/default-val-s1 && publish default-val-s1
+deepzip run default --model results/baseline-resnet32-val/model.pt --validation-from train \
+  --data-dir "$DATA" --out runs/default-resnet32 && publish default-resnet32
 python experiments/split_noise.py resnet20 results/agp90/model.dzip \
   results/agp90-seed1/model.dzip results/small/model.dzip results/small-seed1/model.dzip \
   --data-dir "$DATA" --out results/ablations/split-noise.txt
