@@ -144,9 +144,13 @@ def test_per_example_scores_and_the_paired_standard_error_of_a_loss():
     from deepzip import MeanSquaredError, Perplexity
 
     task, model = _classification(), _model()
-    scores = stages.outcomes(model, task, SPEC)
+    batches = []
+    model.register_forward_hook(lambda m, i, o: batches.append(len(o)))
+    value, scores = stages.judged(model, task, SPEC)
+    assert batches == [128, 128]  # one pass over the decision data gives both
     assert len(scores) == 256
-    assert float(scores.mean()) == pytest.approx(stages.decision_score(model, task, SPEC).value)
+    assert value == stages.decision_score(model, task, SPEC).value
+    assert float(scores.mean()) == pytest.approx(value)
     ref = torch.tensor([1.0, 1, 0, 0])
     assert stages.loss_se(task, ref, torch.tensor([1.0, 0, 0, 1])) == pytest.approx(
         100 * (2 / 3) ** 0.5 / 2)  # differences 0, 1, 0, -1: points of accuracy
@@ -156,4 +160,6 @@ def test_per_example_scores_and_the_paired_standard_error_of_a_loss():
     assert stages.loss_se(mse, torch.tensor([0.1, 0.3]), torch.tensor([0.2, 0.2])) == \
         pytest.approx(float(torch.tensor([-0.1, 0.1]).std()) / 2 ** 0.5)  # its own units
     ppl = Task.from_loaders(task.train, task.eval, metric=Perplexity())
-    assert stages.outcomes(model, ppl, SPEC) is None  # exp of a mean: no per-example scores
+    value, scores = stages.judged(model, ppl, SPEC)
+    assert scores is None  # exp of a mean: no per-example scores
+    assert value == pytest.approx(stages.decision_score(model, ppl, SPEC).value)

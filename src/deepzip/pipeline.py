@@ -208,21 +208,25 @@ class Pipeline:
         """A stage's result entry for the model's score, named by the data it read."""
         return {self._named("score"): self._score(model, spec)}
 
-    def _margin(self, model: nn.Module, spec: ModelSpec) -> float:
-        """``margin_se`` standard errors of ``model``'s loss against the reference on
-        validation data (paired per example); 0 without margin_se, or for a metric with
-        no per-example scores (said once)."""
+    def _judge(self, model: nn.Module, spec: ModelSpec) -> tuple[float, float]:
+        """The metric a decision reads (:meth:`_score`) and its margin, in one pass."""
+        value, examples = stages.judged(model.to(self.device), self.task, spec)
+        return value, self._margin(examples)
+
+    def _margin(self, examples: torch.Tensor | None) -> float:
+        """``margin_se`` standard errors of the loss whose per-example scores on
+        validation data are ``examples``, against the reference's (paired per example); 0
+        without margin_se, or for a metric with no per-example scores (said once)."""
         if not self.recipe.margin_se:
             return 0.0
         if not self._reference_scores:
             ref, ref_spec = self._reference()
-            self._reference_scores.append(stages.outcomes(ref.to(self.device), self.task,
-                                                          ref_spec))
+            self._reference_scores.append(
+                stages.judged(ref.to(self.device), self.task, ref_spec)[1])
             if self._reference_scores[0] is None:
                 self.log(f"[note] metric {self.task.metric.name} is no mean of per-example "
                          "scores: margin_se cannot be applied")
-        se = stages.loss_se(self.task, self._reference_scores[0],
-                            stages.outcomes(model.to(self.device), self.task, spec))
+        se = stages.loss_se(self.task, self._reference_scores[0], examples)
         return self.recipe.margin_se * se if se is not None else 0.0
 
     def _named(self, key: str) -> str:
@@ -310,10 +314,9 @@ class Pipeline:
         for the final confirmation, after the sharing)? The measurement joins ``rows``."""
         share, max_loss = self.recipe.prune.loss_share, self.recipe.max_loss
         assert max_loss is not None
-        value = self._score(model, spec)
+        value, extra = self._judge(model, spec)
         lost = stages.loss_points(self.task, self.state["stages"]["baseline"]["val_score"],
                                   value)
-        extra = self._margin(model, spec)
         allowed = share * (max_loss - extra)
         ok = lost <= allowed
         rows.append({**row, "score": value, "loss": lost, "margin": extra, "limit": allowed,
@@ -443,9 +446,10 @@ class Pipeline:
                 out_dir=self.out / "quantize", loss_fn=self._loss(q.distill), log=self.log)
             dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
                                                 e.fold_batchnorm)
-            score = self._scored(model, spec)
-            if budget is None or self._confirmed(budget, score["val_score"], qcfg.target_bits,
-                                                 q.bits, self._margin(model, spec)):
+            value, extra = self._judge(model, spec)
+            score = {self._named("score"): value}
+            if budget is None or self._confirmed(budget, value, qcfg.target_bits, q.bits,
+                                                 extra):
                 break
             qcfg = dataclasses.replace(qcfg, target_bits=stages.retry_budget(
                 budget["probes"], budget["confirmed"][-1], budget["max_loss"], q.bits))
@@ -479,7 +483,7 @@ class Pipeline:
                 probe=self.recipe.train_config({"weight_decay": 0.0, **q.train},
                                                q.probe_epochs),
                 loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
-                log=self.log, margin=lambda probe: self._margin(probe, spec))
+                log=self.log, margin=self._margin)
             return {"max_loss": max_loss, "margin_se": self.recipe.margin_se,
                     "baseline_val_score": base, "probes": probes, "chosen": bits,
                     "confirmed": []}

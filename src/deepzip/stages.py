@@ -27,11 +27,11 @@ from .checkpoint import ModelSpec
 from .prune import PruneConfig, finetune_after_prune, prune_
 from .qat import qat_, train_centroids
 from .quantize import QuantizeConfig, fisher_sensitivity, quantize_
-from .task import Task, model_input
+from .task import Task
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Shared", "bisect", "decision_loader", "decision_score", "encode", "eval_loader",
-           "loss_points", "loss_se", "outcomes", "prune_step", "retry_budget", "score",
+           "judged", "loss_points", "loss_se", "prune_step", "retry_budget", "score",
            "search_budget", "share", "train_loader", "training", "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -167,24 +167,23 @@ def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
     return dzip_torch.info(path, like)
 
 
-def outcomes(model: nn.Module, task: Task, spec: ModelSpec) -> torch.Tensor | None:
-    """Each decision example's score under the task's metric (correct or not, for
-    accuracy), in the data's order; None for a metric that is no mean of such scores."""
-    if not task.metric.streaming:
-        return None
-    device = next(model.parameters()).device
-    was, scores = model.training, []
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for x, y in decision_loader(task, spec):
-                e = task.metric.examples(model(model_input(x, device)).float(), y.to(device))
-                if e is None:
-                    return None
-                scores.append(e.double().cpu())
-    finally:
-        model.train(was)
-    return torch.cat(scores) if scores else None
+def judged(model: nn.Module, task: Task, spec: ModelSpec
+           ) -> tuple[float, torch.Tensor | None]:
+    """The metric on :func:`decision_loader` and each of its examples' score under it
+    (correct or not, for accuracy; in the data's order), from one pass over the data; the
+    scores are None for a metric that is no mean of such scores."""
+    scores: list[torch.Tensor] = []
+    whole = task.metric.streaming
+
+    def keep(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        nonlocal whole
+        e = task.metric.examples(outputs.float(), targets) if whole else None
+        whole = e is not None
+        if whole:
+            scores.append(e.double().cpu())
+
+    value = evaluate(model, decision_loader(task, spec), task=task, each=keep).value
+    return value, torch.cat(scores) if whole and scores else None
 
 
 def loss_se(task: Task, reference: torch.Tensor | None, scores: torch.Tensor | None
@@ -210,15 +209,15 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
                   baseline: float, max_loss: float, probe: TrainConfig | None = None,
                   steps: int = 6, low: float = 0.5, loss_fn: LossFn | None = None,
                   encoding: dict[str, Any] | None = None, log: Log = lambda _: None,
-                  margin: Callable[[nn.Module], float] = lambda _: 0.0
+                  margin: Callable[[torch.Tensor | None], float] = lambda _: 0.0
                   ) -> tuple[float, list[dict[str, Any]]]:
     """The smallest sharing budget (``target_bits``, Huffman bits per nonzero's index)
     whose model stays within ``max_loss`` of ``baseline`` on the decision data, by
     bisection between ``low`` and ``config.bits`` on cheap proxies: each probe shares a
     copy of ``model`` at that budget, trains its centroids for ``probe``'s epochs and is
-    scored (and its file's size measured); ``margin(probe)`` is added to its loss before
-    the comparison. Returns (the budget, every probe); the full stage that follows
-    confirms it. ``model`` is not changed."""
+    scored (and its file's size measured); ``margin`` of its examples' scores
+    (:func:`judged`) is added to its loss before the comparison. Returns (the budget, every
+    probe); the full stage that follows confirms it. ``model`` is not changed."""
     probes: list[dict[str, Any]] = []
 
     def run(bits: float) -> bool:
@@ -226,12 +225,12 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
         share(trial, task, spec, dataclasses.replace(config, target_bits=bits),
               centroids=probe, loss_fn=loss_fn)
         dzip_torch.round_to_file_precision_(trial, **(encoding or {}))
-        value = decision_score(trial, task, spec).value
+        value, examples = judged(trial, task, spec)
         with tempfile.TemporaryDirectory() as tmp:
             dzip_torch.save(trial, os.path.join(tmp, "probe.dzip"), spec=spec,
                             **(encoding or {}))
             size = os.path.getsize(os.path.join(tmp, "probe.dzip"))
-        lost, extra = loss_points(task, baseline, value), margin(trial)
+        lost, extra = loss_points(task, baseline, value), margin(examples)
         ok = lost + extra <= max_loss
         probes.append({"target_bits": bits, "score": value, "loss": lost, "margin": extra,
                        "file_bytes": size, "within": ok})

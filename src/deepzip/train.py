@@ -201,10 +201,13 @@ class Evaluation(NamedTuple):
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              task: Task | None = None, metric: Metric | None = None,
-             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             each: Callable[[torch.Tensor, torch.Tensor], None] | None = None
              ) -> Evaluation:
     """Mean loss and the metric, in fp32: the ``task``'s metric and loss, else top-1
-    accuracy and cross-entropy (``metric`` and ``loss_fn`` replace either).
+    accuracy and cross-entropy (``metric`` and ``loss_fn`` replace either). ``each`` sees
+    every batch's (outputs, targets), so a caller that needs more of them than the mean
+    does not pass over the data again.
 
     >>> loss, acc = evaluate(model, test_loader, task=task)  # doctest: +SKIP
     """
@@ -223,6 +226,8 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
             loss_sum += float(loss_fn(out, y)) * len(y)
             if metric.streaming:
                 metric.update(out, y)
+            if each is not None:
+                each(out, y)
             n += len(y)
         if n == 0:
             raise DeepzipError("evaluation set is empty")
