@@ -1,12 +1,16 @@
 """The hostile-input budget: 10,000+ structure-aware inputs per reader.
 
-    python bench/fuzz.py [--n 10000] [--seed 0] [--only dzip|cifar|mnist|recipes|specs]
+    python bench/fuzz.py [--n 10000] [--seed 0] [--only dzip|cifar|mnist|recipes|specs|outputs]
 
 Runs the generators of tests/hostile.py (the tests run the same ones on a few hundred
 inputs) against the .dzip reader (load_state, load and inspect on each variant), the
 CIFAR-10 batch reader, the MNIST IDX reader, the recipe loader (with the --allow-code check
 and the run folder's name) and the recorded specs of checkpoints and .dzip files (the model
-and the task every command would open: nothing may be imported), and prints per reader:
+and the task every command would open: nothing may be imported), then every command that
+writes a file against every kind of output path (a device, the null device, a FIFO, a
+directory, symlinks to each, a NUL byte, a path under a file, an extension no plot format
+has: refused in one line and left as it was, or written as a regular file with a link's
+target untouched), and prints per reader:
 inputs, accepted, refused with the reader's own error, unexpected exceptions, and
 allocations over the bound (peak traced memory against a bound proportional to what the
 input legitimately declares). Exit status 1 if any unexpected exception or allocation.
@@ -30,8 +34,10 @@ from hostile import (  # noqa: E402
     fuzz_cifar,
     fuzz_dzip,
     fuzz_mnist,
+    fuzz_outputs,
     fuzz_recipes,
     fuzz_specs,
+    output_commands,
 )
 
 
@@ -39,7 +45,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10_000, help="inputs per reader")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", choices=["dzip", "cifar", "mnist", "recipes", "specs"],
+    p.add_argument("--only", choices=["dzip", "cifar", "mnist", "recipes", "specs", "outputs"],
                    help="fuzz one reader (e.g. after a format change)")
     args = p.parse_args()
     recipes = [yaml.safe_load(f.read_text())
@@ -56,6 +62,8 @@ def main() -> int:
              lambda: fuzz_recipes(recipes, args.n, args.seed, t)),
             ("specs", "recorded arch/task in checkpoints and .dzip (nothing imported)",
              lambda: fuzz_specs(args.n, args.seed, t)),
+            ("outputs", "output paths (every writing command x every kind of path)",
+             lambda: fuzz_outputs(output_commands(_made(t / "inputs")), t)),
         ]:
             if args.only not in (None, key):
                 continue
@@ -66,6 +74,11 @@ def main() -> int:
                 print("   ", line)
             bad += len(out.unexpected) + len(out.over_bound)
     return 1 if bad else 0
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir()
+    return folder
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ a bound proportional to what the input legitimately declares.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import json
@@ -568,3 +569,158 @@ def _one_spec(i: int, rng: random.Random, out: Outcome, args: Any, tmp: Path,
 
     # the bound: a mismatched checkpoint lists the architectures it would fit (on meta)
     feed(out, f"#{i} {json.dumps(spec)[:80]}", call, DeepzipError, lambda _r: 256 << 20)
+
+
+# ---------------------------------------------------------------- output paths
+OUTPUT_KINDS = {  # kind -> refused (True) or written (False); "unknown-ext" depends
+    "new": False, "file": False, "null": False, "link-to-file": False,
+    "dangling-link": False, "dir": True, "fifo": True, "device": True,
+    "link-to-fifo": True, "link-to-dir": True, "nul": True, "under-a-file": True,
+    "unknown-ext": None}
+
+
+def output_variant(kind: str, path: Path) -> tuple[str, Callable[[], Any]]:
+    """Make ``path`` into ``kind`` of output; return the name to pass and a snapshot
+    function of what must not change (a refused thing, the null device, a link's
+    target), to compare after the command."""
+    import os
+    import stat
+
+    other = path.with_name(path.name + ".target")
+    if kind == "dir":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind in ("device", "null"):
+        node = "/dev/zero" if kind == "device" else os.devnull
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.stat(node).st_rdev)
+        except PermissionError:  # not root: a link to the system's node instead
+            path.symlink_to(node)
+    elif kind == "file":
+        path.write_bytes(b"old")
+    elif kind.startswith("link-to-"):
+        {"fifo": lambda: os.mkfifo(other), "dir": other.mkdir,
+         "file": lambda: other.write_bytes(b"someone's")}[kind[8:]]()
+        path.symlink_to(other)
+    elif kind == "dangling-link":
+        path.symlink_to(other)
+    elif kind == "under-a-file":
+        path.write_bytes(b"a file")
+        path = path / "out"
+    elif kind == "unknown-ext":
+        path = path.with_suffix(".xyz")
+    name = str(path) + "\0x" if kind == "nul" else str(path)
+
+    def one(p: Path) -> tuple:
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return ()
+        body = p.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        return (stat.S_IFMT(st.st_mode), st.st_rdev, body)
+
+    def snapshot() -> tuple:
+        kept = OUTPUT_KINDS[kind] or kind == "null"
+        return one(path) if kept else (), one(other)
+    return name, snapshot
+
+
+@contextlib.contextmanager
+def deadline(seconds: int) -> Any:
+    """Fail (AssertionError) instead of hanging: a FIFO opened for writing blocks until
+    a reader comes."""
+    import signal
+
+    def boom(*_a: Any) -> None:
+        raise AssertionError(f"still blocked after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def fuzz_outputs(commands: dict[str, tuple[str, Callable[[str], list[str]]]], tmp: Path
+                 ) -> Outcome:
+    """Every command that writes, against every kind of output path (``commands``: a
+    command's name -> (its output's suffix, its argv for an output path)). A refused kind
+    must end in one line and exit 2 with the thing left as it was; a written kind in exit
+    0, with a link's target and the null device untouched. Anything else (a traceback, a
+    hang, a replaced device or FIFO, a written link target, a temp file left) is
+    unexpected. A plot's unknown extension is refused; any other command writes it."""
+    import io
+
+    from deepzip.cli import main
+
+    out = Outcome()
+    for i, (command, (suffix, argv)) in enumerate(commands.items()):
+        for kind, refused in OUTPUT_KINDS.items():
+            if refused is None:
+                refused = suffix == ".png"
+            folder = tmp / f"out{i}-{kind}"
+            folder.mkdir()
+            name, snapshot = output_variant(kind, folder / f"o{suffix}")
+            before = snapshot()
+            err = io.StringIO()
+            out.inputs += 1
+            try:
+                with deadline(60), contextlib.redirect_stderr(err), \
+                        contextlib.redirect_stdout(io.StringIO()):
+                    rc = main(argv(name))
+            except BaseException as e:  # noqa: BLE001 - the point: anything is a defect
+                out.unexpected.append(f"{command} -> {kind}: {type(e).__name__}: {e}")
+                continue
+            text = err.getvalue()
+            wrong = [] if rc == (2 if refused else 0) else [f"exit {rc}"]
+            if refused and (text.count("\n") != 1 or "Traceback" in text):
+                wrong.append(f"stderr {text[:100]!r}")
+            if snapshot() != before:
+                wrong.append("what was there changed")
+            if list(folder.rglob(".*.tmp")):
+                wrong.append("a temp file left")
+            if wrong:
+                out.unexpected.append(f"{command} -> {kind}: {'; '.join(wrong)}")
+            elif refused:
+                out.refused += 1
+            else:
+                out.accepted += 1
+    return out
+
+
+def output_commands(tmp: Path) -> dict[str, tuple[str, Callable[[str], list[str]]]]:
+    """The commands that write a file the user names, with inputs made here (no data set
+    needed): encode -o, decode -o (.pt and, with the export extra, .safetensors),
+    summary --plot, pareto -o. (export -o reads the task's data before it writes; its
+    refusals are checked before any data is read, by tests/test_outputs.py.)"""
+    import importlib.util
+
+    import torch
+
+    from deepzip import dzip_torch
+    from deepzip.checkpoint import ModelSpec, save_checkpoint
+    from deepzip.models import get
+
+    spec = ModelSpec(arch="lenet300", task="mnist")
+    torch.manual_seed(0)
+    model = get("lenet300")
+    save_checkpoint(model, spec, tmp / "m.pt")
+    dzip_torch.save(model, tmp / "m.dzip", spec=spec)
+    (tmp / "run").mkdir()
+    (tmp / "run" / "report.json").write_text(json.dumps({"summary": {
+        "real_ratio": 10.0, "recipe": "x", "baseline_score": 0.9, "decoded_score": 0.89,
+        "file_bytes": 100, "sparsity": 0.5, "formula_ratio": 12.0}}))
+    m, d = str(tmp / "m.pt"), str(tmp / "m.dzip")
+    commands = {
+        "encode -o": (".dzip", lambda o: ["encode", m, "-o", o]),
+        "decode -o": (".pt", lambda o: ["decode", d, "-o", o]),
+        "summary --plot": (".png", lambda o: ["summary", m, "--plot", o]),
+        "pareto -o": (".png", lambda o: ["pareto", str(tmp / "run"), "-o", o]),
+    }
+    if importlib.util.find_spec("safetensors"):
+        commands["decode -o .safetensors"] = (".safetensors",
+                                              lambda o: ["decode", d, "-o", o])
+    return commands

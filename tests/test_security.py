@@ -4,14 +4,13 @@ not make. Hostile files are built here and every command that reads a model runs
 """
 
 import os
-import signal
 import sys
 import textwrap
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
+from hostile import deadline
 
 from deepzip import dzip_torch
 from deepzip.atomic import LOCK_NAME, folder_lock, open_regular, read_gzip_limited
@@ -181,7 +180,7 @@ def test_recipe_names_never_escape_or_delete(capsys, tmp_path, data_root, monkey
     # --out given by the user is the user's choice, but --restart still only deletes a run
     rc, err = _run(capsys, "run", _recipe(tmp_path), "-o", victim, "--restart",
                    "--data-dir", data_root)
-    assert rc == 2 and "no deepzip state.json" in err, err
+    assert rc == 2 and "no deepzip run state" in err, err
     assert (victim / "precious.txt").read_text() == "keep"
 
 
@@ -197,26 +196,12 @@ def test_a_nul_byte_is_one_line(capsys, tmp_path, data_root):
         open_regular("a\0b")
 
 
-@contextmanager
-def _deadline(seconds):
-    def boom(*_):
-        raise AssertionError(f"still blocked after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def test_fifos_and_directories_are_refused_at_once(capsys, tmp_path, data_root):
     fifo = tmp_path / "x.dzip"
     os.mkfifo(fifo)
     os.mkfifo(tmp_path / "r.yaml")
     (tmp_path / "d.pt").mkdir()
-    with _deadline(5):
+    with deadline(5):
         t0 = time.time()
         for argv in (["eval", fifo, "--data-dir", data_root], ["inspect", fifo],
                      ["decode", fifo, "-o", tmp_path / "o.pt"], ["summary", fifo],
@@ -236,9 +221,9 @@ def test_a_fifo_in_the_mnist_folder_is_refused_at_once(tmp_path):
     raw.mkdir(parents=True)
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         os.mkfifo(raw / name)
-    with _deadline(5), pytest.raises(DeepzipError, match="regular file"):
+    with deadline(5), pytest.raises(DeepzipError, match="regular file"):
         load_mnist(tmp_path, train=False)
-    with _deadline(5), pytest.raises(DeepzipError, match="regular file"):
+    with deadline(5), pytest.raises(DeepzipError, match="regular file"):
         read_gzip_limited(raw / "t10k-labels-idx1-ubyte.gz", 100, "MNIST file")
 
 

@@ -22,12 +22,15 @@ _WHERE = {
     "Accuracy": "task", "FunctionMetric": "task", "MeanAbsoluteError": "task",
     "MeanSquaredError": "task", "Metric": "task", "Perplexity": "task", "Task": "task",
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
+    "Recipe": "recipe", "load_recipe": "recipe", "Budget": "budget",
 }
-_MODULES = {"atomic", "checkpoint", "cli", "codecs", "data", "dzip", "dzip_torch", "errors",
-            "export", "huffman", "kmeans", "loading", "models", "pipeline", "prune", "qat",
-            "quantize", "recipe", "report", "stages", "targets", "task", "train"}
+_MODULES = {"atomic", "budget", "checkpoint", "cli", "codecs", "data", "dzip", "dzip_torch",
+            "errors", "export", "huffman", "kmeans", "loading", "models", "pipeline", "prune",
+            "qat", "quantize", "recipe", "render", "report", "stages", "targets", "task",
+            "train"}
 
 if TYPE_CHECKING:
+    from .budget import Budget
     from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
     from .dzip_torch import info, load, save
     from .loading import load_model, pretrained
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from .pipeline import Compressed, compress, verify
     from .prune import PruneConfig, prune_
     from .quantize import QuantizeConfig, quantize_
+    from .recipe import Recipe, load_recipe
     from .task import (
         Accuracy,
         FunctionMetric,
@@ -58,6 +62,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "__version__",
     "Accuracy",
+    "Budget",
     "DeepzipError",
     "DeepzipFormatError",
     "FunctionMetric",
@@ -68,6 +73,7 @@ __all__ = [
     "Perplexity",
     "PruneConfig",
     "QuantizeConfig",
+    "Recipe",
     "Task",
     "TrainConfig",
     "Compressed",
@@ -78,6 +84,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_model",
+    "load_recipe",
     "pretrained",
     "prune_",
     "quantize_",

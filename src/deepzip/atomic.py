@@ -15,18 +15,63 @@ from typing import IO, Any
 from .errors import DeepzipError
 
 
+def output_kind(path: str | os.PathLike[str]) -> str:
+    """What writing ``path`` would do: ``"file"`` (a new or regular file, or a symlink,
+    which is replaced by the file: its target is never written), ``"null"`` (the null
+    device, or a symlink to it: the bytes are discarded, the device stays). Anything else
+    (a directory, a FIFO, another device, a socket, a symlink to one of those, a NUL
+    byte in the name) is one DeepzipError: deepzip never replaces what is not a file."""
+    text = os.fspath(path)
+    if "\0" in str(text):
+        raise DeepzipError(f"output path {str(text)!r} contains a NUL byte")
+    try:
+        st = os.lstat(text)
+    except FileNotFoundError:
+        return "file"
+    except OSError as e:
+        raise DeepzipError(f"cannot write {text}: {e.strerror or e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            st = os.stat(text)
+        except OSError:  # a dangling link: replaced, like a link to a file
+            return "file"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == _null_rdev():
+        return "null"
+    kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+    raise DeepzipError(f"{text} is {kind}: deepzip writes its outputs only as regular files "
+                       "and never replaces anything else; name a file")
+
+
+def _null_rdev() -> int | None:
+    try:
+        return os.stat(os.devnull).st_rdev
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temp file's path beside ``path``, renamed over ``path`` only on success (removed
-    on any failure): for writers that take a file name."""
+    on any failure): for writers that take a file name. ``path`` must be what
+    :func:`output_kind` accepts; the null device gets the bytes written and thrown away."""
+    kind = output_kind(path)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    where = Path(tempfile.gettempdir()) if kind == "null" else path.parent
+    where.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        if kind == "null":
+            os.unlink(tmp)
+        else:
+            output_kind(path)  # again, just before the rename: it may have changed
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -114,6 +159,18 @@ def read_limited(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
     if len(data) > limit:  # it grew while we read it
         raise DeepzipError(f"{path}: larger than any {what}")
     return data
+
+
+def read_json(path: str | os.PathLike[str], limit: int, what: str) -> Any:
+    """A small JSON file's value; damage (not JSON, not UTF-8, nested past Python's
+    recursion limit) is one DeepzipError naming ``what``."""
+    import json
+
+    data = read_limited(path, limit, what)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise DeepzipError(f"{path}: not a valid {what} (damaged?)") from None
 
 
 def read_gzip_limited(path: str | os.PathLike[str], limit: int, what: str) -> bytes:

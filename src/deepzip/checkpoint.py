@@ -110,6 +110,7 @@ _WRAPPERS = ("state_dict", "model", "model_state_dict", "net", "state")
 # DataParallel/DDP, torch.compile, Lightning (the LightningModule's attribute is usually
 # ``model``), EMA wrappers: stripped while every key has one and the model's keys do not.
 _PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+_MAX_WRAPPERS = 8  # prefix-stripping rounds: DDP in compile in EMA is three
 
 
 def align_state_dict(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
@@ -122,7 +123,9 @@ def align_state_dict(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.
     """
     state = dict(state)
     changed = True
-    while changed and set(state) != set(own):
+    for _ in range(_MAX_WRAPPERS):  # deeper nesting is no real file's: not renamed
+        if not changed or set(state) == set(own):
+            break
         changed = False
         for p in _PREFIXES:
             if state and all(k.startswith(p) for k in state) and not all(
@@ -147,7 +150,8 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
               for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         def brief(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+            shown = [k if len(k) <= 80 else f"{k[:38]}...{k[-38:]}" for k in keys[:5]]
+            return ", ".join(shown) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
         parts = []
         if missing:
             parts.append(f"missing keys: {brief(missing)}")
@@ -168,16 +172,26 @@ def guess_arch(state: Mapping[str, torch.Tensor]) -> list[str]:
     fits = []
     head = [v for k, v in state.items() if v.dim() == 2]
     classes = head[-1].shape[0] if head else 10
+    shapes = _shapes(state)
     for name in available():
         try:
             with torch.device("meta"):
                 own = get(name, classes).state_dict()
         except Exception:  # noqa: BLE001 - a user's factory may not build on meta; skip it
             continue
+        if _shapes(own) != shapes:  # a cheap test first: a renaming keeps the shapes
+            continue
         aligned = align_state_dict(state, own)
         if set(aligned) == set(own) and all(aligned[k].shape == v.shape for k, v in own.items()):
             fits.append(name if classes == 10 else f"{name} (num_classes {classes})")
     return fits
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> list[tuple[int, ...]]:
+    """The shapes of a state_dict's tensors, sorted, leaving out BatchNorm's step count
+    (old files lack it and :func:`align_state_dict` fills it in)."""
+    return sorted(tuple(v.shape) for k, v in state.items()
+                  if not k.endswith("num_batches_tracked"))
 
 
 def _torch_load(path: str | os.PathLike[str]) -> Any:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import stages
-from .atomic import read_limited
+from .atomic import output_kind, read_limited
 from .checkpoint import ModelSpec, save_checkpoint
 from .codecs import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
@@ -45,11 +45,12 @@ ARCH_HELP = (f"architecture of a checkpoint without deepzip metadata: {', '.join
              ", or package.module:Factory for your own (default: resnet20)")
 
 
-def _add_validation_from(p: argparse.ArgumentParser) -> None:
+def _add_validation_from(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--validation-from", choices=["train", "test"], default=None,
-                   help="hold --validation's examples out of the training images (default; "
-                        "for a model trained without them) or the test images (for a model "
-                        "that saw every training image: the test set is then the rest)")
+                   help="hold --validation's examples out of the training images (for a "
+                        "model trained without them) or the test images (for a model that "
+                        "saw every training image: the test set is then the rest); "
+                        f"default: {default}")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +75,15 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool) -> None:
                    help="input normalization the weights were trained with: cifar, imagenet, "
                         "mnist or M,.../S,... per channel (default: from the file, else the "
                         "task's)")
+
+
+def _budget_arg(text: str) -> float | str:
+    """``--max-loss``: a plain number stays a number (the recipe's form); text such as
+    ``1%`` or ``0.01 mse`` is checked when the recipe is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _task(args: argparse.Namespace, recorded: str | None = None) -> Task:
@@ -188,8 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train = stages.train_loader(task, spec, cfg)
     out = Path(args.out)
     if is_main_process():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "command.txt").write_text("deepzip " + shlex.join(sys.argv[1:]) + "\n")
+        _write_text(out / "command.txt", _command(args) + "\n")
     t0 = time.time()
     history = fit(model, train, cfg, **stages.training(task, spec, out_dir=out,
                                                        resume=args.resume, desc=spec.arch))
@@ -222,11 +231,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, obj: object) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
     from .atomic import atomic_write
 
     with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(text)
 
 
 def _prune_config(args: argparse.Namespace):
@@ -341,6 +353,7 @@ def _size_table(info: dict) -> str:
 def cmd_encode(args: argparse.Namespace) -> int:
     from . import dzip_torch
 
+    output_kind(args.output)  # before any work
     model, spec = resolve_model(args)
     out = Path(args.output)
     changed = dzip_torch.precision_changes(model, args.raw_dtype, args.codebook_dtype,
@@ -375,6 +388,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from .atomic import atomic_torch_save
     from .checkpoint import load_state_dict_strict
 
+    output_kind(args.output)
     state, spec = dzip_torch.load_state(args.file)
     if args.arch:
         spec = dataclasses.replace(spec or ModelSpec(), arch=resolve_arch(args.arch))
@@ -405,6 +419,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import Normalized, compare_onnx, require, to_onnx
 
     require("onnx"), require("onnxscript")  # before any data is read
+    output_kind(args.output)
     model, spec, task = model_and_task(args)
     inside = bool(spec.mean) and not args.no_normalize
     if inside:  # the task's images before normalization: what a deployment feeds
@@ -475,7 +490,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
                         validation_from=recipe.validation_from)
     pipe = Pipeline(recipe, out, task, device=_device(args))
     changed = any(getattr(args, k) is not None for k in OVERRIDES)
-    write_run_files(out, recipe, "deepzip " + shlex.join(sys.argv[1:]),
+    write_run_files(out, recipe, _command(args),
                     f" ({args.recipe or 'default'}" + (" with the command line's settings)"
                                                         if changed else ")"))
     report = pipe.run()
@@ -491,8 +506,9 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from .render import markdown_table, plot_pareto
+    from .render import markdown_table, plot_format, plot_pareto
 
+    plot_format(args.output)
     reports = []
     for d in args.runs:
         f = Path(d) / "report.json"
@@ -532,9 +548,11 @@ def _examples(summary: dict) -> int | None:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .render import plot_filter_norms, text_table
+    from .render import plot_filter_norms, plot_format, text_table
     from .report import structure, summary
 
+    if args.plot:
+        plot_format(args.plot)
     model, _ = resolve_model(args)
     s = summary(model)
     if args.structure:
@@ -616,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--validation", type=int, default=None, metavar="N",
                    help="score on the N examples --validation N holds out instead")
-    _add_validation_from(e)
+    _add_validation_from(e, "train")
     _add_data_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -675,15 +693,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None, help="the recipe's seed, for a repeat")
     r.add_argument("--validation", type=int, default=None, metavar="N",
                    help="hold N examples out as validation data: every decision of the run "
-                        "reads them, the test set only the final evaluation")
-    _add_validation_from(r)
-    r.add_argument("--max-loss", type=float, default=None, metavar="POINTS",
-                   help="the smallest file within this loss on validation data (points for "
-                        "accuracy): chooses the sharing budget, and the sparsity with "
-                        "prune.agp.search_from; needs --validation")
+                        "reads them, the test set only the final evaluation (default: the "
+                        "recipe's; the default recipe's: 5000)")
+    _add_validation_from(r, "the recipe's (the default recipe's: test)")
+    r.add_argument("--max-loss", type=_budget_arg, default=None, metavar="BUDGET",
+                   help="the smallest file within this loss on validation data: a number "
+                        "is points of accuracy (1) or a percent of any other metric's "
+                        "baseline; 1%% is relative for any metric; '0.01 mse' absolute in "
+                        "the metric's units (default: the recipe's; the default recipe's: "
+                        "1); needs --validation")
     r.add_argument("--margin-se", type=float, default=None, metavar="K",
                    help="with --max-loss: hold each loss plus K of its standard errors "
-                        "(paired over the validation examples) against the budget")
+                        "(paired over the validation examples) against the budget "
+                        "(default: the recipe's; the default recipe's: 2)")
     r.add_argument("--out", "-o", default=None, help="run folder (default runs/RECIPE-NAME)")
     r.add_argument("--restart", action="store_true",
                    help="discard an earlier deepzip run in --out (only a folder a run made)")
@@ -757,9 +779,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_nul(args: argparse.Namespace) -> None:
+    """A NUL byte cannot be in a file name: one line for any argument that holds one."""
+    for key, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and "\0" in v:
+                raise DeepzipError(f"{key.replace('_', '-')} {v!r}: contains a NUL byte")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line as run, for a run folder's ``command.txt``."""
+    return "deepzip " + shlex.join(args.argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _no_nul(args)
         dist_device = init_distributed_from_env()
         if dist_device is not None and getattr(args, "device", "") is None:
             args.device = str(dist_device)

@@ -364,6 +364,9 @@ def _decode_entry(e: dict[str, Any], data: memoryview,
                                   for i in range(0, len(data), size)])
         else:
             arr = np.frombuffer(parts["data"], dtype=FLOAT_STORES[store]).copy()
+            if store == "bool" and arr.view(np.uint8).max(initial=0) > 1:
+                raise DeepzipFormatError(f"tensor {name!r}: a bool stored as a byte other "
+                                         "than 0 or 1")
         if enc == "bn":
             both = arr.astype(np.float32).reshape(2, *shape)
             return {f"{name}.{k}": (v, "int64" if k == "num_batches_tracked" else "float32")

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,7 +23,15 @@ import torch
 from torch import nn
 
 from . import dzip_torch, stages
-from .atomic import LOCK_NAME, atomic_write, folder_lock, read_limited, remove_stale_temps
+from .atomic import (
+    LOCK_NAME,
+    atomic_write,
+    folder_lock,
+    open_regular,
+    read_json,
+    remove_stale_temps,
+)
+from .budget import Budget, margin_estimate, needed_examples
 from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from .deprecated import moved
 from .errors import DeepzipError
@@ -49,6 +58,11 @@ __all__ = ["Compressed", "Pipeline", "compress", "run_folder", "verify",
 __getattr__ = moved(__name__, {"open_model": "deepzip.loading:load_model"})  # moved in 0.3
 
 MAX_JSON = 64 << 20  # a run's own JSON files are kilobytes
+UNSHARED_DTYPE = "float16"  # the weights of a model no sharing fits the budget of
+SEEN_NOTE = ("[note] {}, so the held-out examples are not unseen data for it: decisions on "
+             "them judge how well compression keeps what it learned, and the budget may not "
+             "hold on new data; for a model that never saw them, hold them out of its "
+             "training (deepzip train --validation N) and use --validation-from train")
 STAGES = ("baseline", "prune", "quantize", "encode", "verify")
 
 
@@ -77,23 +91,21 @@ class Pipeline:
             raise DeepzipError(f"max_loss decides on validation data, and task {task.name!r} "
                                "holds none out: set validation: N (shipped tasks) or pass "
                                "Task.from_loaders(train, test, val=...)")
+        self.budget = None if recipe.max_loss is None else Budget.parse(
+            recipe.max_loss, task.metric.name, points=task.metric.points)
         if task.val is not None and model is None and recipe.model in PRETRAINED \
                 and recipe.validation_from == "train":
-            self.log(f"[note] the shipped {recipe.model} was trained on every training "
-                     "example, so the held-out ones are not unseen data for it: decisions on "
-                     "them judge how well compression keeps what it learned; for a model "
-                     "that never saw them, train one with deepzip train --validation N")
+            self.log(SEEN_NOTE.format(f"the shipped {recipe.model} was trained on every "
+                                      "training example"))
         if self.state_path.is_file():
             self.state = self._resume_state(self._read_state())
 
     # ------------------------------------------------------------------ helpers
     def _read_state(self) -> dict[str, Any]:
-        try:
-            old = json.loads(read_limited(self.state_path, MAX_JSON, "run state"))
-            if isinstance(old, dict) and isinstance(old.get("stages"), dict):
-                return {**old, "stages": current_stages(old["stages"])}
-        except (OSError, ValueError, DeepzipError):
-            pass
+        old = _run_state(self.out)
+        if old is not None and all(k in STAGES and isinstance(v, dict)
+                                   for k, v in old["stages"].items()):
+            return {**old, "stages": current_stages(old["stages"])}
         raise DeepzipError(f"{self.state_path} is damaged; use --restart to start the run "
                            "again, or another --out")
 
@@ -229,6 +241,47 @@ class Pipeline:
         se = stages.loss_se(self.task, self._reference_scores[0], examples)
         return self.recipe.margin_se * se if se is not None else 0.0
 
+    def _allowed(self) -> float:
+        """``max_loss`` in the loss's unit (points for an accuracy, the metric's units
+        otherwise), now that the baseline's validation score is known."""
+        assert self.budget is not None
+        return self.budget.allowed(points=self.task.metric.points,
+                                   baseline=self.state["stages"]["baseline"]["val_score"])
+
+    def _units(self) -> str:
+        return "points" if self.task.metric.points else self.task.metric.name
+
+    def _say_budget(self) -> None:
+        """Before any training: the budget in the metric's units and what the validation
+        data's noise is likely to leave of it. A budget that noise alone takes whole is
+        refused here, with the validation size that would leave half of it."""
+        if self.budget is None:
+            return
+        m, k = self.task.metric, self.recipe.margin_se
+        base, allowed = self.state["stages"]["baseline"]["val_score"], self._allowed()
+        line = (f"[budget] max_loss {self.budget}: {allowed:.4g} {self._units()} against the "
+                f"baseline's validation {m.name} {base:.4g}")
+        n = self.task.val_size or 0
+        if k and m.points and n:
+            est = margin_estimate(base, n, k)
+            line += (f"; on {n:,} validation examples a margin of {k:g} paired standard "
+                     f"errors is likely about {est:.2f} points, leaving about "
+                     f"{max(0.0, allowed - est):.2f} for the compression")
+            if est >= allowed:
+                self._noise_takes_all(n, est, needed_examples(base, k, allowed / 2),
+                                      "likely")
+        elif k:
+            line += "; the margin is measured at the first judged model"
+        self.log(line)
+
+    def _noise_takes_all(self, n: int, margin: float, need: int, how: str) -> None:
+        raise DeepzipError(
+            f"max_loss {self.budget} ({self._allowed():.4g} {self._units()}) cannot be met on "
+            f"{n:,} validation examples: their noise alone ({self.recipe.margin_se:g} paired "
+            f"standard errors, {how} {margin:.3g} {self._units()}) takes all of it; about "
+            f"{need:,} examples would leave half for the compression (--validation {need}, "
+            "or validation= in Python), or lower margin_se")
+
     def _named(self, key: str) -> str:
         """A recorded score's key: ``val_`` in front when it was read on validation data."""
         return f"val_{key}" if self.task.decision_split == "val" else key
@@ -247,8 +300,12 @@ class Pipeline:
             data = (f"validation data ({self.task.val_description})"
                     if self.task.val is not None else self.task.description or self.task.name)
             self.log(f"[baseline] evaluating {name} on {data}")
-            self._finish("baseline", t0, **self._scored(ref, ref_spec),
-                         sparsity=sparsity_of(ref), model=name)
+            scored = self._scored(ref, ref_spec)
+            self.state["stages"]["baseline"] = scored  # what the budget is read against
+            self._say_budget()  # a budget noise takes whole stops before any stage is done
+            self._finish("baseline", t0, **scored, sparsity=sparsity_of(ref), model=name)
+        elif not self._done("prune"):
+            self._say_budget()
         return model, spec
 
     def prune(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
@@ -312,25 +369,30 @@ class Pipeline:
         """Is ``model``'s loss on validation data within the pruning's part of the budget:
         ``prune.loss_share`` of what its margin leaves of ``max_loss`` (the margin is kept
         for the final confirmation, after the sharing)? The measurement joins ``rows``."""
-        share, max_loss = self.recipe.prune.loss_share, self.recipe.max_loss
-        assert max_loss is not None
+        share, max_loss = self.recipe.prune.loss_share, self._allowed()
         value, extra = self._judge(model, spec)
         lost = stages.loss_points(self.task, self.state["stages"]["baseline"]["val_score"],
                                   value)
         allowed = share * (max_loss - extra)
         ok = lost <= allowed
+        if not ok and extra >= max_loss and lost <= share * max_loss:  # noise, not the step
+            n = self.task.val_size or 0
+            self._noise_takes_all(n, extra, math.ceil(n * (2 * extra / max_loss) ** 2),
+                                  "measured")
         rows.append({**row, "score": value, "loss": lost, "margin": extra, "limit": allowed,
                      "within": ok})
-        self.log(f"[prune] {what}: {self.task.metric.name} {value:.4f} (loss {lost:.3f}"
-                 + (f", limit {allowed:.3f} after margin {extra:.3f}" if extra else "")
-                 + ")" + (" ok" if ok else ""))
+        self.log(f"[prune] {what}: {self.task.metric.name} {value:.4g} (loss {lost:.3g} "
+                 f"{self._units()}" + (f", limit {allowed:.3g} after margin {extra:.3g}"
+                                       if extra else f", limit {allowed:.3g}")
+                 + ")" + (" ok" if ok else " over"))
         return ok
 
     def _share_record(self, rows: list[dict[str, Any]], **found: Any) -> dict[str, Any]:
         """What the report and a resumed run keep of a search of the pruning's part."""
-        return {"max_loss": self.recipe.max_loss, "margin_se": self.recipe.margin_se,
+        return {"max_loss": self._allowed(), "budget": str(self.budget),
+                "units": self._units(), "margin_se": self.recipe.margin_se,
                 "loss_share": self.recipe.prune.loss_share,
-                "limit": self.recipe.prune.loss_share * self.recipe.max_loss,
+                "limit": self.recipe.prune.loss_share * self._allowed(),
                 "baseline_val_score": self.state["stages"]["baseline"]["val_score"],
                 "probes": rows, **found}
 
@@ -376,8 +438,9 @@ class Pipeline:
         per_layer = dict(a.per_layer)
         if a.sensitivity_max_drop is not None:
             scan = self.out / "prune" / "sensitivity.json"
-            if scan.is_file():
-                rows = json.loads(read_limited(scan, MAX_JSON, "sensitivity scan"))["rows"]
+            kept = read_json(scan, MAX_JSON, "sensitivity scan") if scan.is_file() else None
+            if isinstance(kept, dict) and _rows(kept.get("rows")):
+                rows = kept["rows"]
             else:
                 self.log("[prune] sensitivity scan for per-layer targets")
                 rows = sensitivity(model, lambda m: self._score(m, spec), include=p.include,
@@ -448,12 +511,15 @@ class Pipeline:
                                                 e.fold_batchnorm)
             value, extra = self._judge(model, spec)
             score = {self._named("score"): value}
-            if budget is None or self._confirmed(budget, value, qcfg.target_bits, q.bits,
-                                                 extra):
+            if budget is None or self._confirmed(budget, value, qcfg.target_bits, extra):
                 break
-            qcfg = dataclasses.replace(qcfg, target_bits=stages.retry_budget(
-                budget["probes"], budget["confirmed"][-1], budget["max_loss"], q.bits))
-            self.log(f"[quantize] over budget: once more at {qcfg.target_bits:.3f} bits")
+            if qcfg.target_bits >= q.bits:  # over at the cap: no sharing fits the budget
+                return self._unshared(pruned, spec, budget, t0)
+            bits = stages.retry_budget(budget["probes"], budget["confirmed"][-1],
+                                       budget["max_loss"], q.bits) \
+                if len(budget["confirmed"]) == 1 else float(q.bits)
+            qcfg = dataclasses.replace(qcfg, target_bits=bits)
+            self.log(f"[quantize] over budget: once more at {bits:.3f} bits")
             model = copy.deepcopy(pruned)
             if is_main_process():
                 shutil.rmtree(self.out / "quantize", ignore_errors=True)
@@ -472,19 +538,21 @@ class Pipeline:
                 ) -> tuple[QuantizeConfig, dict[str, Any]]:
         """The recipe's ``max_loss``: the sharing budget of the smallest file within it on
         validation data, searched on probes of the pruned model (which stays as it is)."""
-        q, max_loss = self.recipe.quantize, self.recipe.max_loss
+        q, max_loss = self.recipe.quantize, self._allowed()
         base = self.state["stages"]["baseline"]["val_score"]
 
         def search() -> dict[str, Any]:
-            self.log(f"[quantize] searching the smallest file within {max_loss} of the "
-                     f"baseline's validation {self.task.metric.name} {base:.4f}")
+            self.log(f"[quantize] searching the smallest file within {self.budget} "
+                     f"({max_loss:.4g} {self._units()}) of the baseline's validation "
+                     f"{self.task.metric.name} {base:.4g}")
             bits, probes = stages.search_budget(
                 model, self.task, spec, qcfg, baseline=base, max_loss=max_loss,
                 probe=self.recipe.train_config({"weight_decay": 0.0, **q.train},
                                                q.probe_epochs),
                 loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
                 log=self.log, margin=self._margin)
-            return {"max_loss": max_loss, "margin_se": self.recipe.margin_se,
+            return {"max_loss": max_loss, "budget": str(self.budget),
+                    "units": self._units(), "margin_se": self.recipe.margin_se,
                     "baseline_val_score": base, "probes": probes, "chosen": bits,
                     "confirmed": []}
 
@@ -495,7 +563,13 @@ class Pipeline:
               ) -> dict[str, Any]:
         """A search's result, kept in ``path``: an interrupted stage does not search again."""
         if path.is_file():
-            return json.loads(read_limited(path, MAX_JSON, what))
+            try:
+                kept = read_json(path, MAX_JSON, what)
+            except DeepzipError:
+                kept = None
+            if _search_record(kept):
+                return kept
+            self.log(f"[resume] {path} is damaged: searching again")
         result = search()
         if is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -503,34 +577,60 @@ class Pipeline:
                 json.dump(result, f)
         return result
 
-    def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float,
-                   cap: float, extra: float) -> bool:
+    def _confirmed(self, budget: dict[str, Any], val_score: float, bits: float | None,
+                   extra: float, **row: Any) -> bool:
         """Did the full stage stay within ``max_loss`` (its loss plus ``extra``, the
-        margin) on validation data? One retry at a larger budget, then the file stands as
-        made (the report shows both); none at the cap, where a larger budget cannot help
-        (the pruning alone is over the budget)."""
+        margin) on validation data? Over it, :meth:`quantize` tries a larger budget once
+        (calibrated by this miss), then the cap, then no sharing at all."""
         lost = stages.loss_points(self.task, budget["baseline_val_score"], val_score)
         ok = lost + extra <= budget["max_loss"]
         budget["confirmed"].append({"target_bits": bits, "val_score": val_score,
-                                    "loss": lost, "margin": extra, "within": ok})
-        self.log(f"[quantize] full stage at {bits:.3f} bits: validation loss {lost:.3f}"
-                 + (f" + margin {extra:.3f}" if extra else "")
-                 + f" (budget {budget['max_loss']})")
-        if not ok and bits >= cap:
-            self.log(f"[quantize] over budget at the {cap}-bit cap: the loss comes from the "
-                     "pruning, which this search does not change")
-        return ok or len(budget["confirmed"]) > 1 or bits >= cap
+                                    "loss": lost, "margin": extra, "within": ok, **row})
+        self.log("[quantize] full stage "
+                 + (f"at {bits:.3f} bits" if bits is not None else "without sharing")
+                 + f": validation loss {lost:.3g}" + (f" + margin {extra:.3g}" if extra else "")
+                 + f" {self._units()} (budget {budget['max_loss']:.4g}: {self.budget})")
+        return ok
+
+    def _unshared(self, pruned: nn.Module, spec: ModelSpec, budget: dict[str, Any],
+                  t0: float) -> tuple[nn.Module, ModelSpec]:
+        """No sharing fits the budget, at the cap either: the pruned model ships with its
+        weights unshared, stored as float16 (the recipe's ``encode`` is kept for the
+        rest). Judged like a shared one; over the budget even so, the loss is the
+        pruning's, and the report says so."""
+        self.log("[quantize] over the budget at the cap: storing the pruned model's weights "
+                 "unshared, as float16")
+        e = self._encoding()
+        model = copy.deepcopy(pruned)
+        dzip_torch.round_to_file_precision_(model, UNSHARED_DTYPE, e["codebook_dtype"],
+                                            e["fold_batchnorm"])
+        value, extra = self._judge(model, spec)
+        if not self._confirmed(budget, value, None, extra, raw_dtype=UNSHARED_DTYPE):
+            self.log("[quantize] still over the budget without sharing: the loss is the "
+                     "pruning's")
+        if is_main_process():
+            shutil.rmtree(self.out / "quantize", ignore_errors=True)
+            save_checkpoint(model, spec, self.out / "quantize" / "model.pt")
+        self._finish("quantize", t0, skipped=True, unshared=UNSHARED_DTYPE,
+                     **{self._named("score"): value}, budget=budget)
+        return model, spec
+
+    def _encoding(self) -> dict[str, Any]:
+        """The recipe's ``encode`` settings, with unshared weights stored as float16 where
+        the quantize stage found that no sharing fits the budget."""
+        e = dataclasses.asdict(self.recipe.encode)
+        unshared = (self._done("quantize") or {}).get("unshared")
+        return {**e, "raw_dtype": unshared} if unshared else e
 
     def encode(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
         path = self.out / "model.dzip"
         if not self._done("encode"):
             t0 = time.time()
-            info = stages.encode(model, spec, path, **dataclasses.asdict(self.recipe.encode),
-                                 like=self._fresh())
+            info = stages.encode(model, spec, path, **self._encoding(), like=self._fresh())
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
                      f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
             self._finish("encode", t0, **{k: v for k, v in info.items() if k != "tensors"},
-                         tensors=info["tensors"])
+                         tensors=info["tensors"], sha256=_sha256(path))
         return self.state["stages"]["encode"]
 
     def verify(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
@@ -541,7 +641,13 @@ class Pipeline:
             t0 = time.time()
             if self.task.val is not None:
                 self._test_scores(model, spec)
-            decoded = dzip_torch.load(self.out / "model.dzip", self._fresh())
+            path = self.out / "model.dzip"
+            made = self.state["stages"]["encode"].get("sha256")
+            if made is not None and _sha256(path) != made:
+                raise DeepzipError(f"{path} is not the file this run wrote (its SHA-256 "
+                                   "differs): it was changed after the encode stage; use "
+                                   "--restart, or another --out")
+            decoded = dzip_torch.load(path, self._fresh())
             result = verify(model, decoded, stages.eval_loader(self.task, spec), task=self.task)
             self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4f}, "
                      f"outputs identical: {result['identical']} (max difference "
@@ -557,11 +663,29 @@ class Pipeline:
         st = self.state["stages"]
         ref, ref_spec = self._reference()
         st["baseline"]["score"] = stages.score(ref.to(self.device), self.task, ref_spec).value
+        if self._seen(st["baseline"]["val_score"], st["baseline"]["score"]):
+            st["baseline"]["seen_validation"] = True
+            self.log(SEEN_NOTE.format(
+                f"the baseline scores {st['baseline']['val_score']:.4g} on its validation "
+                f"examples and {st['baseline']['score']:.4g} on the test examples, far "
+                "apart: it was likely trained on the validation examples"))
         pruned = self.out / "prune" / "model.pt"
         if pruned.is_file():
             st["prune"]["score"] = stages.score(self._load(pruned, spec)[0], self.task,
                                                 spec).value
         st["quantize"]["score"] = stages.score(model, self.task, spec).value
+
+    def _seen(self, val: float, test: float) -> bool:
+        """Does an accuracy-like baseline score far better on its validation examples than
+        on its test examples (by a point and 3 standard errors of the difference), as a
+        model trained on them does?"""
+        m = self.task.metric
+        if not m.points or not self.task.val_size or not self.task.eval_size:
+            return False
+        gap = (val - test) if m.higher_is_better else (test - val)
+        se = math.sqrt(val * (1 - val) / self.task.val_size
+                       + test * (1 - test) / self.task.eval_size)
+        return gap > max(0.01, 3 * se)
 
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -592,48 +716,102 @@ class Pipeline:
         return write_run_report(self.out, self.recipe, self.state, self.task)
 
 
+RUN_FILES = ("state.json", "recipe.yaml", "command.txt", "report.json", "report.md",
+             "layers.png", "model.dzip")
+RUN_FOLDERS = ("prune", "quantize")  # the stages' own folders, made and named by the run
+
+
 @contextlib.contextmanager
-def run_folder(out: str | Path, *, restart: bool = False) -> Iterator[Path]:
+def run_folder(out: str | Path, *, restart: bool = False,
+               log: Callable[[str], None] = print) -> Iterator[Path]:
     """The run folder, locked for as long as this run works in it (a second run on it
-    stops at once with one line); ``restart`` first empties it, but only a folder that a
-    deepzip run made (one holding ``state.json``), never anything else. A folder this
-    call created is removed again if the run fails before finishing a stage."""
+    stops at once with one line); ``restart`` first deletes an earlier run's files, only
+    those a deepzip run writes and only in a folder whose ``state.json`` is a run's,
+    never anything else. A folder this call created is removed again if the run fails
+    before finishing a stage (only by the run that holds its lock)."""
     out = Path(out)
     if not is_main_process():  # rank 0 locks and clears; the others wait for it
         barrier()
         yield out
         return
+    if restart and out.is_symlink():
+        raise DeepzipError(f"--restart: {out} is a symlink; name the run folder itself, "
+                           "deepzip never deletes through a link")
     new = not out.exists()
-    try:
-        with folder_lock(out):
+    with folder_lock(out):
+        try:
             if restart:
-                _clear_run(out)
+                kept = _clear_run(out)
+                if kept:
+                    log(f"[restart] kept what no deepzip run wrote in {out}: "
+                        + ", ".join(sorted(kept)))
             barrier()
             yield out
-    except BaseException:
-        if new and not _stages_done(out):  # a failed start leaves no folder behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except BaseException:
+            if new and not _stages_done(out):  # a failed start leaves no folder behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _run_state(out: Path) -> dict[str, Any] | None:
+    """``out/state.json`` if it is a deepzip run's state (a recipe and its stages)."""
+    try:
+        state = read_json(out / "state.json", MAX_JSON, "run state")
+    except DeepzipError:
+        return None
+    if isinstance(state, dict) and isinstance(state.get("recipe"), dict) \
+            and isinstance(state.get("stages"), dict):
+        return state
+    return None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open_regular(path, "compressed model") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def _rows(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(r, dict) for r in v)
+
+
+def _search_record(kept: Any) -> bool:
+    """Is a kept search result (``prune/search.json``, ``quantize/budget.json``) whole:
+    a positive number chosen, its baseline and budget numbers, lists of row dicts?"""
+    return (isinstance(kept, dict) and _number(kept.get("chosen")) and kept["chosen"] > 0
+            and _number(kept.get("baseline_val_score")) and _number(kept.get("max_loss"))
+            and _rows(kept.get("probes")) and _rows(kept.get("confirmed", [])))
 
 
 def _stages_done(out: Path) -> bool:
-    try:
-        return bool(json.loads(read_limited(out / "state.json", MAX_JSON, "run state"))
-                    .get("stages"))
-    except (DeepzipError, ValueError, AttributeError):
-        return False
+    state = _run_state(out)
+    return bool(state and state["stages"])
 
 
-def _clear_run(out: Path) -> None:
+def _clear_run(out: Path) -> list[str]:
+    """Delete what an earlier deepzip run wrote in ``out`` (its files and its stages'
+    folders, links themselves and not what they point to); returns what was kept."""
     entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
-    if entries and not (out / "state.json").is_file():
-        raise DeepzipError(f"--restart: {out} holds no deepzip state.json, so no deepzip run "
-                           "made it; not deleting it")
+    if entries and _run_state(out) is None:
+        raise DeepzipError(f"--restart: {out} holds no deepzip run state (state.json), so no "
+                           "deepzip run made it; not deleting anything in it")
+    kept = []
     for p in entries:
-        if p.is_dir() and not p.is_symlink():
+        if p.name in RUN_FOLDERS and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
-        else:
+        elif p.name in RUN_FILES + RUN_FOLDERS and (p.is_symlink() or p.is_file()):
             p.unlink()
+        else:
+            kept.append(p.name + ("/" if p.is_dir() else ""))
+    return kept
 
 
 @torch.inference_mode()
@@ -742,7 +920,7 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
              recipe: Recipe | str = "default", *, out: str | Path,
              spec: ModelSpec | None = None, reference: str | None = None,
              device: torch.device | str | None = None, allow_code: bool = False,
-             log: Callable[[str], None] = print) -> Compressed:
+             log: Callable[[str], None] = print, **overrides: Any) -> Compressed:
     """Run (or resume) the whole pipeline on any model and task; return what it made.
 
     ``model``: an ``nn.Module`` (any architecture; it is not changed), or what the CLI takes
@@ -753,19 +931,22 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
     ``allow_code=True``). The stages are the ones ``deepzip run`` runs, and resume the
     same way; a second run on the same ``out`` stops at once. Returns a
     :class:`Compressed`: the model decoded from the file, the file's path, the report.
-    The default recipe keeps the loss within one point on 5,000 of the evaluation
-    loader's examples, held out by a fixed seed, and reports on the rest (a recipe's
-    ``validation``, ``validation_from``, ``max_loss`` change that).
+    The default recipe keeps the loss within one point of accuracy (1% of any other
+    metric's baseline) on 5,000 of the evaluation loader's examples, held out by a fixed
+    seed, and reports on the rest. ``overrides`` set any recipe key, a section's keys
+    merged (:meth:`~deepzip.recipe.Recipe.with_overrides`): ``validation=1000``,
+    ``max_loss="0.5%"``, ``margin_se=1``, ``prune={"loss_share": 0.6}``.
 
     >>> result = deepzip.compress(MyNet(), (train_loader, test_loader), "default",
-    ...                           out="runs/mynet")  # doctest: +SKIP
+    ...                           out="runs/mynet", validation=2000)  # doctest: +SKIP
     >>> result.model, result.path, result.report["summary"]["real_ratio"]  # doctest: +SKIP
     """
     if not isinstance(recipe, Recipe):
         path = recipe_path(recipe)
-        recipe = load_recipe(path)
-        recipe.check_code(allow_code, where=path)
-    recipe = dataclasses.replace(recipe)
+        recipe = load_recipe(path).with_overrides(**overrides)
+        recipe.check_code(allow_code, where=path, given=set(overrides))  # yours: allowed
+    else:
+        recipe = recipe.with_overrides(**overrides) if overrides else dataclasses.replace(recipe)
     dev = torch.device(device) if device is not None else default_device()
     if isinstance(task, tuple):
         task = Task.from_loaders(*task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .atomic import read_limited
+from .budget import check_budget_text
 from .codecs import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
 from .prune import PruneConfig
@@ -133,7 +135,7 @@ class Recipe:
     task: str = "cifar10"  # cifar10, mnist, or package.module:function returning a Task
     validation: int = 0  # examples held out for the run's decisions
     validation_from: str = "train"  # held out of the training (train) or the test set (test)
-    max_loss: float | None = None  # the smallest file within this loss on validation data
+    max_loss: float | str | None = None  # the smallest file within this loss: 1, 1%, 0.01 mse
     margin_se: float = 0.0  # standard errors added to each loss held against max_loss
     seed: int = 0
     eval_every: int = 1  # test-set evaluations while training: every N epochs (0: none)
@@ -205,11 +207,11 @@ class Recipe:
             if not isinstance(v, str) or v not in allowed:
                 problems.append(f"encode.{key} must be one of {', '.join(allowed)}, not "
                                 f"{brief(v)}")
-        if self.max_loss is not None and not (
-                math.isfinite(self.max_loss) and self.max_loss >= 0 and q is not None
-                and q.entropy_weight > 0 and q.target_bits is None):
-            problems.append("max_loss must be a number >= 0 and needs a quantize section "
-                            "with entropy_weight > 0 and no target_bits (it chooses them)")
+        if self.max_loss is not None:
+            problems += _invalid("max_loss", lambda: check_budget_text(self.max_loss))
+            if not (q is not None and q.entropy_weight > 0 and q.target_bits is None):
+                problems.append("max_loss needs a quantize section with entropy_weight > 0 "
+                                "and no target_bits (it chooses them)")
         if not (math.isfinite(self.margin_se) and self.margin_se >= 0) or (
                 self.margin_se and self.max_loss is None):
             problems.append("margin_se must be a number >= 0, and needs max_loss")
@@ -227,6 +229,23 @@ class Recipe:
             raise DeepzipError(f"recipe {brief(self.name)}: " + "; ".join(problems))
         for section in (p.train, q.train if q else {}, q.qat_train if q else {}):
             self.train_config(section, epochs=1)  # unknown or bad training keys fail now
+
+    def with_overrides(self, **overrides: Any) -> Recipe:
+        """A copy with ``overrides`` applied: any recipe key (``validation=1000``,
+        ``max_loss="1%"``), a section's keys merged into it (``prune={"loss_share": 0.6}``,
+        ``quantize={"epochs": 8}``), checked as a recipe file's keys are.
+
+        >>> load_recipe("recipes/default.yaml").with_overrides(validation=2000)  # doctest: +SKIP
+        """
+        data = dataclasses.asdict(self)
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        recipe = Recipe.from_dict(data)
+        recipe.validate()
+        return recipe
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -299,7 +318,10 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if v is None:
             return None
-        return _coerce(args[0], v, where)
+        for a in args[:-1]:  # the first type that takes the value; the last one's error
+            with contextlib.suppress(DeepzipError):
+                return _coerce(a, v, where)
+        return _coerce(args[-1], v, where)
     if dataclasses.is_dataclass(tp):
         return _build(tp, v, where)
     if origin is list:
@@ -430,10 +452,13 @@ HELP = {
                        "test (for a model that saw every training example, as published "
                        "ones did: decisions read that part of the test set, the report "
                        "the rest)",
-    "max_loss": "an accuracy budget: the smallest file whose loss against the baseline on "
-                "validation data stays within this (points for accuracy, the metric's units "
-                "otherwise); it chooses quantize.target_bits by bisection on probes, then "
-                "confirms with the full stage; needs validation data",
+    "max_loss": "the budget: the smallest file whose loss against the baseline on "
+                "validation data stays within this. A number is points for an accuracy and "
+                "a percent of the baseline's value for any other metric (1: one point, or "
+                "1%); 1% is relative for any metric; 0.01 mse is absolute, in the metric's "
+                "units. It chooses the sharing budget (and the sparsity where the pruning "
+                "reads it); a budget the validation data's noise leaves nothing of is "
+                "refused before training; needs validation data",
     "margin_se": "max_loss: each measured loss counts this many of its standard errors "
                  "more (paired over the validation examples; accuracy, MSE, MAE), so a pass "
                  "means the loss is likely within max_loss, not only measured within it",
@@ -520,8 +545,8 @@ def _type_name(tp: Any) -> str:
     them, a section (a nested mapping), each ``or null`` where null is allowed."""
     args = typing.get_args(tp)
     if type(tp) is types.UnionType or typing.get_origin(tp) is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        return f"{_type_name(inner[0])} or null"
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + (" or null" if type(None) in args else "")
     origin = typing.get_origin(tp)
     if origin is list:
         return f"list of {_type_name(args[0]).replace('section', 'sections')}"

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import atomic_write, output_kind
+from .errors import DeepzipError
 from .report import pareto_front, run_score, run_summary, structure
 
 __all__ = ["bytes_by_kind_line", "label_axes", "markdown_table", "plot_filter_norms",
@@ -64,19 +65,35 @@ def label_axes(ax: Any, xlabel: str | None = None, ylabel: str | None = None,
         ax.legend(**legend)
 
 
+def plot_format(path: str | os.PathLike[str]) -> str:
+    """The image format a plot's file name asks for (png without an extension), checked
+    before any work: one the plotting library cannot write, or a path that is not a file
+    to write, is one DeepzipError."""
+    output_kind(path)
+    fmt = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise DeepzipError(f"{path}: a plot can be written as {', '.join(sorted(known))}, "
+                           f"not .{fmt}")
+    return fmt
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str]) -> None:
     """Lay out, save atomically and close a matplotlib figure."""
     plt = pyplot()
 
-    fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
+    fmt = plot_format(path)
     with atomic_write(path) as f:  # "tight": long rotated tick labels are never cut off
         fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
+    if isinstance(v, float):  # four decimals; a small metric (an MSE) its four digits
+        return f"{v:.4f}" if v == 0 or abs(v) >= 0.001 else f"{v:.3e}"
     if isinstance(v, list):
         return "x".join(map(str, v))
     return str(v)
@@ -263,6 +280,11 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
     else:
         decided = ("The task holds no validation data: training-time evaluations and "
                    "sensitivity scans read the test set.")
+    if st["baseline"].get("seen_validation"):
+        decided += (" **Note:** the baseline scores far better on the validation examples "
+                    "than on the test examples, as a model trained on them does: the "
+                    "decisions judged how well compression keeps what it learned, and the "
+                    "budget may not hold on new data.")
     fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
     cmd_file = out / "command.txt"
     command = cmd_file.read_text().strip() if cmd_file.is_file() else "deepzip run"
@@ -270,7 +292,8 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
         score_line = (f"{base * 100:.2f}% -> {ver['score'] * 100:.2f}% "
                       f"({change * 100:+.2f} points)")
     else:
-        score_line = (f"{base:.6g} -> {ver['score']:.6g} ({change:+.4g}; "
+        rel = f", {change / abs(base) * 100:+.2f}% of the baseline" if base else ""
+        score_line = (f"{metric} {base:.6g} -> {ver['score']:.6g} ({change:+.4g}{rel}; "
                       f"{'higher' if higher else 'lower'} is better)")
     size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (fp32 "
                  f"state_dict): {enc['real_ratio']:.2f}x")
@@ -295,7 +318,7 @@ metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32. {decided}
 |---|---|
 | {metric}, baseline -> decoded .dzip | {score_line} |
 | **real size on disk** | **{size_line}** |
-{bpp}| assignment's formula | {fmt_ratio} |
+{bpp}{_budget_row(st["quantize"].get("budget"))}| assignment's formula | {fmt_ratio} |
 | weight sparsity | {(summary_row['sparsity'] or 0) * 100:.1f}% |
 | Huffman, average bits per nonzero index | {enc['huffman_avg']:.3f} |
 | decoded model agrees with the in-memory model | {'; '.join(agree)} |
@@ -350,7 +373,7 @@ def _search_section(search: dict[str, Any] | None, metric: str) -> str:
         how = ("Each step's model, pruned and retrained, was scored on validation data; the "
                "first over its limit was undone and the pruning stopped: **"
                + (f"step {search['kept_step']} kept" if search["kept_step"] else
-                  "no step kept, the model stays unpruned") + "**.")
+                  "no step kept, the model stays unpruned") + f"**. {_why_stopped(search)}")
     else:
         how = (f"Probes (each prunes a copy of the model by the schedule shrunk to "
                f"{search['probe_epochs']} epochs; a short schedule recovers less than the full "
@@ -359,9 +382,9 @@ def _search_section(search: dict[str, Any] | None, metric: str) -> str:
     return f"""
 ## The sparsity search
 
-The pruning may spend {search['loss_share']:g} of `max_loss` {search['max_loss']}: at most
-{search['limit']:g} against the baseline's validation {metric}
-({search['baseline_val_score']:.4f}). {how}{margin}
+The pruning may spend {search['loss_share']:g} of `max_loss` {_budget_text(search)}: at
+most {search['limit']:.4g} {search.get('units', '')} against the baseline's validation
+{metric} ({search['baseline_val_score']:.4g}). {how}{margin}
 
 {markdown_table(rows, list(rows[0]))}
 """
@@ -375,23 +398,55 @@ def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:
                             "loss": p["loss"], "margin": p.get("margin", 0.0),
                             "bytes": p["file_bytes"], "within": p["within"]}
                            for p in budget["probes"]])
-    full = _with_margin([{"target bits": c["target_bits"], f"validation {metric}": c["val_score"],
+    full = _with_margin([{"target bits": c["target_bits"] if c["target_bits"] is not None
+                          else f"no sharing ({c.get('raw_dtype')})",
+                          f"validation {metric}": c["val_score"],
                           "loss": c["loss"], "margin": c.get("margin", 0.0),
                           "within": c["within"]} for c in budget["confirmed"]])
     return f"""
-## The accuracy budget
+## The budget
 
-`max_loss` {budget['max_loss']}: the smallest file whose loss against the baseline's
-validation {metric} ({budget['baseline_val_score']:.4f}) stays within it. Probes (each
+`max_loss` {_budget_text(budget)}: the smallest file whose loss against the baseline's
+validation {metric} ({budget['baseline_val_score']:.4g}) stays within it. Probes (each
 shares a copy of the pruned model at that budget of Huffman bits per nonzero index and
 trains its centroids briefly), bisecting from the cap.{_margin_line(budget)}
 
 {markdown_table(probes, list(probes[0]))}
 
-The full stage at the chosen budget (a second try at a larger one if the first is over):
+The full stage at the chosen budget (over it: once more at a larger one, then at the cap,
+then no sharing at all, the weights stored as float16):
 
 {markdown_table(full, list(full[0]))}
 """
+
+
+def _budget_text(search: dict[str, Any]) -> str:
+    """``max_loss`` as the user wrote it and in the loss's unit (older runs: the number)."""
+    if "budget" not in search:
+        return f"{search['max_loss']:g}"
+    return f"{search['budget']} ({search['max_loss']:.4g} {search['units']})"
+
+
+def _budget_row(budget: dict[str, Any] | None) -> str:
+    """The result table's line on the budget: what it was, what the file measured."""
+    if not budget or not budget.get("confirmed"):
+        return ""
+    last = budget["confirmed"][-1]
+    units = budget.get("units", "")
+    return (f"| budget (`max_loss`), on validation data | {_budget_text(budget)}: the file's "
+            f"loss {last['loss']:+.4g} + margin {last.get('margin', 0.0):.4g} {units}, "
+            f"{'within' if last['within'] else '**over**'} |\n")
+
+
+def _why_stopped(search: dict[str, Any]) -> str:
+    """Why an iterative pruning stopped where it did, in one sentence."""
+    over = next((p for p in search["probes"] if not p["within"]), None)
+    if over is None:
+        return "Every step was within its limit: the last one is kept."
+    units = search.get("units", "")
+    margin = f" (after a margin of {over['margin']:.3g})" if over.get("margin") else ""
+    return (f"Stopped at step {over['step']} (sparsity {over['sparsity']:.4f}): its loss "
+            f"{over['loss']:.3g} {units} is over its limit {over['limit']:.3g}{margin}.")
 
 
 def _margin_line(search: dict[str, Any]) -> str:

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dzip_torch
+from . import budget, dzip_torch
+from .atomic import output_kind
 from .checkpoint import ModelSpec
 from .prune import PruneConfig, finetune_after_prune, prune_
 from .qat import qat_, train_centroids
@@ -159,7 +160,13 @@ def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
            fold_batchnorm: bool = True, like: nn.Module | None = None) -> dict[str, Any]:
     """Write ``model`` as a ``.dzip`` file (one process writes; the others wait) and return
     its sizes (:func:`~deepzip.dzip_torch.info`), read back against ``like`` (a fresh
-    instance of the model) or the architecture the file records."""
+    instance of the model) or the architecture the file records. The null device as
+    ``path`` (``-o /dev/null``) gets the same work and sizes, and keeps nothing."""
+    if output_kind(path) == "null":
+        with tempfile.TemporaryDirectory() as tmp:
+            return encode(model, spec, os.path.join(tmp, "model.dzip"), raw_dtype=raw_dtype,
+                          codebook_dtype=codebook_dtype, fold_batchnorm=fold_batchnorm,
+                          like=like)
     if is_main_process():
         dzip_torch.save(model, path, spec=spec, raw_dtype=raw_dtype,
                         codebook_dtype=codebook_dtype, fold_batchnorm=fold_batchnorm)
@@ -195,14 +202,14 @@ def loss_se(task: Task, reference: torch.Tensor | None, scores: torch.Tensor | N
             or len(scores) < 2:
         return None
     se = float((reference - scores).std() / len(scores) ** 0.5)
-    return se * 100 if task.metric.name == "acc" else se
+    return se * 100 if task.metric.points else se
 
 
 def loss_points(task: Task, baseline: float, score: float) -> float:
     """How much worse ``score`` is than ``baseline`` in the task's metric: in points
     (hundredths) for accuracy, in the metric's own units otherwise; negative is better."""
-    worse = baseline - score if task.metric.higher_is_better else score - baseline
-    return worse * 100 if task.metric.name == "acc" else worse
+    return budget.loss(baseline, score, higher_is_better=task.metric.higher_is_better,
+                       points=task.metric.points)
 
 
 def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig, *,
@@ -234,9 +241,10 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
         ok = lost + extra <= max_loss
         probes.append({"target_bits": bits, "score": value, "loss": lost, "margin": extra,
                        "file_bytes": size, "within": ok})
-        log(f"[quantize] budget {bits:.3f} bits: {task.metric.name} {value:.4f} "
-            f"(loss {lost:.3f}" + (f" + margin {extra:.3f}" if extra else "") + f"), "
-            f"{size:,} bytes" + (" ok" if ok else ""))
+        units = "points" if task.metric.points else task.metric.name
+        log(f"[quantize] budget {bits:.3f} bits: {task.metric.name} {value:.4g} "
+            f"(loss {lost:.3g}" + (f" + margin {extra:.3g}" if extra else "")
+            + f" {units} of {max_loss:.4g}), {size:,} bytes" + (" ok" if ok else " over"))
         return ok
 
     return bisect(run, safe=float(config.bits), bold=low, steps=steps), probes

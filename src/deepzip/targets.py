@@ -200,6 +200,18 @@ class SharedWeight(nn.Module):
                                device=self.mask.device)
         return self.codebook[self.indices.int()].mul_(self.mask)  # no third copy
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,  # type: ignore
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        """A saved state (a resumed checkpoint) whose indices point past its codebook is
+        an error of the load, not an IndexError in the first forward pass."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        book, idx = state_dict.get(prefix + "codebook"), state_dict.get(prefix + "indices")
+        if isinstance(book, torch.Tensor) and isinstance(idx, torch.Tensor) and idx.numel() \
+                and (int(idx.max()) >= max(1, book.numel()) or int(idx.min()) < 0):
+            error_msgs.append(f"{prefix}indices: index {int(idx.max())} with a "
+                              f"{book.numel()}-entry codebook")
+
 
 def install(t: Target, parametrization: nn.Module) -> None:
     """One parametrization on every owner of the target's tensor (tied weights share

@@ -93,6 +93,7 @@ class Metric:
 
     name = "metric"
     higher_is_better = True
+    points = False  # a fraction people read in points (accuracy): budgets in points
     streaming = True
 
     def reset(self) -> None:
@@ -139,6 +140,7 @@ class Accuracy(Metric):
 
     name = "acc"
     higher_is_better = True
+    points = True
 
     def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         o, t = class_scores(outputs, targets)
@@ -160,6 +162,7 @@ class Perplexity(Accuracy):
 
     name = "ppl"
     higher_is_better = False
+    points = False
 
     def batch(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         o, t = class_scores(outputs, targets)
@@ -173,7 +176,8 @@ class Perplexity(Accuracy):
 
 
 class MeanSquaredError(Metric):
-    """Mean over examples of the squared error summed over each example's outputs."""
+    """The squared error averaged over every output of every example, as ``nn.MSELoss``
+    computes it (so the number does not grow with the outputs per example)."""
 
     name = "mse"
     higher_is_better = False
@@ -182,10 +186,13 @@ class MeanSquaredError(Metric):
         return self.examples(outputs, targets).sum()
 
     def examples(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (outputs - targets.float().view_as(outputs)).pow(2).flatten(1).sum(1)
+        diff = outputs - targets.float().view_as(outputs)
+        return diff.pow(2).flatten(1).mean(1)
 
 
 class MeanAbsoluteError(Metric):
+    """The absolute error averaged over every output of every example (``nn.L1Loss``)."""
+
     name = "mae"
     higher_is_better = False
 
@@ -193,7 +200,7 @@ class MeanAbsoluteError(Metric):
         return self.examples(outputs, targets).sum()
 
     def examples(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return (outputs - targets.float().view_as(outputs)).abs().flatten(1).sum(1)
+        return (outputs - targets.float().view_as(outputs)).abs().flatten(1).mean(1)
 
 
 class FunctionMetric(Metric):
@@ -280,7 +287,8 @@ class Task:
 
     def holding_out(self, n: int, source: str = "test") -> Task:
         """This task with ``n`` examples of its test (``source="test"``) or training loader
-        held out as validation data, drawn by a fixed seed as the shipped tasks draw
+        held out as validation data (at most half of that loader's: the default recipe's
+        5,000 on a smaller data set), drawn by a fixed seed as the shipped tasks draw
         theirs; the loader they came from keeps the rest. For plain DataLoaders over
         sized (map-style) datasets; other loaders must pass ``val`` themselves."""
         from torch.utils.data import DataLoader, RandomSampler, Subset
@@ -300,6 +308,7 @@ class Task:
                 + ("holds validation data already" if self.val is not None else
                    "is no batching DataLoader over a sized dataset")
                 + "): pass Task.from_loaders(train, test, val=...)")
+        asked, n = n, min(n, size // 2)  # a small data set: half decides, half reports
         kept, held = held_out_indices(size, n)
 
         def part(idx: torch.Tensor, shuffle: bool = False) -> DataLoader:
@@ -314,7 +323,8 @@ class Task:
             "train": part(kept, isinstance(loader.sampler, RandomSampler))}
         return dataclasses.replace(
             self, val=part(held), val_size=n, **rest,
-            val_description=f"{n:,} of the user's {where} examples held out by a fixed seed",
+            val_description=f"{n:,} of the user's {where} examples held out by a fixed seed"
+            + (f" (half of them: {asked:,} were asked for)" if n < asked else ""),
             description=self.description + (
                 f" less the {n:,} validation holds out" if source == "test" else ""))
 
