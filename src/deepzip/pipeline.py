@@ -248,6 +248,14 @@ class Pipeline:
         return self.budget.allowed(points=self.task.metric.points,
                                    baseline=self.state["stages"]["baseline"]["val_score"])
 
+    def _budget_words(self) -> str:
+        """The budget as written and, where that is not already in the loss's unit, in it:
+        "1 point", "1% of the baseline's mse (8.52e-05 mse)"."""
+        assert self.budget is not None
+        if self.budget.unit == "points":
+            return str(self.budget)
+        return f"{self.budget} ({self._allowed():.4g} {self._units()})"
+
     def _units(self) -> str:
         return "points" if self.task.metric.points else self.task.metric.name
 
@@ -259,8 +267,8 @@ class Pipeline:
             return
         m, k = self.task.metric, self.recipe.margin_se
         base, allowed = self.state["stages"]["baseline"]["val_score"], self._allowed()
-        line = (f"[budget] max_loss {self.budget}: {allowed:.4g} {self._units()} against the "
-                f"baseline's validation {m.name} {base:.4g}")
+        line = (f"[budget] max_loss {self._budget_words()} against the baseline's "
+                f"validation {m.name} {base:.4g}")
         n = self.task.val_size or 0
         if k and m.points and n:
             est = margin_estimate(base, n, k)
@@ -276,7 +284,7 @@ class Pipeline:
 
     def _noise_takes_all(self, n: int, margin: float, need: int, how: str) -> None:
         raise DeepzipError(
-            f"max_loss {self.budget} ({self._allowed():.4g} {self._units()}) cannot be met on "
+            f"max_loss {self._budget_words()} cannot be met on "
             f"{n:,} validation examples: their noise alone ({self.recipe.margin_se:g} paired "
             f"standard errors, {how} {margin:.3g} {self._units()}) takes all of it; about "
             f"{need:,} examples would leave half for the compression (--validation {need}, "
@@ -542,8 +550,8 @@ class Pipeline:
         base = self.state["stages"]["baseline"]["val_score"]
 
         def search() -> dict[str, Any]:
-            self.log(f"[quantize] searching the smallest file within {self.budget} "
-                     f"({max_loss:.4g} {self._units()}) of the baseline's validation "
+            self.log(f"[quantize] searching the smallest file within "
+                     f"{self._budget_words()} of the baseline's validation "
                      f"{self.task.metric.name} {base:.4g}")
             bits, probes = stages.search_budget(
                 model, self.task, spec, qcfg, baseline=base, max_loss=max_loss,
@@ -589,7 +597,7 @@ class Pipeline:
         self.log("[quantize] full stage "
                  + (f"at {bits:.3f} bits" if bits is not None else "without sharing")
                  + f": validation loss {lost:.3g}" + (f" + margin {extra:.3g}" if extra else "")
-                 + f" {self._units()} (budget {budget['max_loss']:.4g}: {self.budget})")
+                 + f" {self._units()} (budget {self._budget_words()})")
         return ok
 
     def _unshared(self, pruned: nn.Module, spec: ModelSpec, budget: dict[str, Any],
