@@ -148,10 +148,15 @@ def test_quantize_encode_inspect_decode_eval(capsys, tmp_path, data_root):
     accs = [json.loads(run(capsys, *a)[1])["test_acc"] for a in ev]
     assert accs[0] == accs[1]  # the decoded file scores exactly what the checkpoint does
     rc, out, _ = run(capsys, "decode", dz, "-o", tmp_path / "back.pt")
-    back, _ = load_checkpoint(tmp_path / "back.pt")
-    ref, _ = load_checkpoint(tmp_path / "q" / "model.pt")
+    back, spec = load_checkpoint(tmp_path / "back.pt")  # the spec travels with the weights
+    ref, ref_spec = load_checkpoint(tmp_path / "q" / "model.pt")
+    assert spec == ref_spec
     for k, v in ref.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    plain = torch.load(tmp_path / "back.pt")  # as the README promises: a plain state_dict
+    fresh = get("resnet20")
+    fresh.load_state_dict(plain)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in ref.state_dict().items())
 
 
 def test_corrupt_dzip_is_one_line(capsys, tmp_path):

@@ -348,3 +348,17 @@ def test_atomic_write_to_the_null_device_leaves_nothing(tmp_path, monkeypatch):
     with atomic_write(os.devnull) as f:
         f.write(b"x" * 100)
     assert os.path.exists(os.devnull) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["m.pt", "m.safetensors", "m.dzip"])
+def test_outputs_get_the_users_umask(capsys, tmp_path, files, name):
+    if name.endswith(".safetensors"):
+        pytest.importorskip("safetensors")
+    old = os.umask(0o027)
+    try:
+        argv = (["encode", files / "m.pt", "-o", tmp_path / name] if name.endswith(".dzip")
+                else ["decode", files / "m.dzip", "-o", tmp_path / name])
+        one_line(capsys, *argv, code=0)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640

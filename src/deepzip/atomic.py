@@ -64,12 +64,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     where.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=where)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it normal permissions
     try:
         yield Path(tmp)
         if kind == "null":
             os.unlink(tmp)
         else:
+            # mkstemp makes it private, and a writer may make the file anew: the user's
+            # umask decides, as for any file they write
+            os.chmod(tmp, 0o666 & ~_umask())
             output_kind(path)  # again, just before the rename: it may have changed
             os.replace(tmp, path)
     except BaseException:

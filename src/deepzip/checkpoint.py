@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import pickle
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -228,12 +229,35 @@ def load_checkpoint(
     """
     obj = _torch_load(path)
     if spec is None:
-        meta = obj.get("deepzip") if isinstance(obj, Mapping) else None
+        meta = recorded_spec(obj)
         recorded = ModelSpec.from_dict(meta) if isinstance(meta, Mapping) else None
         spec = compose_spec(recorded, default, override)
     model = build_recorded(spec, path) if model is None else model
     load_state_dict_strict(model, extract_state_dict(obj))
     return model.eval(), spec
+
+
+def plain_state_dict(state: Mapping[str, torch.Tensor], spec: ModelSpec | None
+                     ) -> OrderedDict[str, torch.Tensor]:
+    """``state`` as the plain ``state_dict`` torch writes (``model.load_state_dict(
+    torch.load(path))`` takes it as it is), the spec riding in its ``_metadata``, which
+    ``load_state_dict`` passes to modules and they ignore: nothing gets in the way."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    if spec is not None:
+        meta = OrderedDict([("", {"deepzip": spec.to_dict()})])
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
+
+
+def recorded_spec(obj: Any) -> Any:
+    """The deepzip spec a loaded checkpoint carries: ``{"state_dict", "deepzip"}`` (what
+    :func:`save_checkpoint` writes) or a plain state_dict's ``_metadata`` (what
+    ``deepzip decode`` writes); None without one."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("deepzip"), Mapping):
+        return obj["deepzip"]
+    root = getattr(obj, "_metadata", None)
+    root = root.get("") if isinstance(root, Mapping) else None
+    return root.get("deepzip") if isinstance(root, Mapping) else None
 
 
 def build_recorded(spec: ModelSpec, path: Any) -> nn.Module:

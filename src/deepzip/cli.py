@@ -339,8 +339,8 @@ def _size_table(info: dict) -> str:
                               "huffman", "encoding", "gap_bits", "bytes"])
     kinds = bytes_by_kind_line(info["bytes_by_kind"])
     return (f"{table}\n\nfile: {info['file_bytes']:,} bytes ({kinds}); fp32 state_dict "
-            f"(torch.save): {info['state_dict_bytes']:,} bytes\n"
-            f"real compression: {info['real_ratio']:.2f}x on disk, "
+            f"(as torch.save writes it, tied tensors once): {info['state_dict_bytes']:,} "
+            f"bytes\nreal compression: {info['real_ratio']:.2f}x on disk (state_dict / file), "
             f"{8 * info['file_bytes'] / max(1, info['params']):.3f} bits per parameter "
             f"({info['params']:,} parameters)\n" + (
                 f"assignment formula: {info['formula_ratio']:.2f}x "
@@ -386,7 +386,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     --arch (or a registered one in the file) it is also checked against the model."""
     from . import dzip_torch
     from .atomic import atomic_torch_save
-    from .checkpoint import load_state_dict_strict
+    from .checkpoint import load_state_dict_strict, plain_state_dict
 
     output_kind(args.output)
     state, spec = dzip_torch.load_state(args.file)
@@ -406,9 +406,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
         return 0
     if args.sparse:
         raise DeepzipError("--sparse applies to .safetensors output")
-    atomic_torch_save({"state_dict": state, **({"deepzip": spec.to_dict()} if spec else {})},
-                      args.output)
-    print(f"wrote {args.output} ({len(state)} tensors, fp32 state_dict{arch})")
+    atomic_torch_save(plain_state_dict(state, spec), args.output)
+    print(f"wrote {args.output} ({len(state)} tensors, a plain fp32 state_dict: "
+          f"model.load_state_dict(torch.load(path)) takes it{arch})")
     return 0
 
 

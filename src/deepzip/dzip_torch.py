@@ -502,11 +502,9 @@ def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[s
         _fill(model, state, path)
         fp32 = state_dict_bytes(model)
         params = sum(p.numel() for p in model.parameters())
-    else:
+    else:  # the same definition from the decoded tensors (tied ones are one object)
         params = sum(r["params"] for r in rows)
-        unique = {id(t): t for t in state.values()}.values()  # a tied tensor counts once
-        fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
-                   for t in unique)
+        fp32 = state_dict_bytes(state)
     shared = [r for r in rows if "clusters" in r]
     nonzero = sum(r["nonzero"] for r in shared)
     return {
@@ -530,12 +528,21 @@ def _raw_kind(entry: dict[str, Any]) -> str:
 
 
 
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes of the fp32 state_dict as ``torch.save`` writes it (the usual baseline)."""
-    state = {k: v.float() if v.is_floating_point() else v
-             for k, v in _plain_state(model).items()}
-    for alias, key in _aliases(model, list(state)).items():
-        state[alias] = state[key]  # a tied tensor: torch.save writes shared storage once
+def state_dict_bytes(source: nn.Module | dict[str, torch.Tensor]) -> int:
+    """The one denominator of every ratio deepzip prints ("real", "x smaller"): the bytes
+    ``torch.save`` writes for the model's plain ``state_dict`` with every float tensor
+    as fp32 and a tied tensor once, from a model or from a file's decoded tensors (tied
+    ones the same object). A user's own checkpoint can differ: it may hold an optimizer,
+    another dtype, or a pickled module."""
+    if isinstance(source, nn.Module):
+        state = {k: v.float() if v.is_floating_point() else v
+                 for k, v in _plain_state(source).items()}
+        for alias, key in _aliases(source, list(state)).items():
+            state[alias] = state[key]  # a tied tensor: torch.save writes shared storage once
+    else:
+        once: dict[int, torch.Tensor] = {}
+        state = {k: once.setdefault(id(v), v.float() if v.is_floating_point() else v)
+                 for k, v in source.items()}
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.tell()

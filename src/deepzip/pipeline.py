@@ -48,7 +48,7 @@ from .prune import (
 )
 from .quantize import QuantizeConfig, dequantize_
 from .recipe import AGPStage, Recipe, load_recipe, recipe_path
-from .report import current_stages
+from .report import current_stages, outputs_agree
 from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
 from .train import Distillation, barrier, default_device, evaluate, is_main_process
 
@@ -657,9 +657,8 @@ class Pipeline:
                                    "--restart, or another --out")
             decoded = dzip_torch.load(path, self._fresh())
             result = verify(model, decoded, stages.eval_loader(self.task, spec), task=self.task)
-            self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4f}, "
-                     f"outputs identical: {result['identical']} (max difference "
-                     f"{result['max_abs_diff']:.3g})"
+            self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4g}, "
+                     + outputs_agree(result)
                      + (f", predictions equal on {result['same_predictions']}/"
                         f"{result['examples']}" if self.task.classification else ""))
             self._finish("verify", t0, **result)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .atomic import atomic_write, output_kind
 from .errors import DeepzipError
-from .report import pareto_front, run_score, run_summary, structure
+from .report import outputs_agree, pareto_front, run_score, run_summary, structure
 
 __all__ = ["bytes_by_kind_line", "label_axes", "markdown_table", "plot_filter_norms",
            "plot_pareto", "plot_sensitivity", "plot_weight_sharing", "pyplot", "save_figure",
@@ -295,11 +295,10 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
         rel = f", {change / abs(base) * 100:+.2f}% of the baseline" if base else ""
         score_line = (f"{metric} {base:.6g} -> {ver['score']:.6g} ({change:+.4g}{rel}; "
                       f"{'higher' if higher else 'lower'} is better)")
-    size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (fp32 "
-                 f"state_dict): {enc['real_ratio']:.2f}x")
+    size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (the fp32 "
+                 f"state_dict as torch.save writes it): {enc['real_ratio']:.2f}x")
     data = getattr(task, "description", "") or "CIFAR-10 test set"
-    agree = [f"outputs identical: {ver['identical']} (max difference "
-             f"{ver['max_abs_diff']:.3g})"] if "identical" in ver else []
+    agree = [outputs_agree(ver)] if "identical" in ver else []
     if summary_row["same_predictions"]:
         agree.append(f"{summary_row['same_predictions']} predictions equal")
     bpp = (f"| bits per parameter (file bits / parameters) | "

@@ -13,8 +13,8 @@ from .deprecated import moved
 from .errors import DeepzipError
 from .targets import prunable
 
-__all__ = ["current_stages", "pareto_front", "run_score", "run_summary", "structure",
-           "summary"]
+__all__ = ["current_stages", "outputs_agree", "pareto_front", "run_score", "run_summary",
+           "structure", "summary"]
 
 # moved in 0.3: tables, plots and the report files to deepzip.render
 __getattr__ = moved(__name__, {n: f"deepzip.render:{n}" for n in (
@@ -90,6 +90,14 @@ def current_stages(stages: dict[str, Any]) -> dict[str, Any]:
     """A run's stage results (``state.json``, ``report.json``) with the current keys."""
     return {name: {_OLD_KEYS.get(k, k): v for k, v in stage.items()}
             if isinstance(stage, dict) else stage for name, stage in stages.items()}
+
+
+def outputs_agree(result: dict[str, Any]) -> str:
+    """How a decoded model's outputs compare with the in-memory model's, in words: bit for
+    bit, or the largest difference (never a bare "identical: False")."""
+    if result.get("identical"):
+        return "outputs identical bit for bit"
+    return f"outputs differ by at most {result['max_abs_diff']:.3g}"
 
 
 def run_score(summary_row: dict[str, Any], which: str) -> float:
