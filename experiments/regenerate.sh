@@ -95,6 +95,9 @@ record results/export/onnx.txt deepzip export results/agp90/model.dzip -o runs/a
   --data-dir "$DATA"
 record results/export/onnx.txt deepzip export results/lenet5/model.dzip -o runs/lenet5.onnx \
   --data-dir "$DATA"
+# The packed export against the fp32 one: sizes, session creation, latency, outputs.
+python bench/onnx_export.py results/agp90/model.dzip results/lenet5/model.dzip \
+  --data-dir "$DATA" --out results/export/packed-onnx.md
 
 # The assignment, reproduced: Labs 1-3 and Lab 4's pipeline (recipe seed).
 A=examples/assignment

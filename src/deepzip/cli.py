@@ -434,15 +434,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                  f"{list(spec.mean)}, std {list(spec.std)}" if spec.mean else
                  "the model's input as the task's loader gives it")
     example, _ = next(iter(loader))
-    to_onnx(model, example, args.output, opset=args.opset,
+    packed = to_onnx(model, example, args.output, opset=args.opset,
+                     packed=not args.fp32_weights,
             mean=spec.mean if inside else (), std=spec.std if inside else (),
             metadata={"deepzip.input": wants, "deepzip.mean": json.dumps(list(spec.mean)),
                       "deepzip.std": json.dumps(list(spec.std)),
                       "deepzip.normalization_in_graph": str(inside).lower(),
                       "deepzip.task": task.name, "deepzip.arch": spec.arch,
                       "deepzip.version": __version__})
-    print(f"wrote {args.output} (ONNX opset {args.opset}, dynamic batch; onnx.checker "
-          f"passed); input: {wants}")
+    size = Path(args.output).stat().st_size if Path(args.output).is_file() else 0
+    how = (f"{len(packed.packed)} shared weights packed as codebooks and indices, rebuilt "
+           "by standard operators when a session starts" if packed and packed.packed
+           else "weights as fp32")
+    print(f"wrote {args.output} ({size:,} bytes: {how}; ONNX opset {args.opset}, dynamic "
+          f"batch; onnx.checker passed); input: {wants}")
     try:
         result = compare_onnx(reference, args.output, loader)
     except DeepzipError as e:
@@ -754,6 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ex, positional=True)
     ex.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ex.add_argument("--fp32-weights", action="store_true",
+                    help="store every weight as fp32 (default: shared weights stay "
+                         "compressed in the graph, a codebook and packed indices that "
+                         "standard operators rebuild once when the session starts)")
     ex.add_argument("--no-normalize", action="store_true",
                     help="leave the input normalization to the caller (default: inside the "
                          "graph, which then takes images scaled to [0, 1])")

@@ -27,6 +27,7 @@ from torch import nn
 from .atomic import atomic_path, atomic_write, open_regular
 from .checkpoint import ModelSpec
 from .errors import DeepzipError
+from .onnx_pack import PackReport, pack_initializers
 
 __all__ = ["OPSET", "compare_onnx", "require", "to_onnx", "to_safetensors"]
 
@@ -61,13 +62,16 @@ class Normalized(nn.Module):
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *,
             opset: int = OPSET, mean: Sequence[float] = (), std: Sequence[float] = (),
-            metadata: dict[str, str] | None = None) -> None:
+            metadata: dict[str, str] | None = None, packed: bool = True) -> PackReport | None:
     """Export ``model`` (eval mode, fp32) to ONNX with a dynamic batch dimension, write it
     atomically and check it with ``onnx.checker``.
 
     With ``mean``/``std`` the normalization is inside the graph: its input is images
     scaled to [0, 1] (``example`` too). ``metadata`` goes into the file's
     ``metadata_props`` (deepzip writes mean, std, the input it expects, task, version).
+    ``packed``: shared weights stay compressed in the graph, a codebook and packed indices
+    that standard operators rebuild when the session starts (:mod:`deepzip.onnx_pack`);
+    returns what was packed. ``packed=False`` writes every weight as fp32.
 
     >>> model = deepzip.load("model.dzip")  # doctest: +SKIP
     >>> to_onnx(model, torch.rand(1, 3, 32, 32), "m.onnx", mean=MEAN, std=STD)  # doctest: +SKIP
@@ -95,12 +99,18 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
                 raise DeepzipError(f"ONNX export failed: {type(e).__name__}: {first[:200]}"
                                    ) from None
         proto = onnx.load(out)
+        report = None
+        if packed:
+            report = pack_initializers(proto, {k: v.detach().numpy() for k, v in
+                                               model.state_dict().items()})
+            metadata = {**(metadata or {}), "deepzip.packed_weights": str(len(report.packed))}
         for key, value in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto, full_check=True)
         with atomic_write(path) as dst:
             dst.write(proto.SerializeToString())
+    return report
 
 
 def compare_onnx(model: nn.Module, path: str | os.PathLike[str],
