@@ -148,3 +148,41 @@ def test_missing_extra_names_it(capsys, tmp_path, small_file, monkeypatch):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert 'pip install "deepzip[export]"' in err and err.count("\n") == 1
+
+
+def test_a_language_model_exports_with_a_dynamic_sequence_and_scores_per_token(
+        capsys, tmp_path, monkeypatch):
+    """A tied-embedding LM: the export's own check counts tokens (padding left out), the
+    sequence axis takes any length, and the shared weights stay packed."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import re
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    monkeypatch.chdir(examples)
+    sys.modules.pop("tiny_lm", None)
+    import tiny_lm
+
+    model = tiny_lm.train(str(tmp_path / "lm.pt"), epochs=2)
+    quantize_(model, QuantizeConfig(bits=4))
+    save(model, tmp_path / "lm.dzip", spec=ModelSpec(arch="tiny_lm:TinyLM"))
+    lm = ["--arch", "tiny_lm:TinyLM", "--task", "tiny_lm:make_task"]
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "lm.dzip"), "-o", str(tmp_path / "lm.onnx"),
+                 "--dynamic-axes", "0,1", *lm]) == 0
+    out = capsys.readouterr().out
+    assert "dynamic batch, axis 1" in out and "shared weights packed" in out
+    same = re.search(r"predictions equal on (\d+)/(\d+) tokens", out)
+    assert same and same[1] == same[2] and int(same[2]) > 512  # tokens, not sequences
+    onnx_acc, eval_acc = re.search(
+        r"accuracy per token: onnxruntime ([\d.]+)% on token ids, deepzip eval ([\d.]+)%",
+        out).groups()
+    assert onnx_acc == eval_acc and 20 < float(eval_acc) < 100
+    s = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
+    y = s.run(None, {s.get_inputs()[0].name: np.zeros((3, 57), np.int64)})[0]
+    assert y.shape == (3, 57, tiny_lm.VOCAB)  # another sequence length than the example's

@@ -29,7 +29,7 @@ from .prune import FINETUNE
 from .qat import CENTROID_TRAINING
 from .quantize import INITS
 from .recipe import shipped_recipes
-from .task import TASKS, Accuracy, Task, resolve_task
+from .task import TASKS, Task, resolve_task
 from .train import (
     TrainConfig,
     default_device,
@@ -75,6 +75,16 @@ def _add_model_args(p: argparse.ArgumentParser, *, positional: bool) -> None:
                    help="input normalization the weights were trained with: cifar, imagenet, "
                         "mnist or M,.../S,... per channel (default: from the file, else the "
                         "task's)")
+
+
+def _axes(text: str) -> tuple[int, ...]:
+    try:
+        axes = tuple(sorted({int(a) for a in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: axes as numbers, e.g. 0,1") from None
+    if any(a < 0 for a in axes):
+        raise argparse.ArgumentTypeError(f"{text!r}: axes are counted from 0")
+    return axes
 
 
 def _budget_arg(text: str) -> float | str:
@@ -421,7 +431,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     require("onnx"), require("onnxscript")  # before any data is read
     output_kind(args.output)
     model, spec, task = model_and_task(args)
-    inside = bool(spec.mean) and not args.no_normalize
+    loader = task.eval_loader(mean=spec.mean, std=spec.std)
+    images = next(iter(loader))[0].is_floating_point()  # token ids are never normalized
+    inside = bool(spec.mean) and not args.no_normalize and images
     if inside:  # the task's images before normalization: what a deployment feeds
         c = len(spec.mean)
         loader = task.eval_loader(mean=(0.0,) * c, std=(1.0,) * c)
@@ -429,13 +441,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         wants = (f"NCHW float32 images scaled to [0, 1]; the graph normalizes with mean "
                  f"{list(spec.mean)}, std {list(spec.std)}")
     else:
-        loader, reference = task.eval_loader(mean=spec.mean, std=spec.std), model
+        reference = model
         wants = ("normalized input: (x - mean) / std per channel with mean "
-                 f"{list(spec.mean)}, std {list(spec.std)}" if spec.mean else
+                 f"{list(spec.mean)}, std {list(spec.std)}" if spec.mean and images else
                  "the model's input as the task's loader gives it")
     example, _ = next(iter(loader))
     packed = to_onnx(model, example, args.output, opset=args.opset,
-                     packed=not args.fp32_weights,
+                     packed=not args.fp32_weights, dynamic_axes=args.dynamic_axes,
             mean=spec.mean if inside else (), std=spec.std if inside else (),
             metadata={"deepzip.input": wants, "deepzip.mean": json.dumps(list(spec.mean)),
                       "deepzip.std": json.dumps(list(spec.std)),
@@ -446,22 +458,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     how = (f"{len(packed.packed)} shared weights packed as codebooks and indices, rebuilt "
            "by standard operators when a session starts" if packed and packed.packed
            else "weights as fp32")
+    dynamic = ", ".join("batch" if a == 0 else f"axis {a}" for a in args.dynamic_axes)
     print(f"wrote {args.output} ({size:,} bytes: {how}; ONNX opset {args.opset}, dynamic "
-          f"batch; onnx.checker passed); input: {wants}")
+          f"{dynamic}; onnx.checker passed); input: {wants}")
     try:
         result = compare_onnx(reference, args.output, loader)
     except DeepzipError as e:
         print(f"not compared with onnxruntime: {e}")
         return 0
-    same = (f", predictions equal on {result['same_predictions']}/{result['examples']}"
-            if task.classification else "")
+    unit = "tokens" if example.dim() > 1 and not example.is_floating_point() else "examples"
+    same = (f", predictions equal on {result['same_predictions']}/{result['examples']} "
+            f"{unit}" if task.classification else "")
     print(f"onnxruntime vs PyTorch on {task.description or task.name}: max output difference "
           f"{result['max_abs_diff']:.3g}{same}")
-    if task.classification and isinstance(task.metric, Accuracy):
+    if task.classification and task.metric.points and result["examples"]:
         value = stages.score(model, task, spec).value
-        print(f"accuracy: onnxruntime {100 * result['onnx_correct'] / result['examples']:.2f}%"
-              f" on {'[0, 1] images' if inside else 'normalized input'}, deepzip eval "
-              f"{100 * value:.2f}%")
+        fed = ("[0, 1] images" if inside else "normalized input" if example.is_floating_point()
+               else "token ids")
+        print(f"accuracy{' per token' if unit == 'tokens' else ''}: onnxruntime "
+              f"{100 * result['onnx_correct'] / result['examples']:.2f}% on {fed}, deepzip "
+              f"eval {100 * value:.2f}%")
     return 0
 
 
@@ -759,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ex, positional=True)
     ex.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ex.add_argument("--dynamic-axes", type=_axes, default=(0,), metavar="A,B",
+                    help="the input's axes that may take any size (default: 0, the batch; "
+                         "a language model's sequence too: 0,1)")
     ex.add_argument("--fp32-weights", action="store_true",
                     help="store every weight as fp32 (default: shared weights stay "
                          "compressed in the graph, a codebook and packed indices that "

@@ -20,7 +20,6 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -62,7 +61,8 @@ class Normalized(nn.Module):
 
 def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str], *,
             opset: int = OPSET, mean: Sequence[float] = (), std: Sequence[float] = (),
-            metadata: dict[str, str] | None = None, packed: bool = True) -> PackReport | None:
+            metadata: dict[str, str] | None = None, packed: bool = True,
+            dynamic_axes: Sequence[int] = (0,)) -> PackReport | None:
     """Export ``model`` (eval mode, fp32) to ONNX with a dynamic batch dimension, write it
     atomically and check it with ``onnx.checker``.
 
@@ -72,6 +72,8 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
     ``packed``: shared weights stay compressed in the graph, a codebook and packed indices
     that standard operators rebuild when the session starts (:mod:`deepzip.onnx_pack`);
     returns what was packed. ``packed=False`` writes every weight as fp32.
+    ``dynamic_axes``: the input's axes that may take any size (the batch; a language
+    model's sequence too: ``(0, 1)``); the others are fixed at the example's.
 
     >>> model = deepzip.load("model.dzip")  # doctest: +SKIP
     >>> to_onnx(model, torch.rand(1, 3, 32, 32), "m.onnx", mean=MEAN, std=STD)  # doctest: +SKIP
@@ -84,6 +86,9 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
     model = model.float().eval().cpu()
     if mean:
         model = Normalized(model, mean, std)
+    if any(not 0 <= a < example.dim() for a in dynamic_axes):
+        raise DeepzipError(f"dynamic axes {list(dynamic_axes)}: the input has {example.dim()} "
+                           f"axes (shape {list(example.shape)})")
     example = example[:2].cpu().contiguous()
     example = example.float() if example.is_floating_point() else example
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,14 +96,21 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
+                dims = {a: torch.export.Dim("batch" if a == 0 else f"axis{a}", min=1)
+                        for a in dynamic_axes}
                 torch.onnx.export(model, (example,), out, opset_version=opset, dynamo=True,
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                                  external_data=False, verbose=False)
+                                  dynamic_shapes=(dims,), external_data=False, verbose=False)
             except Exception as e:  # noqa: BLE001 - the exporter's many failure types
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise DeepzipError(f"ONNX export failed: {type(e).__name__}: {first[:200]}"
                                    ) from None
         proto = onnx.load(out)
+        for output in proto.graph.output:  # an output axis the exporter kept at the
+            dims = output.type.tensor_type.shape.dim  # example's size, where the input's
+            for a in dynamic_axes:  # same axis is dynamic (a language model's sequence)
+                if 0 < a < len(dims) and a < example.dim() and \
+                        dims[a].dim_value == example.shape[a]:
+                    dims[a].dim_param = f"axis{a}"
         report = None
         if packed:
             report = pack_initializers(proto, {k: v.detach().numpy() for k, v in
@@ -117,23 +129,32 @@ def compare_onnx(model: nn.Module, path: str | os.PathLike[str],
                  batches: Iterable[tuple[torch.Tensor, Any]]) -> dict[str, Any]:
     """Run the ONNX file with onnxruntime and ``model`` with PyTorch on the same
     ``batches`` (fed to both as they are): the largest absolute output difference and,
-    for class scores, how many argmax predictions agree and how many are right."""
+    for class scores, how many argmax predictions agree and how many are right, per
+    example or per scored token (a language model's, padding left out; ``examples``
+    counts what was scored)."""
     ort = require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    from .task import IGNORE_INDEX, class_scores
+
     model = model.float().eval().cpu()
     diff, same, right, n = 0.0, 0, 0, 0
     with torch.inference_mode():
         for x, y in batches:
             x = x.cpu().contiguous()
             x = x.float() if x.is_floating_point() else x
-            ref = model(x).numpy()
-            got = session.run(None, {name: x.numpy()})[0]
-            diff = max(diff, float(np.abs(ref - got).max()))
-            if ref.ndim == 2:
-                same += int((ref.argmax(1) == got.argmax(1)).sum())
-                right += int((got.argmax(1) == np.asarray(y)).sum())
-            n += len(x)
+            ref = model(x)
+            got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+            diff = max(diff, float((ref - got).abs().max()))
+            y = torch.as_tensor(y)
+            if y.dtype.is_floating_point:  # a regression target: nothing to predict
+                n += len(x)
+                continue
+            (a, t), (b, _) = class_scores(ref, y), class_scores(got, y)  # per token too
+            live = t != IGNORE_INDEX
+            same += int(((a.argmax(1) == b.argmax(1)) & live).sum())
+            right += int(((b.argmax(1) == t) & live).sum())
+            n += int(live.sum())
     return {"examples": n, "max_abs_diff": diff, "same_predictions": same,
             "onnx_correct": right}
 
