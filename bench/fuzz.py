@@ -45,6 +45,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=10_000, help="inputs per reader")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="outputs: also the commands that read MNIST (train, prune, "
+                        "quantize, sensitivity --out; export -o)")
     p.add_argument("--only", choices=["dzip", "cifar", "mnist", "recipes", "specs", "outputs"],
                    help="fuzz one reader (e.g. after a format change)")
     args = p.parse_args()
@@ -63,7 +66,7 @@ def main() -> int:
             ("specs", "recorded arch/task in checkpoints and .dzip (nothing imported)",
              lambda: fuzz_specs(args.n, args.seed, t)),
             ("outputs", "output paths (every writing command x every kind of path)",
-             lambda: fuzz_outputs(output_commands(_made(t / "inputs")), t)),
+             lambda: fuzz_outputs(output_commands(_made(t / "inputs"), args.data_dir), t)),
         ]:
             if args.only not in (None, key):
                 continue

@@ -577,6 +577,10 @@ OUTPUT_KINDS = {  # kind -> refused (True) or written (False); "unknown-ext" dep
     "dangling-link": False, "dir": True, "fifo": True, "device": True,
     "link-to-fifo": True, "link-to-dir": True, "nul": True, "under-a-file": True,
     "unknown-ext": None}
+FOLDER_KINDS = {  # an output folder (--out): a directory or a link to one is written into
+    "new": False, "dir": False, "link-to-dir": False, "file": True, "null": True,
+    "link-to-file": True, "dangling-link": True, "fifo": True, "device": True,
+    "link-to-fifo": True, "nul": True, "under-a-file": True}
 
 
 def output_variant(kind: str, path: Path) -> tuple[str, Callable[[], Any]]:
@@ -647,23 +651,25 @@ def deadline(seconds: int) -> Any:
 def fuzz_outputs(commands: dict[str, tuple[str, Callable[[str], list[str]]]], tmp: Path
                  ) -> Outcome:
     """Every command that writes, against every kind of output path (``commands``: a
-    command's name -> (its output's suffix, its argv for an output path)). A refused kind
-    must end in one line and exit 2 with the thing left as it was; a written kind in exit
-    0, with a link's target and the null device untouched. Anything else (a traceback, a
-    hang, a replaced device or FIFO, a written link target, a temp file left) is
-    unexpected. A plot's unknown extension is refused; any other command writes it."""
+    command's name -> (its output's suffix, "/" for an output folder, and its argv for an
+    output path)). A refused kind must end in one line and exit 2 with the thing left as
+    it was; a written kind in exit 0, with a link's target and the null device untouched.
+    Anything else (a traceback, a hang, a replaced device or FIFO, a written link target,
+    a temp file left) is unexpected. A plot's unknown extension is refused; any other
+    command writes it. An output folder may be a directory or a link to one, nothing
+    else."""
     import io
 
     from deepzip.cli import main
 
     out = Outcome()
     for i, (command, (suffix, argv)) in enumerate(commands.items()):
-        for kind, refused in OUTPUT_KINDS.items():
+        for kind, refused in (FOLDER_KINDS if suffix == "/" else OUTPUT_KINDS).items():
             if refused is None:
                 refused = suffix == ".png"
             folder = tmp / f"out{i}-{kind}"
             folder.mkdir()
-            name, snapshot = output_variant(kind, folder / f"o{suffix}")
+            name, snapshot = output_variant(kind, folder / f"o{suffix.strip('/')}")
             before = snapshot()
             err = io.StringIO()
             out.inputs += 1
@@ -691,11 +697,12 @@ def fuzz_outputs(commands: dict[str, tuple[str, Callable[[str], list[str]]]], tm
     return out
 
 
-def output_commands(tmp: Path) -> dict[str, tuple[str, Callable[[str], list[str]]]]:
-    """The commands that write a file the user names, with inputs made here (no data set
-    needed): encode -o, decode -o (.pt and, with the export extra, .safetensors),
-    summary --plot, pareto -o. (export -o reads the task's data before it writes; its
-    refusals are checked before any data is read, by tests/test_outputs.py.)"""
+def output_commands(tmp: Path, data_dir: Path | None = None
+                    ) -> dict[str, tuple[str, Callable[[str], list[str]]]]:
+    """The commands that write what the user names, with inputs made here: encode -o,
+    decode -o (.pt and, with the export extra, .safetensors), summary --plot, pareto -o;
+    with MNIST in ``data_dir`` also the output folders of train, prune, quantize and
+    sensitivity (--out, on 64 images) and, with the export extra, export -o."""
     import importlib.util
 
     import torch
@@ -704,7 +711,7 @@ def output_commands(tmp: Path) -> dict[str, tuple[str, Callable[[str], list[str]
     from deepzip.checkpoint import ModelSpec, save_checkpoint
     from deepzip.models import get
 
-    spec = ModelSpec(arch="lenet300", task="mnist")
+    spec = ModelSpec(arch="lenet300", task="mnist", mean=(0.1307,), std=(0.3081,))
     torch.manual_seed(0)
     model = get("lenet300")
     save_checkpoint(model, spec, tmp / "m.pt")
@@ -714,7 +721,7 @@ def output_commands(tmp: Path) -> dict[str, tuple[str, Callable[[str], list[str]
         "real_ratio": 10.0, "recipe": "x", "baseline_score": 0.9, "decoded_score": 0.89,
         "file_bytes": 100, "sparsity": 0.5, "formula_ratio": 12.0}}))
     m, d = str(tmp / "m.pt"), str(tmp / "m.dzip")
-    commands = {
+    commands: dict[str, tuple[str, Callable[[str], list[str]]]] = {
         "encode -o": (".dzip", lambda o: ["encode", m, "-o", o]),
         "decode -o": (".pt", lambda o: ["decode", d, "-o", o]),
         "summary --plot": (".png", lambda o: ["summary", m, "--plot", o]),
@@ -723,4 +730,18 @@ def output_commands(tmp: Path) -> dict[str, tuple[str, Callable[[str], list[str]
     if importlib.util.find_spec("safetensors"):
         commands["decode -o .safetensors"] = (".safetensors",
                                               lambda o: ["decode", d, "-o", o])
+    if data_dir is None:
+        return commands
+    small = ["--subset", "64", "--data-dir", str(data_dir)]
+    commands.update({
+        "train --out": ("/", lambda o: ["train", "--model", "lenet300", "--task", "mnist",
+                                        "--epochs", "1", "--batch-size", "32", "--out", o,
+                                        *small]),
+        "prune --out": ("/", lambda o: ["prune", m, "--q", "0.5", "--out", o, *small]),
+        "quantize --out": ("/", lambda o: ["quantize", m, "--bits", "2", "--out", o,
+                                           *small]),
+        "sensitivity --out": ("/", lambda o: ["sensitivity", m, "--levels", "0.5", "--out",
+                                              o, *small])})
+    if importlib.util.find_spec("onnxscript") and importlib.util.find_spec("onnxruntime"):
+        commands["export -o"] = (".onnx", lambda o: ["export", m, "-o", o, *small])
     return commands

@@ -49,11 +49,11 @@ def test_recorded_specs_import_nothing(tmp_path):
     assert out.refused > out.inputs // 2
 
 
-def test_every_command_that_writes_against_every_kind_of_output(tmp_path):
+def test_every_command_that_writes_against_every_kind_of_output(tmp_path, data_root):
     from hostile import fuzz_outputs, output_commands
 
     inputs = tmp_path / "in"
     inputs.mkdir()
-    out = fuzz_outputs(output_commands(inputs), tmp_path)
+    out = fuzz_outputs(output_commands(inputs, data_root), tmp_path)
     _clean(out, "outputs")
     assert out.refused and out.accepted

@@ -181,7 +181,7 @@ def test_compress_an_unregistered_model_from_python(tmp_path, capsys):
     assert main(["decode", str(tmp_path / "run" / "model.dzip"), "-o",
                  str(tmp_path / "back.pt")]) == 0  # a state_dict needs no architecture
     back = Unregistered()
-    back.load_state_dict(torch.load(tmp_path / "back.pt", weights_only=True)["state_dict"])
+    back.load_state_dict(torch.load(tmp_path / "back.pt", weights_only=True))  # plain
     assert torch.equal(back.eval()(x[:8]), decoded(x[:8]))
 
 

@@ -46,6 +46,18 @@ def output_kind(path: str | os.PathLike[str]) -> str:
                        "and never replaces anything else; name a file")
 
 
+@contextlib.contextmanager
+def unless_null(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """``path`` itself, or for the null device a scratch file in a temporary folder that
+    is gone afterwards: a command that reads back what it wrote (sizes, a check) does the
+    same work on ``-o /dev/null`` and keeps nothing."""
+    if output_kind(path) != "null":
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp) / Path(path).name
+
+
 def _null_rdev() -> int | None:
     try:
         return os.stat(os.devnull).st_rdev

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import stages
-from .atomic import output_kind, read_limited
+from .atomic import output_kind, read_limited, unless_null
 from .checkpoint import ModelSpec, save_checkpoint
 from .codecs import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
@@ -426,7 +426,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A model to ONNX, checked, and compared with PyTorch on the task's evaluation data
     where onnxruntime is installed. By default the graph takes images scaled to [0, 1]
     and normalizes them itself, so what is deployed scores what deepzip reports."""
-    from .export import Normalized, compare_onnx, require, to_onnx
+    from .export import Normalized, require, to_onnx
 
     require("onnx"), require("onnxscript")  # before any data is read
     output_kind(args.output)
@@ -446,40 +446,50 @@ def cmd_export(args: argparse.Namespace) -> int:
                  f"{list(spec.mean)}, std {list(spec.std)}" if spec.mean and images else
                  "the model's input as the task's loader gives it")
     example, _ = next(iter(loader))
-    packed = to_onnx(model, example, args.output, opset=args.opset,
-                     packed=not args.fp32_weights, dynamic_axes=args.dynamic_axes,
-            mean=spec.mean if inside else (), std=spec.std if inside else (),
-            metadata={"deepzip.input": wants, "deepzip.mean": json.dumps(list(spec.mean)),
-                      "deepzip.std": json.dumps(list(spec.std)),
-                      "deepzip.normalization_in_graph": str(inside).lower(),
-                      "deepzip.task": task.name, "deepzip.arch": spec.arch,
-                      "deepzip.version": __version__})
-    size = Path(args.output).stat().st_size if Path(args.output).is_file() else 0
-    how = (f"{len(packed.packed)} shared weights packed as codebooks and indices, rebuilt "
-           "by standard operators when a session starts" if packed and packed.packed
-           else "weights as fp32")
-    dynamic = ", ".join("batch" if a == 0 else f"axis {a}" for a in args.dynamic_axes)
-    print(f"wrote {args.output} ({size:,} bytes: {how}; ONNX opset {args.opset}, dynamic "
-          f"{dynamic}; onnx.checker passed); input: {wants}")
+    with unless_null(args.output) as target:  # -o /dev/null: the same checks, nothing kept
+        packed = to_onnx(model, example, target, opset=args.opset,
+                         packed=not args.fp32_weights, dynamic_axes=args.dynamic_axes,
+                         mean=spec.mean if inside else (), std=spec.std if inside else (),
+                         metadata={"deepzip.input": wants,
+                                   "deepzip.mean": json.dumps(list(spec.mean)),
+                                   "deepzip.std": json.dumps(list(spec.std)),
+                                   "deepzip.normalization_in_graph": str(inside).lower(),
+                                   "deepzip.task": task.name, "deepzip.arch": spec.arch,
+                                   "deepzip.version": __version__})
+        how = (f"{len(packed.packed)} shared weights packed as codebooks and indices, "
+               "rebuilt by standard operators when a session starts"
+               if packed and packed.packed else "weights as fp32")
+        dynamic = ", ".join("batch" if a == 0 else f"axis {a}" for a in args.dynamic_axes)
+        print(f"wrote {args.output} ({target.stat().st_size:,} bytes: {how}; ONNX opset "
+              f"{args.opset}, dynamic {dynamic}; onnx.checker passed); input: {wants}")
+        _check_onnx(reference, target, loader, task, spec, model,
+                    "[0, 1] images" if inside else "normalized input" if images
+                    else "token ids")
+    return 0
+
+
+def _check_onnx(reference: nn.Module, path: Path, loader, task: Task, spec: ModelSpec,
+                model: nn.Module, fed: str) -> None:
+    """onnxruntime against PyTorch on the task's evaluation data, printed: the largest
+    output difference, equal predictions (per token for a sequence model) and, for an
+    accuracy, both accuracies."""
+    from .export import compare_onnx
+
     try:
-        result = compare_onnx(reference, args.output, loader)
+        result = compare_onnx(reference, path, loader)
     except DeepzipError as e:
         print(f"not compared with onnxruntime: {e}")
-        return 0
-    unit = "tokens" if example.dim() > 1 and not example.is_floating_point() else "examples"
+        return
+    unit = "tokens" if fed == "token ids" else "examples"
     same = (f", predictions equal on {result['same_predictions']}/{result['examples']} "
             f"{unit}" if task.classification else "")
     print(f"onnxruntime vs PyTorch on {task.description or task.name}: max output difference "
           f"{result['max_abs_diff']:.3g}{same}")
     if task.classification and task.metric.points and result["examples"]:
         value = stages.score(model, task, spec).value
-        fed = ("[0, 1] images" if inside else "normalized input" if example.is_floating_point()
-               else "token ids")
         print(f"accuracy{' per token' if unit == 'tokens' else ''}: onnxruntime "
               f"{100 * result['onnx_correct'] / result['examples']:.2f}% on {fed}, deepzip "
               f"eval {100 * value:.2f}%")
-    return 0
-
 
 OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed", "validation",
              "validation_from", "max_loss", "margin_se")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import budget, dzip_torch
-from .atomic import output_kind
+from .atomic import unless_null
 from .checkpoint import ModelSpec
 from .prune import PruneConfig, finetune_after_prune, prune_
 from .qat import qat_, train_centroids
@@ -162,16 +162,12 @@ def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
     its sizes (:func:`~deepzip.dzip_torch.info`), read back against ``like`` (a fresh
     instance of the model) or the architecture the file records. The null device as
     ``path`` (``-o /dev/null``) gets the same work and sizes, and keeps nothing."""
-    if output_kind(path) == "null":
-        with tempfile.TemporaryDirectory() as tmp:
-            return encode(model, spec, os.path.join(tmp, "model.dzip"), raw_dtype=raw_dtype,
-                          codebook_dtype=codebook_dtype, fold_batchnorm=fold_batchnorm,
-                          like=like)
-    if is_main_process():
-        dzip_torch.save(model, path, spec=spec, raw_dtype=raw_dtype,
-                        codebook_dtype=codebook_dtype, fold_batchnorm=fold_batchnorm)
-    barrier()
-    return dzip_torch.info(path, like)
+    with unless_null(path) as path:
+        if is_main_process():
+            dzip_torch.save(model, path, spec=spec, raw_dtype=raw_dtype,
+                            codebook_dtype=codebook_dtype, fold_batchnorm=fold_batchnorm)
+        barrier()
+        return dzip_torch.info(path, like)
 
 
 def judged(model: nn.Module, task: Task, spec: ModelSpec
