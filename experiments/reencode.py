@@ -26,9 +26,9 @@ import yaml
 
 from deepzip import dzip, dzip_torch, stages
 from deepzip.atomic import atomic_path
-from deepzip.pipeline import verify
 from deepzip.render import write_run_report
 from deepzip.report import current_stages, run_summary
+from deepzip.stages import verify
 from deepzip.task import resolve_task
 
 

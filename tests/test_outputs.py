@@ -17,7 +17,7 @@ from deepzip.checkpoint import ModelSpec, save_checkpoint
 from deepzip.cli import main
 from deepzip.errors import DeepzipError
 from deepzip.models import get
-from deepzip.pipeline import run_folder
+from deepzip.runfolder import run_folder
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 

@@ -218,7 +218,7 @@ def test_a_run_with_validation_data_reads_the_test_set_only_in_its_final_evaluat
     from torch.utils.data import DataLoader, TensorDataset
 
     from deepzip import Task
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import AGPStage, PruneStage, QuantizeStage, Recipe
 
     g = torch.Generator().manual_seed(0)
@@ -249,7 +249,7 @@ def test_a_run_with_validation_data_reads_the_test_set_only_in_its_final_evaluat
 def test_a_recipe_asking_for_validation_needs_a_task_that_holds_some_out(tmp_path):
     from torch import nn
 
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import Recipe
 
     loader = [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]
@@ -266,7 +266,7 @@ def test_a_pair_of_dataloaders_gets_its_validation_data_held_out_by_the_recipe(t
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import PruneStage, QuantizeStage, Recipe
 
     g = torch.Generator().manual_seed(0)
@@ -324,7 +324,7 @@ def test_max_loss_finds_the_smallest_file_within_the_budget_on_validation_data(t
     """The search's probes bisect the sharing budget; the run writes the smallest budget
     that passed, confirmed by the full stage on validation data, and reads the test set
     only at the end; a looser budget gives a file no bigger."""
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import PruneStage, QuantizeStage, Recipe
 
     sizes = {}
@@ -356,7 +356,7 @@ def test_max_loss_with_search_from_chooses_the_sparsity_on_validation_data(tmp_p
     search_from; the full stage prunes to the highest sparsity whose probe stayed within
     loss_share of max_loss, the report shows the probes, the test set waits for the end,
     and a resumed run keeps the search."""
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import AGPStage, PruneStage, QuantizeStage, Recipe
 
     out = tmp_path / "run"
@@ -396,7 +396,7 @@ def test_margin_se_holds_each_loss_plus_its_standard_error_against_the_budget(tm
     """With margin_se, every probe and confirmation adds that many standard errors of its
     loss (paired over the validation examples) before the comparison; the report shows
     the margins."""
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import PruneStage, QuantizeStage, Recipe
 
     out = tmp_path / "run"
@@ -419,7 +419,7 @@ def test_the_sparsity_search_leaves_the_margin_to_the_final_confirmation(tmp_pat
     """With margin_se, a sparsity probe may spend loss_share of what its margin leaves of
     max_loss (not its loss plus the margin against the share), so the margin is counted
     once, by the confirmation after the sharing, whatever the share."""
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import AGPStage, PruneStage, QuantizeStage, Recipe
 
     out = tmp_path / "run"
@@ -444,7 +444,7 @@ def test_stop_over_budget_keeps_the_last_pruning_step_within_its_part_of_max_los
     """Iterative pruning with stop_over_budget scores each step's retrained model on
     validation data; the first over loss_share of what its margin leaves of max_loss is
     undone, no later step runs, and the stage delivers the step before it."""
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
 
     out = tmp_path / "run"
@@ -477,7 +477,7 @@ def test_stop_over_budget_keeps_the_last_pruning_step_within_its_part_of_max_los
 def test_max_loss_needs_validation_data(tmp_path):
     from torch import nn
 
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import QuantizeStage, Recipe
 
     loader = [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))]
@@ -488,7 +488,7 @@ def test_max_loss_needs_validation_data(tmp_path):
 
 def test_an_interrupted_budget_search_is_not_run_again(tmp_path, monkeypatch):
     from deepzip import stages
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import PruneStage, QuantizeStage, Recipe
 
     out = tmp_path / "run"
@@ -519,7 +519,7 @@ def test_max_loss_over_budget_at_the_cap_is_not_retried(tmp_path):
     """When even the bit cap loses more than max_loss (the pruning alone is over budget),
     the full stage runs once at the cap and then without sharing (float16 weights), which
     is what ships; over even so, the report shows it over."""
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
     from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
 
     out = tmp_path / "run"

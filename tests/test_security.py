@@ -136,7 +136,7 @@ def test_a_recipe_runs_code_only_with_allow_code(capsys, tmp_path, data_root, ev
     rc, err = _run(capsys, "run", path, "-o", out, "--data-dir", data_root)
     assert rc == 2 and err.count("\n") == 1 and "--allow-code" in err and value in err, err
     assert not evil.exists() and not out.exists()  # stopped before anything else
-    from deepzip.pipeline import compress
+    from deepzip.api import compress
 
     with pytest.raises(DeepzipError, match="allow_code"):
         compress(get("lenet300"), "mnist", str(path), out=out)

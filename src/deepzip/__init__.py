@@ -15,7 +15,7 @@ from .version import __version__
 _WHERE = {
     "ModelSpec": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "load_model": "loading", "pretrained": "loading", "register_model": "models",
-    "Compressed": "pipeline", "compress": "pipeline", "verify": "pipeline",
+    "Compressed": "api", "compress": "api", "verify": "stages",
     "save": "dzip_torch", "load": "dzip_torch", "info": "dzip_torch",
     "PruneConfig": "prune", "prune_": "prune", "QuantizeConfig": "quantize",
     "quantize_": "quantize",
@@ -24,21 +24,22 @@ _WHERE = {
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
     "Recipe": "recipe", "load_recipe": "recipe", "Budget": "budget",
 }
-_MODULES = {"atomic", "budget", "checkpoint", "cli", "codecs", "data", "dzip", "dzip_torch",
+_MODULES = {"api", "atomic", "budget", "checkpoint", "cli", "codecs", "data", "dzip", "dzip_torch",
             "errors", "export", "huffman", "kmeans", "loading", "models", "pipeline", "prune",
-            "qat", "quantize", "recipe", "render", "report", "stages", "targets", "task",
-            "train"}
+            "onnx_pack", "qat", "quantize", "recipe", "render", "report", "runfolder", "stages",
+            "targets", "task", "train"}
 
 if TYPE_CHECKING:
+    from .api import Compressed, compress
     from .budget import Budget
     from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
     from .dzip_torch import info, load, save
     from .loading import load_model, pretrained
     from .models import register_model
-    from .pipeline import Compressed, compress, verify
     from .prune import PruneConfig, prune_
     from .quantize import QuantizeConfig, quantize_
     from .recipe import Recipe, load_recipe
+    from .stages import verify
     from .task import (
         Accuracy,
         FunctionMetric,

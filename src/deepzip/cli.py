@@ -496,8 +496,8 @@ OVERRIDES = ("model", "reference", "arch", "normalize", "task", "seed", "validat
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_folder
     from .recipe import load_recipe, recipe_path
+    from .runfolder import run_folder
 
     path = recipe_path(args.recipe)
     recipe = load_recipe(path)
@@ -513,7 +513,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, recipe, out: Path) -> int:
-    from .pipeline import Pipeline, write_run_files
+    from .pipeline import Pipeline
+    from .runfolder import write_run_files
 
     task = resolve_task(recipe.task, args.data_dir, download=args.download,
                         subset=args.subset, device=_device(args),

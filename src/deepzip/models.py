@@ -20,8 +20,8 @@ from .deprecated import moved
 from .entrypoints import load_entry_point
 from .errors import DeepzipError
 
-__all__ = ["CifarResNet", "LeNet300", "LeNet5", "available", "get", "is_registered",
-           "register_model", "resolve_arch"]
+__all__ = ["CifarResNet", "LeNet300", "LeNet5", "arch_name", "available", "get",
+           "is_registered", "register_model", "resolve_arch"]
 
 # moved in 0.3: checkpoints to deepzip.checkpoint, opening any model file to deepzip.loading
 __getattr__ = moved(__name__, {
@@ -196,3 +196,12 @@ def _accepts(fn: Callable[..., Any], arg: str) -> bool:
     except (TypeError, ValueError):
         return False
     return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def arch_name(model: nn.Module) -> str:
+    """How a file records an unregistered model's class: ``module:QualName`` (which
+    ``--arch`` can import again), or the bare class name for one defined in a script."""
+    cls = type(model)
+    if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
+        return cls.__qualname__
+    return f"{cls.__module__}:{cls.__qualname__}"

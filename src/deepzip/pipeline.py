@@ -8,14 +8,13 @@ where it stopped (and inside a training stage, at its last epoch).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +22,13 @@ import torch
 from torch import nn
 
 from . import dzip_torch, stages
-from .atomic import (
-    LOCK_NAME,
-    atomic_write,
-    folder_lock,
-    open_regular,
-    read_json,
-    remove_stale_temps,
-)
+from .atomic import atomic_write, read_json, remove_stale_temps
 from .budget import Budget, margin_estimate, needed_examples
 from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from .deprecated import moved
 from .errors import DeepzipError
 from .loading import PRETRAINED, load_model
+from .models import arch_name
 from .prune import (
     AGPSchedule,
     PruneConfig,
@@ -47,17 +40,20 @@ from .prune import (
     targets_from_sensitivity,
 )
 from .quantize import QuantizeConfig, dequantize_
-from .recipe import AGPStage, Recipe, load_recipe, recipe_path
+from .recipe import AGPStage, Recipe
 from .report import current_stages, outputs_agree
-from .task import IGNORE_INDEX, Task, class_scores, model_input, resolve_task
-from .train import Distillation, barrier, default_device, evaluate, is_main_process
+from .runfolder import MAX_JSON, file_sha256, is_rows, is_search_record, run_state
+from .task import Task
+from .train import Distillation, barrier, default_device, is_main_process
 
-__all__ = ["Compressed", "Pipeline", "compress", "run_folder", "verify",
-           "write_run_files"]
+__all__ = ["Pipeline"]
 
-__getattr__ = moved(__name__, {"open_model": "deepzip.loading:load_model"})  # moved in 0.3
+__getattr__ = moved(__name__, {  # moved in 0.3, and in 0.4 to modules of their own
+    "open_model": "deepzip.loading:load_model", "compress": "deepzip.api:compress",
+    "Compressed": "deepzip.api:Compressed", "verify": "deepzip.stages:verify",
+    "run_folder": "deepzip.runfolder:run_folder",
+    "write_run_files": "deepzip.runfolder:write_run_files"})
 
-MAX_JSON = 64 << 20  # a run's own JSON files are kilobytes
 UNSHARED_DTYPE = "float16"  # the weights of a model no sharing fits the budget of
 SEEN_NOTE = ("[note] {}, so the held-out examples are not unseen data for it: decisions on "
              "them judge how well compression keeps what it learned, and the budget may not "
@@ -102,7 +98,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ helpers
     def _read_state(self) -> dict[str, Any]:
-        old = _run_state(self.out)
+        old = run_state(self.out)
         if old is not None and all(k in STAGES and isinstance(v, dict)
                                    for k, v in old["stages"].items()):
             return {**old, "stages": current_stages(old["stages"])}
@@ -178,7 +174,7 @@ class Pipeline:
                 model, spec = self._open(self.recipe.model)
             elif spec is None:
                 mean, std = self.task.normalization or ((), ())
-                spec = ModelSpec(arch=_arch_name(model), num_classes=None, mean=mean, std=std,
+                spec = ModelSpec(arch=arch_name(model), num_classes=None, mean=mean, std=std,
                                  task=self.task.name)
             self._start = (copy.deepcopy(model).cpu(), spec)
         template, spec = self._start
@@ -447,7 +443,7 @@ class Pipeline:
         if a.sensitivity_max_drop is not None:
             scan = self.out / "prune" / "sensitivity.json"
             kept = read_json(scan, MAX_JSON, "sensitivity scan") if scan.is_file() else None
-            if isinstance(kept, dict) and _rows(kept.get("rows")):
+            if isinstance(kept, dict) and is_rows(kept.get("rows")):
                 rows = kept["rows"]
             else:
                 self.log("[prune] sensitivity scan for per-layer targets")
@@ -575,7 +571,7 @@ class Pipeline:
                 kept = read_json(path, MAX_JSON, what)
             except DeepzipError:
                 kept = None
-            if _search_record(kept):
+            if is_search_record(kept):
                 return kept
             self.log(f"[resume] {path} is damaged: searching again")
         result = search()
@@ -638,7 +634,7 @@ class Pipeline:
             self.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
                      f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
             self._finish("encode", t0, **{k: v for k, v in info.items() if k != "tensors"},
-                         tensors=info["tensors"], sha256=_sha256(path))
+                         tensors=info["tensors"], sha256=file_sha256(path))
         return self.state["stages"]["encode"]
 
     def verify(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
@@ -651,12 +647,13 @@ class Pipeline:
                 self._test_scores(model, spec)
             path = self.out / "model.dzip"
             made = self.state["stages"]["encode"].get("sha256")
-            if made is not None and _sha256(path) != made:
+            if made is not None and file_sha256(path) != made:
                 raise DeepzipError(f"{path} is not the file this run wrote (its SHA-256 "
                                    "differs): it was changed after the encode stage; use "
                                    "--restart, or another --out")
             decoded = dzip_torch.load(path, self._fresh())
-            result = verify(model, decoded, stages.eval_loader(self.task, spec), task=self.task)
+            result = stages.verify(model, decoded, stages.eval_loader(self.task, spec),
+                                   task=self.task)
             self.log(f"[verify] decoded .dzip: {self.task.metric.name} {result['score']:.4g}, "
                      + outputs_agree(result)
                      + (f", predictions equal on {result['same_predictions']}/"
@@ -721,258 +718,3 @@ class Pipeline:
         if not is_main_process():
             return {"stages": self.state["stages"]}
         return write_run_report(self.out, self.recipe, self.state, self.task)
-
-
-RUN_FILES = ("state.json", "recipe.yaml", "command.txt", "report.json", "report.md",
-             "layers.png", "model.dzip")
-RUN_FOLDERS = ("prune", "quantize")  # the stages' own folders, made and named by the run
-
-
-@contextlib.contextmanager
-def run_folder(out: str | Path, *, restart: bool = False,
-               log: Callable[[str], None] = print) -> Iterator[Path]:
-    """The run folder, locked for as long as this run works in it (a second run on it
-    stops at once with one line); ``restart`` first deletes an earlier run's files, only
-    those a deepzip run writes and only in a folder whose ``state.json`` is a run's,
-    never anything else. A folder this call created is removed again if the run fails
-    before finishing a stage (only by the run that holds its lock)."""
-    out = Path(out)
-    if not is_main_process():  # rank 0 locks and clears; the others wait for it
-        barrier()
-        yield out
-        return
-    if restart and out.is_symlink():
-        raise DeepzipError(f"--restart: {out} is a symlink; name the run folder itself, "
-                           "deepzip never deletes through a link")
-    new = not out.exists()
-    with folder_lock(out):
-        try:
-            if restart:
-                kept = _clear_run(out)
-                if kept:
-                    log(f"[restart] kept what no deepzip run wrote in {out}: "
-                        + ", ".join(sorted(kept)))
-            barrier()
-            yield out
-        except BaseException:
-            if new and not _stages_done(out):  # a failed start leaves no folder behind
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-
-
-def _run_state(out: Path) -> dict[str, Any] | None:
-    """``out/state.json`` if it is a deepzip run's state (a recipe and its stages)."""
-    try:
-        state = read_json(out / "state.json", MAX_JSON, "run state")
-    except DeepzipError:
-        return None
-    if isinstance(state, dict) and isinstance(state.get("recipe"), dict) \
-            and isinstance(state.get("stages"), dict):
-        return state
-    return None
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open_regular(path, "compressed model") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-
-
-def _rows(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(r, dict) for r in v)
-
-
-def _search_record(kept: Any) -> bool:
-    """Is a kept search result (``prune/search.json``, ``quantize/budget.json``) whole:
-    a positive number chosen, its baseline and budget numbers, lists of row dicts?"""
-    return (isinstance(kept, dict) and _number(kept.get("chosen")) and kept["chosen"] > 0
-            and _number(kept.get("baseline_val_score")) and _number(kept.get("max_loss"))
-            and _rows(kept.get("probes")) and _rows(kept.get("confirmed", [])))
-
-
-def _stages_done(out: Path) -> bool:
-    state = _run_state(out)
-    return bool(state and state["stages"])
-
-
-def _clear_run(out: Path) -> list[str]:
-    """Delete what an earlier deepzip run wrote in ``out`` (its files and its stages'
-    folders, links themselves and not what they point to); returns what was kept."""
-    entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
-    if entries and _run_state(out) is None:
-        raise DeepzipError(f"--restart: {out} holds no deepzip run state (state.json), so no "
-                           "deepzip run made it; not deleting anything in it")
-    kept = []
-    for p in entries:
-        if p.name in RUN_FOLDERS and p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.name in RUN_FILES + RUN_FOLDERS and (p.is_symlink() or p.is_file()):
-            p.unlink()
-        else:
-            kept.append(p.name + ("/" if p.is_dir() else ""))
-    return kept
-
-
-@torch.inference_mode()
-def verify(model: nn.Module, decoded: nn.Module | str | Path, loader: Iterable, *,
-           task: Task | None = None) -> dict[str, Any]:
-    """Does a decoded ``.dzip`` compute what ``model`` computes? On every batch of
-    ``loader``: exact equality of outputs, the largest absolute difference, equal argmax
-    predictions (classification) and the task's metric of the decoded model.
-
-    ``decoded``: a model decoded from the file, or the file's path (decoded into a copy of
-    ``model``, which must then be a plain, unpruned, unquantized module).
-
-    >>> result = deepzip.verify(model, "model.dzip", test_loader)  # doctest: +SKIP
-    >>> result["identical"], result["max_abs_diff"]  # doctest: +SKIP
-    (True, 0.0)
-    """
-    if not isinstance(decoded, nn.Module):
-        decoded = dzip_torch.load(decoded, copy.deepcopy(model))
-    device = next(model.parameters()).device
-    decoded = decoded.to(device).eval()
-    _match_layout(decoded, model)
-    was = model.training
-    model.eval()
-    identical, diff, same, n = True, 0.0, 0, 0
-    classification = task.classification if task is not None else True
-    try:
-        for x, y in loader:
-            x = model_input(x, device)
-            a, b = model(x), decoded(x)
-            identical = identical and torch.equal(a, b)
-            diff = max(diff, float((a.float() - b.float()).abs().max()))
-            if classification:  # per example, or per scored token
-                (sa, t), (sb, _) = class_scores(a, y.to(device)), class_scores(b, y.to(device))
-                live = t != IGNORE_INDEX if not t.dtype.is_floating_point else \
-                    torch.ones_like(t, dtype=torch.bool)
-                same += int(((sa.argmax(1) == sb.argmax(1)) & live).sum())
-                n += int(live.sum())
-            else:
-                n += len(x)
-    finally:
-        model.train(was)
-    if n == 0:
-        raise DeepzipError("verify: the evaluation data is empty")
-    metric = task.metric if task is not None else None
-    loss_fn = task.loss if task is not None else None
-    score = evaluate(decoded, loader, metric=metric, loss_fn=loss_fn).value
-    out: dict[str, Any] = {"score": score, "identical": identical, "max_abs_diff": diff,
-                           "examples": n}
-    if classification:
-        out["same_predictions"] = same
-    return out
-
-
-@torch.no_grad()
-def _match_layout(decoded: nn.Module, model: nn.Module) -> None:
-    """Give the decoded model's tensors the memory layout (strides) of the model's, so
-    both run the same kernels: a channels_last model and a contiguous copy of it differ
-    in the last bits of their outputs, which would hide whether the file is exact."""
-    own = model.state_dict(keep_vars=True)
-    for key, t in decoded.state_dict(keep_vars=True).items():
-        ref = own.get(key)
-        if ref is not None and ref.shape == t.shape and ref.stride() != t.stride():
-            copy_ = torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype,
-                                        device=t.device)
-            t.data = copy_.copy_(t)
-
-
-def _arch_name(model: nn.Module) -> str:
-    """How a file records an unregistered model's class: ``module:QualName`` (which
-    ``--arch`` can import again), or the bare class name for one defined in a script."""
-    cls = type(model)
-    if cls.__module__ in ("__main__", "builtins") or "<locals>" in cls.__qualname__:
-        return cls.__qualname__
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-@dataclasses.dataclass
-class Compressed:
-    """What :func:`compress` made: ``model``, decoded from the file (exactly what was
-    verified), ``path`` of the ``.dzip``, and the run's ``report``; ``result[key]`` reads
-    the report, as the report itself did."""
-
-    model: nn.Module
-    path: Path
-    report: dict[str, Any]
-
-    def __getitem__(self, key: str) -> Any:
-        return self.report[key]
-
-
-def write_run_files(out: Path, recipe: Recipe, made_by: str, note: str = "") -> None:
-    """The recipe as run (``recipe.yaml``) and how the run was started (``command.txt``),
-    which its report quotes: rank 0 only."""
-    if not is_main_process():
-        return
-    import yaml
-
-    with atomic_write(out / "recipe.yaml", "w") as f:
-        f.write(f"# recipe {recipe.name}{note}\n")
-        yaml.safe_dump(dataclasses.asdict(recipe), f, sort_keys=False)
-    with atomic_write(out / "command.txt", "w") as f:
-        f.write(made_by + "\n")
-
-
-def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | str,
-             recipe: Recipe | str = "default", *, out: str | Path,
-             spec: ModelSpec | None = None, reference: str | None = None,
-             device: torch.device | str | None = None, allow_code: bool = False,
-             log: Callable[[str], None] = print, **overrides: Any) -> Compressed:
-    """Run (or resume) the whole pipeline on any model and task; return what it made.
-
-    ``model``: an ``nn.Module`` (any architecture; it is not changed), or what the CLI takes
-    (a checkpoint, a ``.dzip``, a shipped name). ``task``: a :class:`~deepzip.task.Task`,
-    a ``(train_loader, eval_loader)`` pair (classification, top-1 accuracy), or a task
-    name. ``recipe``: a :class:`~deepzip.recipe.Recipe`, a shipped recipe's name or a YAML
-    file (one whose ``task:`` or ``arch:`` names Python code runs only with
-    ``allow_code=True``). The stages are the ones ``deepzip run`` runs, and resume the
-    same way; a second run on the same ``out`` stops at once. Returns a
-    :class:`Compressed`: the model decoded from the file, the file's path, the report.
-    The default recipe keeps the loss within one point of accuracy (1% of any other
-    metric's baseline) on 5,000 of the evaluation loader's examples, held out by a fixed
-    seed, and reports on the rest. ``overrides`` set any recipe key, a section's keys
-    merged (:meth:`~deepzip.recipe.Recipe.with_overrides`): ``validation=1000``,
-    ``max_loss="0.5%"``, ``margin_se=1``, ``prune={"loss_share": 0.6}``.
-
-    >>> result = deepzip.compress(MyNet(), (train_loader, test_loader), "default",
-    ...                           out="runs/mynet", validation=2000)  # doctest: +SKIP
-    >>> result.model, result.path, result.report["summary"]["real_ratio"]  # doctest: +SKIP
-    """
-    if not isinstance(recipe, Recipe):
-        path = recipe_path(recipe)
-        recipe = load_recipe(path).with_overrides(**overrides)
-        recipe.check_code(allow_code, where=path, given=set(overrides))  # yours: allowed
-    else:
-        recipe = recipe.with_overrides(**overrides) if overrides else dataclasses.replace(recipe)
-    dev = torch.device(device) if device is not None else default_device()
-    if isinstance(task, tuple):
-        task = Task.from_loaders(*task)
-    elif isinstance(task, str):
-        task = resolve_task(task, device=dev, validation=recipe.validation,
-                            validation_from=recipe.validation_from)
-    if not isinstance(task, Task):
-        raise DeepzipError("task must be a deepzip Task, a (train, eval) pair of loaders or "
-                           "a task name")
-    if reference is not None:
-        recipe.reference = reference
-    given = model if isinstance(model, nn.Module) else None
-    recipe.model = f"python:{_arch_name(model)}" if given is not None else str(model)
-    with run_folder(out) as folder:
-        pipe = Pipeline(recipe, folder, task, log, model=given, spec=spec, device=dev)
-        write_run_files(folder, recipe, f"deepzip.compress({recipe.model.removeprefix('python:')}"
-                        f", task {task.name!r}, recipe {recipe.name!r}, out={str(out)!r})",
-                        " (as deepzip.compress ran it)")
-        report = pipe.run()
-        path = folder / "model.dzip"
-        decoded = dzip_torch.load(path, pipe._fresh().cpu()) if is_main_process() else None
-    return Compressed(decoded, path, report)

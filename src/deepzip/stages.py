@@ -17,6 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,15 +26,16 @@ from torch import nn
 from . import budget, dzip_torch
 from .atomic import unless_null
 from .checkpoint import ModelSpec
+from .errors import DeepzipError
 from .prune import PruneConfig, finetune_after_prune, prune_
 from .qat import qat_, train_centroids
 from .quantize import QuantizeConfig, fisher_sensitivity, quantize_
-from .task import Task
+from .task import IGNORE_INDEX, Task, class_scores, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Shared", "bisect", "decision_loader", "decision_score", "encode", "eval_loader",
            "judged", "loss_points", "loss_se", "prune_step", "retry_budget", "score",
-           "search_budget", "share", "train_loader", "training", "with_fisher"]
+           "search_budget", "share", "train_loader", "training", "verify", "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -280,3 +282,68 @@ def bisect(passes: Callable[[float], bool], *, safe: float, bold: float, steps: 
         else:
             bad = mid
     return ok
+
+
+@torch.inference_mode()
+def verify(model: nn.Module, decoded: nn.Module | str | Path, loader: Iterable, *,
+           task: Task | None = None) -> dict[str, Any]:
+    """Does a decoded ``.dzip`` compute what ``model`` computes? On every batch of
+    ``loader``: exact equality of outputs, the largest absolute difference, equal argmax
+    predictions (classification) and the task's metric of the decoded model.
+
+    ``decoded``: a model decoded from the file, or the file's path (decoded into a copy of
+    ``model``, which must then be a plain, unpruned, unquantized module).
+
+    >>> result = deepzip.verify(model, "model.dzip", test_loader)  # doctest: +SKIP
+    >>> result["identical"], result["max_abs_diff"]  # doctest: +SKIP
+    (True, 0.0)
+    """
+    if not isinstance(decoded, nn.Module):
+        decoded = dzip_torch.load(decoded, copy.deepcopy(model))
+    device = next(model.parameters()).device
+    decoded = decoded.to(device).eval()
+    _match_layout(decoded, model)
+    was = model.training
+    model.eval()
+    identical, diff, same, n = True, 0.0, 0, 0
+    classification = task.classification if task is not None else True
+    try:
+        for x, y in loader:
+            x = model_input(x, device)
+            a, b = model(x), decoded(x)
+            identical = identical and torch.equal(a, b)
+            diff = max(diff, float((a.float() - b.float()).abs().max()))
+            if classification:  # per example, or per scored token
+                (sa, t), (sb, _) = class_scores(a, y.to(device)), class_scores(b, y.to(device))
+                live = t != IGNORE_INDEX if not t.dtype.is_floating_point else \
+                    torch.ones_like(t, dtype=torch.bool)
+                same += int(((sa.argmax(1) == sb.argmax(1)) & live).sum())
+                n += int(live.sum())
+            else:
+                n += len(x)
+    finally:
+        model.train(was)
+    if n == 0:
+        raise DeepzipError("verify: the evaluation data is empty")
+    metric = task.metric if task is not None else None
+    loss_fn = task.loss if task is not None else None
+    score = evaluate(decoded, loader, metric=metric, loss_fn=loss_fn).value
+    out: dict[str, Any] = {"score": score, "identical": identical, "max_abs_diff": diff,
+                           "examples": n}
+    if classification:
+        out["same_predictions"] = same
+    return out
+
+
+@torch.no_grad()
+def _match_layout(decoded: nn.Module, model: nn.Module) -> None:
+    """Give the decoded model's tensors the memory layout (strides) of the model's, so
+    both run the same kernels: a channels_last model and a contiguous copy of it differ
+    in the last bits of their outputs, which would hide whether the file is exact."""
+    own = model.state_dict(keep_vars=True)
+    for key, t in decoded.state_dict(keep_vars=True).items():
+        ref = own.get(key)
+        if ref is not None and ref.shape == t.shape and ref.stride() != t.stride():
+            copy_ = torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype,
+                                        device=t.device)
+            t.data = copy_.copy_(t)
