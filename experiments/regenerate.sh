@@ -27,6 +27,8 @@ record results/bench/mask_overhead.txt python bench/mask_overhead.py --data-dir 
 record results/bench/kmeans.txt python bench/kmeans.py
 record results/bench/huffman.txt python bench/huffman.py
 record results/bench/fuzz.txt python bench/fuzz.py
+record results/bench/fuzz.txt python bench/fuzz.py --only outputs --data-dir "$DATA"
+python bench/c_reader.py --out results/bench/c-reader.txt
 python bench/scale.py --models vgg16,gpt2,vit-b16,decoder-1.1b --out results/bench/scale.md
 
 # ResNet-20 on CIFAR-10. The default recipe (max_loss 1 with a margin of two paired
