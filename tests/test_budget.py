@@ -139,3 +139,23 @@ def test_a_regression_model_keeps_one_percent_of_its_mse(tmp_path):
     assert "1% of the baseline's mse" in measured and "point" not in measured
     assert "mse 0.0" in measured and "% of the baseline" in measured
     assert any("[budget] max_loss 1% of the baseline's mse" in line for line in said)
+
+
+def test_the_budget_terms_decide_alone():
+    """The policy without a run: what a step may spend, and when noise is to blame."""
+    from deepzip.budget import Terms
+
+    t = Terms(Budget.parse(1, "acc"), baseline=0.925, points=True, metric="acc",
+              margin_se=2.0)
+    assert t.allowed == 1.0 and t.units == "points" and t.words() == "1 point"
+    assert "leaving about 0.4" in t.before_training(5000)
+    with pytest.raises(DeepzipError, match="cannot be met on 1,000"):
+        t.before_training(1000)
+    assert t.step(0.2, 0.5, 0.5, 5000) == (True, 0.25)
+    assert t.step(0.3, 0.5, 0.5, 5000)[0] is False  # the step's own loss: undone, no error
+    with pytest.raises(DeepzipError, match="measured"):
+        t.step(0.4, 1.2, 0.5, 1000)  # fits without its margin, which is over the budget
+    mse = Terms(Budget.parse("1%", "mse", points=False), baseline=0.02, points=False,
+                metric="mse", margin_se=2.0)
+    assert mse.allowed == pytest.approx(0.0002) and "(0.0002 mse)" in mse.words()
+    assert "measured at the first judged model" in mse.before_training(2000)

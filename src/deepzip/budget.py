@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from .errors import DeepzipError
 
-__all__ = ["Budget", "check_budget_text", "loss", "margin_estimate", "needed_examples"]
+__all__ = ["Budget", "Terms", "check_budget_text", "loss", "margin_estimate",
+           "needed_examples"]
 
 _TEXT = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"  # the amount
                    r"(%|points?|pts?|[A-Za-z_][\w-]*)?\s*")  # its unit, if any
@@ -120,3 +121,76 @@ def needed_examples(accuracy: float, margin_se: float, margin: float) -> int:
     """How many validation examples bring :func:`margin_estimate` down to ``margin``."""
     disagree = max(DISAGREEMENT_PER_ERROR * (1 - accuracy), 1e-6)
     return math.ceil(disagree * (margin_se * 100 / max(margin, 1e-9)) ** 2)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """A run's budget against its baseline: what a decision may lose, in the loss's unit,
+    what to call it, and what a validation set's noise leaves of it. The pipeline asks;
+    nothing here trains or reads data, so a test can drive it alone.
+
+    >>> t = Terms(Budget.parse(1, "acc"), baseline=0.925, points=True, metric="acc",
+    ...           margin_se=2.0)  # doctest: +SKIP
+    >>> t.allowed, t.before_training(5000)  # doctest: +SKIP
+    (1.0, '[budget] max_loss 1 point against ... about 0.55 points, leaving about 0.45 ...')
+    """
+
+    budget: Budget
+    baseline: float
+    points: bool
+    metric: str
+    margin_se: float
+
+    @property
+    def allowed(self) -> float:
+        """``max_loss`` in the loss's unit: points for an accuracy, else metric units."""
+        return self.budget.allowed(points=self.points, baseline=self.baseline)
+
+    @property
+    def units(self) -> str:
+        return "points" if self.points else self.metric
+
+    def words(self) -> str:
+        """The budget as written and, where that is not already in the loss's unit, in it:
+        "1 point", "1% of the baseline's mse (8.52e-05 mse)"."""
+        if self.budget.unit == "points":
+            return str(self.budget)
+        return f"{self.budget} ({self.allowed:.4g} {self.units})"
+
+    def noise_takes_all(self, n: int, margin: float, need: int, how: str) -> DeepzipError:
+        """The one line for a budget the validation data's noise leaves nothing of."""
+        return DeepzipError(
+            f"max_loss {self.words()} cannot be met on {n:,} validation examples: their "
+            f"noise alone ({self.margin_se:g} paired standard errors, {how} {margin:.3g} "
+            f"{self.units}) takes all of it; about {need:,} examples would leave half for "
+            f"the compression (--validation {need}, or validation= in Python), or lower "
+            "margin_se")
+
+    def before_training(self, n: int) -> str:
+        """What a run says before any training: the budget in the metric's units and, for
+        an accuracy, the margin ``n`` validation examples likely carry. Raises the one
+        line when that margin takes the budget whole."""
+        line = (f"[budget] max_loss {self.words()} against the baseline's validation "
+                f"{self.metric} {self.baseline:.4g}")
+        k = self.margin_se
+        if k and self.points and n:
+            est = margin_estimate(self.baseline, n, k)
+            if est >= self.allowed:
+                raise self.noise_takes_all(n, est, needed_examples(
+                    self.baseline, k, self.allowed / 2), "likely")
+            return (line + f"; on {n:,} validation examples a margin of {k:g} paired "
+                    f"standard errors is likely about {est:.2f} points, leaving about "
+                    f"{self.allowed - est:.2f} for the compression")
+        return line + ("; the margin is measured at the first judged model" if k else "")
+
+    def step(self, lost: float, margin: float, share: float, n: int) -> tuple[bool, float]:
+        """(within, limit) for a pruning step that lost ``lost`` with ``margin``: the step
+        may spend ``share`` of what its margin leaves of the budget (the margin is kept for
+        the final confirmation). A step over only because its margin is larger than the
+        whole budget is the data's noise, not the step: the one line, measured."""
+        limit = share * (self.allowed - margin)
+        ok = lost <= limit
+        if not ok and margin >= self.allowed and lost <= share * self.allowed:
+            raise self.noise_takes_all(n, margin, math.ceil(n * (2 * margin / self.allowed)
+                                                            ** 2), "measured")
+        return ok, limit

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import dzip_torch, stages
 from .atomic import atomic_write, read_json, remove_stale_temps
-from .budget import Budget, margin_estimate, needed_examples
+from .budget import Budget, Terms
 from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from .deprecated import moved
 from .errors import DeepzipError
@@ -237,54 +237,11 @@ class Pipeline:
         se = stages.loss_se(self.task, self._reference_scores[0], examples)
         return self.recipe.margin_se * se if se is not None else 0.0
 
-    def _allowed(self) -> float:
-        """``max_loss`` in the loss's unit (points for an accuracy, the metric's units
-        otherwise), now that the baseline's validation score is known."""
+    def _terms(self) -> Terms:
+        """The budget against this run's baseline (known once the baseline stage ran)."""
         assert self.budget is not None
-        return self.budget.allowed(points=self.task.metric.points,
-                                   baseline=self.state["stages"]["baseline"]["val_score"])
-
-    def _budget_words(self) -> str:
-        """The budget as written and, where that is not already in the loss's unit, in it:
-        "1 point", "1% of the baseline's mse (8.52e-05 mse)"."""
-        assert self.budget is not None
-        if self.budget.unit == "points":
-            return str(self.budget)
-        return f"{self.budget} ({self._allowed():.4g} {self._units()})"
-
-    def _units(self) -> str:
-        return "points" if self.task.metric.points else self.task.metric.name
-
-    def _say_budget(self) -> None:
-        """Before any training: the budget in the metric's units and what the validation
-        data's noise is likely to leave of it. A budget that noise alone takes whole is
-        refused here, with the validation size that would leave half of it."""
-        if self.budget is None:
-            return
-        m, k = self.task.metric, self.recipe.margin_se
-        base, allowed = self.state["stages"]["baseline"]["val_score"], self._allowed()
-        line = (f"[budget] max_loss {self._budget_words()} against the baseline's "
-                f"validation {m.name} {base:.4g}")
-        n = self.task.val_size or 0
-        if k and m.points and n:
-            est = margin_estimate(base, n, k)
-            line += (f"; on {n:,} validation examples a margin of {k:g} paired standard "
-                     f"errors is likely about {est:.2f} points, leaving about "
-                     f"{max(0.0, allowed - est):.2f} for the compression")
-            if est >= allowed:
-                self._noise_takes_all(n, est, needed_examples(base, k, allowed / 2),
-                                      "likely")
-        elif k:
-            line += "; the margin is measured at the first judged model"
-        self.log(line)
-
-    def _noise_takes_all(self, n: int, margin: float, need: int, how: str) -> None:
-        raise DeepzipError(
-            f"max_loss {self._budget_words()} cannot be met on "
-            f"{n:,} validation examples: their noise alone ({self.recipe.margin_se:g} paired "
-            f"standard errors, {how} {margin:.3g} {self._units()}) takes all of it; about "
-            f"{need:,} examples would leave half for the compression (--validation {need}, "
-            "or validation= in Python), or lower margin_se")
+        return Terms(self.budget, self.state["stages"]["baseline"]["val_score"],
+                     self.task.metric.points, self.task.metric.name, self.recipe.margin_se)
 
     def _named(self, key: str) -> str:
         """A recorded score's key: ``val_`` in front when it was read on validation data."""
@@ -306,10 +263,11 @@ class Pipeline:
             self.log(f"[baseline] evaluating {name} on {data}")
             scored = self._scored(ref, ref_spec)
             self.state["stages"]["baseline"] = scored  # what the budget is read against
-            self._say_budget()  # a budget noise takes whole stops before any stage is done
+            if self.budget is not None:  # a budget noise takes whole: before any stage
+                self.log(self._terms().before_training(self.task.val_size or 0))
             self._finish("baseline", t0, **scored, sparsity=sparsity_of(ref), model=name)
-        elif not self._done("prune"):
-            self._say_budget()
+        elif self.budget is not None and not self._done("prune"):
+            self.log(self._terms().before_training(self.task.val_size or 0))
         return model, spec
 
     def prune(self, model: nn.Module, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
@@ -373,32 +331,26 @@ class Pipeline:
         """Is ``model``'s loss on validation data within the pruning's part of the budget:
         ``prune.loss_share`` of what its margin leaves of ``max_loss`` (the margin is kept
         for the final confirmation, after the sharing)? The measurement joins ``rows``."""
-        share, max_loss = self.recipe.prune.loss_share, self._allowed()
+        terms = self._terms()
         value, extra = self._judge(model, spec)
-        lost = stages.loss_points(self.task, self.state["stages"]["baseline"]["val_score"],
-                                  value)
-        allowed = share * (max_loss - extra)
-        ok = lost <= allowed
-        if not ok and extra >= max_loss and lost <= share * max_loss:  # noise, not the step
-            n = self.task.val_size or 0
-            self._noise_takes_all(n, extra, math.ceil(n * (2 * extra / max_loss) ** 2),
-                                  "measured")
+        lost = stages.loss_points(self.task, terms.baseline, value)
+        ok, allowed = terms.step(lost, extra, self.recipe.prune.loss_share,
+                                 self.task.val_size or 0)
         rows.append({**row, "score": value, "loss": lost, "margin": extra, "limit": allowed,
                      "within": ok})
         self.log(f"[prune] {what}: {self.task.metric.name} {value:.4g} (loss {lost:.3g} "
-                 f"{self._units()}" + (f", limit {allowed:.3g} after margin {extra:.3g}"
+                 f"{terms.units}" + (f", limit {allowed:.3g} after margin {extra:.3g}"
                                        if extra else f", limit {allowed:.3g}")
                  + ")" + (" ok" if ok else " over"))
         return ok
 
     def _share_record(self, rows: list[dict[str, Any]], **found: Any) -> dict[str, Any]:
         """What the report and a resumed run keep of a search of the pruning's part."""
-        return {"max_loss": self._allowed(), "budget": str(self.budget),
-                "units": self._units(), "margin_se": self.recipe.margin_se,
-                "loss_share": self.recipe.prune.loss_share,
-                "limit": self.recipe.prune.loss_share * self._allowed(),
-                "baseline_val_score": self.state["stages"]["baseline"]["val_score"],
-                "probes": rows, **found}
+        t = self._terms()
+        return {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
+                "margin_se": t.margin_se, "loss_share": self.recipe.prune.loss_share,
+                "limit": self.recipe.prune.loss_share * t.allowed,
+                "baseline_val_score": t.baseline, "probes": rows, **found}
 
     def _sparsity(self, model: nn.Module, spec: ModelSpec) -> tuple[AGPStage, dict[str, Any]]:
         """``max_loss`` with ``prune.agp.search_from``: the highest final sparsity whose
@@ -542,23 +494,20 @@ class Pipeline:
                 ) -> tuple[QuantizeConfig, dict[str, Any]]:
         """The recipe's ``max_loss``: the sharing budget of the smallest file within it on
         validation data, searched on probes of the pruned model (which stays as it is)."""
-        q, max_loss = self.recipe.quantize, self._allowed()
-        base = self.state["stages"]["baseline"]["val_score"]
+        q, t = self.recipe.quantize, self._terms()
 
         def search() -> dict[str, Any]:
-            self.log(f"[quantize] searching the smallest file within "
-                     f"{self._budget_words()} of the baseline's validation "
-                     f"{self.task.metric.name} {base:.4g}")
+            self.log(f"[quantize] searching the smallest file within {t.words()} of the "
+                     f"baseline's validation {t.metric} {t.baseline:.4g}")
             bits, probes = stages.search_budget(
-                model, self.task, spec, qcfg, baseline=base, max_loss=max_loss,
+                model, self.task, spec, qcfg, baseline=t.baseline, max_loss=t.allowed,
                 probe=self.recipe.train_config({"weight_decay": 0.0, **q.train},
                                                q.probe_epochs),
                 loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
                 log=self.log, margin=self._margin)
-            return {"max_loss": max_loss, "budget": str(self.budget),
-                    "units": self._units(), "margin_se": self.recipe.margin_se,
-                    "baseline_val_score": base, "probes": probes, "chosen": bits,
-                    "confirmed": []}
+            return {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
+                    "margin_se": t.margin_se, "baseline_val_score": t.baseline,
+                    "probes": probes, "chosen": bits, "confirmed": []}
 
         budget = self._kept(self.out / "quantize" / "budget.json", "budget search", search)
         return dataclasses.replace(qcfg, target_bits=budget["chosen"]), budget
@@ -593,7 +542,7 @@ class Pipeline:
         self.log("[quantize] full stage "
                  + (f"at {bits:.3f} bits" if bits is not None else "without sharing")
                  + f": validation loss {lost:.3g}" + (f" + margin {extra:.3g}" if extra else "")
-                 + f" {self._units()} (budget {self._budget_words()})")
+                 + f" {self._terms().units} (budget {self._terms().words()})")
         return ok
 
     def _unshared(self, pruned: nn.Module, spec: ModelSpec, budget: dict[str, Any],
