@@ -97,6 +97,8 @@ record results/export/onnx.txt deepzip export results/agp90/model.dzip -o runs/a
   --data-dir "$DATA"
 record results/export/onnx.txt deepzip export results/lenet5/model.dzip -o runs/lenet5.onnx \
   --data-dir "$DATA"
+# Pruning without retraining: magnitude, Wanda, BatchNorm re-estimated.
+python experiments/oneshot.py resnet20 --data-dir "$DATA" --out results/oneshot/resnet20.md
 # The packed export against the fp32 one: sizes, session creation, latency, outputs.
 python bench/onnx_export.py results/agp90/model.dzip results/lenet5/model.dzip \
   --data-dir "$DATA" --out results/export/packed-onnx.md

@@ -277,3 +277,42 @@ def test_in_place_pruning_keeps_no_masks_and_matches_the_masked_path():
     bake_(b)
     sd_a, sd_b = a.state_dict(), b.state_dict()
     assert set(sd_a) == set(sd_b) and all(torch.equal(v, sd_b[k]) for k, v in sd_a.items())
+
+
+# ---------------------------------------------------------------- without retraining
+def test_wanda_prunes_each_row_by_weight_times_input_norm():
+    """Wanda (Sun et al. 2023): a weight's score is |w| x the norm of the input feature
+    it multiplies, compared within its output row."""
+    from deepzip.prune import PruneConfig, prune_
+
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3))
+    x = torch.tensor([[10.0, 1.0, 1.0, 0.1]])  # input 0 large, input 3 nearly silent
+    model = nn.Sequential(layer)
+    prune_(model, PruneConfig("wanda", 0.5), bake=True, calibration=[(x, None)])
+    # scores per row: 10, 2, 3, 0.4 -> inputs 1 and 3 go, though w[3] is the largest
+    assert layer.weight.tolist() == [[1.0, 0.0, 3.0, 0.0]] * 3
+    with pytest.raises(DeepzipError, match="calibration"):
+        prune_(nn.Sequential(nn.Linear(4, 3)), PruneConfig("wanda", 0.5))
+
+
+def test_wanda_scores_a_grouped_convolution_by_its_own_input_channels():
+    from deepzip.prune import wanda_scores
+
+    conv = nn.Conv2d(4, 4, 3, groups=2, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    norms = torch.tensor([1.0, 2.0, 3.0, 4.0])  # per input channel
+    s = wanda_scores(conv.weight, norms, conv)
+    # outputs 0-1 see channels 0-1, outputs 2-3 see channels 2-3
+    assert s[:, :, 0, 0].tolist() == [[1, 2], [1, 2], [3, 4], [3, 4]]
+
+
+def test_each_row_keeps_its_share():
+    from deepzip.prune import row_mask
+
+    scores = torch.rand(5, 3, 3, 3)
+    keep = row_mask(scores, 0.7)
+    assert (keep.reshape(5, -1).sum(1) == 27 - round(0.7 * 27)).all()

@@ -170,3 +170,22 @@ def test_auto_precision_trains_in_bf16_only_on_cpus_that_compute_it(monkeypatch,
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert auto_precision(torch.device("cpu")) == expected
+
+
+def test_batchnorm_statistics_are_re_estimated_without_changing_weights():
+    from torch import nn
+
+    from deepzip.train import recalibrate_batchnorm_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    weights = [p.clone() for p in model.parameters()]
+    x = 3 + 2 * torch.randn(64, 3, 8, 8)
+    batches = [(x[i:i + 16], None) for i in range(0, 64, 16)]
+    assert recalibrate_batchnorm_(model, batches, batches=4) == 1
+    with torch.no_grad():
+        y = model[0](x)
+    bn = model[1]
+    assert torch.allclose(bn.running_mean, y.mean((0, 2, 3)), atol=1e-4)
+    assert not model.training and bn.momentum == 0.1  # as it was
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))

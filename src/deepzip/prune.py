@@ -49,19 +49,22 @@ __all__ = [
     "is_pruned",
     "mask_smallest",
     "masks",
+    "input_norms",
     "percentile_mask",
     "prunable",
     "prune_",
     "restore_masks_",
+    "row_mask",
     "sensitivity",
     "smallest_masks",
     "sparsity_of",
     "std_mask",
     "std_threshold",
     "targets_from_sensitivity",
+    "wanda_scores",
 ]
 
-METHODS = ("percentile", "std", "global")
+METHODS = ("percentile", "std", "global", "wanda")
 
 
 # ---------------------------------------------------------------- functional core
@@ -210,7 +213,10 @@ def agp_sparsity(step: int, initial: float, final: float, start: int, end: int) 
 class PruneConfig:
     """What to prune and how much.
 
-    ``amount`` is q (percentile), s (std) or the model-wide sparsity (global).
+    ``amount`` is q (percentile), s (std), the model-wide sparsity (global) or, for
+    ``wanda`` (Sun et al. 2023: pruning without retraining), the fraction of each output
+    row pruned by |weight| x the norm of its input feature on calibration data
+    (:func:`prune_`'s ``calibration``).
     ``include``/``exclude`` are glob patterns over layer and parameter names (e.g.
     ``"conv1"``, ``"linear"``, ``"lstm.weight_hh_*"``; default: see :func:`prunable`);
     ``per_layer`` maps patterns to amounts that override ``amount``.
@@ -252,7 +258,9 @@ def per_target(targets: Sequence[Target], per_layer: Mapping[str, float],
             for t in targets}
 
 
-def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False) -> dict[str, float]:
+def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
+           calibration: Iterable[Any] | None = None, calibration_batches: int = 1
+           ) -> dict[str, float]:
     """Prune ``model`` in place; return each pruned parameter's sparsity, by target name.
 
     Already-pruned targets keep their zeros: the new mask is computed on the current
@@ -261,7 +269,12 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False) -> dict
     masks: no memory beyond the model's own but one layer's temporaries and a bit per
     weight, where masks (``torch.nn.utils.prune``) hold a second copy of every weight.
 
+    ``wanda`` reads ``calibration_batches`` batches of ``calibration`` (``(inputs, _)``
+    batches, as the model takes them) through the model once, to weigh each weight by its
+    input feature's norm.
+
     >>> prune_(model, PruneConfig("global", 0.9), bake=True)  # doctest: +SKIP
+    >>> prune_(model, PruneConfig("wanda", 0.5), calibration=train_loader)  # doctest: +SKIP
     """
     if bake:
         bake_(model)
@@ -269,7 +282,15 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False) -> dict
     if not targets:
         raise DeepzipError("no prunable parameters match the include/exclude patterns")
     weights = [t.weight.detach() for t in targets]
-    if config.method == "global":
+    if config.method == "wanda":
+        if calibration is None:
+            raise DeepzipError("wanda pruning weighs weights by their inputs: pass "
+                               "calibration=a loader of the model's inputs")
+        norms = input_norms(model, targets, calibration, calibration_batches)
+        amounts = per_target(targets, config.per_layer, config.amount)
+        keep = (row_mask(wanda_scores(w, norms.get(t.name), t.module), amounts[t.name])
+                for t, w in zip(targets, weights, strict=True))
+    elif config.method == "global":
         n = sum(w.numel() for w in weights)
         keep = smallest_masks(weights, round(config.amount * n))
     else:
@@ -286,6 +307,79 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False) -> dict
             mask = getattr(t.module, f"{t.attr}_mask")
         out[t.name] = 1 - int(torch.count_nonzero(mask)) / mask.numel()
     return out
+
+
+def row_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
+    """Keep-mask that prunes the ``amount`` lowest-scoring entries of each output row
+    (``scores[o]``, flattened): Wanda compares weights within a row, not across layers."""
+    rows = scores.reshape(len(scores), -1) if scores.dim() > 1 else scores.reshape(1, -1)
+    k = round(amount * rows.shape[1])
+    keep = torch.ones(rows.shape, dtype=torch.bool, device=scores.device)
+    if k:
+        keep.scatter_(1, rows.topk(k, dim=1, largest=False).indices, False)
+    return keep.reshape(scores.shape)
+
+
+def wanda_scores(w: torch.Tensor, norms: torch.Tensor | None, module: nn.Module
+                 ) -> torch.Tensor:
+    """|w| times the l2 norm of the input feature each weight multiplies (a Linear's input
+    column; a convolution's input channel, the same for every kernel position); |w| alone
+    where the layer's inputs were not seen (an embedding)."""
+    score = w.detach().abs().float()
+    if norms is None or w.dim() < 2:
+        return score
+    if isinstance(module, nn.modules.conv._ConvNd):
+        per_group = w.shape[1]  # input channels each output sees
+        out_per_group = w.shape[0] // module.groups
+        group = torch.arange(w.shape[0], device=w.device) // out_per_group
+        channel = group[:, None] * per_group + torch.arange(per_group, device=w.device)
+        scale = norms.to(w.device)[channel]  # (out, in per group)
+        return score * scale.reshape(*scale.shape, *([1] * (w.dim() - 2)))
+    if norms.numel() != w.shape[-1]:
+        return score
+    return score * norms.to(w.device)
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterable[Any],
+                batches: int = 1) -> dict[str, torch.Tensor]:
+    """The l2 norm of each input feature of each target's layer over ``batches`` batches
+    of ``calibration`` (for a convolution, per input channel over batch and positions):
+    Wanda's ``||X_j||``. One forward pass per batch, a vector per layer kept."""
+    from .task import model_input
+
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    device = next(model.parameters()).device
+
+    def hook(name: str, conv: bool) -> Callable[..., None]:
+        def record(_m: nn.Module, inputs: tuple[Any, ...], _out: Any) -> None:
+            x = inputs[0].detach().float()
+            sq = (x.pow(2).transpose(0, 1).reshape(x.shape[1], -1).sum(1) if conv
+                  else x.pow(2).reshape(-1, x.shape[-1]).sum(0))
+            sums[name] = sums[name] + sq if name in sums else sq
+        return record
+
+    for t in targets:
+        if isinstance(t.module, (nn.Linear, nn.modules.conv._ConvNd)) and t.attr == "weight":
+            hooks.append(t.module.register_forward_hook(
+                hook(t.name, isinstance(t.module, nn.modules.conv._ConvNd))))
+    was = model.training
+    model.eval()
+    try:
+        seen = 0
+        for x, *_ in calibration:
+            model(model_input(x, device))
+            seen += 1
+            if seen >= batches:
+                break
+        if not seen:
+            raise DeepzipError("the calibration data is empty")
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {k: v.sqrt() for k, v in sums.items()}
 
 
 def _layer_mask(w: torch.Tensor, method: str, amount: float) -> torch.Tensor:

@@ -38,6 +38,7 @@ __all__ = [
     "init_distributed_from_env",
     "is_main_process",
     "lr_factor",
+    "recalibrate_batchnorm_",
 ]
 
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
@@ -276,6 +277,46 @@ class Distillation:
         else:
             soft = F.mse_loss(logits.float(), teacher)
         return (1 - self.alpha) * self.base(logits, labels) + self.alpha * soft
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_(model: nn.Module, loader: Iterable[Any], batches: int = 8) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` batches of
+    ``loader`` (the model's inputs; no gradients, no weight changes): after pruning or
+    sharing without retraining, the statistics the layers were trained with no longer
+    describe their inputs. Returns how many layers were re-estimated.
+
+    >>> recalibrate_batchnorm_(model, calibration_loader)  # doctest: +SKIP
+    """
+    from .task import model_input
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms:
+        return 0
+    device = next(model.parameters()).device
+    saved = [(m, m.momentum) for m in norms]
+    was = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a plain average over the batches
+    model.eval()
+    for m in norms:
+        m.train()
+    try:
+        seen = 0
+        for x, *_ in loader:
+            model(model_input(x, device))
+            seen += 1
+            if seen >= batches:
+                break
+        if not seen:
+            raise DeepzipError("the calibration data is empty")
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was)
+    return len(norms)
 
 
 def is_main_process() -> bool:
