@@ -36,7 +36,7 @@ from .targets import (
     restore_masks_,
     set_mask,
 )
-from .train import TrainConfig, fit
+from .train import TrainConfig, calibrate, fit
 
 __all__ = [
     "AGPSchedule",
@@ -346,11 +346,8 @@ def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterab
     """The l2 norm of each input feature of each target's layer over ``batches`` batches
     of ``calibration`` (for a convolution, per input channel over batch and positions):
     Wanda's ``||X_j||``. One forward pass per batch, a vector per layer kept."""
-    from .task import model_input
-
     sums: dict[str, torch.Tensor] = {}
     hooks = []
-    device = next(model.parameters()).device
 
     def hook(name: str, conv: bool) -> Callable[..., None]:
         def record(_m: nn.Module, inputs: tuple[Any, ...], _out: Any) -> None:
@@ -367,14 +364,7 @@ def input_norms(model: nn.Module, targets: Sequence[Target], calibration: Iterab
     was = model.training
     model.eval()
     try:
-        seen = 0
-        for x, *_ in calibration:
-            model(model_input(x, device))
-            seen += 1
-            if seen >= batches:
-                break
-        if not seen:
-            raise DeepzipError("the calibration data is empty")
+        calibrate(model, calibration, batches)
     finally:
         for h in hooks:
             h.remove()

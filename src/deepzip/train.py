@@ -32,6 +32,7 @@ __all__ = [
     "Distillation",
     "Evaluation",
     "TrainConfig",
+    "calibrate",
     "default_device",
     "evaluate",
     "fit",
@@ -280,6 +281,23 @@ class Distillation:
 
 
 @torch.no_grad()
+def calibrate(model: nn.Module, loader: Iterable[Any], batches: int) -> None:
+    """``batches`` batches of ``loader`` (``(inputs, ...)``) through ``model`` as it is,
+    for what hooks and BatchNorm statistics see: calibration data, never gradients."""
+    from .task import model_input
+
+    device = next(model.parameters()).device
+    seen = 0
+    for x, *_ in loader:
+        model(model_input(x, device))
+        seen += 1
+        if seen >= batches:
+            break
+    if not seen:
+        raise DeepzipError("the calibration data is empty")
+
+
+@torch.no_grad()
 def recalibrate_batchnorm_(model: nn.Module, loader: Iterable[Any], batches: int = 8) -> int:
     """Re-estimate every BatchNorm's running mean and variance on ``batches`` batches of
     ``loader`` (the model's inputs; no gradients, no weight changes): after pruning or
@@ -288,13 +306,10 @@ def recalibrate_batchnorm_(model: nn.Module, loader: Iterable[Any], batches: int
 
     >>> recalibrate_batchnorm_(model, calibration_loader)  # doctest: +SKIP
     """
-    from .task import model_input
-
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
     if not norms:
         return 0
-    device = next(model.parameters()).device
     saved = [(m, m.momentum) for m in norms]
     was = model.training
     for m in norms:
@@ -304,14 +319,7 @@ def recalibrate_batchnorm_(model: nn.Module, loader: Iterable[Any], batches: int
     for m in norms:
         m.train()
     try:
-        seen = 0
-        for x, *_ in loader:
-            model(model_input(x, device))
-            seen += 1
-            if seen >= batches:
-                break
-        if not seen:
-            raise DeepzipError("the calibration data is empty")
+        calibrate(model, loader, batches)
     finally:
         for m, momentum in saved:
             m.momentum = momentum
