@@ -3,10 +3,11 @@
     python experiments/oneshot.py resnet20 --data-dir ../shared/data \
         --out results/oneshot/resnet20.md
 
-For each sparsity, the shipped (or given) model is pruned once and evaluated, no
-retraining: magnitude per layer (percentile), magnitude across layers (global), and Wanda
-(|w| x the norm of its input feature, per output row; Sun et al. 2023, its norms from the
-first 128 calibration images); each also with its BatchNorm statistics re-estimated on
+For each sparsity (or N:M pattern: 2:4 keeps 2 of every 4 weights of a row), the
+shipped (or given) model is pruned once and evaluated, no retraining: magnitude per
+layer (percentile), magnitude across layers (global), and Wanda (|w| x the norm of its
+input feature, per output row; Sun et al. 2023, its norms from the first 128 calibration
+images); each also with its BatchNorm statistics re-estimated on
 the --calibration images ("+BN": deepzip.train.recalibrate_batchnorm_, no weight
 changes). Calibration images are the first ones of the training set, without
 augmentation, so the test set is read only by the evaluations. Test accuracy in fp32 on
@@ -33,7 +34,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a shipped name, checkpoint or .dzip")
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8")
+    p.add_argument("--sparsities", default="0.5,0.6,0.7,0.8,2:4",
+                   help="fractions pruned, or N:M (of every M weights of a row, N kept)")
     p.add_argument("--calibration", type=int, default=1024, help="training images")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -46,11 +48,16 @@ def main() -> int:
     base = stages.score(model, task, spec).value
     rows = []
     methods = ("percentile", "global", "wanda")
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+    for sparsity in args.sparsities.split(","):
         row = {"sparsity": sparsity}
+        pattern = sparsity if ":" in sparsity else None  # N:M (2:4): per row, no global
         for method in methods:
+            if pattern and method == "global":
+                row[method] = row[f"{method} +BN"] = "n/a"
+                continue
             trial = copy.deepcopy(model)
-            prune_(trial, PruneConfig(method, sparsity), bake=True,
+            prune_(trial, PruneConfig(method, 0.0 if pattern else float(sparsity),
+                                      n_m=pattern), bake=True,
                    calibration=calibration if method == "wanda" else None)
             row[method] = round(100 * stages.score(trial, task, spec).value, 2)
             recalibrate_batchnorm_(trial, calibration, batches=len(calibration))

@@ -316,3 +316,19 @@ def test_each_row_keeps_its_share():
     scores = torch.rand(5, 3, 3, 3)
     keep = row_mask(scores, 0.7)
     assert (keep.reshape(5, -1).sum(1) == 27 - round(0.7 * 27)).all()
+
+
+def test_n_of_every_m_weights_are_kept():
+    from deepzip.prune import PruneConfig, prune_, row_mask
+
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 9.0, 8.0, 7.0, 6.0, 5.0, 0.5]])
+    assert row_mask(scores, 0.5, "2:4").int().tolist() == [[1, 0, 1, 0, 1, 1, 0, 0, 1, 0]]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    prune_(model, PruneConfig("percentile", 0.0, n_m="2:4"), bake=True)
+    groups = (model[0].weight != 0).reshape(8, 4, 4).sum(2)
+    assert (groups == 2).all()  # two of every four, in every group of every row
+    with pytest.raises(DeepzipError, match="N:M"):
+        PruneConfig("percentile", 0.5, n_m="half")
+    with pytest.raises(DeepzipError, match="percentile .* and wanda"):
+        PruneConfig("global", 0.5, n_m="2:4")

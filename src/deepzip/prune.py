@@ -229,14 +229,32 @@ class PruneConfig:
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
     per_layer: dict[str, float] = field(default_factory=dict)
+    n_m: str | None = None  # "2:4": of every M weights along a row, keep the N best
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise DeepzipError(f"pruning method must be one of {METHODS}, got {self.method!r}")
+        if self.n_m is not None:
+            n, m = _n_m(self.n_m)
+            if self.method not in ("percentile", "wanda") or self.per_layer:
+                raise DeepzipError("n_m applies to percentile (magnitude) and wanda pruning, "
+                                   "without per_layer amounts")
+            self.amount = 1 - n / m
         if self.method == "global" and self.per_layer:
             raise DeepzipError("per_layer amounts do not apply to global pruning")
         for v in [self.amount, *self.per_layer.values()]:
             _check_amount(self.method, v)
+
+
+def _n_m(text: str) -> tuple[int, int]:
+    """"2:4" -> (2, 4): N of every M kept, 0 < N < M <= 64."""
+    try:
+        n, m = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        raise DeepzipError(f"n_m {text!r}: write N:M, e.g. 2:4") from None
+    if not 0 < n < m <= 64:
+        raise DeepzipError(f"n_m {text!r}: needs 0 < N < M <= 64")
+    return n, m
 
 
 def _check_amount(method: str, v: float) -> None:
@@ -288,8 +306,10 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
                                "calibration=a loader of the model's inputs")
         norms = input_norms(model, targets, calibration, calibration_batches)
         amounts = per_target(targets, config.per_layer, config.amount)
-        keep = (row_mask(wanda_scores(w, norms.get(t.name), t.module), amounts[t.name])
-                for t, w in zip(targets, weights, strict=True))
+        keep = (row_mask(wanda_scores(w, norms.get(t.name), t.module), amounts[t.name],
+                         config.n_m) for t, w in zip(targets, weights, strict=True))
+    elif config.n_m is not None:  # magnitude, N of every M
+        keep = (row_mask(w.abs(), config.amount, config.n_m) for w in weights)
     elif config.method == "global":
         n = sum(w.numel() for w in weights)
         keep = smallest_masks(weights, round(config.amount * n))
@@ -309,10 +329,24 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
     return out
 
 
-def row_mask(scores: torch.Tensor, amount: float) -> torch.Tensor:
+def row_mask(scores: torch.Tensor, amount: float, n_m: str | None = None) -> torch.Tensor:
     """Keep-mask that prunes the ``amount`` lowest-scoring entries of each output row
-    (``scores[o]``, flattened): Wanda compares weights within a row, not across layers."""
+    (``scores[o]``, flattened): Wanda compares weights within a row, not across layers.
+    With ``n_m`` ("2:4"), of every M consecutive weights of a row the N best are kept
+    (a row's tail shorter than M keeps the same share), the pattern sparse kernels run."""
     rows = scores.reshape(len(scores), -1) if scores.dim() > 1 else scores.reshape(1, -1)
+    if n_m is not None:
+        n, m = _n_m(n_m)
+        whole = rows.shape[1] // m * m
+        keep = torch.ones(rows.shape, dtype=torch.bool, device=scores.device)
+        if whole:
+            groups = rows[:, :whole].reshape(len(rows), -1, m)
+            drop = groups.topk(m - n, dim=2, largest=False).indices
+            kept = torch.ones(groups.shape, dtype=torch.bool, device=scores.device)
+            keep[:, :whole] = kept.scatter_(2, drop, False).reshape(len(rows), whole)
+        if whole < rows.shape[1]:
+            keep[:, whole:] = row_mask(rows[:, whole:], 1 - n / m)
+        return keep.reshape(scores.shape)
     k = round(amount * rows.shape[1])
     keep = torch.ones(rows.shape, dtype=torch.bool, device=scores.device)
     if k:
