@@ -86,3 +86,18 @@ def test_the_numpy_side_imports_no_torch(module):
     assert "torch" not in names
     assert _imports(SRC / f"{module}.py") <= {"atomic", "codecs", "deprecated", "errors",
                                                 "huffman"}
+
+
+def test_every_public_name_and_module_of_the_lazy_table_resolves():
+    """The package imports on first use: a name or module the table lists that no longer
+    exists (deepzip.render did) is an AttributeError a user meets, caught here."""
+    import importlib
+
+    for name in deepzip.__all__:
+        assert getattr(deepzip, name) is not None, name
+    for module in deepzip._MODULES:
+        assert getattr(deepzip, module) is importlib.import_module(f"deepzip.{module}")
+    src = pathlib.Path(deepzip.__file__).parent
+    listed = set(deepzip._MODULES) | {"__init__", "__main__", "version", "deprecated",
+                                      "entrypoints"}
+    assert {p.stem for p in src.glob("*.py")} <= listed  # every module reachable
