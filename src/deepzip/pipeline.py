@@ -539,10 +539,11 @@ class Pipeline:
         ok = lost + extra <= budget["max_loss"]
         budget["confirmed"].append({"target_bits": bits, "val_score": val_score,
                                     "loss": lost, "margin": extra, "within": ok, **row})
+        t = self._terms()
         self.log("[quantize] full stage "
                  + (f"at {bits:.3f} bits" if bits is not None else "without sharing")
                  + f": validation loss {lost:.3g}" + (f" + margin {extra:.3g}" if extra else "")
-                 + f" {self._terms().units} (budget {self._terms().words()})")
+                 + f" {t.units} (budget {t.words()})")
         return ok
 
     def _unshared(self, pruned: nn.Module, spec: ModelSpec, budget: dict[str, Any],

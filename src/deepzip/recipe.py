@@ -207,14 +207,7 @@ class Recipe:
             if not isinstance(v, str) or v not in allowed:
                 problems.append(f"encode.{key} must be one of {', '.join(allowed)}, not "
                                 f"{brief(v)}")
-        if self.max_loss is not None:
-            problems += _invalid("max_loss", lambda: check_budget_text(self.max_loss))
-            if not (q is not None and q.entropy_weight > 0 and q.target_bits is None):
-                problems.append("max_loss needs a quantize section with entropy_weight > 0 "
-                                "and no target_bits (it chooses them)")
-        if not (math.isfinite(self.margin_se) and self.margin_se >= 0) or (
-                self.margin_se and self.max_loss is None):
-            problems.append("margin_se must be a number >= 0, and needs max_loss")
+        problems += self._budget_problems()
         if q is not None and q.probe_epochs < 0:
             problems.append("quantize.probe_epochs must be >= 0")
         if self.validation_from not in ("train", "test"):
@@ -246,6 +239,19 @@ class Recipe:
         recipe = Recipe.from_dict(data)
         recipe.validate()
         return recipe
+
+    def _budget_problems(self) -> list[str]:
+        """What is wrong with ``max_loss`` and ``margin_se``, and what they need."""
+        q, problems = self.quantize, []
+        if self.max_loss is not None:
+            problems += _invalid("max_loss", lambda: check_budget_text(self.max_loss))
+            if not (q is not None and q.entropy_weight > 0 and q.target_bits is None):
+                problems.append("max_loss needs a quantize section with entropy_weight > 0 "
+                                "and no target_bits (it chooses them)")
+        if not (math.isfinite(self.margin_se) and self.margin_se >= 0) or (
+                self.margin_se and self.max_loss is None):
+            problems.append("margin_se must be a number >= 0, and needs max_loss")
+        return problems
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:

@@ -254,47 +254,15 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
     enc, ver = st["encode"], st["verify"]
     metric, higher = summary_row["metric"], summary_row["higher_is_better"]
     base = summary_row["baseline_score"]
-    change = ver["score"] - base
     layers = [t for t in enc["tensors"] if "clusters" in t]
     with atomic_write(out / "report.json", "w") as f:
         json.dump(report, f, indent=2)
     _plot_layers(layers, out / "layers.png", recipe.name)
-    key = f"test {metric}"
-    val_key = f"validation {metric}"
-    rows = [{"model": name, key: _blank(st[k].get(field)),
-             val_key: _blank(st[k].get(f"val_{field}"))}
-            for name, k, field in [
-                ("baseline", "baseline", "score"), ("pruned + retrained", "prune", "score"),
-                ("quantized (k-means)", "quantize", "score_kmeans"),
-                ("quantized (final, file precision)", "quantize", "score"),
-                ("decoded from .dzip", "verify", "score")]
-            if st[k].get(field) is not None or st[k].get(f"val_{field}") is not None]
-    columns = ["model", key] + ([val_key] if any(r[val_key] != "" for r in rows) else [])
-    if summary_row.get("decisions_on") == "validation":
-        n = summary_row["validation_examples"]
-        held = summary_row.get("validation_data") or (
-            f"{f'{n:,} examples ' if n else ''}held out of the training data")
-        decided = ("Every decision of the run (training-time evaluations, sensitivity "
-                   f"scans, budgets) read validation data ({held}); the test data "
-                   "this report gives was read only by the final evaluation.")
-    else:
-        decided = ("The task holds no validation data: training-time evaluations and "
-                   "sensitivity scans read the test set.")
-    if st["baseline"].get("seen_validation"):
-        decided += (" **Note:** the baseline scores far better on the validation examples "
-                    "than on the test examples, as a model trained on them does: the "
-                    "decisions judged how well compression keeps what it learned, and the "
-                    "budget may not hold on new data.")
+    decided = _decided(summary_row, st["baseline"].get("seen_validation", False))
     fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
     cmd_file = out / "command.txt"
     command = cmd_file.read_text().strip() if cmd_file.is_file() else "deepzip run"
-    if metric == "acc":
-        score_line = (f"{base * 100:.2f}% -> {ver['score'] * 100:.2f}% "
-                      f"({change * 100:+.2f} points)")
-    else:
-        rel = f", {change / abs(base) * 100:+.2f}% of the baseline" if base else ""
-        score_line = (f"{metric} {base:.6g} -> {ver['score']:.6g} ({change:+.4g}{rel}; "
-                      f"{'higher' if higher else 'lower'} is better)")
+    score_line = _score_line(metric, higher, base, ver["score"])
     size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (the fp32 "
                  f"state_dict as torch.save writes it): {enc['real_ratio']:.2f}x")
     data = getattr(task, "description", "") or "CIFAR-10 test set"
@@ -322,7 +290,7 @@ metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32. {decided}
 | Huffman, average bits per nonzero index | {enc['huffman_avg']:.3f} |
 | decoded model agrees with the in-memory model | {'; '.join(agree)} |
 
-{markdown_table(rows, columns)}
+{_scores_table(st, metric)}
 {_search_section(st["prune"].get("search"), metric)}{_budget_section(
     st["quantize"].get("budget"), metric)}
 ## Time per stage
@@ -351,6 +319,53 @@ scales and buffers).
     with atomic_write(out / "report.md", "w") as f:
         f.write(md)
     return report
+
+
+def _scores_table(st: dict[str, Any], metric: str) -> str:
+    """Each model of the run (baseline, pruned, shared, decoded) scored on test and, where
+    the run decided on it, validation data."""
+    key, val_key = f"test {metric}", f"validation {metric}"
+    rows = [{"model": name, key: _blank(st[k].get(field)),
+             val_key: _blank(st[k].get(f"val_{field}"))}
+            for name, k, field in [
+                ("baseline", "baseline", "score"), ("pruned + retrained", "prune", "score"),
+                ("quantized (k-means)", "quantize", "score_kmeans"),
+                ("quantized (final, file precision)", "quantize", "score"),
+                ("decoded from .dzip", "verify", "score")]
+            if st[k].get(field) is not None or st[k].get(f"val_{field}") is not None]
+    columns = ["model", key] + ([val_key] if any(r[val_key] != "" for r in rows) else [])
+    return markdown_table(rows, columns)
+
+
+def _decided(summary_row: dict[str, Any], seen_validation: bool) -> str:
+    """What the run's decisions read, for the report's opening."""
+    if summary_row.get("decisions_on") == "validation":
+        n = summary_row["validation_examples"]
+        held = summary_row.get("validation_data") or (
+            f"{f'{n:,} examples ' if n else ''}held out of the training data")
+        decided = ("Every decision of the run (training-time evaluations, sensitivity "
+                   f"scans, budgets) read validation data ({held}); the test data "
+                   "this report gives was read only by the final evaluation.")
+    else:
+        decided = ("The task holds no validation data: training-time evaluations and "
+                   "sensitivity scans read the test set.")
+    if seen_validation:
+        decided += (" **Note:** the baseline scores far better on the validation examples "
+                    "than on the test examples, as a model trained on them does: the "
+                    "decisions judged how well compression keeps what it learned, and the "
+                    "budget may not hold on new data.")
+    return decided
+
+
+def _score_line(metric: str, higher: bool, base: float, score: float) -> str:
+    """Baseline -> decoded in the metric's terms: points for accuracy, else the metric
+    with its change relative to the baseline and its direction."""
+    change = score - base
+    if metric == "acc":
+        return f"{base * 100:.2f}% -> {score * 100:.2f}% ({change * 100:+.2f} points)"
+    rel = f", {change / abs(base) * 100:+.2f}% of the baseline" if base else ""
+    return (f"{metric} {base:.6g} -> {score:.6g} ({change:+.4g}{rel}; "
+            f"{'higher' if higher else 'lower'} is better)")
 
 
 def _search_section(search: dict[str, Any] | None, metric: str) -> str:
