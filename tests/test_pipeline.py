@@ -474,6 +474,44 @@ def test_stop_over_budget_keeps_the_last_pruning_step_within_its_part_of_max_los
         dataclasses.replace(recipe, max_loss=None, margin_se=0.0).validate()
 
 
+def test_keep_steps_chooses_the_step_and_the_sharing_budget_together(tmp_path):
+    """prune.keep_steps prunes through every step (stopping once one is over the whole
+    budget less its margin), keeps each step's model, smooths the losses against sparsity
+    and chooses the smallest file predicted within max_loss among the candidate steps and
+    probed budgets; the margin is paid once, by the file that ships."""
+    from deepzip import decide
+    from deepzip.api import compress
+    from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
+
+    out = tmp_path / "run"
+    out.mkdir()
+    model, task, test = _tiny_classification(out)
+    recipe = Recipe(name="steps", max_loss=10.0, margin_se=1.0, prune=PruneStage(
+        schedule="iterative", keep_steps=True, train={"lr": 0.05, "precision": "fp32"},
+        steps=[PruneStep("global", 0.3, 1), PruneStep("global", 0.6, 1),
+               PruneStep("global", 0.999, 1), PruneStep("global", 0.9995, 1)]),
+        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
+    log: list[str] = []
+    stages = compress(model, task, recipe, out=out, log=log.append).report["stages"]
+    search, budget = stages["prune"]["search"], stages["quantize"]["budget"]
+    rows = search["steps"]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # step 3 is hopeless: step 4 never runs
+    assert rows[2]["loss"] - rows[2]["margin"] > 10.0
+    assert [r["fit"] for r in rows] == decide.monotone([r["loss"] for r in rows])
+    assert search["candidates"] == [r["step"] for r in rows if r["fit"] + r["margin"] <= 10]
+    assert search["top_step"] == max(search["candidates"]) == 2
+    assert all((out / "prune" / f"step{i}" / "model.pt").is_file() for i in (1, 2, 3))
+    table = decide.from_rows(budget["options"])
+    assert {o.step for o in table} == {1, 2} and all(o.measured == (o.step == 2) for o in table)
+    chosen = decide.choose(table, 10.0)
+    assert (budget["chosen_step"], budget["chosen"]) == (chosen.step, chosen.bits)
+    assert budget["confirmed"][0]["step"] == chosen.step and budget["confirmed"][-1]["within"]
+    assert stages["encode"]["file_bytes"] == pytest.approx(chosen.bytes, rel=0.05)
+    assert "model.dzip" in test.first
+    report = " ".join((out / "report.md").read_text().split())
+    assert "paid once" in report and f"step {chosen.step} at" in report
+
+
 def test_max_loss_needs_validation_data(tmp_path):
     from torch import nn
 

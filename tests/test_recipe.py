@@ -28,11 +28,11 @@ def test_shipped_names_cover_the_folder():
 def test_the_default_holds_one_point_on_held_out_data_with_a_margin():
     """What `deepzip run` promises with no recipe named: the point is a budget checked on
     held-out data (the test images the shipped models never trained on), with a margin,
-    and the sparsity is judged step by step against it, not fixed."""
+    and the sparsity is chosen with the sharing budget against it, not fixed."""
     recipe = load_recipe(recipe_path(None))
     assert recipe.name == "default" and recipe.max_loss == 1.0 and recipe.margin_se >= 1
     assert recipe.validation > 0 and recipe.validation_from == "test"
-    assert recipe.prune.stop_over_budget and recipe.quantize.entropy_weight
+    assert recipe.prune.keep_steps and recipe.quantize.entropy_weight
 
 
 @pytest.mark.parametrize("text,match", [

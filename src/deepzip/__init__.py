@@ -24,8 +24,8 @@ _WHERE = {
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
     "Recipe": "recipe", "load_recipe": "recipe", "Budget": "budget",
 }
-_MODULES = {"api", "atomic", "budget", "checkpoint", "cli", "codecs", "data", "dzip", "dzip_torch",
-            "errors", "export", "huffman", "kmeans", "loading", "models", "pipeline", "prune",
+_MODULES = {"api", "atomic", "budget", "checkpoint", "cli", "codecs", "data", "decide", "dzip",
+            "dzip_torch", "errors", "export", "huffman", "kmeans", "loading", "models", "pipeline", "prune",
             "onnx_pack", "qat", "quantize", "recipe", "render", "report", "runfolder", "stages",
             "targets", "task", "train"}
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dzip_torch, stages
+from . import decide, dzip_torch, stages
 from .atomic import atomic_write, read_json, remove_stale_temps
 from .budget import Budget, Terms
 from .checkpoint import ModelSpec, load_checkpoint, save_checkpoint
@@ -313,6 +313,8 @@ class Pipeline:
                 self.recipe.train_config(p.train, step.epochs),
                 loss_fn=self._loss(p.distill), out_dir=self.out / "prune" / f"step{i}",
                 desc=f"prune {i}")
+            if p.keep_steps and not self._keep_step(model, spec, judged, i):
+                break
             if before is not None and not self._within_share(
                     model, spec, judged, f"step {i}", step=i,
                     sparsity=sparsity_of(model, p.include, p.exclude)):
@@ -321,10 +323,55 @@ class Pipeline:
                                        else "the model stays unpruned"))
                 model = before
                 break
+        if p.keep_steps:
+            model, search = self._top_step(judged, spec)
+            return model, history, search
         if not p.stop_over_budget:
             return model, history, None
         kept = len(judged) - (not judged[-1]["within"])
         return model, history, self._share_record(judged, kept_step=kept)
+
+    def _keep_step(self, model: nn.Module, spec: ModelSpec, rows: list[dict[str, Any]],
+                   i: int) -> bool:
+        """``prune.keep_steps``: score step ``i``'s model on validation data and keep it
+        (``prune/step{i}/model.pt``) for the quantize stage to choose from. False once a
+        step is over the whole budget even less its margin: sparser steps would be too."""
+        p, terms = self.recipe.prune, self._terms()
+        value, extra = self._judge(model, spec)
+        lost = stages.loss_points(self.task, terms.baseline, value)
+        rows.append({"step": i, "sparsity": sparsity_of(model, p.include, p.exclude),
+                     "score": value, "loss": lost, "margin": extra})
+        if is_main_process():
+            baked = copy.deepcopy(model)
+            bake_(baked)
+            save_checkpoint(baked, spec, self._step_path(i))
+        hopeless = lost - extra > terms.allowed
+        self.log(f"[prune] step {i}: {self.task.metric.name} {value:.4g} (loss {lost:.3g} "
+                 f"{terms.units}, margin {extra:.3g})"
+                 + (": over the whole budget less its margin, the last step" if hopeless
+                    else ""))
+        return not hopeless
+
+    def _step_path(self, i: int) -> Path:
+        return self.out / "prune" / f"step{i}" / "model.pt"
+
+    def _top_step(self, rows: list[dict[str, Any]], spec: ModelSpec
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+        """The kept steps' losses smoothed (:func:`deepzip.decide.monotone`), the steps
+        whose pruning alone leaves room for the margin, and the sparsest of them: the
+        model the sharing budget is searched on. None fits: the model stays unpruned."""
+        t = self._terms()
+        for r, f in zip(rows, decide.monotone([r["loss"] for r in rows]), strict=True):
+            r["fit"] = f
+        kept = decide.candidates(rows, t.allowed)
+        top = max(kept, default=0)
+        self.log("[prune] steps whose smoothed loss plus margin fits the budget: "
+                 + (", ".join(map(str, kept)) + f"; the sharing budget is searched on step "
+                    f"{top}" if kept else "none: the model stays unpruned"))
+        model = self._load(self._step_path(top), spec)[0] if top else self._fresh()
+        return model, {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
+                       "margin_se": t.margin_se, "baseline_val_score": t.baseline,
+                       "steps": rows, "candidates": kept, "top_step": top}
 
     def _within_share(self, model: nn.Module, spec: ModelSpec, rows: list[dict[str, Any]],
                       what: str, **row: Any) -> bool:
@@ -456,6 +503,9 @@ class Pipeline:
         if self.recipe.max_loss is not None:
             pruned = copy.deepcopy(model)
             qcfg, budget = self._budget(model, spec, qcfg)
+            if "options" in budget:  # prune.keep_steps: the step chosen with the budget
+                pruned = self._step_model(budget["chosen_step"], spec)
+                model = copy.deepcopy(pruned)
         while True:
             shared = stages.share(
                 model, self.task, spec, qcfg,
@@ -467,15 +517,29 @@ class Pipeline:
                                                 e.fold_batchnorm)
             value, extra = self._judge(model, spec)
             score = {self._named("score"): value}
-            if budget is None or self._confirmed(budget, value, qcfg.target_bits, extra):
+            if budget is None or self._confirmed(
+                    budget, value, qcfg.target_bits, extra,
+                    **({"step": budget["chosen_step"]} if "options" in budget else {})):
                 break
-            if qcfg.target_bits >= q.bits:  # over at the cap: no sharing fits the budget
+            if "options" in budget:
+                option = self._next_option(budget)
+                if option is None:
+                    return self._unshared(self._step_model(min(budget["candidates"],
+                                                               default=0), spec),
+                                          spec, budget, t0)
+                qcfg = dataclasses.replace(qcfg, target_bits=option.bits)
+                budget["chosen_step"] = option.step
+                pruned = self._step_model(option.step, spec)
+                self.log(f"[quantize] over budget: once more, step {option.step} at "
+                         f"{option.bits:.3f} bits")
+            elif qcfg.target_bits >= q.bits:  # over at the cap: no sharing fits the budget
                 return self._unshared(pruned, spec, budget, t0)
-            bits = stages.retry_budget(budget["probes"], budget["confirmed"][-1],
-                                       budget["max_loss"], q.bits) \
-                if len(budget["confirmed"]) == 1 else float(q.bits)
-            qcfg = dataclasses.replace(qcfg, target_bits=bits)
-            self.log(f"[quantize] over budget: once more at {bits:.3f} bits")
+            else:
+                bits = stages.retry_budget(budget["probes"], budget["confirmed"][-1],
+                                           budget["max_loss"], q.bits) \
+                    if len(budget["confirmed"]) == 1 else float(q.bits)
+                qcfg = dataclasses.replace(qcfg, target_bits=bits)
+                self.log(f"[quantize] over budget: once more at {bits:.3f} bits")
             model = copy.deepcopy(pruned)
             if is_main_process():
                 shutil.rmtree(self.out / "quantize", ignore_errors=True)
@@ -505,12 +569,58 @@ class Pipeline:
                                                q.probe_epochs),
                 loss_fn=self._loss(q.distill), encoding=dataclasses.asdict(self.recipe.encode),
                 log=self.log, margin=self._margin)
-            return {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
-                    "margin_se": t.margin_se, "baseline_val_score": t.baseline,
-                    "probes": probes, "chosen": bits, "confirmed": []}
+            found = {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
+                     "margin_se": t.margin_se, "baseline_val_score": t.baseline,
+                     "probes": probes, "chosen": bits, "confirmed": []}
+            return {**found, **self._options(probes, spec, qcfg)} \
+                if self.recipe.prune.keep_steps else found
 
         budget = self._kept(self.out / "quantize" / "budget.json", "budget search", search)
         return dataclasses.replace(qcfg, target_bits=budget["chosen"]), budget
+
+    def _step_model(self, step: int, spec: ModelSpec) -> nn.Module:
+        """The model of a kept pruning step (0: the unpruned start)."""
+        return self._load(self._step_path(step), spec)[0] if step else self._fresh()
+
+    def _options(self, probes: list[dict[str, Any]], spec: ModelSpec,
+                 qcfg: QuantizeConfig) -> dict[str, Any]:
+        """``prune.keep_steps``: every candidate step at every probed budget
+        (:func:`deepzip.decide.options`; the three candidates below the searched one are
+        clustered for their bytes) and the smallest file predicted within the budget
+        (none: the one predicted nearest it)."""
+        search, t = self.state["stages"]["prune"]["search"], self._terms()
+        top, rows = search["top_step"], list(search["steps"])
+        if top == 0:
+            rows.append({"step": 0, "sparsity": sparsity_of(self._fresh()), "loss": 0.0,
+                         "fit": 0.0, "margin": 0.0})
+        bits = sorted({p["target_bits"] for p in probes})
+        sizes = {}
+        for k in [c for c in search["candidates"] if c != top][-3:]:
+            self.log(f"[quantize] bytes of step {k} shared at each probed budget")
+            sizes[k] = stages.shared_sizes(self._step_model(k, spec), spec, qcfg, bits,
+                                           self._encoding())
+        table = decide.options(rows, top, probes, sizes)
+        choice = decide.choose(table, t.allowed) or min(table, key=lambda o: o.loss + o.margin)
+        self.log(f"[quantize] chosen: step {choice.step} (sparsity {choice.sparsity:.4f}) at "
+                 f"{choice.bits:.3f} bits, {choice.bytes:,} bytes, loss "
+                 f"{'measured' if choice.measured else 'predicted'} {choice.loss:.3g} + "
+                 f"margin {choice.margin:.3g} {t.units}")
+        return {"options": decide.as_rows(table), "chosen": choice.bits,
+                "chosen_step": choice.step, "candidates": search["candidates"]}
+
+    def _next_option(self, budget: dict[str, Any]) -> decide.Option | None:
+        """After a full stage over the budget: the smallest file still predicted within
+        it once every prediction carries the largest miss so far; None after three full
+        stages, or when none is left."""
+        tried = [(c["step"], c["target_bits"]) for c in budget["confirmed"]]
+        if len(tried) >= 3:
+            return None
+        table = decide.from_rows(budget["options"])
+        predicted = {(o.step, o.bits): o.loss + o.margin for o in table}
+        excess = max(c["loss"] + c["margin"] - predicted.get((c["step"], c["target_bits"]),
+                                                               c["loss"] + c["margin"])
+                     for c in budget["confirmed"])
+        return decide.choose(table, budget["max_loss"], excess=max(0.0, excess), tried=tried)
 
     def _kept(self, path: Path, what: str, search: Callable[[], dict[str, Any]]
               ) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from .targets import SharedWeight, Target, bake_, codebooks, dequantize_, instal
 from .task import classification_loss, model_input
 
 __all__ = ["INITS", "QuantizeConfig", "SharedWeight", "codebooks", "dequantize_",
-           "distinct_nonzero", "fisher_sensitivity", "quantize_"]
+           "distinct_nonzero", "fisher_sensitivity", "quantize_", "shared_index_bits"]
 
 # moved in 0.3: the NumPy k-means to deepzip.kmeans, training to deepzip.qat
 __getattr__ = moved(__name__, {
@@ -125,6 +125,13 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
         out[name] = {"bits": bits, "clusters": len(r.centroids), "error": r.error,
                      "iterations": r.iterations}
     return out
+
+
+def shared_index_bits(model: nn.Module) -> float:
+    """The Huffman bits per nonzero weight's index that a shared model's indices cost
+    (what ``target_bits`` bounds), over all its shared layers."""
+    return index_bits(np.bincount(cb.indices[cb.mask].cpu().numpy().astype(np.int64))
+                      for cb in codebooks(model).values())
 
 
 def select_targets(model: nn.Module, config: QuantizeConfig) -> list[Target]:

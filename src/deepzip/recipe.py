@@ -77,12 +77,13 @@ class PruneStage:
     distill: Distill | None = None
     stop_over_budget: bool = False  # iterative, with max_loss: keep the last step within it
     loss_share: float = 0.5  # the part of max_loss the pruning may spend (either search)
+    keep_steps: bool = False  # iterative, with max_loss: the sharing chooses the step too
 
     @property
     def reads_budget(self) -> bool:
         """Whether the pruning reads ``max_loss`` (a changed budget must redo it)."""
-        return self.stop_over_budget or (self.schedule == "agp" and self.agp is not None
-                                         and self.agp.search_from is not None)
+        return self.stop_over_budget or self.keep_steps or (
+            self.schedule == "agp" and self.agp is not None and self.agp.search_from is not None)
 
 
 @dataclass
@@ -187,6 +188,10 @@ class Recipe:
                 problems.append("prune.agp needs probe_epochs >= 1 and search_steps >= 0")
         if p.stop_over_budget and not (p.schedule == "iterative" and self.max_loss is not None):
             problems.append("prune.stop_over_budget needs the iterative schedule and max_loss")
+        if p.keep_steps and not (p.schedule == "iterative" and self.max_loss is not None
+                                 and not p.stop_over_budget and self.quantize is not None):
+            problems.append("prune.keep_steps needs the iterative schedule, max_loss and a "
+                            "quantize stage, without stop_over_budget")
         if not (isinstance(p.stop_over_budget, bool) and 0 < p.loss_share <= 1):
             problems.append("prune needs stop_over_budget true or false and "
                             "0 < loss_share <= 1")
@@ -510,6 +515,10 @@ HELP = {
     "prune.stop_over_budget": "iterative, with max_loss: score each step's model on "
                               "validation data; the first over loss_share of max_loss is "
                               "undone and the pruning stops with the step before it",
+    "prune.keep_steps": "iterative, with max_loss: prune through every step, score and "
+                        "keep each step's model; the quantize stage chooses the step and "
+                        "the sharing budget together (the smallest file within max_loss, "
+                        "its margin paid once, on that file)",
     "prune.loss_share": "the part of max_loss the pruning may spend (stop_over_budget, "
                         "agp.search_from); with margin_se, of what each model's margin "
                         "leaves of it",

@@ -373,6 +373,8 @@ def _search_section(search: dict[str, Any] | None, metric: str) -> str:
     ``prune.agp.search_from``, or the judged steps of ``prune.stop_over_budget``."""
     if not search:
         return ""
+    if "top_step" in search:
+        return _kept_steps_section(search, metric)
     steps = "kept_step" in search
     rows = _with_margin([{**({"step": p["step"]} if steps else {}), "sparsity": p["sparsity"],
                           f"validation {metric}": p["score"], "loss": p["loss"],
@@ -404,6 +406,49 @@ most {search['limit']:.4g} {search.get('units', '')} against the baseline's vali
 """
 
 
+def _kept_steps_section(search: dict[str, Any], metric: str) -> str:
+    """``prune.keep_steps``: every step's model scored, the smoothed losses, and the
+    candidates the sharing stage chose among."""
+    rows = [{"step": r["step"], "sparsity": r["sparsity"], f"validation {metric}": r["score"],
+             "loss": r["loss"], "smoothed loss": r["fit"], "margin": r["margin"],
+             "candidate": r["step"] in search["candidates"]} for r in search["steps"]]
+    top = search["top_step"]
+    return f"""
+## The pruning steps
+
+Every step's model, pruned and retrained, was scored on validation data against the
+baseline's {metric} ({search['baseline_val_score']:.4g}) and kept; the pruning stops early
+only at a step over the whole budget even less its margin. The losses are smoothed so that
+they do not fall as the sparsity grows (pooled where a step scored better than the one
+before it), and a step is a candidate when its smoothed loss plus its margin is within
+`max_loss` {_budget_text(search)}: the margin is paid once, by the file that ships, not by
+each step. {"The sharing budget was searched on step " + str(top) + ", the sparsest candidate."
+            if top else "No step is a candidate: the model stays unpruned."}
+
+{markdown_table(rows, list(rows[0]))}
+"""
+
+
+def _options_section(budget: dict[str, Any], metric: str) -> str:
+    """``prune.keep_steps``: the files the run chose among, smallest first."""
+    units = budget.get("units", "")
+    rows = [{"step": o["step"], "sparsity": o["sparsity"], "target bits": o["bits"],
+             "bytes": o["bytes"], "loss": o["loss"], "margin": o["margin"],
+             "sharing cost from": "its probes" if o["measured"] else "the searched step",
+             "within": o["loss"] + o["margin"] <= budget["max_loss"]}
+            for o in budget["options"]]
+    return f"""
+The candidates, each at every probed budget, in {units}: what sharing cost the searched
+step at each budget (its probes' losses over its own, smoothed so that fewer bits never
+cost less) is added to each step's smoothed loss, with the searched step's margin; another
+step's bytes are measured by clustering it. The smallest file within the budget was
+chosen: **step {budget['chosen_step']} at {budget['chosen']:.4g} bits** (a full stage over
+the budget adds its miss to every prediction and chooses again).
+
+{markdown_table(rows, list(rows[0]))}
+"""
+
+
 def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:
     """The ``max_loss`` search of a run: every probe and every full-stage confirmation."""
     if not budget:
@@ -412,7 +457,8 @@ def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:
                             "loss": p["loss"], "margin": p.get("margin", 0.0),
                             "bytes": p["file_bytes"], "within": p["within"]}
                            for p in budget["probes"]])
-    full = _with_margin([{"target bits": c["target_bits"] if c["target_bits"] is not None
+    full = _with_margin([{**({"step": c["step"]} if "step" in c else {}),
+                          "target bits": c["target_bits"] if c["target_bits"] is not None
                           else f"no sharing ({c.get('raw_dtype')})",
                           f"validation {metric}": c["val_score"],
                           "loss": c["loss"], "margin": c.get("margin", 0.0),
@@ -426,7 +472,7 @@ shares a copy of the pruned model at that budget of Huffman bits per nonzero ind
 trains its centroids briefly), bisecting from the cap.{_margin_line(budget)}
 
 {markdown_table(probes, list(probes[0]))}
-
+{_options_section(budget, metric) if "options" in budget else ""}
 The full stage at the chosen budget (over it: once more at a larger one, then at the cap,
 then no sharing at all, the weights stored as float16):
 

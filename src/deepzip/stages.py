@@ -29,13 +29,14 @@ from .checkpoint import ModelSpec
 from .errors import DeepzipError
 from .prune import PruneConfig, finetune_after_prune, prune_
 from .qat import qat_, train_centroids
-from .quantize import QuantizeConfig, fisher_sensitivity, quantize_
+from .quantize import QuantizeConfig, fisher_sensitivity, quantize_, shared_index_bits
 from .task import IGNORE_INDEX, Task, class_scores, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
 __all__ = ["Shared", "bisect", "decision_loader", "decision_score", "encode", "eval_loader",
-           "judged", "loss_points", "loss_se", "prune_step", "retry_budget", "score",
-           "search_budget", "share", "train_loader", "training", "verify", "with_fisher"]
+           "file_bytes", "judged", "loss_points", "loss_se", "prune_step", "retry_budget",
+           "score", "search_budget", "share", "shared_sizes", "train_loader", "training",
+           "verify", "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -231,14 +232,12 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
               centroids=probe, loss_fn=loss_fn)
         dzip_torch.round_to_file_precision_(trial, **(encoding or {}))
         value, examples = judged(trial, task, spec)
-        with tempfile.TemporaryDirectory() as tmp:
-            dzip_torch.save(trial, os.path.join(tmp, "probe.dzip"), spec=spec,
-                            **(encoding or {}))
-            size = os.path.getsize(os.path.join(tmp, "probe.dzip"))
+        size = file_bytes(trial, spec, encoding)
         lost, extra = loss_points(task, baseline, value), margin(examples)
         ok = lost + extra <= max_loss
         probes.append({"target_bits": bits, "score": value, "loss": lost, "margin": extra,
-                       "file_bytes": size, "within": ok})
+                       "file_bytes": size, "index_bits": shared_index_bits(trial),
+                       "within": ok})
         units = "points" if task.metric.points else task.metric.name
         log(f"[quantize] budget {bits:.3f} bits: {task.metric.name} {value:.4g} "
             f"(loss {lost:.3g}" + (f" + margin {extra:.3g}" if extra else "")
@@ -246,6 +245,30 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
         return ok
 
     return bisect(run, safe=float(config.bits), bold=low, steps=steps), probes
+
+
+def file_bytes(model: nn.Module, spec: ModelSpec, encoding: dict[str, Any] | None = None
+               ) -> int:
+    """The size of ``model``'s ``.dzip`` file (written to a temporary folder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.dzip")
+        dzip_torch.save(model, path, spec=spec, **(encoding or {}))
+        return os.path.getsize(path)
+
+
+def shared_sizes(model: nn.Module, spec: ModelSpec, config: QuantizeConfig,
+                 budgets: Iterable[float], encoding: dict[str, Any] | None = None
+                 ) -> dict[float, tuple[int, float]]:
+    """The file's bytes and its indices' Huffman bits per nonzero with ``model`` shared at
+    each budget (``target_bits``): clustering only (centroid training moves values, not
+    the indices the bytes are made of). ``model`` is not changed."""
+    sizes = {}
+    for bits in budgets:
+        trial = copy.deepcopy(model)
+        quantize_(trial, dataclasses.replace(config, target_bits=bits))
+        dzip_torch.round_to_file_precision_(trial, **(encoding or {}))
+        sizes[bits] = (file_bytes(trial, spec, encoding), shared_index_bits(trial))
+    return sizes
 
 
 def retry_budget(probes: list[dict[str, Any]], failed: dict[str, Any], max_loss: float,
