@@ -255,7 +255,7 @@ def test_a_failed_start_removes_the_folder_it_made(tmp_path):
 def test_a_damaged_kept_search_is_searched_again(tmp_path):
     from types import SimpleNamespace
 
-    from deepzip.pipeline import Pipeline
+    from deepzip.context import RunContext
 
     said = []
     fake = SimpleNamespace(log=said.append)
@@ -266,22 +266,22 @@ def test_a_damaged_kept_search_is_searched_again(tmp_path):
                     json.dumps({**good, "chosen": True}), json.dumps({**good, "probes": 3}),
                     "[" * 50_000 + "]" * 50_000]:
         path.write_text(damaged)
-        assert Pipeline._kept(fake, path, "budget search", lambda: good) == good
+        assert RunContext.kept(fake, path, "budget search", lambda: good) == good
         assert "damaged" in said[-1]
-    assert Pipeline._kept(fake, path, "budget search", lambda: 1 / 0) == good  # kept
+    assert RunContext.kept(fake, path, "budget search", lambda: 1 / 0) == good  # kept
 
 
 def test_a_damaged_run_state_is_one_line(tmp_path):
     from types import SimpleNamespace
 
-    from deepzip.pipeline import Pipeline
+    from deepzip.context import RunContext
 
     for damaged in ["[" * 50_000 + "]" * 50_000, '{"recipe": {}, "stages": {"prune": 3}}',
                     '{"recipe": {}, "stages": []}']:
         (tmp_path / "state.json").write_text(damaged)
         fake = SimpleNamespace(out=tmp_path, state_path=tmp_path / "state.json")
         with pytest.raises(DeepzipError, match="damaged"):
-            Pipeline._read_state(fake)
+            RunContext.read_state(fake)
 
 
 def test_a_checkpoint_whose_indices_point_past_the_codebook_does_not_load():

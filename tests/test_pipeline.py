@@ -89,8 +89,8 @@ def test_reference_model_is_the_baseline(tmp_path, data_root, start_model):
     report = pipe.run()
     ref, spec = load_model(str(start_model))
     assert report["stages"]["baseline"]["model"] == str(start_model)
-    assert report["summary"]["baseline_score"] == pipe._score(ref, spec)
-    assert pipe._loss(Distill()).teacher.state_dict()["conv1.weight"].equal(
+    assert report["summary"]["baseline_score"] == pipe.ctx.score(ref, spec)
+    assert pipe.ctx.loss(Distill()).teacher.state_dict()["conv1.weight"].equal(
         ref.state_dict()["conv1.weight"])
 
 

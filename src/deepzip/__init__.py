@@ -24,10 +24,10 @@ _WHERE = {
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
     "Recipe": "recipe", "load_recipe": "recipe", "Budget": "budget",
 }
-_MODULES = {"api", "atomic", "budget", "checkpoint", "cli", "codecs", "data", "decide", "dzip",
-            "dzip_torch", "errors", "export", "huffman", "kmeans", "loading", "models", "pipeline", "prune",
-            "onnx_pack", "qat", "quantize", "recipe", "render", "report", "runfolder", "stages",
-            "targets", "task", "train"}
+_MODULES = {"api", "atomic", "budget", "checkpoint", "cli", "codecs", "context", "data",
+            "decide", "dzip", "dzip_torch", "errors", "export", "huffman", "kmeans", "loading",
+            "models", "onnx_pack", "pipeline", "prune", "qat", "quantize", "recipe", "render",
+            "report", "runfolder", "sharing", "sparsity", "stages", "targets", "task", "train"}
 
 if TYPE_CHECKING:
     from .api import Compressed, compress

@@ -93,5 +93,5 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
                         " (as deepzip.compress ran it)")
         report = pipe.run()
         path = folder / "model.dzip"
-        decoded = dzip_torch.load(path, pipe._fresh().cpu()) if is_main_process() else None
+        decoded = dzip_torch.load(path, pipe.ctx.fresh().cpu()) if is_main_process() else None
     return Compressed(decoded, path, report)

@@ -27,16 +27,16 @@ from . import budget, dzip_torch
 from .atomic import unless_null
 from .checkpoint import ModelSpec
 from .errors import DeepzipError
-from .prune import PruneConfig, finetune_after_prune, prune_
+from .prune import PruneConfig, finetune_after_prune, prune_, sparsity_of
 from .qat import qat_, train_centroids
 from .quantize import QuantizeConfig, fisher_sensitivity, quantize_, shared_index_bits
 from .task import IGNORE_INDEX, Task, class_scores, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
-__all__ = ["Shared", "bisect", "decision_loader", "decision_score", "encode", "eval_loader",
-           "file_bytes", "judged", "loss_points", "loss_se", "prune_step", "retry_budget",
-           "score", "search_budget", "share", "shared_sizes", "train_loader", "training",
-           "verify", "with_fisher"]
+__all__ = ["Shared", "bisect", "decision_loader", "decision_score", "decoded", "encode",
+           "eval_loader", "file_bytes", "judged", "loss_points", "loss_se", "prune_step",
+           "retry_budget", "score", "search_budget", "share", "shared_sizes", "sparsity",
+           "train_loader", "training", "verify", "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -156,6 +156,19 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
             **training(task, spec, loss_fn=loss_fn, out_dir=sub("train"), resume=resume,
                        desc="centroids"))]
     return result
+
+
+def sparsity(model: nn.Module, include: list[str] | None = None,
+             exclude: list[str] | None = None) -> float:
+    """The fraction of zeros in the prunable weights (``include``/``exclude`` as in
+    :func:`deepzip.prune.prunable`)."""
+    return sparsity_of(model, include, exclude)
+
+
+def decoded(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
+    """The ``.dzip`` file at ``path`` decoded into ``model`` (a fresh, plain copy of the
+    architecture it was made from)."""
+    return dzip_torch.load(path, model)
 
 
 def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
