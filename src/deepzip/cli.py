@@ -262,7 +262,6 @@ def _prune_config(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .prune import bake_, sparsity_of
     from .report import summary
 
     pcfg, retrain = _prune_config(args), _finetune_config(args)
@@ -274,7 +273,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     f"{m}_before": before}
 
     def pruned(_model: nn.Module) -> None:  # reported between pruning and retraining
-        result.update(sparsity=sparsity_of(model), **{
+        result.update(sparsity=stages.sparsity(model), **{
             f"{m}_pruned": stages.score(model, task, spec).value})
         print(f"pruned ({pcfg.method} {pcfg.amount}): sparsity {result['sparsity']:.4f}, "
               f"{_fmt(task, before)} -> {_fmt(task, result[f'{m}_pruned'])}")
@@ -282,7 +281,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     stages.prune_step(model, task, spec, pcfg, retrain, out_dir=out, resume=args.resume,
                       desc="masked retraining", after_prune=pruned)
     _retrained(model, spec, task, result, retrain, f"{m}_retrained", "masked retraining")
-    bake_(model)
+    stages.bake(model)
     save_checkpoint(model, spec, out / "model.pt")
     _write_json(out / "prune.json", {**result, "summary": summary(model)})
     print(f"saved {out / 'model.pt'} and {out / 'prune.json'}")
@@ -290,8 +289,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .prune import prunable
-    from .quantize import QuantizeConfig, codebooks, dequantize_
+    from .quantize import QuantizeConfig
     from .render import plot_weight_sharing
 
     qcfg = QuantizeConfig(bits=args.bits, bits_conv=args.bits_conv,
@@ -304,12 +302,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     before = stages.score(model, task, spec).value
     names = args.plot_layers or []
-    targets = {t.name: t for t in prunable(model)}
+    targets = stages.weights(model)
     missing = [n for n in names if n not in targets]
     if missing:
         raise DeepzipError(f"--plot-layers: no layer {', '.join(missing)}; layers: "
                            + ", ".join(targets))
-    weights_before = {n: targets[n].weight.detach().clone() for n in names}
+    weights_before = {n: targets[n].detach().clone() for n in names}
     shared = stages.share(
         model, task, spec, qcfg, centroids=centroids, out_dir=out, resume=args.resume,
         fisher=TrainConfig(batch_size=128, seed=args.seed) if args.sensitivity == "fisher"
@@ -319,14 +317,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = {"config": dataclasses.asdict(shared.config), "metric": m, f"{m}_before": before,
               f"{m}_quantized": shared.score_kmeans, "layers": shared.layers}
     _retrained(model, spec, task, result, centroids, f"{m}_trained", "centroid training")
-    books = codebooks(model)
+    books = stages.shared_values(model)
     missing = [n for n in names if n not in books]
     if missing:
         raise DeepzipError(f"--plot-layers: {', '.join(missing)} not quantized (excluded?)")
-    after = {n: books[n].codebook.detach().clone() for n in names}
-    dequantize_(model)
+    after = {n: books[n].clone() for n in names}
+    stages.unshare(model)
     if names:
-        plot_weight_sharing([(n, weights_before[n], targets[n].weight, after[n])
+        plot_weight_sharing([(n, weights_before[n], stages.weights(model)[n], after[n])
                              for n in names], out / "weights.png",
                             title=f"{args.model}, {args.init} init")
     save_checkpoint(model, spec, out / "model.pt")
@@ -607,7 +605,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from .prune import sensitivity, targets_from_sensitivity
     from .render import plot_sensitivity, write_csv
 
     try:
@@ -615,13 +612,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     except ValueError:
         raise DeepzipError(f"bad --levels {args.levels!r}: use e.g. 0.1,0.5,0.9") from None
     model, spec, task = model_and_task(args)
-    rows = sensitivity(model, lambda m: stages.score(m, task, spec).value, levels)
+    rows = stages.sensitivity_scan(model, task, spec, levels,
+                                   score_fn=lambda m: stages.score(m, task, spec).value)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "sensitivity.csv", rows)
     plot_sensitivity(rows, out / "sensitivity.png")
-    targets = targets_from_sensitivity(rows, args.max_drop,
-                                       higher_is_better=task.metric.higher_is_better)
+    targets = stages.layer_targets(rows, args.max_drop, task)
     _write_json(out / "sensitivity.json", {"rows": rows, "max_drop": args.max_drop,
                                            "targets": targets})
     print(f"wrote {out}/sensitivity.csv, .json, .png; per-layer targets within "

@@ -44,7 +44,7 @@ __getattr__ = moved(__name__, {  # moved in 0.3, and in 0.4 to modules of their 
     "Compressed": "deepzip.api:Compressed", "verify": "deepzip.stages:verify",
     "run_folder": "deepzip.runfolder:run_folder",
     "write_run_files": "deepzip.runfolder:write_run_files",
-    "UNSHARED_DTYPE": "deepzip.sharing:UNSHARED_DTYPE", "STAGES": "deepzip.context:STAGES"})
+    "UNSHARED_DTYPE": "deepzip.sharing:UNSHARED_DTYPE"})
 
 SEEN_NOTE = ("[note] {}, so the held-out examples are not unseen data for it: decisions on "
              "them judge how well compression keeps what it learned, and the budget may not "

@@ -28,9 +28,7 @@ from .prune import (
     bake_,
     finetune_after_prune,
     prune_,
-    sensitivity,
     sparsity_of,
-    targets_from_sensitivity,
 )
 from .recipe import AGPStage
 from .runfolder import MAX_JSON, is_rows
@@ -220,14 +218,13 @@ class Pruning:
             rows = kept["rows"]
         else:
             c.log("[prune] sensitivity scan for per-layer targets")
-            rows = sensitivity(model, lambda m: c.score(m, spec), include=p.include,
-                               exclude=p.exclude)
+            rows = stages.sensitivity_scan(model, c.task, spec, include=p.include,
+                                           exclude=p.exclude, score_fn=lambda m: c.score(m, spec))
             if is_main_process():
                 scan.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_write(scan, "w") as f:
                     json.dump({"rows": rows}, f)
-        derived = targets_from_sensitivity(
-            rows, a.sensitivity_max_drop, higher_is_better=c.task.metric.higher_is_better)
+        derived = stages.layer_targets(rows, a.sensitivity_max_drop, c.task)
         return {n: max(v, a.final) if n not in a.per_layer else a.per_layer[n]
                 for n, v in derived.items()}
 

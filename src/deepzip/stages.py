@@ -27,16 +27,33 @@ from . import budget, dzip_torch
 from .atomic import unless_null
 from .checkpoint import ModelSpec
 from .errors import DeepzipError
-from .prune import PruneConfig, finetune_after_prune, prune_, sparsity_of
+from .prune import (
+    PruneConfig,
+    bake_,
+    finetune_after_prune,
+    prunable,
+    prune_,
+    sensitivity,
+    sparsity_of,
+    targets_from_sensitivity,
+)
 from .qat import qat_, train_centroids
-from .quantize import QuantizeConfig, fisher_sensitivity, quantize_, shared_index_bits
+from .quantize import (
+    QuantizeConfig,
+    codebooks,
+    dequantize_,
+    fisher_sensitivity,
+    quantize_,
+    shared_index_bits,
+)
 from .task import IGNORE_INDEX, Task, class_scores, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
-__all__ = ["Shared", "bisect", "decision_loader", "decision_score", "decoded", "encode",
-           "eval_loader", "file_bytes", "judged", "loss_points", "loss_se", "prune_step",
-           "retry_budget", "score", "search_budget", "share", "shared_sizes", "sparsity",
-           "train_loader", "training", "verify", "with_fisher"]
+__all__ = ["Shared", "bake", "bisect", "decision_loader", "decision_score", "decoded",
+           "encode", "eval_loader", "file_bytes", "judged", "layer_targets", "loss_points",
+           "loss_se", "prune_step", "retry_budget", "score", "search_budget",
+           "sensitivity_scan", "share", "shared_sizes", "shared_values", "sparsity",
+           "train_loader", "training", "unshare", "verify", "weights", "with_fisher"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Log = Callable[[str], None]
@@ -156,6 +173,45 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
             **training(task, spec, loss_fn=loss_fn, out_dir=sub("train"), resume=resume,
                        desc="centroids"))]
     return result
+
+
+def weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights a stage compresses (pruned, shared), by name."""
+    return {t.name: t.weight for t in prunable(model)}
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """The pruning masks made permanent: plain weights with zeros, no parametrization."""
+    return bake_(model)
+
+
+def shared_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each shared weight's codebook (its shared values), by name."""
+    return {n: cb.codebook.detach() for n, cb in codebooks(model).items()}
+
+
+def unshare(model: nn.Module) -> nn.Module:
+    """The shared weights made plain tensors again (values as they are): what a
+    checkpoint of a shared model stores."""
+    return dequantize_(model)
+
+
+def sensitivity_scan(model: nn.Module, task: Task, spec: ModelSpec,
+                     levels: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                  0.9), *,
+                     include: list[str] | None = None, exclude: list[str] | None = None,
+                     score_fn: Callable[[nn.Module], float] | None = None
+                     ) -> list[dict[str, Any]]:
+    """Each layer pruned alone at each level and scored (on the decision data unless
+    ``score_fn`` is given): rows ``{layer, level, params, accuracy}``."""
+    return sensitivity(model, score_fn or (lambda m: decision_score(m, task, spec).value),
+                       levels, include=include, exclude=exclude)
+
+
+def layer_targets(rows: list[dict[str, Any]], max_drop: float, task: Task) -> dict[str, float]:
+    """Per layer, the highest level of a :func:`sensitivity_scan` within ``max_drop``."""
+    return targets_from_sensitivity(rows, max_drop,
+                                    higher_is_better=task.metric.higher_is_better)
 
 
 def sparsity(model: nn.Module, include: list[str] | None = None,
