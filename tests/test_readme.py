@@ -54,3 +54,48 @@ def test_the_compress_example_runs_as_printed(tmp_path, monkeypatch):
     assert summary["real_ratio"] > 5
     assert 0.97 < scope["acc"] <= 1.0  # the example's last evaluation, of the loaded file
     assert (tmp_path / "runs" / "mynet" / "model.dzip").is_file()
+
+
+def test_every_python_block_of_the_readme_is_run_here():
+    """Each of the README's Python blocks is one of those the tests below and above run:
+    a new block must get its test."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    tested = ["def make_task():", "deepzip.compress(model, (train_loader, test_loader)",
+              "deepzip.prune_(model, deepzip.PruneConfig("]
+    assert len(blocks) == len(tested)
+    assert all(sum(key in b for b in blocks) == 1 for key in tested)
+
+
+def test_the_task_example_makes_a_task(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = x[:, :2].sum(1, keepdim=True)
+    scope = {"train_loader": DataLoader(TensorDataset(x[:192], y[:192]), batch_size=64),
+             "test_loader": DataLoader(TensorDataset(x[192:], y[192:]), batch_size=64)}
+    exec(compile(_block("def make_task():"), str(README), "exec"), scope)  # noqa: S102
+    task = scope["make_task"]()
+    assert isinstance(task, deepzip.Task) and task.name == "my-sensor"
+    assert not task.metric.higher_is_better
+    model = nn.Linear(8, 1)
+    task.check(model, scope["test_loader"])  # model, loss and metric fit together
+
+
+def test_the_python_api_example_runs_as_printed(tmp_path, monkeypatch):
+    """The API walk-through, on 256 synthetic CIFAR-sized images instead of CIFAR-10 (the
+    block names the data folder; the test hands it a small split of the same form)."""
+    from deepzip import data
+
+    g = torch.Generator().manual_seed(0)
+    split = data.ImageSplit(torch.randint(0, 256, (256, 3, 32, 32), generator=g,
+                                          dtype=torch.uint8),
+                            torch.randint(0, 10, (256,), generator=g))
+    monkeypatch.setattr(data, "load_cifar10", lambda root=None, train=True: split)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_block("deepzip.prune_(model, deepzip.PruneConfig("), str(README), "exec"),
+         scope)  # noqa: S102 - our own README
+    assert (tmp_path / "resnet20.dzip").is_file()
+    assert deepzip.info("resnet20.dzip")["real_ratio"] > 3
+    # the file stores float16 values and folded BatchNorm: close to the model, not equal
+    result = deepzip.verify(scope["model"], scope["small"], scope["test"])
+    assert result["max_abs_diff"] < 0.1 and result["same_predictions"] >= 0.95 * 256
