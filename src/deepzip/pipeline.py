@@ -177,12 +177,18 @@ class Pipeline:
         if is_main_process():
             remove_stale_temps(c.out)  # left by a kill between a write and its rename
         c.save_state()
-        t0 = time.time()
+        t0, before, planned = time.time(), set(c.state["stages"]), c.recipe.planned_epochs()
 
         def stage(i: int, name: str) -> None:
+            """The stage header: where the run is in the whole, and, once a stage that
+            trains has finished in this process, about how long the rest will take."""
             done = "done, " if c.done(name) else ""
+            ran = sum(planned.get(s, 0) for s in c.state["stages"] if s not in before)
+            left = sum(planned.get(s, 0) for s in STAGES[i - 1:] if not c.done(s))
+            eta = (f", about {(time.time() - t0) / ran * left / 60:.0f} min left"
+                   if ran and left else "")
             c.log(f"== stage {i}/{len(STAGES)}: {name} ({done}{(time.time() - t0) / 60:.1f} "
-                  "min into this run)")
+                  f"min into this run{eta})")
 
         stage(1, "baseline")
         model, spec = self.baseline()

@@ -38,6 +38,9 @@ class PruneStep:
         return PruneConfig(self.method, self.amount, include=include, exclude=exclude)
 
 
+BUDGET_PROBES = 7  # a max_loss search of the sharing budget: the cap and six halvings
+
+
 @dataclass
 class AGPStage:
     """Gradual pruning during ``epochs`` of training (Zhu & Gupta): sparsity ramps from
@@ -278,6 +281,20 @@ class Recipe:
                 f"recipe {where} names Python code to run ("
                 + ", ".join(f"{k}: {v}" for k, v in code.items())
                 + "); pass --allow-code (allow_code=True) if you trust it")
+
+    def planned_epochs(self) -> dict[str, int]:
+        """The epochs of training each stage plans, searches' probes included (a stage
+        may stop early or retry): what a run's progress lines count down."""
+        p, q = self.prune, self.quantize
+        prune = sum(s.epochs for s in p.steps) if p.schedule == "iterative" else 0
+        if p.schedule == "agp" and p.agp is not None:
+            probes = p.agp.search_steps + 2 if p.agp.search_from is not None else 0
+            prune = p.agp.epochs + probes * p.agp.probe_epochs
+        quantize = 0
+        if q is not None:
+            probes = BUDGET_PROBES if self.max_loss is not None else 0
+            quantize = q.qat_epochs + q.epochs + probes * q.probe_epochs
+        return {"prune": prune, "quantize": quantize}
 
     def train_config(self, overrides: dict[str, Any], epochs: int) -> TrainConfig:
         return TrainConfig.from_dict({"seed": self.seed, "eval_every": self.eval_every,

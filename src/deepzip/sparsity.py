@@ -187,7 +187,8 @@ class Pruning:
             self.agp(trial, spec, dataclasses.replace(shrunk, final=sparsity),
                      c.out / "prune" / "probes" / f"{sparsity:.4f}", quiet=True)
             bake_(trial)
-            return self.within_share(trial, spec, probes, f"probe at sparsity {sparsity:.4f}",
+            return self.within_share(trial, spec, probes, f"probe {len(probes) + 1}/"
+                                     f"{a.search_steps + 2} at sparsity {sparsity:.4f}",
                                      sparsity=sparsity)
 
         def search() -> dict[str, Any]:

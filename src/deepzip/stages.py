@@ -46,6 +46,7 @@ from .quantize import (
     quantize_,
     shared_index_bits,
 )
+from .recipe import BUDGET_PROBES
 from .task import IGNORE_INDEX, Task, class_scores, model_input
 from .train import Evaluation, TrainConfig, barrier, evaluate, is_main_process
 
@@ -282,7 +283,8 @@ def loss_points(task: Task, baseline: float, score: float) -> float:
 
 def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig, *,
                   baseline: float, max_loss: float, probe: TrainConfig | None = None,
-                  steps: int = 6, low: float = 0.5, loss_fn: LossFn | None = None,
+                  steps: int = BUDGET_PROBES - 1, low: float = 0.5,
+                  loss_fn: LossFn | None = None,
                   encoding: dict[str, Any] | None = None, log: Log = lambda _: None,
                   margin: Callable[[torch.Tensor | None], float] = lambda _: 0.0
                   ) -> tuple[float, list[dict[str, Any]]]:
@@ -308,7 +310,8 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
                        "file_bytes": size, "index_bits": shared_index_bits(trial),
                        "within": ok})
         units = "points" if task.metric.points else task.metric.name
-        log(f"[quantize] budget {bits:.3f} bits: {task.metric.name} {value:.4g} "
+        log(f"[quantize] probe {len(probes)}/{steps + 1}, budget {bits:.3f} bits: "
+            f"{task.metric.name} {value:.4g} "
             f"(loss {lost:.3g}" + (f" + margin {extra:.3g}" if extra else "")
             + f" {units} of {max_loss:.4g}), {size:,} bytes" + (" ok" if ok else " over"))
         return ok
