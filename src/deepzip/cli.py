@@ -351,11 +351,11 @@ def _size_table(info: dict) -> str:
             f"bytes\nreal compression: {info['real_ratio']:.2f}x on disk (state_dict / file), "
             f"{8 * info['file_bytes'] / max(1, info['params']):.3f} bits per parameter "
             f"({info['params']:,} parameters)\n" + (
-                f"assignment formula: {info['formula_ratio']:.2f}x "
+                f"indices-only ratio: {info['formula_ratio']:.2f}x "
                 f"({info['shared_nonzero']:,} of {info['shared_weights']:,} weights nonzero, "
                 f"Huffman {info['huffman_avg']:.3f} bits on average)"
                 if info["formula_ratio"] else
-                "assignment formula: n/a (no shared weights: run deepzip quantize first)"))
+                "indices-only ratio: n/a (no shared weights: run deepzip quantize first)"))
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -530,7 +530,7 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
     fr = f"{s['formula_ratio']:.1f}x" if s["formula_ratio"] else "n/a"
     print(f"\n{recipe.name}: {_fmt(task, s['baseline_score'])} -> "
           f"{_fmt(task, s['decoded_score'])} (decoded .dzip), {s['file_bytes']:,} bytes on "
-          f"disk: {s['real_ratio']:.1f}x real, {fr} by the assignment's formula\n"
+          f"disk: {s['real_ratio']:.1f}x real, {fr} by the indices-only ratio\n"
           f"report: {out / 'report.md'}")
     return 0
 

@@ -460,8 +460,9 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
 def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
     """Per-tensor and total sizes of a ``.dzip`` file, both ways, and ``bytes_by_kind``.
 
-    ``formula``: the assignment's ratio, 32 bits x weights / sum(nonzero x Huffman bits of
-    the nonzeros' cluster indices), over shared weights only. ``real``: bytes of the fp32
+    ``formula``: the indices-only ratio, 32 bits x weights / sum(nonzero x Huffman bits
+    of the nonzeros' cluster indices), over shared weights only (positions, codebooks and
+    all else left out: the formula courses on Deep Compression use). ``real``: bytes of the fp32
     ``state_dict`` written by ``torch.save`` over bytes of this file; the one we lead with.
     """
     header, data, head = read_container(path)

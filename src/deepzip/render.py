@@ -285,7 +285,7 @@ metric `{metric}` ({'higher' if higher else 'lower'} is better), fp32. {decided}
 |---|---|
 | {metric}, baseline -> decoded .dzip | {score_line} |
 | **real size on disk** | **{size_line}** |
-{bpp}{_budget_row(st["quantize"].get("budget"))}| assignment's formula | {fmt_ratio} |
+{bpp}{_budget_row(st["quantize"].get("budget"))}| {INDICES_ONLY} | {fmt_ratio} |
 | weight sparsity | {(summary_row['sparsity'] or 0) * 100:.1f}% |
 | Huffman, average bits per nonzero index | {enc['huffman_avg']:.3f} |
 | decoded model agrees with the in-memory model | {'; '.join(agree)} |
@@ -355,6 +355,9 @@ def _decided(summary_row: dict[str, Any], seen_validation: bool) -> str:
                     "decisions judged how well compression keeps what it learned, and the "
                     "budget may not hold on new data.")
     return decided
+
+
+INDICES_ONLY = "indices-only ratio (the Huffman bits of the nonzeros' indices alone)"
 
 
 def _score_line(metric: str, higher: bool, base: float, score: float) -> str:
