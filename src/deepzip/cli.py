@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ from .quantize import INITS
 from .recipe import shipped_recipes
 from .task import TASKS, Task, resolve_task
 from .train import (
+    PRECISIONS,
+    SCHEDULES,
     TrainConfig,
     default_device,
     fit,
@@ -631,7 +634,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepzip", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"deepzip {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_train_command, _eval_command, _prune_command, _quantize_command,
+                _run_command, _pareto_command, _encode_command, _inspect_command,
+                _decode_command, _export_command, _summary_command, _sensitivity_command):
+        add(sub)  # each command's flags, in the order `deepzip --help` lists them
+    return p
 
+
+def _train_command(sub: Any) -> None:
+    """`deepzip train`: a baseline from scratch."""
     t = sub.add_parser("train", help="train a model from scratch on a task's data")
     t.add_argument("--model", dest="arch", default="resnet20", metavar="ARCH",
                    help=f"{', '.join(available())}, or package.module:Factory")
@@ -642,12 +653,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--schedule", default=d.schedule, choices=["cosine", "multistep",
-                                                              "onecycle", "constant"])
+    t.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
     t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--precision", default=d.precision, choices=["auto", "bf16", "fp16", "fp32"])
+    t.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     t.add_argument("--compile", action="store_true", help="torch.compile the model (GPUs)")
     t.add_argument("--validation", type=int, default=None, metavar="N",
                    help="hold the N training images out that `deepzip run --validation N` "
@@ -658,6 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.set_defaults(func=cmd_train)
 
+
+def _eval_command(sub: Any) -> None:
     e = sub.add_parser("eval", help="a model's test metric on its task's evaluation data")
     _add_model_args(e, positional=True)
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -667,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.set_defaults(func=cmd_eval)
 
+
+def _prune_command(sub: Any) -> None:
     pr = sub.add_parser("prune", help="magnitude-prune a model, optionally retrain with masks")
     _add_model_args(pr, positional=True)
     pr.add_argument("--method", default="percentile", choices=["percentile", "std", "global"])
@@ -683,6 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(pr)
     pr.set_defaults(func=cmd_prune)
 
+
+def _quantize_command(sub: Any) -> None:
     q = sub.add_parser("quantize", help="k-means weight sharing, optionally trained centroids")
     _add_model_args(q, positional=True)
     q.add_argument("--bits", type=int, default=5, help="bits per shared weight (1..8)")
@@ -706,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(q)
     q.set_defaults(func=cmd_quantize)
 
+
+def _run_command(sub: Any) -> None:
     r = sub.add_parser("run", help="the whole pipeline: prune, quantize, encode, verify, report")
     r.add_argument("recipe", nargs="?", default=None, metavar="RECIPE",
                    help="recipe file or shipped name (default: default): "
@@ -745,11 +763,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(r)
     r.set_defaults(func=cmd_run)
 
+
+def _pareto_command(sub: Any) -> None:
     pa = sub.add_parser("pareto", help="accuracy vs real compression across runs")
     pa.add_argument("runs", nargs="+", metavar="RUN_DIR")
     pa.add_argument("-o", "--output", default="pareto.png")
     pa.set_defaults(func=cmd_pareto)
 
+
+def _encode_command(sub: Any) -> None:
     en = sub.add_parser("encode", help="write a quantized model as a compressed .dzip file")
     _add_model_args(en, positional=True)
     en.add_argument("-o", "--output", required=True, metavar="FILE.dzip")
@@ -763,11 +785,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="store each BatchNorm as its eval-mode scale and shift (default on)")
     en.set_defaults(func=cmd_encode)
 
+
+def _inspect_command(sub: Any) -> None:
     ins = sub.add_parser("inspect", help="per-layer sizes and compression ratios of a .dzip")
     ins.add_argument("file", metavar="FILE.dzip")
     ins.add_argument("--json", action="store_true")
     ins.set_defaults(func=cmd_inspect)
 
+
+def _decode_command(sub: Any) -> None:
     de = sub.add_parser("decode", help="turn a .dzip file back into a PyTorch checkpoint")
     de.add_argument("file", metavar="FILE.dzip")
     de.add_argument("-o", "--output", required=True, metavar="FILE.pt|FILE.safetensors",
@@ -778,6 +804,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="check the weights against this architecture (" + ARCH_HELP + ")")
     de.set_defaults(func=cmd_decode)
 
+
+def _export_command(sub: Any) -> None:
     ex = sub.add_parser("export", help="a .dzip (or checkpoint) to ONNX, checked and "
                         "compared with PyTorch (needs deepzip[export])")
     _add_model_args(ex, positional=True)
@@ -796,6 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(ex)
     ex.set_defaults(func=cmd_export)
 
+
+def _summary_command(sub: Any) -> None:
     sm = sub.add_parser("summary", help="per-layer parameters, nonzeros and sparsity")
     _add_model_args(sm, positional=True)
     sm.add_argument("--structure", nargs="+", metavar="LAYER",
@@ -804,6 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=cmd_summary)
 
+
+def _sensitivity_command(sub: Any) -> None:
     se = sub.add_parser("sensitivity", help="prune each layer alone at several levels")
     _add_model_args(se, positional=True)
     se.add_argument("--levels", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
@@ -812,7 +844,6 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--out", "-o", required=True)
     _add_data_args(se)
     se.set_defaults(func=cmd_sensitivity)
-    return p
 
 
 def _no_nul(args: argparse.Namespace) -> None:

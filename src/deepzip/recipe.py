@@ -169,26 +169,7 @@ class Recipe:
             problems += _invalid(f"prune.steps[{i}]", lambda step=step: step.config(
                 p.include, p.exclude))
         if p.agp is not None:
-            a = p.agp
-            for v in [a.final, a.initial, *a.per_layer.values()]:
-                if not 0 <= v < 1:
-                    problems.append(f"prune.agp sparsities must be in [0, 1), got {v}")
-            if not 0 <= a.start_epoch <= a.end_epoch <= a.epochs:
-                problems.append("prune.agp needs 0 <= start_epoch <= end_epoch <= epochs")
-            if a.frequency < 1:
-                problems.append("prune.agp.frequency must be >= 1")
-            if a.global_threshold and (a.per_layer or a.sensitivity_max_drop is not None):
-                problems.append("prune.agp.global_threshold excludes per-layer targets")
-            if not (math.isfinite(a.kernel_exponent) and 0 <= a.kernel_exponent <= 100):
-                problems.append("prune.agp.kernel_exponent must be in [0, 100]")
-            if a.sensitivity_max_drop is not None and not a.sensitivity_max_drop >= 0:
-                problems.append("prune.agp.sensitivity_max_drop must be >= 0")
-            if a.search_from is not None and not (
-                    self.max_loss is not None and 0 <= a.search_from < a.final):
-                problems.append("prune.agp.search_from needs max_loss and must be in "
-                                "[0, final)")
-            if not (a.probe_epochs >= 1 and a.search_steps >= 0):
-                problems.append("prune.agp needs probe_epochs >= 1 and search_steps >= 0")
+            problems += _agp_problems(p.agp, searched=self.max_loss is not None)
         if p.stop_over_budget and not (p.schedule == "iterative" and self.max_loss is not None):
             problems.append("prune.stop_over_budget needs the iterative schedule and max_loss")
         if p.keep_steps and not (p.schedule == "iterative" and self.max_loss is not None
@@ -203,21 +184,13 @@ class Recipe:
                 problems.append("distill needs 0 <= alpha <= 1 and temperature > 0")
         if q is not None:
             problems += _invalid("quantize", lambda: q.config(self.seed))
-            if q.epochs < 0 or q.qat_epochs < 0:
-                problems.append("quantize.epochs and quantize.qat_epochs must be >= 0")
-            if q.recluster_every < 1:
-                problems.append("quantize.recluster_every must be >= 1")
-            if q.sensitivity not in (None, "fisher"):
-                problems.append(f"quantize.sensitivity must be fisher or null, not "
-                                f"{brief(q.sensitivity)}")
+            problems += _quantize_problems(q)
         for key, allowed in (("raw_dtype", RAW_DTYPES), ("codebook_dtype", BOOK_DTYPES)):
             v = getattr(self.encode, key)
             if not isinstance(v, str) or v not in allowed:
                 problems.append(f"encode.{key} must be one of {', '.join(allowed)}, not "
                                 f"{brief(v)}")
         problems += self._budget_problems()
-        if q is not None and q.probe_epochs < 0:
-            problems.append("quantize.probe_epochs must be >= 0")
         if self.validation_from not in ("train", "test"):
             problems.append(f"validation_from must be train or test, got "
                             f"{brief(self.validation_from)}")
@@ -312,6 +285,43 @@ def _invalid(where: str, build: Any) -> list[str]:
     except DeepzipError as e:
         return [f"{where}: {e}"]
     return []
+
+
+def _agp_problems(a: AGPStage, *, searched: bool) -> list[str]:
+    """What is wrong with a ``prune.agp`` section (``searched``: the recipe has a
+    ``max_loss`` for ``search_from`` to read)."""
+    problems = [f"prune.agp sparsities must be in [0, 1), got {v}"
+                for v in [a.final, a.initial, *a.per_layer.values()] if not 0 <= v < 1]
+    if not 0 <= a.start_epoch <= a.end_epoch <= a.epochs:
+        problems.append("prune.agp needs 0 <= start_epoch <= end_epoch <= epochs")
+    if a.frequency < 1:
+        problems.append("prune.agp.frequency must be >= 1")
+    if a.global_threshold and (a.per_layer or a.sensitivity_max_drop is not None):
+        problems.append("prune.agp.global_threshold excludes per-layer targets")
+    if not (math.isfinite(a.kernel_exponent) and 0 <= a.kernel_exponent <= 100):
+        problems.append("prune.agp.kernel_exponent must be in [0, 100]")
+    if a.sensitivity_max_drop is not None and not a.sensitivity_max_drop >= 0:
+        problems.append("prune.agp.sensitivity_max_drop must be >= 0")
+    if a.search_from is not None and not (searched and 0 <= a.search_from < a.final):
+        problems.append("prune.agp.search_from needs max_loss and must be in [0, final)")
+    if not (a.probe_epochs >= 1 and a.search_steps >= 0):
+        problems.append("prune.agp needs probe_epochs >= 1 and search_steps >= 0")
+    return problems
+
+
+def _quantize_problems(q: QuantizeStage) -> list[str]:
+    """What is wrong with a ``quantize`` section beyond its QuantizeConfig's own checks."""
+    problems = []
+    if q.epochs < 0 or q.qat_epochs < 0:
+        problems.append("quantize.epochs and quantize.qat_epochs must be >= 0")
+    if q.recluster_every < 1:
+        problems.append("quantize.recluster_every must be >= 1")
+    if q.sensitivity not in (None, "fisher"):
+        problems.append(f"quantize.sensitivity must be fisher or null, not "
+                        f"{brief(q.sensitivity)}")
+    if q.probe_epochs < 0:
+        problems.append("quantize.probe_epochs must be >= 0")
+    return problems
 
 
 def _nul_strings(v: Any, where: str) -> Iterator[str]:

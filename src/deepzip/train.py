@@ -455,67 +455,18 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if out and resume and ckpt_path.is_file():
-        try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=True)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            if "loader" in state and hasattr(train_loader, "load_state_dict"):
-                train_loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["torch_rng"])
-            history = list(state["history"])
-            start_epoch = int(state["epoch"])
-            if "hook" in state and hasattr(after_step, "load_state_dict"):
-                after_step.load_state_dict(state["hook"])
-            if not 0 <= start_epoch <= cfg.epochs or len(history) != start_epoch:
-                raise ValueError(f"epoch {start_epoch} of {cfg.epochs}")
-        except Exception as e:  # noqa: BLE001 - damaged, truncated, or another run's file
-            raise DeepzipError(
-                f"cannot resume {desc} from {ckpt_path} ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:80] if str(e) else ''}): a damaged file or "
-                "another run's; delete it to start this stage again, or use --restart"
-            ) from None
-        if main:
-            print(f"resuming {desc} from {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
+        history, start_epoch = _resume(ckpt_path, device, model, (opt, sched, scaler),
+                                       train_loader, after_step, cfg, desc)
 
     run_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         epoch_lr = opt.param_groups[0]["lr"]  # the rate this epoch starts with, for the log
-        t0 = time.perf_counter()
-        # loss and metric sums, examples, scores (per token for sequences)
-        totals = torch.zeros(4, device=device, dtype=torch.float64)
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None if main else True, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                logits = net(x)
-                loss = (loss_fn(logits, y, x) if loss_fn is not None else
-                        classification_loss(logits, y, label_smoothing=cfg.label_smoothing))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if after_step is not None:
-                after_step(model)
-            score = (metric.batch(logits.detach().float(), y).double() if metric.streaming
-                     else torch.zeros((), device=device, dtype=torch.float64))
-            totals += torch.stack([
-                loss.detach().double() * len(y), score,
-                torch.tensor(len(y), device=device, dtype=torch.float64),
-                torch.as_tensor(metric.count(y), device=device, dtype=torch.float64)])
-            if i % 20 == 0:
-                loss_sum, score_sum, seen, scored = totals.tolist()
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
-                                **{metric.name: f"{metric.finish(score_sum / scored):.3f}"},
-                                ex_s=f"{seen * _world() / (time.perf_counter() - t0):.0f}")
-        if _world() > 1:
-            dist.all_reduce(totals)
-        train_time = time.perf_counter() - t0
-        loss_sum, score_sum, seen, scored = totals.tolist()
+        totals, train_time = _epoch(net, model, bar, (opt, sched, scaler), autocast,
+                                    after_step, loss_fn, metric, cfg, device)
+        loss_sum, score_sum, seen, scored = totals
         if not math.isfinite(loss_sum):
             raise DeepzipError(f"{desc}: training diverged in epoch {epoch + 1} (loss "
                                f"{loss_sum / seen}); lower the learning rate or add warmup")
@@ -541,22 +492,101 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
             f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch")
             + (f" (about {left:.1f} min left in {desc})" if left else ""), flush=True)
         if out:
-            atomic_torch_save({
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                **({"loader": train_loader.state_dict()} if hasattr(train_loader, "state_dict")
-                   else {}),
-                "torch_rng": torch.get_rng_state(),
-                "history": history, "epoch": epoch + 1, "config": _plain(asdict(cfg)),
-                **({"hook": after_step.state_dict()} if hasattr(after_step, "state_dict")
-                   else {}),
-            }, ckpt_path)
-            with atomic_write(out / "metrics.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
+            _checkpoint(out, model, (opt, sched, scaler), train_loader, after_step, history,
+                        epoch + 1, cfg)
     if out and main:
         with atomic_write(out / "train_config.json", "w") as f:
             json.dump(_plain(asdict(cfg)), f, indent=2)
     return history
+
+
+def _resume(path: Path, device: torch.device, model: nn.Module, state: tuple[Any, Any, Any],
+            train_loader: Any, after_step: Any, cfg: TrainConfig, desc: str
+            ) -> tuple[list[dict[str, Any]], int]:
+    """(history, epochs done) from a stage's ``checkpoint.pt``, with the model, optimizer,
+    scheduler, scaler, loader and hook put back where they were; one line if the file is
+    damaged or another run's."""
+    opt, sched, scaler = state
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        if "loader" in saved and hasattr(train_loader, "load_state_dict"):
+            train_loader.load_state_dict(saved["loader"])
+        torch.set_rng_state(saved["torch_rng"])
+        history = list(saved["history"])
+        start_epoch = int(saved["epoch"])
+        if "hook" in saved and hasattr(after_step, "load_state_dict"):
+            after_step.load_state_dict(saved["hook"])
+        if not 0 <= start_epoch <= cfg.epochs or len(history) != start_epoch:
+            raise ValueError(f"epoch {start_epoch} of {cfg.epochs}")
+    except Exception as e:  # noqa: BLE001 - damaged, truncated, or another run's file
+        raise DeepzipError(
+            f"cannot resume {desc} from {path} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:80] if str(e) else ''}): a damaged file or "
+            "another run's; delete it to start this stage again, or use --restart"
+        ) from None
+    if is_main_process():
+        print(f"resuming {desc} from {path} at epoch {start_epoch}/{cfg.epochs}")
+    return history, start_epoch
+
+
+def _epoch(net: nn.Module, model: nn.Module, bar: Any, state: tuple[Any, Any, Any],
+           autocast: Any, after_step: Any, loss_fn: Any, metric: Any, cfg: TrainConfig,
+           device: torch.device) -> tuple[list[float], float]:
+    """One pass over the training batches: the sums of loss, score, examples and scored
+    examples (per token for sequences, all ranks together), and its seconds."""
+    opt, sched, scaler = state
+    t0 = time.perf_counter()
+    totals = torch.zeros(4, device=device, dtype=torch.float64)
+    for i, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = net(x)
+            loss = (loss_fn(logits, y, x) if loss_fn is not None else
+                    classification_loss(logits, y, label_smoothing=cfg.label_smoothing))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        if after_step is not None:
+            after_step(model)
+        score = (metric.batch(logits.detach().float(), y).double() if metric.streaming
+                 else torch.zeros((), device=device, dtype=torch.float64))
+        totals += torch.stack([
+            loss.detach().double() * len(y), score,
+            torch.tensor(len(y), device=device, dtype=torch.float64),
+            torch.as_tensor(metric.count(y), device=device, dtype=torch.float64)])
+        if i % 20 == 0:
+            loss_sum, score_sum, seen, scored = totals.tolist()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
+                            **{metric.name: f"{metric.finish(score_sum / scored):.3f}"},
+                            ex_s=f"{seen * _world() / (time.perf_counter() - t0):.0f}")
+    if _world() > 1:
+        dist.all_reduce(totals)
+    return totals.tolist(), time.perf_counter() - t0
+
+
+def _checkpoint(out: Path, model: nn.Module, state: tuple[Any, Any, Any], train_loader: Any,
+                after_step: Any, history: list[dict[str, Any]], epoch: int,
+                cfg: TrainConfig) -> None:
+    """Everything a resumed stage needs after ``epoch`` epochs (``checkpoint.pt``), and
+    the history so far (``metrics.jsonl``)."""
+    opt, sched, scaler = state
+    atomic_torch_save({
+        "model": model.state_dict(), "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+        **({"loader": train_loader.state_dict()} if hasattr(train_loader, "state_dict")
+           else {}),
+        "torch_rng": torch.get_rng_state(),
+        "history": history, "epoch": epoch, "config": _plain(asdict(cfg)),
+        **({"hook": after_step.state_dict()} if hasattr(after_step, "state_dict") else {}),
+    }, out / "checkpoint.pt")
+    with atomic_write(out / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
