@@ -507,6 +507,10 @@ def test_keep_steps_chooses_the_step_and_the_sharing_budget_together(tmp_path):
     assert (budget["chosen_step"], budget["chosen"]) == (chosen.step, chosen.bits)
     assert budget["confirmed"][0]["step"] == chosen.step and budget["confirmed"][-1]["within"]
     assert stages["encode"]["file_bytes"] == pytest.approx(chosen.bytes, rel=0.05)
+    # what the report says of the pruned model is the shipped step's, not the searched one's
+    assert stages["quantize"]["step"] == chosen.step
+    assert stages["quantize"]["sparsity"] == pytest.approx(
+        rows[chosen.step - 1]["sparsity"], abs=0.02)
     assert "model.dzip" in test.first
     report = " ".join((out / "report.md").read_text().split())
     assert "paid once" in report and f"step {chosen.step} at" in report

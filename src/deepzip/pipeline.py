@@ -33,7 +33,7 @@ from .recipe import Recipe
 from .report import outputs_agree
 from .runfolder import file_sha256
 from .sharing import Sharing, encoding
-from .sparsity import Pruning
+from .sparsity import Pruning, step_path
 from .task import Task
 from .train import is_main_process
 
@@ -155,7 +155,8 @@ class Pipeline:
                 f"the baseline scores {st['baseline']['val_score']:.4g} on its validation "
                 f"examples and {st['baseline']['score']:.4g} on the test examples, far "
                 "apart: it was likely trained on the validation examples"))
-        pruned = c.out / "prune" / "model.pt"
+        step = st["quantize"].get("step")  # prune.keep_steps: the step the file ships
+        pruned = step_path(c.out, step) if step else c.out / "prune" / "model.pt"
         if pruned.is_file():
             st["prune"]["score"] = stages.score(c.load(pruned, spec)[0], c.task, spec).value
         st["quantize"]["score"] = stages.score(model, c.task, spec).value

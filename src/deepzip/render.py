@@ -325,14 +325,18 @@ def _scores_table(st: dict[str, Any], metric: str) -> str:
     """Each model of the run (baseline, pruned, shared, decoded) scored on test and, where
     the run decided on it, validation data."""
     key, val_key = f"test {metric}", f"validation {metric}"
-    rows = [{"model": name, key: _blank(st[k].get(field)),
-             val_key: _blank(st[k].get(f"val_{field}"))}
-            for name, k, field in [
-                ("baseline", "baseline", "score"), ("pruned + retrained", "prune", "score"),
-                ("quantized (k-means)", "quantize", "score_kmeans"),
-                ("quantized (final, file precision)", "quantize", "score"),
-                ("decoded from .dzip", "verify", "score")]
-            if st[k].get(field) is not None or st[k].get(f"val_{field}") is not None]
+    step = st["quantize"].get("step")  # prune.keep_steps: the pruning step the file ships
+    kept = {r["step"]: r["score"] for r in st["prune"].get("search", {}).get("steps", [])}
+    pruned = {**st["prune"], "val_score": kept[step]} if step in kept else st["prune"]
+    rows = [{"model": name, key: _blank(stage.get(field)),
+             val_key: _blank(stage.get(f"val_{field}"))}
+            for name, stage, field in [
+                ("baseline", st["baseline"], "score"),
+                ("pruned + retrained" + (f" (step {step})" if step else ""), pruned, "score"),
+                ("quantized (k-means)", st["quantize"], "score_kmeans"),
+                ("quantized (final, file precision)", st["quantize"], "score"),
+                ("decoded from .dzip", st["verify"], "score")]
+            if stage.get(field) is not None or stage.get(f"val_{field}") is not None]
     columns = ["model", key] + ([val_key] if any(r[val_key] != "" for r in rows) else [])
     return markdown_table(rows, columns)
 
@@ -487,7 +491,10 @@ def _budget_text(search: dict[str, Any]) -> str:
     """``max_loss`` as the user wrote it and in the loss's unit (older runs: the number)."""
     if "budget" not in search:
         return f"{search['max_loss']:g}"
-    return f"{search['budget']} ({search['max_loss']:.4g} {search['units']})"
+    written, units = search["budget"], search["units"]
+    if written.split()[-1] in (units, "point", "points"):  # already in the loss's unit
+        return written
+    return f"{written} ({search['max_loss']:.4g} {units})"
 
 
 def _budget_row(budget: dict[str, Any] | None) -> str:

@@ -3,6 +3,7 @@ of the zeros, a run's summary (scores, sizes, ratios, time). :mod:`deepzip.rende
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,7 +124,7 @@ def run_summary(recipe_name: str, state: dict[str, Any], task: Any = None) -> di
     """The numbers of one pipeline run, from its stage results: the summary row (scores in
     the task's metric, with its direction; sizes, ratios, bits per parameter), the stages
     (per-layer sparsity added) and the time each took. :mod:`deepzip.render` writes them."""
-    st = state["stages"]
+    st = copy.deepcopy(state["stages"])  # the run's own state is not changed
     enc, ver = st["encode"], st["verify"]
     metric = getattr(getattr(task, "metric", None), "name", "acc")
     higher = getattr(getattr(task, "metric", None), "higher_is_better", True)
@@ -144,7 +145,7 @@ def run_summary(recipe_name: str, state: dict[str, Any], task: Any = None) -> di
         "decoded_score": ver["score"],
         "loss_points": (-change if higher else change) * 100 if metric == "acc" else None,
         "eval_examples": examples,
-        "sparsity": st["prune"].get("sparsity"),
+        "sparsity": st["quantize"].get("sparsity", st["prune"].get("sparsity")),
         "huffman_avg_bits": enc["huffman_avg"],
         "formula_ratio": enc["formula_ratio"],
         "file_bytes": enc["file_bytes"],

@@ -149,11 +149,18 @@ class Sharing:
             save_checkpoint(model, spec, c.out / "quantize" / "model.pt")
         c.drop_checkpoints("quantize")
         c.finish("quantize", t0, **{c.named("score"): value},
-                 **{c.named("score_kmeans"): shared.score_kmeans},
+                 **{c.named("score_kmeans"): shared.score_kmeans}, **self.shipped(model, budget),
                  layers=shared.layers, history=shared.history,
                  **({"sensitivity": qcfg.sensitivity} if qcfg.sensitivity else {}),
                  **({"budget": budget, "target_bits": qcfg.target_bits} if budget else {}))
         return model, spec
+
+    def shipped(self, model: nn.Module, budget: Budget | None) -> dict[str, Any]:
+        """What the stage records of the model it ships: its sparsity and, where the
+        budget chose among the kept pruning steps, which step it is."""
+        p = self.ctx.recipe.prune
+        step = {"step": budget["chosen_step"]} if budget and "options" in budget else {}
+        return {"sparsity": stages.sparsity(model, p.include, p.exclude), **step}
 
     def budget(self, model: nn.Module, spec: ModelSpec, qcfg: QuantizeConfig
                ) -> tuple[QuantizeConfig, Budget]:
@@ -261,5 +268,5 @@ class Sharing:
             shutil.rmtree(c.out / "quantize", ignore_errors=True)
             save_checkpoint(model, spec, c.out / "quantize" / "model.pt")
         c.finish("quantize", t0, skipped=True, unshared=UNSHARED_DTYPE,
-                 **{c.named("score"): value}, budget=budget)
+                 **{c.named("score"): value}, **self.shipped(model, budget), budget=budget)
         return model, spec
