@@ -8,7 +8,7 @@ percent (``"1%"``: relative to the baseline, any metric) or with the metric's na
 :func:`loss` (points for an accuracy, the metric's units otherwise), so a budget is
 turned into that unit once the baseline is known (:meth:`Budget.allowed`).
 
->>> Budget.parse("1%", "mse").allowed(points=False, baseline=0.027)  # doctest: +SKIP
+>>> round(Budget.parse("1%", "mse").allowed(points=False, baseline=0.027), 8)
 0.00027
 """
 
@@ -130,9 +130,11 @@ class Terms:
     nothing here trains or reads data, so a test can drive it alone.
 
     >>> t = Terms(Budget.parse(1, "acc"), baseline=0.925, points=True, metric="acc",
-    ...           margin_se=2.0)  # doctest: +SKIP
-    >>> t.allowed, t.before_training(5000)  # doctest: +SKIP
-    (1.0, '[budget] max_loss 1 point against ... about 0.55 points, leaving about 0.45 ...')
+    ...           margin_se=2.0)
+    >>> t.allowed
+    1.0
+    >>> print(t.before_training(5000))  # doctest: +ELLIPSIS
+    [budget] max_loss 1 point against ... likely about 0.55 points, leaving about 0.45 ...
     """
 
     budget: Budget

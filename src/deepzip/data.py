@@ -240,7 +240,7 @@ def load_cifar10(
     """Load one split of CIFAR-10 from ``root/cifar-10-batches-py`` (the torchvision layout).
 
     >>> test = load_cifar10("../shared/data", train=False)  # doctest: +SKIP
-    >>> test.images.shape
+    >>> test.images.shape  # doctest: +SKIP
     torch.Size([10000, 3, 32, 32])
     """
     base = resolve_data_root(root)
@@ -339,7 +339,7 @@ def load_mnist(root: str | os.PathLike[str] | None = None, train: bool = True,
     file is an error, not a silently different benchmark.
 
     >>> test = load_mnist("../shared/data", train=False)  # doctest: +SKIP
-    >>> test.images.shape
+    >>> test.images.shape  # doctest: +SKIP
     torch.Size([10000, 1, 28, 28])
     """
     base = resolve_data_root(root)

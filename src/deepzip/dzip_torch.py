@@ -312,8 +312,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     unshared tensors): ``float16``, ``float32``, or ``int2`` .. ``int8``, that many bits per
     value on a uniform grid over each tensor's range (int8: half of float16's bytes).
 
-    >>> report = save(model, "resnet20.dzip", spec=spec)  # doctest: +SKIP
-    >>> model = load("resnet20.dzip")  # doctest: +SKIP
+    >>> report = save(model, "resnet20.dzip", spec=spec)
+    >>> model = load("resnet20.dzip")
     """
     _check_dtypes(raw_dtype, codebook_dtype)
     state = _plain_state(model, lazy=True)  # shared weights computed one at a time below

@@ -43,7 +43,7 @@ def pretrained(name: str = "resnet20") -> tuple[nn.Module, ModelSpec]:
     """A baseline that ships with deepzip: ResNet-20 on CIFAR-10, LeNet-300-100 and LeNet-5
     on MNIST (how each was trained: ``weights/*.json``).
 
-    >>> model, spec = pretrained("resnet20")  # doctest: +SKIP
+    >>> model, spec = pretrained("resnet20")
     """
     if name not in PRETRAINED:
         raise DeepzipError(
@@ -70,7 +70,7 @@ def load_model(name_or_path: str | os.PathLike[str], spec: ModelSpec | None = No
     else ResNet-20 on CIFAR-10. ``override`` replaces other spec fields (``mean``,
     ``std``). ``model``: an instance to fill instead of building one.
 
-    >>> model, spec = load_model("resnet20")  # doctest: +SKIP
+    >>> model, spec = load_model("resnet20")
     >>> model, spec = load_model("their.th", arch="resnet20",  # doctest: +SKIP
     ...                          normalize="imagenet")
     """

@@ -221,7 +221,7 @@ class PruneConfig:
     ``"conv1"``, ``"linear"``, ``"lstm.weight_hh_*"``; default: see :func:`prunable`);
     ``per_layer`` maps patterns to amounts that override ``amount``.
 
-    >>> prune_(model, PruneConfig("percentile", 0.5, exclude=["linear"]))  # doctest: +SKIP
+    >>> sparsity = prune_(model, PruneConfig("percentile", 0.5, exclude=["linear"]))
     """
 
     method: str = "percentile"
@@ -291,8 +291,10 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
     batches, as the model takes them) through the model once, to weigh each weight by its
     input feature's norm.
 
-    >>> prune_(model, PruneConfig("global", 0.9), bake=True)  # doctest: +SKIP
-    >>> prune_(model, PruneConfig("wanda", 0.5), calibration=train_loader)  # doctest: +SKIP
+    >>> sparsity = prune_(model, PruneConfig("global", 0.9), bake=True)
+    >>> round(sparsity_of(model), 2)
+    0.9
+    >>> sparsity = prune_(model, PruneConfig("wanda", 0.5), calibration=train_loader)
     """
     if bake:
         bake_(model)
@@ -422,8 +424,9 @@ class AGPSchedule:
     targets meets the model-wide goal instead, so big redundant layers give up more. Masks
     only grow, so pruned weights never come back.
 
-    >>> agp = AGPSchedule(model, final=0.8, start=0, end=2000)  # doctest: +SKIP
-    >>> fit(model, loader, cfg, after_step=agp)  # doctest: +SKIP
+    >>> agp = AGPSchedule(model, final=0.8, start=0, end=2)
+    >>> history = fit(model, loader, cfg, after_step=agp)  # doctest: +ELLIPSIS
+    train epoch 1/1 lr=0.01 ... sparsity=0.8
     """
 
     def __init__(self, model: nn.Module, final: float, start: int, end: int, *,

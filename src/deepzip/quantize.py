@@ -54,7 +54,7 @@ class QuantizeConfig:
     codes average at most that many bits per nonzero weight: a size budget instead of a
     beta to guess (beta's value then cancels out).
 
-    >>> quantize_(model, QuantizeConfig(bits=5, init="linear"))  # doctest: +SKIP
+    >>> layers = quantize_(model, QuantizeConfig(bits=5, init="linear"))
     """
 
     bits: int = 5
@@ -213,9 +213,9 @@ def fisher_sensitivity(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     layer's gradient is consumed as soon as it is complete, so memory holds one layer's
     gradient at a time (a big model's would double it).
 
-    >>> s = fisher_sensitivity(model, loader)  # doctest: +SKIP
-    >>> cfg = QuantizeConfig(bits=6, entropy_weight=300, sensitivity=s)  # doctest: +SKIP
-    >>> quantize_(model, cfg)  # doctest: +SKIP
+    >>> s = fisher_sensitivity(model, loader)
+    >>> cfg = QuantizeConfig(bits=6, entropy_weight=300, sensitivity=s)
+    >>> layers = quantize_(model, cfg)
     """
     bake_(model)
     targets = prunable(model, include, exclude)

@@ -211,7 +211,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     every batch's (outputs, targets), so a caller that needs more of them than the mean
     does not pass over the data again.
 
-    >>> loss, acc = evaluate(model, test_loader, task=task)  # doctest: +SKIP
+    >>> loss, acc = evaluate(model, test_loader, task=task)
     """
     metric = metric or (task.metric if task is not None else Accuracy())
     loss_fn = loss_fn or (task.loss if task is not None else classification_loss)
@@ -251,7 +251,9 @@ class Distillation:
     scores (``classification=False``), the imitation term is the mean squared difference
     from the teacher's outputs instead of the KL divergence of softened classes.
 
-    >>> fit(pruned, loader, cfg, loss_fn=Distillation(baseline, alpha=0.7))  # doctest: +SKIP
+    >>> history = fit(pruned, loader, cfg, loss_fn=Distillation(baseline, alpha=0.7))
+    ... # doctest: +ELLIPSIS
+    train epoch 1/1 lr=0.01 train_loss=...
     """
 
     def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 4.0, *,
@@ -304,7 +306,8 @@ def recalibrate_batchnorm_(model: nn.Module, loader: Iterable[Any], batches: int
     sharing without retraining, the statistics the layers were trained with no longer
     describe their inputs. Returns how many layers were re-estimated.
 
-    >>> recalibrate_batchnorm_(model, calibration_loader)  # doctest: +SKIP
+    >>> recalibrate_batchnorm_(model, calibration_loader)  # ResNet-20's BatchNorms
+    19
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
              and m.track_running_stats]
@@ -397,8 +400,9 @@ def fit(
     Under ``torchrun`` (an initialized process group) the model trains as
     DistributedDataParallel, BatchLoaders shard the data, and only rank 0 writes files.
 
-    >>> loader = BatchLoader(train, 128, train=True)  # doctest: +SKIP
-    >>> history = fit(model, loader, TrainConfig(epochs=1))  # doctest: +SKIP
+    >>> loader = BatchLoader(train, 128, train=True)
+    >>> history = fit(model, loader, TrainConfig(epochs=1))  # doctest: +ELLIPSIS
+    train epoch 1/1 lr=0.1 train_loss=...
     """
     if task is not None:
         metric, eval_loss = metric or task.metric, eval_loss or task.loss
