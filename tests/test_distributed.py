@@ -42,6 +42,7 @@ def _worker(rank, world, split, tmp):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path, cifar_train):
     split = cifar_train.subset(640)
     single = train(split)

@@ -49,6 +49,7 @@ def test_recorded_specs_import_nothing(tmp_path):
     assert out.refused > out.inputs // 2
 
 
+@pytest.mark.slow
 def test_every_command_that_writes_against_every_kind_of_output(tmp_path, data_root):
     from hostile import fuzz_outputs, output_commands
 
