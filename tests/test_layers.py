@@ -17,7 +17,7 @@ SRC = pathlib.Path(deepzip.__file__).parent
 LAYERS = [
     ("foundation", {"errors", "deprecated", "version", "entrypoints", "atomic"}),
     ("format", {"huffman", "codecs", "kmeans", "dzip"}),
-    ("tensors", {"targets", "budget", "decide", "report", "onnx_pack"}),
+    ("tensors", {"targets", "budget", "decide", "report", "onnx_pack", "normalization"}),
     ("models and data", {"models", "data", "task", "checkpoint", "dzip_torch"}),
     ("training", {"train"}),
     ("operations", {"prune", "quantize", "qat", "export", "loading"}),

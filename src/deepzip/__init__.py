@@ -26,8 +26,9 @@ _WHERE = {
 }
 _MODULES = {"api", "atomic", "budget", "checkpoint", "cli", "codecs", "context", "data",
             "decide", "dzip", "dzip_torch", "errors", "export", "huffman", "kmeans", "loading",
-            "models", "onnx_pack", "pipeline", "prune", "qat", "quantize", "recipe", "render",
-            "report", "runfolder", "sharing", "sparsity", "stages", "targets", "task", "train"}
+            "models", "normalization", "onnx_pack", "pipeline", "prune", "qat", "quantize",
+            "recipe", "render", "report", "runfolder", "sharing", "sparsity", "stages",
+            "targets", "task", "train"}
 
 if TYPE_CHECKING:
     from .api import Compressed, compress

@@ -8,6 +8,7 @@ file through one function. ``torch.load`` always runs with ``weights_only=True``
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -20,12 +21,13 @@ import torch
 from torch import nn
 
 from .atomic import atomic_torch_save, open_regular
-from .data import check_normalization
 from .errors import DeepzipError
 from .models import available, get, is_registered
+from .normalization import check_normalization
 
-__all__ = ["ModelSpec", "align_state_dict", "extract_state_dict", "guess_arch",
-           "load_checkpoint", "load_state_dict_strict", "save_checkpoint"]
+__all__ = ["ModelSpec", "align_state_dict", "extract_state_dict", "guess_arch", "is_safetensors",
+           "load_checkpoint", "load_state_dict_strict", "read_safetensors", "require",
+           "save_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -281,3 +283,54 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[s
     """Write ``{"state_dict", "deepzip": spec}`` atomically (temp file, then rename)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_torch_save({"state_dict": state, "deepzip": spec.to_dict(), **extra}, path)
+
+
+def require(module: str) -> Any:
+    """Import one package of the export extra, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DeepzipError(f"{module} is not installed: pip install \"deepzip[export]\" "
+                           "(onnx, onnxscript, onnxruntime, safetensors)") from None
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any]:
+    """A ``.safetensors`` file as ``to_safetensors`` writes it (any other too): the dense
+    state_dict, sparse tensors rebuilt, and the model spec its metadata records (a
+    :class:`~deepzip.checkpoint.ModelSpec`, or None). Opening it runs no code."""
+
+    st = require("safetensors")
+    with open_regular(path, "safetensors file"):
+        pass  # a regular file, or one line
+    try:
+        with st.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as e:  # noqa: BLE001 - the reader's many failure types
+        raise DeepzipError(f"cannot read {path} as safetensors: {str(e)[:200]}") from None
+    try:
+        sparse = json.loads(meta.get("deepzip.sparse", "{}"))
+        spec = ModelSpec.from_dict(json.loads(meta["deepzip.spec"])) \
+            if "deepzip.spec" in meta else None
+        for name, shape in sparse.items():
+            idx, vals = tensors.pop(f"{name}.indices"), tensors.pop(f"{name}.values")
+            dense = torch.zeros(math.prod(shape), dtype=vals.dtype)
+            dense[idx.long()] = vals
+            tensors[name] = dense.view(shape)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise DeepzipError(f"{path}: bad deepzip metadata ({str(e)[:100]})") from None
+    return tensors, spec
+
+
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Does the file start as safetensors does (an 8-byte header size, then ``{``)?"""
+
+    try:
+        with open_regular(path) as f:
+            head = f.read(9)
+    except (OSError, DeepzipError):
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and \
+        int.from_bytes(head[:8], "little") < (100 << 20)

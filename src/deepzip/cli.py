@@ -194,7 +194,7 @@ def _fmt(task: Task, value: float) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import parse_normalize
+    from .normalization import parse_normalize
 
     cfg = TrainConfig(  # settings are checked before any data is read
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -427,7 +427,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     """A model to ONNX, checked, and compared with PyTorch on the task's evaluation data
     where onnxruntime is installed. By default the graph takes images scaled to [0, 1]
     and normalizes them itself, so what is deployed scores what deepzip reports."""
-    from .export import Normalized, require, to_onnx
+    from .checkpoint import require
+    from .export import Normalized, to_onnx
 
     require("onnx"), require("onnxscript")  # before any data is read
     output_kind(args.output)

@@ -28,6 +28,16 @@ import torch
 
 from .atomic import read_gzip_limited, read_limited
 from .errors import DeepzipError
+from .normalization import (  # re-exported: deepzip.data's names before 0.5
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    check_normalization,
+    parse_normalize,
+)
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -48,56 +58,12 @@ __all__ = [
     "resolve_data_root",
 ]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MNIST_MEAN = (0.1307,)
-MNIST_STD = (0.3081,)
-NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                  "mnist": (MNIST_MEAN, MNIST_STD)}
-
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_TGZ_MD5 = "c58f30108f718f92721af3b95e74349a"
 FOLDER = "cifar-10-batches-py"
 ENV_VAR = "DEEPZIP_DATA"
 _TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 _TEST_FILES = ["test_batch"]
-
-
-def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``cifar`` | ``imagenet`` | ``mnist`` | ``M1,M2,.../S1,S2,...`` -> (mean, std).
-
-    One mean and one std per input channel (three for RGB, one for grey images).
-    """
-    key = text.strip().lower()
-    if key in NORMALIZATIONS:
-        return NORMALIZATIONS[key]
-    try:
-        mean_s, std_s = key.split("/")
-        mean = tuple(float(v) for v in mean_s.split(","))
-        std = tuple(float(v) for v in std_s.split(","))
-    except ValueError:
-        mean = std = ()
-    try:
-        check_normalization(mean, std)
-    except DeepzipError as e:
-        raise DeepzipError(f"bad --normalize {text!r}: use {', '.join(NORMALIZATIONS)}, or "
-                           f"MEAN,.../STD,... per channel ({e})") from None
-    return mean, std
-
-
-def check_normalization(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """Equal lengths (one per channel, at most 4), finite means, finite positive stds.
-
-    A zero or NaN std would make every input NaN and every evaluation chance level.
-    """
-    if not 1 <= len(mean) <= 4 or len(mean) != len(std):
-        raise DeepzipError(f"mean and std need one value per channel (1 to 4), got "
-                           f"{len(mean)} and {len(std)}")
-    if not all(math.isfinite(m) for m in mean) or not all(
-            math.isfinite(s) and s > 0 for s in std):
-        raise DeepzipError("means must be finite and stds finite and > 0")
 
 
 def resolve_data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -15,7 +15,6 @@ how to install it. The core install never needs them.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,25 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .atomic import atomic_path, atomic_write, open_regular
-from .checkpoint import ModelSpec
+from .atomic import atomic_path, atomic_write
+from .checkpoint import require
 from .errors import DeepzipError
 from .onnx_pack import PackReport, pack_initializers
 
 __all__ = ["OPSET", "compare_onnx", "require", "to_onnx", "to_safetensors"]
 
 OPSET = 18
-
-
-def require(module: str) -> Any:
-    """Import one package of the export extra, or say how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise DeepzipError(f"{module} is not installed: pip install \"deepzip[export]\" "
-                           "(onnx, onnxscript, onnxruntime, safetensors)") from None
 
 
 class Normalized(nn.Module):
@@ -200,41 +188,3 @@ def _index_dtype(numel: int) -> torch.dtype:
                 if numel - 1 <= torch.iinfo(d).max)
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], Any]:
-    """A ``.safetensors`` file as ``to_safetensors`` writes it (any other too): the dense
-    state_dict, sparse tensors rebuilt, and the model spec its metadata records (a
-    :class:`~deepzip.checkpoint.ModelSpec`, or None). Opening it runs no code."""
-
-    st = require("safetensors")
-    with open_regular(path, "safetensors file"):
-        pass  # a regular file, or one line
-    try:
-        with st.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except Exception as e:  # noqa: BLE001 - the reader's many failure types
-        raise DeepzipError(f"cannot read {path} as safetensors: {str(e)[:200]}") from None
-    try:
-        sparse = json.loads(meta.get("deepzip.sparse", "{}"))
-        spec = ModelSpec.from_dict(json.loads(meta["deepzip.spec"])) \
-            if "deepzip.spec" in meta else None
-        for name, shape in sparse.items():
-            idx, vals = tensors.pop(f"{name}.indices"), tensors.pop(f"{name}.values")
-            dense = torch.zeros(math.prod(shape), dtype=vals.dtype)
-            dense[idx.long()] = vals
-            tensors[name] = dense.view(shape)
-    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-        raise DeepzipError(f"{path}: bad deepzip metadata ({str(e)[:100]})") from None
-    return tensors, spec
-
-
-def is_safetensors(path: str | os.PathLike[str]) -> bool:
-    """Does the file start as safetensors does (an 8-byte header size, then ``{``)?"""
-
-    try:
-        with open_regular(path) as f:
-            head = f.read(9)
-    except (OSError, DeepzipError):
-        return False
-    return len(head) == 9 and head[8:9] == b"{" and \
-        int.from_bytes(head[:8], "little") < (100 << 20)

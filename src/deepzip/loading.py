@@ -19,15 +19,16 @@ from .checkpoint import (
     ModelSpec,
     build_recorded,
     compose_spec,
+    is_safetensors,
     load_checkpoint,
     load_state_dict_strict,
+    read_safetensors,
 )
-from .data import parse_normalize
 from .dzip import MAGIC
 from .dzip_torch import load_state
 from .errors import DeepzipError
-from .export import is_safetensors, read_safetensors
 from .models import is_registered, resolve_arch
+from .normalization import parse_normalize
 
 if TYPE_CHECKING:
     from .task import Task

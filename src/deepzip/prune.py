@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import BatchLoader
 from .errors import DeepzipError
 from .targets import (
     Target,
@@ -570,7 +569,7 @@ FINETUNE = TrainConfig(epochs=20, lr=0.01, schedule="cosine", weight_decay=5e-4)
 
 
 def finetune_after_prune(
-    model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig = FINETUNE, **fit_kwargs: Any
+    model: nn.Module, train_loader: Iterable[Any], cfg: TrainConfig = FINETUNE, **fit_kwargs: Any
 ) -> list[dict[str, Any]]:
     """Masked retraining: :func:`deepzip.train.fit` on a model pruned by :func:`prune_`.
 

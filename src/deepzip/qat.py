@@ -9,6 +9,7 @@ weights' gradients.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .data import BatchLoader
 from .errors import DeepzipError
 from .kmeans import entropy_constrained, envelope, index_bits, kmeans_1d
 from .quantize import QuantizeConfig, fit_penalty_scale, penalties, select_targets
@@ -152,7 +152,7 @@ class _Recluster:
                 **({"penalty_scale": self.scale} if self.config.target_bits else {})}
 
 
-def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
+def qat_(model: nn.Module, train_loader: Iterable[Any], cfg: TrainConfig,
          config: QuantizeConfig, *, recluster_every: int = 50,
          **fit_kwargs: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Quantization-aware training, then weight sharing in place.
@@ -201,7 +201,7 @@ def qat_(model: nn.Module, train_loader: BatchLoader, cfg: TrainConfig,
 CENTROID_TRAINING = TrainConfig(epochs=10, lr=0.002, weight_decay=0.0, schedule="cosine")
 
 
-def train_centroids(model: nn.Module, train_loader: BatchLoader,
+def train_centroids(model: nn.Module, train_loader: Iterable[Any],
                     cfg: TrainConfig = CENTROID_TRAINING, *, train_other: bool = True,
                     **fit_kwargs: Any) -> list[dict[str, Any]]:
     """Fine-tune the shared values with :func:`deepzip.train.fit`, indices and masks fixed.

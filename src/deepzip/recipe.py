@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -110,13 +111,12 @@ class QuantizeStage:
     distill: Distill | None = None  # for both kinds of training
 
     def config(self, seed: int) -> QuantizeConfig:
-        """The library's :class:`~deepzip.quantize.QuantizeConfig` for this stage (it
-        validates; the Fisher sensitivities are measured when the stage runs)."""
-        return QuantizeConfig(bits=self.bits, bits_conv=self.bits_conv,
-                              bits_linear=self.bits_linear, per_layer=dict(self.per_layer),
-                              init=self.init, include=self.include, exclude=list(self.exclude),
-                              seed=seed, entropy_weight=self.entropy_weight,
-                              target_bits=self.target_bits)
+        """The library's :class:`~deepzip.quantize.QuantizeConfig` for this stage: every
+        field the two share, by name (it validates), but ``sensitivity``, a method here
+        and measured values there (measured when the stage runs)."""
+        shared = {f.name for f in dataclasses.fields(QuantizeConfig)} & {
+            f.name for f in dataclasses.fields(self)} - {"sensitivity"}
+        return QuantizeConfig(seed=seed, **{k: copy.copy(getattr(self, k)) for k in shared})
 
 
 @dataclass

@@ -430,7 +430,8 @@ def image_task(name: str, data_dir: str | os.PathLike[str] | None = None, *,
     what compression costs). Then the test set the task reports on is the rest, which no
     decision reads. ``subset`` then takes the first N of each part.
     """
-    from .data import NORMALIZATIONS, BatchLoader, load_cifar10, load_mnist
+    from .data import BatchLoader, load_cifar10, load_mnist
+    from .normalization import NORMALIZATIONS
 
     info = {"cifar10": (load_cifar10, "CIFAR-10", 4, True),
             "mnist": (load_mnist, "MNIST", 2, False)}
