@@ -1,4 +1,8 @@
-"""Pipeline recipes: YAML files validated into dataclasses before any work starts."""
+"""Pipeline recipes: YAML files validated into dataclasses before any work starts.
+
+What each key means is said once, in :data:`HELP` (by its dotted name, ``prune.agp.final``),
+which the README's recipe reference is generated from (``python -m deepzip.recipe``) and a
+test holds to the dataclasses: the fields below carry no comments of their own."""
 
 from __future__ import annotations
 
@@ -52,14 +56,14 @@ class AGPStage:
     epochs: int = 30
     start_epoch: float = 0.0
     end_epoch: float = 20.0
-    frequency: int = 50  # optimizer steps between mask updates
-    global_threshold: bool = False  # one threshold across layers instead of per layer
-    kernel_exponent: float = 0.0  # > 0: prune weak kernels first (cheaper masks to store)
+    frequency: int = 50
+    global_threshold: bool = False
+    kernel_exponent: float = 0.0
     per_layer: dict[str, float] = field(default_factory=dict)
-    sensitivity_max_drop: float | None = None  # derive per_layer targets from a scan
-    search_from: float | None = None  # with max_loss: search the sparsity in [this, final]
-    probe_epochs: int = 4  # each probe of the search: the schedule shrunk to this many epochs
-    search_steps: int = 3  # halvings of the interval after its two ends
+    sensitivity_max_drop: float | None = None
+    search_from: float | None = None
+    probe_epochs: int = 4
+    search_steps: int = 3
 
 
 @dataclass
@@ -72,16 +76,16 @@ class Distill:
 
 @dataclass
 class PruneStage:
-    schedule: str = "iterative"  # iterative | agp | none
+    schedule: str = "iterative"
     steps: list[PruneStep] = field(default_factory=list)
     agp: AGPStage | None = None
-    include: list[str] | None = None  # name patterns; default: Conv/Linear/Embedding/RNN/...
+    include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    train: dict[str, Any] = field(default_factory=dict)
     distill: Distill | None = None
-    stop_over_budget: bool = False  # iterative, with max_loss: keep the last step within it
-    loss_share: float = 0.5  # the part of max_loss the pruning may spend (either search)
-    keep_steps: bool = False  # iterative, with max_loss: the sharing chooses the step too
+    stop_over_budget: bool = False
+    loss_share: float = 0.5
+    keep_steps: bool = False
 
     @property
     def reads_budget(self) -> bool:
@@ -97,18 +101,18 @@ class QuantizeStage:
     bits_linear: int | None = None
     per_layer: dict[str, int] = field(default_factory=dict)
     init: str = "linear"
-    entropy_weight: float = 0.0  # > 0: entropy-constrained clustering (Choi et al. 2017)
-    sensitivity: str | None = None  # fisher: a bit costs the same loss in every layer
-    target_bits: float | None = None  # at most this many Huffman bits per nonzero's index
+    entropy_weight: float = 0.0
+    sensitivity: str | None = None
+    target_bits: float | None = None
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
-    qat_epochs: int = 0  # quantization-aware training of the weights before sharing is fixed
-    qat_train: dict[str, Any] = field(default_factory=dict)  # its TrainConfig overrides
-    recluster_every: int = 50  # steps between re-clusterings during quantization-aware training
-    probe_epochs: int = 1  # centroid training of each max_loss probe
-    epochs: int = 0  # centroid training
+    qat_epochs: int = 0
+    qat_train: dict[str, Any] = field(default_factory=dict)
+    recluster_every: int = 50
+    probe_epochs: int = 1
+    epochs: int = 0
     train: dict[str, Any] = field(default_factory=dict)
-    distill: Distill | None = None  # for both kinds of training
+    distill: Distill | None = None
 
     def config(self, seed: int) -> QuantizeConfig:
         """The library's :class:`~deepzip.quantize.QuantizeConfig` for this stage: every
@@ -132,17 +136,17 @@ class Recipe:
 
     name: str = "default"
     description: str = ""
-    model: str = "resnet20"  # where compression starts: a checkpoint, .dzip or shipped name
-    reference: str | None = None  # baseline accuracy and distillation teacher; default model
-    arch: str | None = None  # architecture of a checkpoint without deepzip metadata
-    normalize: str | None = None  # its input normalization: cifar, imagenet, mnist, M/S
-    task: str = "cifar10"  # cifar10, mnist, or package.module:function returning a Task
-    validation: int = 0  # examples held out for the run's decisions
-    validation_from: str = "train"  # held out of the training (train) or the test set (test)
-    max_loss: float | str | None = None  # the smallest file within this loss: 1, 1%, 0.01 mse
-    margin_se: float = 0.0  # standard errors added to each loss held against max_loss
+    model: str = "resnet20"
+    reference: str | None = None
+    arch: str | None = None
+    normalize: str | None = None
+    task: str = "cifar10"
+    validation: int = 0
+    validation_from: str = "train"
+    max_loss: float | str | None = None
+    margin_se: float = 0.0
     seed: int = 0
-    eval_every: int = 1  # test-set evaluations while training: every N epochs (0: none)
+    eval_every: int = 1
     prune: PruneStage = field(default_factory=PruneStage)
     quantize: QuantizeStage | None = field(default_factory=QuantizeStage)
     encode: EncodeStage = field(default_factory=EncodeStage)
