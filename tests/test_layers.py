@@ -15,7 +15,7 @@ SRC = pathlib.Path(deepzip.__file__).parent
 
 # bottom to top; a module may import its own layer and any below
 LAYERS = [
-    ("foundation", {"errors", "deprecated", "version", "entrypoints", "atomic"}),
+    ("foundation", {"errors", "deprecated", "version", "entrypoints", "atomic", "checks"}),
     ("format", {"huffman", "codecs", "kmeans", "dzip"}),
     ("tensors", {"targets", "budget", "decide", "report", "onnx_pack", "normalization"}),
     ("models and data", {"models", "data", "task", "checkpoint", "dzip_torch"}),

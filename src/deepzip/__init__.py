@@ -24,7 +24,7 @@ _WHERE = {
     "TrainConfig": "train", "evaluate": "train", "fit": "train",
     "Recipe": "recipe", "load_recipe": "recipe", "Budget": "budget",
 }
-_MODULES = {"api", "atomic", "budget", "checkpoint", "cli", "codecs", "context", "data",
+_MODULES = {"api", "atomic", "budget", "checkpoint", "checks", "cli", "codecs", "context", "data",
             "decide", "dzip", "dzip_torch", "errors", "export", "huffman", "kmeans", "loading",
             "models", "normalization", "onnx_pack", "pipeline", "prune", "qat", "quantize",
             "recipe", "render", "report", "runfolder", "sharing", "sparsity", "stages",

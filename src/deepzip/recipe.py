@@ -6,7 +6,6 @@ test holds to the dataclasses: the fields below carry no comments of their own."
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -20,11 +19,12 @@ from typing import Any
 
 from .atomic import read_limited
 from .budget import check_budget_text
+from .checks import brief, build
 from .codecs import BOOK_DTYPES, RAW_DTYPES
 from .errors import DeepzipError
 from .prune import PruneConfig
 from .quantize import QuantizeConfig
-from .train import TrainConfig, brief
+from .train import TrainConfig
 
 __all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "load_recipe",
            "recipe_path", "shipped_recipes"]
@@ -241,7 +241,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         """A recipe from its ``asdict`` form; keys added since it was written take defaults."""
-        return _build(cls, data, "recipe")
+        return build(cls, data, "recipe")
 
     def entry_points(self) -> dict[str, str]:
         """The keys that name Python code to import and call (``package.module:name``)."""
@@ -339,57 +339,6 @@ def _nul_strings(v: Any, where: str) -> Iterator[str]:
     elif isinstance(v, list):
         for i, x in enumerate(v):
             yield from _nul_strings(x, f"{where}[{i}]")
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Dataclass from a mapping, recursively; unknown keys and wrong types are errors."""
-    if not isinstance(data, dict):
-        raise DeepzipError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise DeepzipError(f"{where}: unknown key(s) {', '.join(unknown)}; "
-                           f"known: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
-
-
-def _coerce(tp: Any, v: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if v is None:
-            return None
-        for a in args[:-1]:  # the first type that takes the value; the last one's error
-            with contextlib.suppress(DeepzipError):
-                return _coerce(a, v, where)
-        return _coerce(args[-1], v, where)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, v, where)
-    if origin is list:
-        if not isinstance(v, list) or len(v) > 10_000:
-            raise DeepzipError(f"{where}: expected a list (of at most 10,000 items)")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, x, f"{where}[{i}]") for i, x in enumerate(v)]
-    if origin is dict:
-        if not isinstance(v, dict) or len(v) > 10_000:
-            raise DeepzipError(f"{where}: expected a mapping (of at most 10,000 items)")
-        _, val = typing.get_args(tp)
-        return {str(k): (x if val is Any else _coerce(val, x, f"{where}.{k}"))
-                for k, x in v.items()}
-    if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-        if (abs(v) < 1e300 if isinstance(v, int) else math.isfinite(v)):
-            return float(v)
-        raise DeepzipError(f"{where}: expected a finite number, got {brief(v)}")
-    if tp is int and type(v) is int:
-        if -(2 ** 63) < v < 2 ** 63:
-            return v
-        raise DeepzipError(f"{where}: {brief(v)} is out of range")
-    if tp in (str, bool) and type(v) is tp:
-        return v
-    if tp is Any:
-        return v
-    raise DeepzipError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {brief(v)}")
 
 
 def shipped_recipes() -> list[str]:

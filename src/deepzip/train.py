@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_torch_save, atomic_write
+from .checks import field_problems
 from .errors import DeepzipError
 from .task import Accuracy, Metric, Task, class_scores, classification_loss, model_input
 
@@ -69,10 +70,9 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the log, not used
 
     def __post_init__(self) -> None:
-        problems = _type_problems(self)
+        problems = field_problems(self)
         if problems:  # wrong types first: the range checks below assume numbers
             raise DeepzipError("bad training config: " + "; ".join(problems))
-        self.milestones = tuple(float(m) for m in self.milestones)
         if self.epochs > 100_000 or self.batch_size > 1 << 20 or not 0 <= self.seed < 2 ** 63:
             problems.append("epochs <= 100000, batch_size <= 1048576 and 0 <= seed < 2^63")
         if self.epochs < 0:
@@ -107,44 +107,6 @@ class TrainConfig:
         if unknown:
             raise DeepzipError(f"unknown training settings: {', '.join(unknown)}")
         return cls(**d)
-
-
-def _type_problems(cfg: Any) -> list[str]:
-    """Fields whose value is not of the declared type: ints (not bools), finite numbers,
-    bools, strings, a sequence of finite numbers for tuples, a mapping for dicts."""
-    import typing
-
-    problems = []
-    for f in fields(cfg):
-        v, tp = getattr(cfg, f.name), typing.get_type_hints(type(cfg))[f.name]
-        if tp is int:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif tp is float:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
-        elif tp in (bool, str):
-            ok = isinstance(v, tp)
-        elif typing.get_origin(tp) is tuple:
-            ok = isinstance(v, (list, tuple)) and len(v) <= 64 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and _finite(x)
-                for x in v)
-        else:
-            ok = isinstance(v, dict)
-        if not ok:
-            problems.append(f"{f.name} must be {getattr(tp, '__name__', 'a list of numbers')}"
-                            f", got {brief(v)}")
-    return problems
-
-
-def _finite(v: int | float) -> bool:
-    return abs(v) < 1e300 if isinstance(v, int) else math.isfinite(v)
-
-
-def brief(v: Any) -> str:
-    """A value for an error message: short, and safe for 5,000-digit integers."""
-    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
-        return f"an integer of {v.bit_length()} bits"
-    text = repr(v) if isinstance(v, (str, int, float, bool, type(None))) else type(v).__name__
-    return text[:40] + ("..." if len(text) > 40 else "")
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
