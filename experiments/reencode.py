@@ -66,21 +66,21 @@ def reencode(run: Path, data_dir: str | None) -> str:
         checked = verify(model, decoded, stages.eval_loader(task, spec), task=task)
         verify_seconds = time.time() - t0
         st = current_stages(json.loads((run / "report.json").read_text())["stages"])
-        st["encode"] = {"seconds": encode_seconds, **info}
+        st["encode"] = {"seconds": encode_seconds, **info.to_dict()}
         st["verify"] = {"seconds": verify_seconds, **checked}
         run_summary(recipe["name"], {"stages": st}, task)  # the report can be made: replace
     write_run_report(run, types.SimpleNamespace(name=recipe["name"],
                                                 description=recipe.get("description", "")),
-                     {"stages": st}, task)
+                     {"stages": st}, task, (run / "command.txt").read_text().strip())
     note = (f"\n## Re-encoded\n\nThe run wrote this model in format version {old_version} "
             f"({old_bytes:,} bytes). `python experiments/reencode.py {run.as_posix()} "
             f"--data-dir DATA` wrote the same weights again in format version "
-            f"{dzip.VERSION} ({info['file_bytes']:,} bytes; decoded tensors checked equal) and "
+            f"{dzip.VERSION} ({info.file_bytes:,} bytes; decoded tensors checked equal) and "
             "re-ran the encode and verify stages above; the other stages are the run's.\n")
     with open(run / "report.md", "a") as f:
         f.write(note)
     return (f"{run}: format v{old_version} {old_bytes:,} B -> v{dzip.VERSION} "
-            f"{info['file_bytes']:,} B, decoded {task.metric.name} {checked['score']:.4f}, "
+            f"{info.file_bytes:,} B, decoded {task.metric.name} {checked['score']:.4f}, "
             f"identical outputs: {checked['identical']}")
 
 

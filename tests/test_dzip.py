@@ -232,12 +232,13 @@ def test_model_roundtrip_is_exact(tmp_path, raw, book):
     assert not loaded.training
     assert torch.equal(loaded(x), ref)
     sizes = info(path)
-    assert sizes["file_bytes"] == path.stat().st_size == sum(sizes["bytes_by_kind"].values())
-    assert sizes["bytes_by_kind"]["positions"] > 0 and sizes["bytes_by_kind"]["values"] > 0
-    assert sizes["bytes_by_kind"]["BatchNorm"] > 0 and sizes["bytes_by_kind"]["biases"] > 0
-    assert sizes["bytes_by_kind"]["unshared weights"] == 0  # every weight is shared
+    kinds = sizes.bytes_by_kind
+    assert sizes.file_bytes == path.stat().st_size == sum(kinds.values())
+    assert kinds["positions"] > 0 and kinds["values"] > 0
+    assert kinds["BatchNorm"] > 0 and kinds["biases"] > 0
+    assert kinds["unshared weights"] == 0  # every weight is shared
     assert set(load_state(path)[0]) == set(get("resnet20").state_dict())
-    assert sum(r["encoding"] == "bn" for r in sizes["tensors"]) == 19  # folded BatchNorm
+    assert sum(r.encoding == "bn" for r in sizes.tensors) == 19  # folded BatchNorm
 
 
 def test_grid_codebooks_cost_one_byte_per_value_and_fall_back_exactly(tmp_path):
@@ -245,9 +246,9 @@ def test_grid_codebooks_cost_one_byte_per_value_and_fall_back_exactly(tmp_path):
     sizes = {}
     for book in ("float16", "int8"):
         save(m, tmp_path / f"{book}.dzip", spec=ModelSpec(), codebook_dtype=book)
-        sizes[book] = info(tmp_path / f"{book}.dzip")["bytes_by_kind"]["codebooks"]
-    rows = [r for r in info(tmp_path / "int8.dzip")["tensors"] if "clusters" in r]
-    clusters = sum(r["clusters"] for r in rows)  # neighbours closer than a step merge
+        sizes[book] = info(tmp_path / f"{book}.dzip").bytes_by_kind["codebooks"]
+    rows = [r for r in info(tmp_path / "int8.dzip").tensors if r.shared]
+    clusters = sum(r.clusters for r in rows)  # neighbours closer than a step merge
     assert clusters <= sizes["float16"] // 2
     assert sizes["int8"] == clusters + 4 * len(rows)  # k levels + fp16 lo and step per layer
     # values float16 cannot hold: that codebook is kept as float32, decoded exactly
@@ -333,10 +334,10 @@ def test_truncation_at_every_section_boundary(tmp_path, good_file):
     info_path = tmp_path / "ok.dzip"
     info_path.write_bytes(good_file)
     sizes = info(info_path)
-    head = sizes["header_bytes"]
+    head = sizes.header_bytes
     cuts = {0, 4, 8, 12, 19, 20, head - 1, head, len(good_file) - 1}
-    for t in sizes["tensors"]:
-        cuts.add(head + t.get("bytes", 0))
+    for t in sizes.tensors:
+        cuts.add(head + t.bytes)
     offset = head
     header, _, _ = read_container(info_path)  # version 4 lists no offsets: the reader derives them
     for t in header["tensors"]:
@@ -448,11 +449,11 @@ def test_tied_attention_lstm_model_roundtrips_identically(tmp_path):
     assert torch.equal(back(x), ref)
     assert back.decoder.weight is back.embedding.weight
     assert sparsity_of(back) == pytest.approx(0.6, abs=1e-3)
-    rows = {r["name"]: r for r in info(tmp_path / "lm.dzip", TiedLM())["tensors"]}
-    assert rows["decoder.weight"]["encoding"] == "alias of embedding.weight"
-    assert rows["decoder.weight"]["bytes"] == 0
-    assert rows["lstm.weight_hh_l0"]["encoding"] in ("dense", "sparse")
-    assert rows["embedding.weight"]["encoding"] in ("dense", "sparse")  # shared, not raw
+    rows = {r.name: r for r in info(tmp_path / "lm.dzip", TiedLM()).tensors}
+    assert rows["decoder.weight"].encoding == "alias of embedding.weight"
+    assert rows["decoder.weight"].bytes == 0
+    assert rows["lstm.weight_hh_l0"].encoding in ("dense", "sparse")
+    assert rows["embedding.weight"].encoding in ("dense", "sparse")  # shared, not raw
     # an untied copy of the class gets the same values under both names
     untied = TiedLM()
     untied.decoder.weight = nn.Parameter(torch.zeros(50, 32))
@@ -599,11 +600,11 @@ def test_a_tied_embedding_is_pruned_shared_and_stored_once(tmp_path, bake):
     x = torch.randint(500, (4, 7))
     assert torch.equal(fresh(x), model(x))
     sizes = info(path, _TiedLM())
-    assert sizes["params"] == sum(p.numel() for p in _TiedLM().parameters())
-    assert sizes["state_dict_bytes"] == state_dict_bytes(_TiedLM())  # counted once
-    assert sizes["real_ratio"] > 20
-    assert info(path)["state_dict_bytes"] == sizes["state_dict_bytes"]  # one definition,
-    assert info(path)["real_ratio"] == sizes["real_ratio"]  # with or without the model
+    assert sizes.params == sum(p.numel() for p in _TiedLM().parameters())
+    assert sizes.state_dict_bytes == state_dict_bytes(_TiedLM())  # counted once
+    assert sizes.real_ratio > 20
+    assert info(path).state_dict_bytes == sizes.state_dict_bytes  # one definition,
+    assert info(path).real_ratio == sizes.real_ratio  # with or without the model
     dequantize_(model)
     assert model.head.weight is model.embed.weight
 

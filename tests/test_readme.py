@@ -95,7 +95,7 @@ def test_the_python_api_example_runs_as_printed(tmp_path, monkeypatch):
     exec(compile(_block("deepzip.prune_(model, deepzip.PruneConfig("), str(README), "exec"),
          scope)  # noqa: S102 - our own README
     assert (tmp_path / "resnet20.dzip").is_file()
-    assert deepzip.info("resnet20.dzip")["real_ratio"] > 3
+    assert deepzip.info("resnet20.dzip").real_ratio > 3
     # the file stores float16 values and folded BatchNorm: close to the model, not equal
     result = deepzip.verify(scope["model"], scope["small"], scope["test"])
     assert result["max_abs_diff"] < 0.1 and result["same_predictions"] >= 0.95 * 256

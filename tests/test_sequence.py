@@ -76,11 +76,10 @@ def test_a_tied_language_model_through_compress(tmp_path):
     assert s["decoded_score"] == pytest.approx(_per_token(result.model, task.eval))
     assert truth - 0.1 < s["decoded_score"] <= 1.0
     assert result.model.head.weight is result.model.embed.weight  # re-tied
-    rows = {r["name"]: r for r in deepzip.dzip_torch.info(result.path, tiny_lm.TinyLM())
-            ["tensors"]}
-    assert rows["head.weight"]["encoding"] == "alias of embed.weight"
-    assert rows["embed.weight"]["encoding"] in ("sparse", "dense")  # pruned and shared
-    assert rows["embed.weight"]["nonzero"] < 0.7 * rows["embed.weight"]["params"]
+    rows = {r.name: r for r in deepzip.dzip_torch.info(result.path, tiny_lm.TinyLM()).tensors}
+    assert rows["head.weight"].encoding == "alias of embed.weight"
+    assert rows["embed.weight"].encoding in ("sparse", "dense")  # pruned and shared
+    assert rows["embed.weight"].nonzero < 0.7 * rows["embed.weight"].params
 
 
 def test_a_language_model_through_the_cli_from_its_folder(tmp_path, monkeypatch, capsys):

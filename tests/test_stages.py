@@ -61,8 +61,8 @@ def test_share_measures_fisher_and_returns_the_config_it_used():
 def test_encode_writes_the_file_and_reads_its_sizes_back(tmp_path):
     model = _model()
     info = stages.encode(model, SPEC, tmp_path / "m.dzip", like=_model())
-    assert info["file_bytes"] == (tmp_path / "m.dzip").stat().st_size
-    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert info.file_bytes == (tmp_path / "m.dzip").stat().st_size
+    assert info.params == sum(p.numel() for p in model.parameters())
 
 
 def test_loss_points_follow_the_metrics_direction():

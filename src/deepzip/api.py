@@ -87,10 +87,11 @@ def compress(model: nn.Module | str, task: Task | tuple[Iterable, Iterable] | st
     given = model if isinstance(model, nn.Module) else None
     recipe.model = f"python:{arch_name(model)}" if given is not None else str(model)
     with run_folder(out) as folder:
-        pipe = Pipeline(recipe, folder, task, log, model=given, spec=spec, device=dev)
-        write_run_files(folder, recipe, f"deepzip.compress({recipe.model.removeprefix('python:')}"
-                        f", task {task.name!r}, recipe {recipe.name!r}, out={str(out)!r})",
-                        " (as deepzip.compress ran it)")
+        made_by = (f"deepzip.compress({recipe.model.removeprefix('python:')}, task "
+                   f"{task.name!r}, recipe {recipe.name!r}, out={str(out)!r})")
+        pipe = Pipeline(recipe, folder, task, log, model=given, spec=spec, device=dev,
+                        command=made_by)
+        write_run_files(folder, recipe, made_by, " (as deepzip.compress ran it)")
         report = pipe.run()
         path = folder / "model.dzip"
         decoded = dzip_torch.load(path, pipe.ctx.fresh().cpu()) if is_main_process() else None

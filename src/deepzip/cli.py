@@ -336,28 +336,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size_table(info: dict) -> str:
+def _size_table(info: Any) -> str:
+    """``deepzip encode``'s and ``inspect``'s table of a file's sizes (a FileInfo)."""
     from .render import bytes_by_kind_line, text_table
 
-    rows = [{**r, "shape": r["shape"], "huffman": r.get("huffman_avg", "")}
-            for r in info["tensors"] if "clusters" in r]
-    other = [r for r in info["tensors"] if "clusters" not in r]
-    rows.append({"name": f"other ({len(other)} tensors)", "params": sum(r["params"] for r in
-                                                                       other),
-                 "encoding": "raw", "bytes": sum(r["bytes"] for r in other)})
-    rows.append({"name": "header", "bytes": info["header_bytes"]})
+    rows = [{**t.to_dict(), "huffman": t.huffman_avg} for t in info.tensors if t.shared]
+    other = [t for t in info.tensors if not t.shared]
+    rows.append({"name": f"other ({len(other)} tensors)",
+                 "params": sum(t.params for t in other), "encoding": "raw",
+                 "bytes": sum(t.bytes for t in other)})
+    rows.append({"name": "header", "bytes": info.header_bytes})
     table = text_table(rows, ["name", "shape", "params", "nonzero", "clusters", "bits",
                               "huffman", "encoding", "gap_bits", "bytes"])
-    kinds = bytes_by_kind_line(info["bytes_by_kind"])
-    return (f"{table}\n\nfile: {info['file_bytes']:,} bytes ({kinds}); fp32 state_dict "
-            f"(as torch.save writes it, tied tensors once): {info['state_dict_bytes']:,} "
-            f"bytes\nreal compression: {info['real_ratio']:.2f}x on disk (state_dict / file), "
-            f"{8 * info['file_bytes'] / max(1, info['params']):.3f} bits per parameter "
-            f"({info['params']:,} parameters)\n" + (
-                f"indices-only ratio: {info['formula_ratio']:.2f}x "
-                f"({info['shared_nonzero']:,} of {info['shared_weights']:,} weights nonzero, "
-                f"Huffman {info['huffman_avg']:.3f} bits on average)"
-                if info["formula_ratio"] else
+    kinds = bytes_by_kind_line(info.bytes_by_kind)
+    return (f"{table}\n\nfile: {info.file_bytes:,} bytes ({kinds}); fp32 state_dict "
+            f"(as torch.save writes it, tied tensors once): {info.state_dict_bytes:,} "
+            f"bytes\nreal compression: {info.real_ratio:.2f}x on disk (state_dict / file), "
+            f"{8 * info.file_bytes / max(1, info.params):.3f} bits per parameter "
+            f"({info.params:,} parameters)\n" + (
+                f"indices-only ratio: {info.formula_ratio:.2f}x "
+                f"({info.shared_nonzero:,} of {info.shared_weights:,} weights nonzero, "
+                f"Huffman {info.huffman_avg:.3f} bits on average)"
+                if info.formula_ratio else
                 "indices-only ratio: n/a (no shared weights: run deepzip quantize first)"))
 
 
@@ -388,7 +388,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from . import dzip_torch
 
     info = dzip_torch.info(args.file)
-    print(json.dumps(info) if args.json else _size_table(info))
+    print(json.dumps(info.to_dict()) if args.json else _size_table(info))
     return 0
 
 
@@ -522,9 +522,9 @@ def _run(args: argparse.Namespace, recipe, out: Path) -> int:
                         subset=args.subset, device=_device(args),
                         validation=recipe.validation,
                         validation_from=recipe.validation_from)
-    pipe = Pipeline(recipe, out, task, device=_device(args))
+    pipe = Pipeline(recipe, out, task, device=_device(args), command=_command(args))
     changed = any(getattr(args, k) is not None for k in OVERRIDES)
-    write_run_files(out, recipe, _command(args),
+    write_run_files(out, recipe, pipe.command,
                     f" ({args.recipe or 'default'}" + (" with the command line's settings)"
                                                         if changed else ")"))
     report = pipe.run()

@@ -12,6 +12,7 @@ import functools
 import io
 import math
 import os
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ from .dzip import BN_KEYS, PART_KIND, PARTS, VERSION, decode_arrays, read_contai
 from .errors import DeepzipError, DeepzipFormatError
 from .targets import bake_, codebooks, is_pruned, join_name
 
-__all__ = ["info", "load", "load_state", "precision_changes", "round_to_file_precision_",
+__all__ = ["FileInfo", "TensorSize", "info", "load", "load_state", "precision_changes",
+           "round_to_file_precision_",
            "save", "state_dict_bytes"]
 
 __getattr__ = moved(__name__, {"inspect": "deepzip.dzip_torch:info"})  # shadowed a stdlib name
@@ -457,7 +459,57 @@ def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
         raise DeepzipFormatError(f"{path}: {e}") from None
 
 
-def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TensorSize:
+    """One tensor of a ``.dzip`` file: its stored bytes and, for a shared weight, its
+    clusters, index bits and the Huffman bits its nonzeros' indices average."""
+
+    name: str
+    shape: list[int]
+    params: int
+    encoding: str
+    bytes: int
+    nonzero: int
+    clusters: int | None = None
+    bits: int | None = None
+    huffman_avg: float | None = None
+    gap_bits: int | str | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.clusters is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (a run's state, ``inspect --json``): a shared weight's fields only
+        where it has them."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What :func:`info` reads off a ``.dzip`` file: per tensor and in total, both ratios.
+    ``real_ratio`` is the fp32 ``state_dict`` as ``torch.save`` writes it over the file;
+    ``formula_ratio`` the indices-only ratio (shared weights' index bits alone)."""
+
+    model: Any
+    tensors: list[TensorSize]
+    header_bytes: int
+    bytes_by_kind: dict[str, int]
+    file_bytes: int
+    state_dict_bytes: int
+    params: int
+    real_ratio: float
+    shared_weights: int
+    shared_nonzero: int
+    huffman_avg: float
+    formula_ratio: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: what a run's state and ``deepzip inspect --json`` hold."""
+        return {**asdict(self), "tensors": [t.to_dict() for t in self.tensors]}
+
+
+def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> FileInfo:
     """Per-tensor and total sizes of a ``.dzip`` file, both ways, and ``bytes_by_kind``.
 
     ``formula``: the indices-only ratio, 32 bits x weights / sum(nonzero x Huffman bits
@@ -508,14 +560,12 @@ def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> dict[s
         fp32 = state_dict_bytes(state)
     shared = [r for r in rows if "clusters" in r]
     nonzero = sum(r["nonzero"] for r in shared)
-    return {
-        "model": header.get("model"), "tensors": rows, "header_bytes": head, "bytes_by_kind": where,
-        "file_bytes": head + len(data), "state_dict_bytes": fp32, "params": params,
-        "real_ratio": fp32 / (head + len(data)),
-        "shared_weights": weights, "shared_nonzero": nonzero,
-        "huffman_avg": coded_bits / nonzero if nonzero else 0.0,
-        "formula_ratio": 32 * weights / coded_bits if coded_bits else None,
-    }
+    return FileInfo(
+        model=header.get("model"), tensors=[TensorSize(**r) for r in rows], header_bytes=head,
+        bytes_by_kind=where, file_bytes=head + len(data), state_dict_bytes=fp32, params=params,
+        real_ratio=fp32 / (head + len(data)), shared_weights=weights, shared_nonzero=nonzero,
+        huffman_avg=coded_bits / nonzero if nonzero else 0.0,
+        formula_ratio=32 * weights / coded_bits if coded_bits else None)
 
 
 def _raw_kind(entry: dict[str, Any]) -> str:

@@ -56,12 +56,15 @@ class Pipeline:
     """One run of a recipe on a task into ``out_dir``; :meth:`run` executes what is left.
 
     ``model``: an ``nn.Module`` to compress instead of the recipe's ``model`` (any
-    architecture, registered or not); ``spec`` records its name and normalization.
+    architecture, registered or not); ``spec`` records its name and normalization;
+    ``command``: how the run was started (the report quotes it).
     """
 
     def __init__(self, recipe: Recipe, out_dir: str | Path, task: Task,
                  log: Callable[[str], None] = print, *, model: nn.Module | None = None,
-                 spec: ModelSpec | None = None, device: torch.device | None = None) -> None:
+                 spec: ModelSpec | None = None, device: torch.device | None = None,
+                 command: str = "deepzip run") -> None:
+        self.command = command  # how the run was started, for its report
         self.ctx = c = RunContext(recipe, out_dir, task, log, model=model, spec=spec,
                                   device=device)
         if c.task.val is not None and model is None and recipe.model in PRETRAINED \
@@ -112,10 +115,9 @@ class Pipeline:
         if not c.done("encode"):
             t0 = time.time()
             info = stages.encode(model, spec, path, **encoding(c), like=c.fresh())
-            c.log(f"[encode] {path}: {info['file_bytes']:,} bytes, "
-                  f"{info['real_ratio']:.1f}x smaller than the fp32 state_dict")
-            c.finish("encode", t0, **{k: v for k, v in info.items() if k != "tensors"},
-                     tensors=info["tensors"], sha256=file_sha256(path))
+            c.log(f"[encode] {path}: {info.file_bytes:,} bytes, "
+                  f"{info.real_ratio:.1f}x smaller than the fp32 state_dict")
+            c.finish("encode", t0, **info.to_dict(), sha256=file_sha256(path))
         return c.state["stages"]["encode"]
 
     def verify(self, model: nn.Module, spec: ModelSpec) -> dict[str, Any]:
@@ -205,4 +207,4 @@ class Pipeline:
 
         if not is_main_process():
             return {"stages": c.state["stages"]}
-        return write_run_report(c.out, c.recipe, c.state, c.task)
+        return write_run_report(c.out, c.recipe, c.state, c.task, self.command)

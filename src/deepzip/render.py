@@ -241,9 +241,10 @@ def plot_pareto(reports: Sequence[dict[str, Any]], path: os.PathLike[str] | str)
 
 
 def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, Any],
-                     task: Any = None) -> dict[str, Any]:
+                     task: Any = None, command: str = "deepzip run") -> dict[str, Any]:
     """``report.md``, ``report.json`` and ``layers.png`` for one pipeline run; returns the
-    report's numbers (:func:`deepzip.report.run_summary`).
+    report's numbers (:func:`deepzip.report.run_summary`). ``command``: how the run was
+    started, which the report quotes (the run's ``command.txt`` holds the same).
 
     Scores are the task's metric (with its direction); the task and data set the run was
     evaluated on are named, as measured, not assumed.
@@ -260,8 +261,6 @@ def write_run_report(out: os.PathLike[str] | str, recipe: Any, state: dict[str, 
     _plot_layers(layers, out / "layers.png", recipe.name)
     decided = _decided(summary_row, st["baseline"].get("seen_validation", False))
     fmt_ratio = f"{enc['formula_ratio']:.2f}x" if enc["formula_ratio"] else "n/a"
-    cmd_file = out / "command.txt"
-    command = cmd_file.read_text().strip() if cmd_file.is_file() else "deepzip run"
     score_line = _score_line(metric, higher, base, ver["score"])
     size_line = (f"{enc['file_bytes']:,} bytes vs {enc['state_dict_bytes']:,} (the fp32 "
                  f"state_dict as torch.save writes it): {enc['real_ratio']:.2f}x")

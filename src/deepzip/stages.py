@@ -230,7 +230,8 @@ def decoded(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
 
 def encode(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str], *,
            raw_dtype: str = "float16", codebook_dtype: str = "float32",
-           fold_batchnorm: bool = True, like: nn.Module | None = None) -> dict[str, Any]:
+           fold_batchnorm: bool = True, like: nn.Module | None = None
+           ) -> dzip_torch.FileInfo:
     """Write ``model`` as a ``.dzip`` file (one process writes; the others wait) and return
     its sizes (:func:`~deepzip.dzip_torch.info`), read back against ``like`` (a fresh
     instance of the model) or the architecture the file records. The null device as
