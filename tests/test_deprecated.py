@@ -34,6 +34,16 @@ def test_a_moved_name_still_works_and_says_where_it_went(old, name, new, new_nam
     assert obj is getattr(importlib.import_module(new), new_name)
 
 
+def test_file_info_still_reads_as_a_mapping_with_a_warning(tmp_path):
+    """deepzip.info returned a dict before 0.5; indexing the FileInfo still works, warned."""
+    from deepzip.models import get
+
+    deepzip.save(get("lenet300"), tmp_path / "m.dzip")
+    sizes = deepzip.info(tmp_path / "m.dzip")
+    with pytest.warns(DeprecationWarning, match=r"use \.real_ratio"):
+        assert sizes["real_ratio"] == sizes.real_ratio
+
+
 def test_an_unknown_name_is_still_an_attribute_error():
     with pytest.raises(AttributeError):
         deepzip.models.no_such_thing  # noqa: B018

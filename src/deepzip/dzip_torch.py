@@ -508,6 +508,15 @@ class FileInfo:
         """The JSON form: what a run's state and ``deepzip inspect --json`` hold."""
         return {**asdict(self), "tensors": [t.to_dict() for t in self.tensors]}
 
+    def __getitem__(self, key: str) -> Any:
+        """``info(path)["real_ratio"]`` as before 0.5, with a warning, for one release."""
+        import warnings
+
+        warnings.warn(f"deepzip.info(...)[{key!r}] is deprecated: use .{key} (info returns "
+                      "a FileInfo since 0.5; .to_dict() for the old dict)", DeprecationWarning,
+                      stacklevel=2)
+        return self.to_dict()[key]
+
 
 def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> FileInfo:
     """Per-tensor and total sizes of a ``.dzip`` file, both ways, and ``bytes_by_kind``.
