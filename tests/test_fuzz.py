@@ -35,6 +35,7 @@ def recipe_bases():
     return [yaml.safe_load(p.read_text()) for p in sorted(folder.glob("*.yaml"))]
 
 
+@pytest.mark.slow
 def test_recipe_mutations(tmp_path, recipe_bases):
     out = fuzz_recipes(recipe_bases, 400, seed=4, tmp=tmp_path)
     _clean(out, "recipes")

@@ -100,6 +100,7 @@ def test_save_checkpoint_roundtrips_spec(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "m.pt"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_shipped_baseline_reaches_its_accuracy(cifar_test):
     from deepzip import evaluate, pretrained
     from deepzip.data import BatchLoader

@@ -94,6 +94,7 @@ def test_reference_model_is_the_baseline(tmp_path, data_root, start_model):
         ref.state_dict()["conv1.weight"])
 
 
+@pytest.mark.slow
 def test_gradual_pruning_with_distillation_path(tmp_path, data_root, start_model):
     """The default recipe's path: global-threshold AGP, distillation, quantization-aware
     training, trained centroids, grid stores."""

@@ -75,6 +75,7 @@ def test_eval_every_skips_test_passes_without_changing_training(small):
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(small, tmp_path):
     cfg = TrainConfig(epochs=2, lr=0.05)
     torch.manual_seed(0)
