@@ -440,22 +440,28 @@ def test_the_sparsity_search_leaves_the_margin_to_the_final_confirmation(tmp_pat
     assert "what the model's margin" in " ".join((out / "report.md").read_text().split())
 
 
+def _steps_recipe(amounts, **prune):
+    """One-epoch global pruning steps to ``amounts`` under max_loss 10 with a margin of one
+    standard error, then entropy-constrained sharing: the step policies' test recipe."""
+    from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
+
+    return Recipe(name="steps", max_loss=10.0, margin_se=1.0, prune=PruneStage(
+        schedule="iterative", train={"lr": 0.05, "precision": "fp32"},
+        steps=[PruneStep("global", a, 1) for a in amounts], **prune),
+        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
+
+
 def test_stop_over_budget_keeps_the_last_pruning_step_within_its_part_of_max_loss(
         tmp_path):
     """Iterative pruning with stop_over_budget scores each step's retrained model on
     validation data; the first over loss_share of what its margin leaves of max_loss is
     undone, no later step runs, and the stage delivers the step before it."""
     from deepzip.api import compress
-    from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
 
     out = tmp_path / "run"
     out.mkdir()
     model, task, test = _tiny_classification(out)
-    recipe = Recipe(name="steps", max_loss=10.0, margin_se=1.0, prune=PruneStage(
-        schedule="iterative", stop_over_budget=True, train={"lr": 0.05, "precision": "fp32"},
-        steps=[PruneStep("global", 0.3, 1), PruneStep("global", 0.995, 1),
-               PruneStep("global", 0.999, 1)]),
-        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
+    recipe = _steps_recipe([0.3, 0.995, 0.999], stop_over_budget=True)
     log: list[str] = []
     prune = compress(model, task, recipe, out=out, log=log.append).report["stages"]["prune"]
     rows = prune["search"]["probes"]
@@ -482,16 +488,11 @@ def test_keep_steps_chooses_the_step_and_the_sharing_budget_together(tmp_path):
     probed budgets; the margin is paid once, by the file that ships."""
     from deepzip import decide
     from deepzip.api import compress
-    from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
 
     out = tmp_path / "run"
     out.mkdir()
     model, task, test = _tiny_classification(out)
-    recipe = Recipe(name="steps", max_loss=10.0, margin_se=1.0, prune=PruneStage(
-        schedule="iterative", keep_steps=True, train={"lr": 0.05, "precision": "fp32"},
-        steps=[PruneStep("global", 0.3, 1), PruneStep("global", 0.6, 1),
-               PruneStep("global", 0.999, 1), PruneStep("global", 0.9995, 1)]),
-        quantize=QuantizeStage(bits=6, entropy_weight=50, epochs=1, probe_epochs=0))
+    recipe = _steps_recipe([0.3, 0.6, 0.999, 0.9995], keep_steps=True)
     log: list[str] = []
     stages = compress(model, task, recipe, out=out, log=log.append).report["stages"]
     search, budget = stages["prune"]["search"], stages["quantize"]["budget"]

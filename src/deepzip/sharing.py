@@ -97,10 +97,10 @@ class Sharing:
         """``max_loss``: the searched budget (and step), confirmed by the full stage on
         validation data; over it, :meth:`retry` says what to run next."""
         c = self.ctx
-        pruned = copy.deepcopy(model)
         qcfg, budget = self.budget(model, spec, qcfg)
-        if "options" in budget:  # prune.keep_steps: the step chosen with the budget
-            pruned = self.step_model(budget["chosen_step"], spec)
+        # prune.keep_steps: the step chosen with the budget; else the pruned model as it is
+        pruned = (self.step_model(budget["chosen_step"], spec) if "options" in budget
+                  else model)
         while True:
             model = copy.deepcopy(pruned)
             shared = self.share(model, spec, qcfg)
