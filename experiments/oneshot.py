@@ -1,14 +1,16 @@
-"""Pruning without retraining: magnitude against Wanda, one shot, on a trained model.
+"""Pruning without retraining: magnitude against Wanda and SparseGPT, one shot, on a trained
+model.
 
     python experiments/oneshot.py resnet20 --data-dir ../shared/data \
         --out results/oneshot/resnet20.md
 
 For each sparsity (or N:M pattern: 2:4 keeps 2 of every 4 weights of a row), the
 shipped (or given) model is pruned once and evaluated, no retraining: magnitude per
-layer (percentile), magnitude across layers (global), and Wanda (|w| x the norm of its
-input feature, per output row; Sun et al. 2023, its norms from the first 128 calibration
-images); each also with its BatchNorm statistics re-estimated on
-the --calibration images ("+BN": deepzip.train.recalibrate_batchnorm_, no weight
+layer (percentile), magnitude across layers (global), Wanda (|w| x the norm of its
+input feature, per output row; Sun et al. 2023) and SparseGPT (per layer, the mask chosen
+and the remaining weights updated to keep the layer's outputs; Frantar & Alistarh 2023,
+deepzip.obs), the last two reading the --calibration images; each also with its BatchNorm
+statistics re-estimated on them ("+BN": deepzip.train.recalibrate_batchnorm_, no weight
 changes). Calibration images are the first ones of the training set, without
 augmentation, so the test set is read only by the evaluations. Test accuracy in fp32 on
 the whole test set.
@@ -47,7 +49,8 @@ def main() -> int:
     calibration = BatchLoader(train, 128, train=False, mean=spec.mean, std=spec.std)
     base = stages.score(model, task, spec).value
     rows = []
-    methods = ("percentile", "global", "wanda")
+    methods = ("percentile", "global", "wanda", "sparsegpt")
+    reads = ("wanda", "sparsegpt")
     for sparsity in args.sparsities.split(","):
         row = {"sparsity": sparsity}
         pattern = sparsity if ":" in sparsity else None  # N:M (2:4): per row, no global
@@ -58,7 +61,8 @@ def main() -> int:
             trial = copy.deepcopy(model)
             prune_(trial, PruneConfig(method, 0.0 if pattern else float(sparsity),
                                       n_m=pattern), bake=True,
-                   calibration=calibration if method == "wanda" else None)
+                   calibration=calibration if method in reads else None,
+                   calibration_batches=len(calibration))
             row[method] = round(100 * stages.score(trial, task, spec).value, 2)
             recalibrate_batchnorm_(trial, calibration, batches=len(calibration))
             row[f"{method} +BN"] = round(100 * stages.score(trial, task, spec).value, 2)

@@ -20,7 +20,7 @@ LAYERS = [
     ("tensors", {"targets", "budget", "decide", "report", "onnx_pack", "normalization"}),
     ("models and data", {"models", "data", "task", "checkpoint", "dzip_torch"}),
     ("training", {"train"}),
-    ("operations", {"prune", "quantize", "qat", "export", "loading"}),
+    ("operations", {"obs", "prune", "quantize", "qat", "export", "loading"}),
     ("configuration", {"recipe", "runfolder"}),
     ("stages", {"stages"}),
     ("policies", {"context", "sparsity", "sharing"}),
@@ -29,7 +29,7 @@ LAYERS = [
 ]
 LAYER = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 # what the run and the front doors reach only through deepzip.stages or the policies
-OPERATIONS = {"prune", "quantize", "qat", "kmeans", "targets", "huffman", "codecs", "dzip"}
+OPERATIONS = {"obs", "prune", "quantize", "qat", "kmeans", "targets", "huffman", "codecs", "dzip"}
 THROUGH_STAGES = {"pipeline", "api", "cli", "render"}
 
 

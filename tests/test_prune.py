@@ -330,5 +330,5 @@ def test_n_of_every_m_weights_are_kept():
     assert (groups == 2).all()  # two of every four, in every group of every row
     with pytest.raises(DeepzipError, match="N:M"):
         PruneConfig("percentile", 0.5, n_m="half")
-    with pytest.raises(DeepzipError, match="percentile .* and wanda"):
+    with pytest.raises(DeepzipError, match="percentile .* wanda and sparsegpt"):
         PruneConfig("global", 0.5, n_m="2:4")

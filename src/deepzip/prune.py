@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import DeepzipError
+from .obs import hessians, obs_prune, reconstructable, underlying
 from .targets import (
     Target,
     bake_,
@@ -63,7 +64,7 @@ __all__ = [
     "wanda_scores",
 ]
 
-METHODS = ("percentile", "std", "global", "wanda")
+METHODS = ("percentile", "std", "global", "wanda", "sparsegpt")
 
 
 # ---------------------------------------------------------------- functional core
@@ -215,7 +216,9 @@ class PruneConfig:
     ``amount`` is q (percentile), s (std), the model-wide sparsity (global) or, for
     ``wanda`` (Sun et al. 2023: pruning without retraining), the fraction of each output
     row pruned by |weight| x the norm of its input feature on calibration data
-    (:func:`prune_`'s ``calibration``).
+    (:func:`prune_`'s ``calibration``), and for ``sparsegpt`` (Frantar & Alistarh 2023) the
+    fraction of each layer pruned with the remaining weights updated to keep the layer's
+    outputs on that data (:mod:`deepzip.obs`).
     ``include``/``exclude`` are glob patterns over layer and parameter names (e.g.
     ``"conv1"``, ``"linear"``, ``"lstm.weight_hh_*"``; default: see :func:`prunable`);
     ``per_layer`` maps patterns to amounts that override ``amount``.
@@ -235,9 +238,9 @@ class PruneConfig:
             raise DeepzipError(f"pruning method must be one of {METHODS}, got {self.method!r}")
         if self.n_m is not None:
             n, m = _n_m(self.n_m)
-            if self.method not in ("percentile", "wanda") or self.per_layer:
-                raise DeepzipError("n_m applies to percentile (magnitude) and wanda pruning, "
-                                   "without per_layer amounts")
+            if self.method in ("std", "global") or self.per_layer:
+                raise DeepzipError("n_m applies to percentile (magnitude), wanda and "
+                                   "sparsegpt pruning, without per_layer amounts")
             self.amount = 1 - n / m
         if self.method == "global" and self.per_layer:
             raise DeepzipError("per_layer amounts do not apply to global pruning")
@@ -288,7 +291,9 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
 
     ``wanda`` reads ``calibration_batches`` batches of ``calibration`` (``(inputs, _)``
     batches, as the model takes them) through the model once, to weigh each weight by its
-    input feature's norm.
+    input feature's norm; ``sparsegpt`` reads them once per group of layers whose
+    Hessians fit :data:`deepzip.obs.HESSIAN_BYTES`, each group pruned (and its remaining
+    weights updated) before the next group's pass.
 
     >>> sparsity = prune_(model, PruneConfig("global", 0.9), bake=True)
     >>> round(sparsity_of(model), 2)
@@ -301,10 +306,13 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
     if not targets:
         raise DeepzipError("no prunable parameters match the include/exclude patterns")
     weights = [t.weight.detach() for t in targets]
-    if config.method == "wanda":
-        if calibration is None:
-            raise DeepzipError("wanda pruning weighs weights by their inputs: pass "
-                               "calibration=a loader of the model's inputs")
+    if config.method in ("wanda", "sparsegpt") and calibration is None:
+        raise DeepzipError(f"{config.method} pruning weighs weights by their inputs: pass "
+                           "calibration=a loader of the model's inputs")
+    if config.method == "sparsegpt":
+        keep = _obs_masks(model, targets, per_target(targets, config.per_layer, config.amount),
+                          config.n_m, calibration, calibration_batches)
+    elif config.method == "wanda":
         norms = input_norms(model, targets, calibration, calibration_batches)
         amounts = per_target(targets, config.per_layer, config.amount)
         keep = (row_mask(wanda_scores(w, norms.get(t.name), t.module), amounts[t.name],
@@ -328,6 +336,35 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
             mask = getattr(t.module, f"{t.attr}_mask")
         out[t.name] = 1 - int(torch.count_nonzero(mask)) / mask.numel()
     return out
+
+
+def _obs_masks(model: nn.Module, targets: Sequence[Target], amounts: Mapping[str, float],
+               n_m: str | None, calibration: Iterable[Any], batches: int
+               ) -> Iterator[torch.Tensor]:
+    """SparseGPT's keep-masks in ``targets``' order, each target's weights updated in place
+    as its group is pruned (before the next group's pass reads the pruned model's
+    activations); layers it cannot reconstruct (embeddings, tied, grouped convolutions)
+    get magnitude per row."""
+    pattern = _n_m(n_m) if n_m is not None else None
+    passes = hessians(model, [t for t in targets if reconstructable(t)], calibration, batches)
+    ready: dict[str, torch.Tensor] = {}
+    for t in targets:
+        if not reconstructable(t):
+            yield row_mask(t.weight.detach().abs(), amounts[t.name], n_m)
+            continue
+        if t.name not in ready:  # the first of the next group: its pass, then its pruning
+            group, sums = next(passes)
+            for g in group:
+                w = g.weight.detach()
+                if g.name not in sums:  # no calibration batch reached this layer
+                    ready[g.name] = row_mask(w.abs(), amounts[g.name], n_m)
+                    continue
+                new, keep = obs_prune(w.reshape(len(w), -1), sums.pop(g.name),
+                                      amounts[g.name], pattern)
+                with torch.no_grad():
+                    underlying(g).copy_(new.reshape(w.shape))
+                ready[g.name] = keep.reshape(w.shape)
+        yield ready.pop(t.name)
 
 
 def row_mask(scores: torch.Tensor, amount: float, n_m: str | None = None) -> torch.Tensor:

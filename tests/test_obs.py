@@ -1,0 +1,89 @@
+"""SparseGPT (deepzip.obs): the mask it chooses, the weights it repairs, and its passes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from deepzip import DeepzipError
+from deepzip.obs import _groups, obs_prune
+from deepzip.prune import PruneConfig, prune_
+from deepzip.targets import masks, prunable
+
+
+def _correlated(n=512, d=64, seed=0):
+    """Inputs whose features are strongly correlated: where OBS's repair matters."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g) \
+        + 0.1 * torch.randn(n, d, generator=g)
+
+
+def _magnitude(w, amount):
+    k = round(amount * w.numel())
+    keep = torch.ones(w.numel(), dtype=torch.bool)
+    keep[w.abs().flatten().topk(k, largest=False).indices] = False
+    return w * keep.reshape(w.shape)
+
+
+def test_obs_keeps_the_outputs_far_better_than_magnitude():
+    x = _correlated()
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    new, keep = obs_prune(w, x.T @ x, 0.5)
+    err = lambda v: float(((x @ w.T - x @ v.T) ** 2).sum())  # noqa: E731
+    assert 1 - keep.float().mean() == pytest.approx(0.5)
+    assert (new[~keep] == 0).all() and (new[keep] != w[keep]).any()  # kept weights repaired
+    assert err(new) < 0.2 * err(_magnitude(w, 0.5))
+
+
+def test_with_uncorrelated_inputs_obs_is_magnitude_pruning():
+    """H = c I: every weight's cost is w^2 c, and no error spreads to another column."""
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    new, keep = obs_prune(w, 5 * torch.eye(64), 0.5, block=64)
+    assert torch.equal(new, _magnitude(w, 0.5)) and torch.equal(keep, new != 0)
+
+
+def test_n_of_m_zeros_already_there_and_dead_inputs():
+    x = _correlated()
+    x[:, 5] = 0  # an input no example ever sets
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    w[0, :3] = 0
+    new, keep = obs_prune(w, x.T @ x, 0.0, (2, 4))
+    assert (keep.reshape(8, 16, 4).sum(2) <= 2).all()
+    assert (keep.reshape(8, 16, 4).sum(2) == 2).float().mean() > 0.9
+    assert not keep[0, :3].any() and not keep[:, 5].any()
+    with pytest.raises(DeepzipError, match="Hessian of shape"):
+        obs_prune(w, torch.eye(3), 0.5)
+
+
+def test_prune_sparsegpt_on_a_model_in_passes():
+    """Through prune_: per-layer sparsity exact, conv and linear repaired, one pass per
+    group of layers whose Hessians fit the cap, the calibration data required."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    base = torch.randn(64, 3, 8, 8)
+    x = base + base.roll(1, 1)  # correlated channels
+    data = [(x[i:i + 16], None) for i in range(0, 64, 16)]
+    magnitude, obs = copy.deepcopy(model), copy.deepcopy(model)
+    prune_(magnitude, PruneConfig("percentile", 0.6), bake=True)
+    sparsity = prune_(obs, PruneConfig("sparsegpt", 0.6), calibration=data,
+                      calibration_batches=4)
+    assert all(s == pytest.approx(0.6, abs=0.01) for s in sparsity.values())
+    assert set(masks(obs)) == {"0", "2", "5"}
+    with torch.no_grad():
+        ref = model(x)
+        assert ((obs(x) - ref) ** 2).mean() < 0.7 * ((magnitude(x) - ref) ** 2).mean()
+    sizes = [len(g) for g in _groups(prunable(model), cap=4 * (27 ** 2 + 72 ** 2))]
+    assert sizes == [2, 1]  # 27^2 + 72^2 columns fit; the linear's 288^2 do not
+    with pytest.raises(DeepzipError, match="calibration"):
+        prune_(copy.deepcopy(model), PruneConfig("sparsegpt", 0.5))
+
+
+def test_an_embedding_falls_back_to_magnitude_per_row():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
+    ids = torch.randint(0, 10, (32, 5))
+    sparsity = prune_(model, PruneConfig("sparsegpt", 0.5), calibration=[(ids, None)],
+                      bake=True)
+    assert sparsity == {"0": 0.5, "1": 0.5}
+    assert ((model[0].weight != 0).sum(1) == 4).all()
