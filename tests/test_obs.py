@@ -87,3 +87,50 @@ def test_an_embedding_falls_back_to_magnitude_per_row():
                       bake=True)
     assert sparsity == {"0": 0.5, "1": 0.5}
     assert ((model[0].weight != 0).sum(1) == 4).all()
+
+
+def _shared(w, bits=3):
+    from deepzip.kmeans import kmeans_1d
+
+    mask = w != 0
+    r = kmeans_1d(w[mask], bits, "linear")
+    idx = torch.zeros(w.shape, dtype=torch.long)
+    idx[mask] = torch.from_numpy(r.labels.astype("int64"))
+    return torch.from_numpy(r.centroids).float(), idx, mask
+
+
+def test_gptq_rounding_and_refitted_values_keep_the_outputs():
+    from deepzip.obs import obs_assign, refit_codebook
+
+    x = _correlated(2048)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    w[w.abs() < 0.5] = 0
+    book, idx, mask = _shared(w)
+    h = x.T @ x
+    err = lambda b, i: float(((x @ w.T - x @ (b[i] * mask).T) ** 2).sum())  # noqa: E731
+    refit = refit_codebook(w, idx, mask, h, book)
+    assert err(refit, idx) < err(book, idx)  # least squares beats the weights' k-means
+    gptq = obs_assign(w, h, book, mask)
+    assert (gptq[~mask] == 0).all()
+    assert err(book, gptq) < 0.6 * err(book, idx)
+    assert err(refit_codebook(w, gptq, mask, h, book), gptq) <= err(book, gptq)
+    # a cost on a value (its code length, priced) moves weights off it
+    pricey = torch.zeros(len(book))
+    pricey[0] = 1e3
+    assert (obs_assign(w, h, book, mask, cost=pricey)[mask] != 0).all()
+
+
+def test_quantize_with_calibration_chooses_clusters_for_the_outputs():
+    from deepzip.quantize import QuantizeConfig, quantize_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = _correlated(512)
+    data = [(x[i:i + 128], None) for i in range(0, 512, 128)]
+    plain, fitted = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_(plain, QuantizeConfig(bits=2))
+    layers = quantize_(fitted, QuantizeConfig(bits=2), calibration=data, calibration_batches=4)
+    assert set(layers) == {"0", "2"} and all(v["bits"] == 2 for v in layers.values())
+    with torch.no_grad():
+        ref = model(x)
+        assert ((fitted(x) - ref) ** 2).mean() < 0.7 * ((plain(x) - ref) ** 2).mean()

@@ -14,13 +14,14 @@ from deepzip.recipe import PruneStage, PruneStep, QuantizeStage, Recipe
 from deepzip.sparsity import Pruning, step_path
 
 
-def _context(tmp_path):
+def _context(tmp_path, max_loss=1.0, steps=None, calibration=1024):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 8, generator=g)
     y = (x[:, 0] > 0).long()
     part = lambda a, b: DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=64)  # noqa: E731
-    recipe = Recipe(name="t", max_loss=1.0, margin_se=0.0, prune=PruneStage(
-        schedule="iterative", keep_steps=True, steps=[PruneStep("global", 0.5, 0)]),
+    recipe = Recipe(name="t", max_loss=max_loss, margin_se=0.0, prune=PruneStage(
+        schedule="iterative", keep_steps=True, calibration=calibration,
+        steps=steps or [PruneStep("global", 0.5, 0)]),
         quantize=QuantizeStage(bits=4))
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     ctx = RunContext(recipe, tmp_path, Task.from_loaders(part(0, 128), part(128, 192),
@@ -52,3 +53,27 @@ def test_no_candidate_leaves_the_model_unpruned(tmp_path):
     assert search["candidates"] == [] and search["top_step"] == 0
     assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
                                                  model.state_dict().values(), strict=True))
+
+
+def test_one_shot_sparsegpt_steps_read_calibration_batches_and_are_kept(tmp_path,
+                                                                        monkeypatch):
+    """Steps of 0 epochs prune without retraining; sparsegpt reads the training batches
+    (``prune.calibration`` examples) and every step's model is kept and scored."""
+    ctx = _context(tmp_path, max_loss=100.0, calibration=100,  # two batches of 64
+                   steps=[PruneStep("sparsegpt", 0.5, 0), PruneStep("sparsegpt", 0.7, 0)])
+    import deepzip.stages
+
+    read = []
+    real = deepzip.stages.prune_
+    monkeypatch.setattr(deepzip.stages, "prune_", lambda m, cfg, **kw: (
+        read.append(kw["calibration_batches"]), real(m, cfg, **kw))[1])
+    model, spec = ctx.start()
+    before = model[0].weight.detach().clone()
+    pruned, _ = Pruning(ctx)(model, spec)
+    assert read == [2, 2]
+    search = ctx.state["stages"]["prune"]["search"]
+    assert [round(r["sparsity"], 2) for r in search["steps"]] == [0.5, 0.7]
+    assert step_path(tmp_path, 2).is_file()
+    kept = pruned[0].weight.detach()
+    # the weights that stay were moved (OBS's update), not only masked
+    assert not torch.equal(kept[kept != 0], before[kept != 0])

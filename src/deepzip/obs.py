@@ -29,7 +29,8 @@ from .errors import DeepzipError
 from .targets import Target, is_pruned
 from .task import model_input
 
-__all__ = ["HESSIAN_BYTES", "hessians", "obs_prune", "reconstructable", "underlying"]
+__all__ = ["HESSIAN_BYTES", "hessians", "obs_assign", "obs_prune",
+           "reconstructable", "refit_codebook", "underlying", "with_hessians"]
 
 HESSIAN_BYTES = 1 << 29  # the Hessians one calibration pass gathers at most (512 MiB)
 BLOCK = 128  # columns whose mask is chosen together (SparseGPT's adaptive mask blocks)
@@ -90,6 +91,23 @@ def hessians(model: nn.Module, targets: Sequence[Target], calibration: Iterable[
             yield group, _gather(model, group, calibration, batches)
     finally:
         model.train(was)
+
+
+def with_hessians(model: nn.Module, targets: Sequence[Target], calibration: Iterable[Any],
+                  batches: int, *, cap: int = HESSIAN_BYTES
+                  ) -> Iterator[tuple[Target, torch.Tensor | None]]:
+    """Each of ``targets`` in order with its Hessian (None where :func:`reconstructable`
+    says no, or no batch reached it). A group's pass runs when its first target is asked
+    for: change each target before asking for the next, and the next group's inputs are
+    those the changed model computes."""
+    fit = [t for t in targets if reconstructable(t)]
+    passes = hessians(model, fit, calibration, batches, cap=cap)
+    ready: dict[str, torch.Tensor | None] = {}
+    for t in targets:
+        if t in fit and t.name not in ready:
+            group, sums = next(passes)
+            ready.update({g.name: sums.pop(g.name, None) for g in group})
+        yield t, ready.pop(t.name, None)
 
 
 def _gather(model: nn.Module, group: list[Target], calibration: Iterable[Any], batches: int
@@ -166,7 +184,10 @@ def obs_prune(w: torch.Tensor, h: torch.Tensor, amount: float, n_m: tuple[int, i
     every M consecutive weights of a row, N kept). Weights that are zero already stay
     pruned. Columns no input ever reached are pruned first and cost nothing.
 
+    >>> layer, x = torch.nn.Linear(64, 32), torch.randn(256, 64)
     >>> new, keep = obs_prune(layer.weight, x.T @ x, 0.5)
+    >>> float(keep.float().mean())
+    0.5
     """
     rows, cols = w.shape
     if n_m is not None:  # groups of M never straddle two blocks
@@ -215,3 +236,82 @@ def obs_prune(w: torch.Tensor, h: torch.Tensor, amount: float, n_m: tuple[int, i
         w[:, i2:] -= err @ u[i1:i2, i2:]
     w[pruned] = 0
     return w, ~pruned
+
+
+def refit_codebook(w: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor,
+                   h: torch.Tensor, codebook: torch.Tensor, *, ridge: float = 1e-6,
+                   rows: int = 256) -> torch.Tensor:
+    """The shared values that keep a shared layer's outputs closest to the unshared
+    layer's on calibration inputs: least squares over the codebook, assignments fixed.
+    ``w`` (rows x columns) are the weights before sharing, ``indices`` and ``mask`` their
+    clusters and nonzeros, ``h`` the inputs' ``X^T X``. Minimizes ``sum_r (c[idx_r] -
+    w_r)^T H (c[idx_r] - w_r)``, a K x K linear system (``ridge`` x its mean diagonal
+    pulls unused or ill-determined values toward ``codebook``); ``rows`` bounds the
+    one-hot block in memory (rows x columns x K).
+
+    >>> from deepzip.quantize import QuantizeConfig, codebooks, quantize_
+    >>> net, x = torch.nn.Sequential(torch.nn.Linear(64, 32)), torch.randn(256, 64)
+    >>> w = net[0].weight.detach().clone()
+    >>> layers = quantize_(net, QuantizeConfig(bits=3))
+    >>> cb = codebooks(net)["0"]
+    >>> new = refit_codebook(w, cb.indices, cb.mask, x.T @ x, cb.codebook)
+    """
+    k = len(codebook)
+    w, h = w.detach().float().reshape(len(w), -1), h.detach().float()
+    idx = indices.reshape(len(w), -1).long()
+    live = mask.reshape(len(w), -1)
+    gram = torch.zeros(k, k, dtype=torch.float64, device=w.device)
+    rhs = torch.zeros(k, dtype=torch.float64, device=w.device)
+    for r0 in range(0, len(w), rows):
+        one = F.one_hot(idx[r0:r0 + rows], k).float() * live[r0:r0 + rows, :, None]
+        hone = torch.matmul(h, one)  # (r, cols, k)
+        gram += torch.einsum("rik,ril->kl", one, hone).double()
+        rhs += torch.einsum("rik,ri->k", hone, w[r0:r0 + rows]).double()
+    damp = ridge * float(gram.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(k, dtype=torch.float64, device=w.device)
+    old = codebook.detach().double()
+    return torch.linalg.solve(gram + damp * eye, rhs + damp * old).to(codebook.dtype)
+
+
+def obs_assign(w: torch.Tensor, h: torch.Tensor, codebook: torch.Tensor, mask: torch.Tensor,
+               *, cost: torch.Tensor | None = None, block: int = BLOCK, damp: float = 0.01
+               ) -> torch.Tensor:
+    """Each nonzero weight's cluster, chosen as GPTQ (Frantar et al. 2023) rounds: column
+    by column to the nearest shared value, each column's rounding error spread over the
+    columns not yet visited (through ``H^-1``), so that the layer's outputs, not its
+    weights, stay close. ``cost`` (per shared value, in squared weight units: an
+    entropy-constrained clustering's penalty times each value's code length) is added to
+    the distance, so the indices keep their Huffman size. Pruned weights stay zero (their
+    error is spread as well). Returns the indices (rows x columns, 0 where pruned).
+
+    >>> from deepzip.quantize import QuantizeConfig, codebooks, quantize_
+    >>> net, x = torch.nn.Sequential(torch.nn.Linear(64, 32)), torch.randn(256, 64)
+    >>> w = net[0].weight.detach().clone()
+    >>> layers = quantize_(net, QuantizeConfig(bits=3))
+    >>> cb = codebooks(net)["0"]
+    >>> idx = obs_assign(w, x.T @ x, cb.codebook, cb.mask)
+    """
+    w = w.detach().float().reshape(len(w), -1).clone()
+    live = mask.reshape(len(w), -1)
+    book = codebook.detach().float()
+    cols = w.shape[1]
+    h = h.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1
+    u = _inverse_factor(h, damp)
+    out = torch.zeros(w.shape, dtype=torch.long, device=w.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
+        err = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            dist = (col[:, None] - book[None, :]) ** 2
+            near = (dist if cost is None else dist + cost[None, :]).argmin(1)
+            q = torch.where(live[:, i1 + i], book[near], torch.zeros_like(col))
+            out[:, i1 + i] = near
+            e = (col - q) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return out.masked_fill(~live, 0)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import DeepzipError
-from .obs import hessians, obs_prune, reconstructable, underlying
+from .obs import obs_prune, underlying, with_hessians
 from .targets import (
     Target,
     bake_,
@@ -342,29 +342,19 @@ def _obs_masks(model: nn.Module, targets: Sequence[Target], amounts: Mapping[str
                n_m: str | None, calibration: Iterable[Any], batches: int
                ) -> Iterator[torch.Tensor]:
     """SparseGPT's keep-masks in ``targets``' order, each target's weights updated in place
-    as its group is pruned (before the next group's pass reads the pruned model's
-    activations); layers it cannot reconstruct (embeddings, tied, grouped convolutions)
-    get magnitude per row."""
+    as it is pruned (before the next group's pass reads the pruned model's activations);
+    layers it cannot reconstruct (embeddings, tied, grouped convolutions) or that no
+    calibration batch reached get magnitude per row."""
     pattern = _n_m(n_m) if n_m is not None else None
-    passes = hessians(model, [t for t in targets if reconstructable(t)], calibration, batches)
-    ready: dict[str, torch.Tensor] = {}
-    for t in targets:
-        if not reconstructable(t):
-            yield row_mask(t.weight.detach().abs(), amounts[t.name], n_m)
+    for t, h in with_hessians(model, targets, calibration, batches):
+        w = t.weight.detach()
+        if h is None:
+            yield row_mask(w.abs(), amounts[t.name], n_m)
             continue
-        if t.name not in ready:  # the first of the next group: its pass, then its pruning
-            group, sums = next(passes)
-            for g in group:
-                w = g.weight.detach()
-                if g.name not in sums:  # no calibration batch reached this layer
-                    ready[g.name] = row_mask(w.abs(), amounts[g.name], n_m)
-                    continue
-                new, keep = obs_prune(w.reshape(len(w), -1), sums.pop(g.name),
-                                      amounts[g.name], pattern)
-                with torch.no_grad():
-                    underlying(g).copy_(new.reshape(w.shape))
-                ready[g.name] = keep.reshape(w.shape)
-        yield ready.pop(t.name)
+        new, keep = obs_prune(w.reshape(len(w), -1), h, amounts[t.name], pattern)
+        with torch.no_grad():
+            underlying(t).copy_(new.reshape(w.shape))
+        yield keep.reshape(w.shape)
 
 
 def row_mask(scores: torch.Tensor, amount: float, n_m: str | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from .deprecated import moved
 from .errors import DeepzipError
 from .kmeans import INITS, MAX_BITS, index_bits, kmeans_1d
+from .obs import obs_assign, refit_codebook, with_hessians
 from .targets import SharedWeight, Target, bake_, codebooks, dequantize_, install, prunable
 from .task import classification_loss, model_input
 
@@ -100,10 +101,24 @@ class QuantizeConfig:
         return self.bits
 
 
-def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, Any]]:
+def quantize_(model: nn.Module, config: QuantizeConfig, *,
+              calibration: Iterable[Any] | None = None, calibration_batches: int = 1
+              ) -> dict[str, dict[str, Any]]:
     """Share weights in place: each selected parameter's nonzero values -> a k-means
     codebook. Pruning masks are baked first; zeros stay zero and are not a cluster.
     Returns per target ``{bits, clusters, error, iterations}``.
+
+    With ``calibration`` (``calibration_batches`` batches of the model's inputs), the
+    clusters are chosen for the layer's outputs, not its weights, where a layer allows it
+    (a Linear or an ungrouped Conv2d; :mod:`deepzip.obs`): k-means gives the shared
+    values, then each weight's cluster is chosen as GPTQ rounds (its error spread over
+    the weights not yet rounded; an entropy-constrained clustering's code lengths still
+    priced in) and the shared values refitted by least squares on the layer's outputs. A
+    group of layers per calibration pass, each pass seeing the layers shared before it:
+    post-training sharing, for models that cannot be retrained.
+
+    >>> layers = quantize_(model, QuantizeConfig(bits=4), calibration=train_loader,
+    ...                    calibration_batches=8)
     """
     out = {}
     targets = select_targets(model, config)
@@ -111,7 +126,9 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
     if config.target_bits is not None:
         scale = fit_penalty_scale(targets, config, pen)
         pen = {k: v * scale for k, v in pen.items()}
-    for t in targets:
+    pairs = (with_hessians(model, targets, calibration, calibration_batches)
+             if calibration is not None else ((t, None) for t in targets))
+    for t, h in pairs:
         name = t.name
         bits = config.bits_for(t)
         w = t.weight.detach()
@@ -121,10 +138,27 @@ def quantize_(model: nn.Module, config: QuantizeConfig) -> dict[str, dict[str, A
         indices = torch.zeros(w.shape, dtype=torch.uint8, device=w.device)
         indices[mask] = torch.from_numpy(r.labels.astype(np.uint8)).to(w.device)
         codebook = torch.from_numpy(r.centroids).to(w)
+        if h is not None and len(codebook):
+            indices, codebook = _reconstruct(w, mask, h, codebook, indices, pen[name])
         install(t, SharedWeight(codebook, indices, mask, bits))
         out[name] = {"bits": bits, "clusters": len(r.centroids), "error": r.error,
                      "iterations": r.iterations}
     return out
+
+
+def _reconstruct(w: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, codebook: torch.Tensor,
+                 indices: torch.Tensor, penalty: float | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's assignment (code lengths priced at ``penalty`` per bit, as the clustering
+    priced them), then the least-squares shared values: (indices, codebook)."""
+    flat = w.reshape(len(w), -1)
+    cost = None
+    if penalty:
+        counts = torch.bincount(indices[mask].long(), minlength=len(codebook)).double()
+        cost = (penalty * -torch.log2((counts / counts.sum()).clamp_min(1e-12))).to(w)
+    idx = obs_assign(flat, h, codebook, mask.reshape(len(w), -1), cost=cost)
+    codebook = refit_codebook(flat, idx, mask, h, codebook)
+    return idx.reshape(w.shape).to(torch.uint8), codebook
 
 
 def shared_index_bits(model: nn.Module) -> float:

@@ -32,15 +32,18 @@ __all__ = ["AGPStage", "EncodeStage", "PruneStep", "QuantizeStage", "Recipe", "l
 
 @dataclass
 class PruneStep:
-    """One step of iterative pruning: prune to ``amount``, then retrain ``epochs``."""
+    """One step of iterative pruning: prune to ``amount`` (or an ``n_m`` pattern, "2:4"),
+    then retrain ``epochs`` (0: one shot, as ``wanda`` and ``sparsegpt`` are made for)."""
 
     method: str = "percentile"
     amount: float = 0.5
     epochs: int = 10
+    n_m: str | None = None
 
     def config(self, include: list[str] | None, exclude: list[str]) -> PruneConfig:
         """The library's :class:`~deepzip.prune.PruneConfig` for this step (it validates)."""
-        return PruneConfig(self.method, self.amount, include=include, exclude=exclude)
+        return PruneConfig(self.method, self.amount, include=include, exclude=exclude,
+                           n_m=self.n_m)
 
 
 BUDGET_PROBES = 7  # a max_loss search of the sharing budget: the cap and six halvings
@@ -86,6 +89,7 @@ class PruneStage:
     stop_over_budget: bool = False
     loss_share: float = 0.5
     keep_steps: bool = False
+    calibration: int = 1024  # training examples that wanda and sparsegpt steps read
 
     @property
     def reads_budget(self) -> bool:
@@ -113,6 +117,7 @@ class QuantizeStage:
     epochs: int = 0
     train: dict[str, Any] = field(default_factory=dict)
     distill: Distill | None = None
+    calibration: int = 0  # > 0: clusters chosen for each layer's outputs on this many
 
     def config(self, seed: int) -> QuantizeConfig:
         """The library's :class:`~deepzip.quantize.QuantizeConfig` for this stage: every
@@ -172,6 +177,8 @@ class Recipe:
                 problems.append(f"prune.steps[{i}].epochs must be >= 0")
             problems += _invalid(f"prune.steps[{i}]", lambda step=step: step.config(
                 p.include, p.exclude))
+        if not (type(p.calibration) is int and p.calibration >= 1):
+            problems.append("prune.calibration must be a count of examples >= 1")
         if p.agp is not None:
             problems += _agp_problems(p.agp, searched=self.max_loss is not None)
         if p.stop_over_budget and not (p.schedule == "iterative" and self.max_loss is not None):
@@ -323,6 +330,11 @@ def _quantize_problems(q: QuantizeStage) -> list[str]:
     if q.sensitivity not in (None, "fisher"):
         problems.append(f"quantize.sensitivity must be fisher or null, not "
                         f"{brief(q.sensitivity)}")
+    if not (type(q.calibration) is int and q.calibration >= 0):
+        problems.append("quantize.calibration must be a count of examples >= 0")
+    elif q.calibration and q.qat_epochs:
+        problems.append("quantize.calibration chooses clusters without training: not with "
+                        "qat_epochs")
     if q.probe_epochs < 0:
         problems.append("quantize.probe_epochs must be >= 0")
     return problems
@@ -459,10 +471,16 @@ HELP = {
     "prune.schedule": "iterative (prune, retrain, repeat), agp (gradual, during training) "
                       "or none",
     "prune.steps": "iterative: the steps, in order",
-    "prune.steps.method": "percentile (q of each layer), std (|w| < s x std) or global "
-                          "(one threshold, this fraction of all weights)",
+    "prune.steps.method": "percentile (q of each layer), std (|w| < s x std), global "
+                          "(one threshold, this fraction of all weights), wanda (|w| x "
+                          "input norm, per row) or sparsegpt (per layer, the weights that "
+                          "stay updated to keep its outputs); the last two read "
+                          "prune.calibration training examples",
     "prune.steps.amount": "q, s or the global sparsity; percentiles are total sparsity",
-    "prune.steps.epochs": "masked retraining after this step",
+    "prune.steps.epochs": "masked retraining after this step (0: one shot)",
+    "prune.steps.n_m": "N:M (2:4): of every M consecutive weights of a row, N kept "
+                       "(percentile, wanda, sparsegpt)",
+    "prune.calibration": "training examples that wanda and sparsegpt steps read",
     "prune.agp": "agp: gradual pruning (Zhu & Gupta 2017)",
     "prune.agp.final": "sparsity reached at end_epoch",
     "prune.agp.initial": "sparsity at start_epoch",
@@ -522,6 +540,9 @@ HELP = {
     "quantize.recluster_every": "optimizer steps between re-clusterings during it",
     "quantize.probe_epochs": "max_loss: centroid training of each probe of the search",
     "quantize.epochs": "centroid training (trained quantization) after sharing",
+    "quantize.calibration": "> 0: choose each layer's clusters for its outputs on this "
+                            "many training examples (GPTQ's rounding, shared values "
+                            "refitted by least squares): sharing without retraining",
     "quantize.train": "its training settings (TrainConfig fields)",
     "quantize.distill": "distillation for both kinds of training",
     "quantize.distill.alpha": "weight of the distillation term",

@@ -87,7 +87,8 @@ class Sharing:
             qat=c.recipe.train_config({"weight_decay": 0.0, **q.qat_train}, q.qat_epochs),
             recluster_every=q.recluster_every,
             centroids=c.recipe.train_config({"weight_decay": 0.0, **q.train}, q.epochs),
-            out_dir=c.out / "quantize", loss_fn=c.loss(q.distill), log=c.log)
+            out_dir=c.out / "quantize", loss_fn=c.loss(q.distill), log=c.log,
+            calibration=q.calibration)
         dzip_torch.round_to_file_precision_(model, e.raw_dtype, e.codebook_dtype,
                                             e.fold_batchnorm)
         return shared
@@ -175,7 +176,7 @@ class Sharing:
                 model, c.task, spec, qcfg, baseline=t.baseline, max_loss=t.allowed,
                 probe=c.recipe.train_config({"weight_decay": 0.0, **q.train}, q.probe_epochs),
                 loss_fn=c.loss(q.distill), encoding=dataclasses.asdict(c.recipe.encode),
-                log=c.log, margin=c.margin)
+                log=c.log, margin=c.margin, calibration=q.calibration)
             found = {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
                      "margin_se": t.margin_se, "baseline_val_score": t.baseline,
                      "probes": probes, "chosen": bits, "confirmed": []}

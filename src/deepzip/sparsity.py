@@ -86,13 +86,15 @@ class Pruning:
         history: Rows = []
         judged: Rows = []
         for i, step in enumerate(p.steps, 1):
-            c.log(f"[prune] step {i}/{len(p.steps)}: {step.method} {step.amount}, "
-                  f"{step.epochs} epochs of masked retraining")
+            c.log(f"[prune] step {i}/{len(p.steps)}: {step.method} {step.n_m or step.amount}, "
+                  + (f"{step.epochs} epochs of masked retraining" if step.epochs else
+                     "one shot"))
             before = copy.deepcopy(model) if p.stop_over_budget else None
             history += stages.prune_step(
                 model, c.task, spec, step.config(p.include, p.exclude),
                 c.recipe.train_config(p.train, step.epochs), loss_fn=c.loss(p.distill),
-                out_dir=c.out / "prune" / f"step{i}", desc=f"prune {i}")
+                out_dir=c.out / "prune" / f"step{i}", desc=f"prune {i}",
+                calibration=p.calibration)
             if p.keep_steps and not self.keep_step(model, spec, judged, i):
                 break
             if before is not None and not self.within_share(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -101,14 +102,28 @@ def training(task: Task, spec: ModelSpec, *, loss_fn: LossFn | None = None,
             "resume": resume, "desc": desc}
 
 
+def calibration_data(task: Task, spec: ModelSpec, batches: TrainConfig | None, examples: int
+                     ) -> dict[str, Any]:
+    """``calibration=`` and ``calibration_batches=`` for the operations that read inputs
+    (Wanda, SparseGPT, reconstructing sharing): whole training batches, drawn as
+    ``batches``' are, until about ``examples`` (the task's own loaders choose their batch
+    size)."""
+    loader = train_loader(task, spec, batches or TrainConfig())
+    size = len(next(iter(loader))[0])
+    return {"calibration": loader, "calibration_batches": max(1, math.ceil(examples / size))}
+
+
 def prune_step(model: nn.Module, task: Task, spec: ModelSpec, config: PruneConfig,
                retrain: TrainConfig | None = None, *,
                after_prune: Callable[[nn.Module], None] | None = None,
-               **fit_kwargs: Any) -> list[dict[str, Any]]:
+               calibration: int = 1024, **fit_kwargs: Any) -> list[dict[str, Any]]:
     """Prune with ``config`` (masks stay on), then masked retraining for ``retrain``'s
-    epochs if given; returns the retraining history. ``after_prune`` sees the model in
-    between (to report it); ``fit_kwargs``: see :func:`training`."""
-    prune_(model, config)
+    epochs if given; returns the retraining history. ``wanda`` and ``sparsegpt`` read
+    about ``calibration`` training examples (whole batches, drawn as ``retrain``'s are).
+    ``after_prune`` sees the model in between (to report it); ``fit_kwargs``: see
+    :func:`training`."""
+    prune_(model, config, **(calibration_data(task, spec, retrain, calibration)
+                             if config.method in ("wanda", "sparsegpt") else {}))
     if after_prune is not None:
         after_prune(model)
     if retrain is None or not retrain.epochs:
@@ -142,11 +157,12 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
           fisher: TrainConfig | None = None, qat: TrainConfig | None = None,
           recluster_every: int = 50,
           centroids: TrainConfig | None = None, out_dir: str | os.PathLike[str] | None = None,
-          resume: bool = True, loss_fn: LossFn | None = None, log: Log = lambda _: None
-          ) -> Shared:
+          resume: bool = True, loss_fn: LossFn | None = None, log: Log = lambda _: None,
+          calibration: int = 0) -> Shared:
     """Weight sharing: Fisher sensitivities (on batches of ``fisher``'s size and seed, if
-    given), quantization-aware training (``qat``'s epochs) or plain clustering, then
-    centroid training (``centroids``' epochs).
+    given), quantization-aware training (``qat``'s epochs) or clustering (with
+    ``calibration`` > 0, for each layer's outputs on that many training examples:
+    :func:`~deepzip.quantize.quantize_`), then centroid training (``centroids``' epochs).
     Shared weights stay parametrized (:func:`~deepzip.quantize.dequantize_` to bake)."""
     if fisher is not None:
         config = with_fisher(model, task, spec, config, fisher)
@@ -164,7 +180,8 @@ def share(model: nn.Module, task: Task, spec: ModelSpec, config: QuantizeConfig,
                                               resume=resume, desc="qat"))
         history += [{"phase": "qat", **r} for r in qat_history]
     else:
-        layers = quantize_(model, config)
+        layers = quantize_(model, config, **(calibration_data(
+            task, spec, centroids, calibration) if calibration else {}))
     result = Shared(config, layers, history, decision_score(model, task, spec).value)
     log(f"[quantize] shared: {task.metric.name} {result.score_kmeans:.4f} before training")
     if centroids is not None and centroids.epochs:
@@ -287,21 +304,22 @@ def search_budget(model: nn.Module, task: Task, spec: ModelSpec, config: Quantiz
                   steps: int = BUDGET_PROBES - 1, low: float = 0.5,
                   loss_fn: LossFn | None = None,
                   encoding: dict[str, Any] | None = None, log: Log = lambda _: None,
-                  margin: Callable[[torch.Tensor | None], float] = lambda _: 0.0
-                  ) -> tuple[float, list[dict[str, Any]]]:
+                  margin: Callable[[torch.Tensor | None], float] = lambda _: 0.0,
+                  calibration: int = 0) -> tuple[float, list[dict[str, Any]]]:
     """The smallest sharing budget (``target_bits``, Huffman bits per nonzero's index)
     whose model stays within ``max_loss`` of ``baseline`` on the decision data, by
     bisection between ``low`` and ``config.bits`` on cheap proxies: each probe shares a
     copy of ``model`` at that budget, trains its centroids for ``probe``'s epochs and is
     scored (and its file's size measured); ``margin`` of its examples' scores
-    (:func:`judged`) is added to its loss before the comparison. Returns (the budget, every
-    probe); the full stage that follows confirms it. ``model`` is not changed."""
+    (:func:`judged`) is added to its loss before the comparison; ``calibration``: see
+    :func:`share`. Returns (the budget, every probe); the full stage that follows confirms
+    it. ``model`` is not changed."""
     probes: list[dict[str, Any]] = []
 
     def run(bits: float) -> bool:
         trial = copy.deepcopy(model)
         share(trial, task, spec, dataclasses.replace(config, target_bits=bits),
-              centroids=probe, loss_fn=loss_fn)
+              centroids=probe, loss_fn=loss_fn, calibration=calibration)
         dzip_torch.round_to_file_precision_(trial, **(encoding or {}))
         value, examples = judged(trial, task, spec)
         size = file_bytes(trial, spec, encoding)
