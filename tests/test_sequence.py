@@ -117,3 +117,37 @@ quantize:
   train: {lr: 0.002, batch_size: 64, precision: fp32, channels_last: false}
 encode: {raw_dtype: float32, codebook_dtype: float32}
 """
+
+
+def test_the_stdlib_language_model_and_its_corpus(tmp_path):
+    """examples/stdlib_lm.py: files split by a hash of their path (tests left out), byte
+    windows, a GPT whose output layer is its embedding and whose attention and MLP are
+    Linear layers that SparseGPT reconstructs; it trains with AdamW."""
+    import stdlib_lm
+
+    for i in range(40):
+        (tmp_path / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t.py").write_text("never read\n" * 100)
+    parts = {s: stdlib_lm.corpus(s, tmp_path) for s in stdlib_lm.SPLITS}
+    assert sum(len(p) for p in parts.values()) == sum(
+        len((tmp_path / f"m{i}.py").read_bytes()) for i in range(40)) + sum(
+        p.count(b"\n\ndef") for p in parts.values())  # the joins, and no test file
+    assert all(parts.values()) and b"never read" not in b"".join(parts.values())
+    x, y = stdlib_lm.windows(parts["train"])[0]
+    assert x.shape == (stdlib_lm.CONTEXT,) and torch.equal(x[1:], y[:-1])
+    torch.manual_seed(0)
+    model = stdlib_lm.StdlibGPT(d=32, layers=1, heads=2, context=16)
+    assert model.head.weight is model.embed.weight
+    tokens = torch.randint(256, (8, 16))
+    assert model(tokens).shape == (8, 16, 256)
+    sparsity = deepzip.prune_(model, deepzip.PruneConfig("sparsegpt", 0.5, exclude=["embed"]),
+                              calibration=[(tokens, None)], bake=True)
+    assert sorted(sparsity) == ["blocks.0.fc", "blocks.0.out", "blocks.0.proj", "blocks.0.qkv"]
+    assert all(v == pytest.approx(0.5) for v in sparsity.values())
+    history = deepzip.fit(model, [(tokens, torch.roll(tokens, -1, 1))], deepzip.TrainConfig(
+        epochs=2, lr=1e-3, optimizer="adamw", weight_decay=0.1, precision="fp32",
+        eval_every=0))
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    with pytest.raises(deepzip.DeepzipError, match="optimizer"):
+        deepzip.TrainConfig(optimizer="lion")

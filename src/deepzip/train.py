@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -56,6 +57,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) or adamw (transformers train with it)
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     milestones: tuple[float, ...] = (0.5, 0.75)  # multistep: fractions of the run
@@ -87,6 +89,8 @@ class TrainConfig:
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if any(not 0 < m < 1 for m in self.milestones):
             problems.append(f"milestones are fractions in (0, 1), got {self.milestones}")
         if not 0 <= self.label_smoothing < 1:
@@ -344,7 +348,8 @@ def fit(
     eval_name: str = "test",
     desc: str = "train",
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place with SGD; return per-epoch metrics.
+    """Train ``model`` in place with SGD (or AdamW: ``cfg.optimizer``); return per-epoch
+    metrics.
 
     ``loss_fn(logits, labels, inputs)`` replaces cross-entropy, e.g. :class:`Distillation`.
     ``lr_scale(name, param)`` multiplies the learning rate of single parameters (shared
@@ -404,9 +409,11 @@ def _fit(model, train_loader, cfg, device, param_groups, test_loader, out_dir, r
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = torch.compile(net)
-    opt = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.nesterov and cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
+    opt = (torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+           if cfg.optimizer == "adamw" else
+           torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay))
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise DeepzipError("training set is smaller than one batch")
