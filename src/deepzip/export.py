@@ -52,7 +52,8 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
             metadata: dict[str, str] | None = None, packed: bool = True,
             dynamic_axes: Sequence[int] = (0,)) -> PackReport | None:
     """Export ``model`` (eval mode, fp32) to ONNX with a dynamic batch dimension, write it
-    atomically and check it with ``onnx.checker``.
+    atomically and check it with ``onnx.checker``. The PyTorch exporter's per-node
+    provenance (``metadata_props``: module classes, fx nodes, scopes) is left out.
 
     With ``mean``/``std`` the normalization is inside the graph: its input is images
     scaled to [0, 1] (``example`` too). ``metadata`` goes into the file's
@@ -99,6 +100,8 @@ def to_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str
                 if 0 < a < len(dims) and a < example.dim() and \
                         dims[a].dim_value == example.shape[a]:
                     dims[a].dim_param = f"axis{a}"
+        for node in proto.graph.node:  # the exporter's provenance (class, fx node, scope
+            del node.metadata_props[:]  # names): half of a small model's file, for debugging
         report = None
         if packed:
             report = pack_initializers(proto, {k: v.detach().numpy() for k, v in

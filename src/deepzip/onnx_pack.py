@@ -2,9 +2,9 @@
 
 A shared weight has at most 256 distinct values, so the graph stores what the ``.dzip``
 stores before its entropy coding: per weight a codebook (fp32), and per nonzero its index
-into it and its gap from the nonzero before, packed at the bits they need (Deep
-Compression's relative indices). A few standard operators (BitShift, Mod, CumSum, Gather,
-ScatterND, Reshape) rebuild the fp32 tensors; all their inputs are constants, so
+into it and its gap from the nonzero before, a byte each (Deep Compression's relative
+indices). A dozen standard operators (Cast, CumSum, Gather, ScatterElements, Split) and a
+Reshape per weight rebuild the fp32 tensors; all their inputs are constants, so
 onnxruntime folds them once when the session starts and then runs the same kernels as on
 an fp32 file. No custom operator: any ONNX runtime reads the file.
 
@@ -26,26 +26,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Packed", "PackReport", "pack_bits", "pack_initializers", "pack_weight",
-           "row_scales", "unpack_bits"]
+__all__ = ["Packed", "PackReport", "pack_initializers", "pack_weight", "row_scales"]
 
 MAX_CODEBOOK = 256
 MIN_ELEMENTS = 256  # smaller tensors (biases, norms) stay as they are
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned integers < 2**bits as a little-endian bit stream: value i holds bits
-    ``[i*bits, (i+1)*bits)``, least significant first; uint8 bytes."""
-    v = np.asarray(values, dtype=np.int64).ravel()
-    stream = ((v[:, None] >> np.arange(bits)) & 1).astype(np.uint8).ravel()
-    return np.packbits(stream, bitorder="little")
-
-
-def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` (what the graph computes, in NumPy, for the check)."""
-    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")
-    return (stream[:n * bits].reshape(n, bits).astype(np.int64)
-            << np.arange(bits)).sum(1)
 
 
 def row_scales(exported: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
@@ -94,20 +78,14 @@ class Packed:
     scales: np.ndarray | None = None
 
     @property
-    def bits(self) -> int:
-        """Bits of one stored index (the zero entry too: a filler stores it)."""
-        return _bits(len(self.codebook))
-
-    @property
     def live(self) -> np.ndarray:
         return self.index != len(self.codebook) - 1
 
     @property
     def nbytes(self) -> int:
         """About what it adds to the file: codebook, scales, and per nonzero its index
-        and a 4-bit gap (the graph packs the gaps of all weights at one width)."""
-        k = int(self.live.sum())
-        return (self.codebook.nbytes + (k * (self.bits + 4) + 7) // 8
+        and its gap, a byte each."""
+        return (self.codebook.nbytes + 2 * int(self.live.sum())
                 + (self.scales.nbytes if self.scales is not None else 0))
 
     def decode(self) -> np.ndarray:
@@ -136,6 +114,8 @@ def pack_weight(exported: np.ndarray, weight: np.ndarray | None = None) -> Packe
     flat = values.ravel()
     live = flat != 0
     book = np.append(np.unique(flat[live]), np.float32(0)).astype(np.float32)
+    if len(book) > MAX_CODEBOOK:  # 256 values and no zero: an index would not fit a byte
+        return None
     index = np.full(flat.shape, len(book) - 1, dtype=np.int64)
     index[live] = np.searchsorted(book[:-1], flat[live])
     packed = Packed(exported.shape, book, index, scales)
@@ -143,16 +123,6 @@ def pack_weight(exported: np.ndarray, weight: np.ndarray | None = None) -> Packe
             _canonical(packed.decode()).view(np.uint32), _canonical(exported).view(np.uint32)):
         return None
     return packed
-
-
-WIDTHS = (1, 2, 4, 8)  # bits a stored value may take: a divisor of 8, so unpacking
-# is a shift and a remainder per byte
-
-
-def _bits(k: int) -> int:
-    """The width that holds the integers below ``k``."""
-    need = max(1, math.ceil(math.log2(k)))
-    return next(w for w in WIDTHS if w >= need)
 
 
 def _canonical(a: np.ndarray) -> np.ndarray:
@@ -179,9 +149,9 @@ def pack_initializers(proto: Any, weights: dict[str, np.ndarray] | None = None) 
     packed form and the nodes that rebuild it under the same name. ``weights``: the
     model's own tensors by initializer name, for the weights the exporter scaled.
 
-    All the gaps are one packed stream and all the indices of one bit width another, so
-    the graph unpacks each once: a few nodes per weight (Slice, Gather, Reshape), and a
-    runtime folds a few hundred nodes, not thousands, when the session starts."""
+    All the gaps are one byte stream and all the indices another, and the codebooks one
+    table, so a runtime folds about a dozen nodes and a Reshape per weight when the
+    session starts (:meth:`_Builder.rebuild`)."""
     from onnx import numpy_helper
 
     graph, report, weights = proto.graph, PackReport(), weights or {}
@@ -247,22 +217,60 @@ class _Builder:
         self.nodes.append(self.helper.make_node(op, inputs, [out], **attrs))
         return out
 
-    def stream(self, values: np.ndarray, bits: int) -> str:
-        """``values`` (integers < 2**bits; bits 1, 2, 4 or 8, so no value spans two bytes)
-        packed into one stream, and the nodes that unpack it to int32, one per value. All
-        the unpacking is on bytes: what the runtime folds stays the size of the data."""
-        n = len(values)
-        data = self.const(pack_bits(values, bits))
-        if bits == 8:
-            return self.node("Cast", [data], to=6)  # INT32
-        col = self.node("Unsqueeze", [data, self.const(np.array([1], np.int64))])
-        shifted = self.node("BitShift", [col, self.const(
-            np.arange(0, 8, bits, dtype=np.uint8).reshape(1, -1))], direction="RIGHT")
-        low = self.node("Mod", [shifted, self.const(np.array(1 << bits, np.uint8))])
-        flat = self.node("Reshape", [low, self.const(np.array([-1], np.int64))])
-        used = self.node("Slice", [flat, self.const(np.array([0], np.int64)),
-                                   self.const(np.array([n], np.int64))])
-        return self.node("Cast", [used], to=6)
+    def rebuild(self, packed: dict[str, Packed]) -> None:
+        """Nodes computing every packed initializer, under its own name.
+
+        All weights are laid end to end as one flat array; its nonzeros are listed in
+        order, each as its gap from the one before (a byte: a longer gap is bridged by
+        filler entries that store a zero, as Deep Compression's relative indices do) and
+        its index into its own weight's codebook (a byte). The codebooks are one table:
+        each entry's index is moved by its weight's offset in it (a step at each weight's
+        first entry, summed). The graph adds the gaps up (CumSum), gathers the values and
+        scatters them into a zero array, then cuts and shapes each weight. Bytes, not
+        narrower bit fields: a runtime folds every node once when the session starts, and
+        the nodes, more than their data, are what that costs (about a dozen, and two per
+        weight)."""
+        if not packed:
+            return
+        names = list(packed)
+        sizes = [math.prod(packed[n].shape) for n in names]
+        starts = np.cumsum([0] + sizes)
+        where = np.concatenate([np.flatnonzero(packed[n].live) + starts[i]
+                                for i, n in enumerate(names)])
+        positions = _with_fillers(where, 8)
+        owner = np.searchsorted(starts, positions, side="right") - 1
+        index = np.concatenate([packed[n].index[positions[owner == i] - starts[i]]
+                                for i, n in enumerate(names)])
+        books = [packed[n].codebook for n in names]
+        offset = np.cumsum([0] + [len(b) for b in books[:-1]])
+        first = np.searchsorted(owner, np.arange(len(names)))  # each weight's first entry
+        held = np.flatnonzero(np.bincount(owner, minlength=len(names)))
+        steps = np.diff(offset[held], prepend=0)  # the offset rises at each first entry
+        count = len(positions)
+        moved = self.node("CumSum", [self.node("ScatterElements", [
+            self.zeros(count, np.int32), self.const(first[held].astype(np.int32)),
+            self.const(steps.astype(np.int32))]), self.const(np.array(0, np.int32))])
+        values = self.node("Gather", [self.const(np.concatenate(books)), self.node(
+            "Add", [self.node("Cast", [self.const(index.astype(np.uint8))], to=6), moved])])
+        gaps = np.diff(positions, prepend=-1) - 1  # stored: gap - 1, a byte
+        one = self.const(np.array(1, np.int32))
+        at = self.node("Sub", [self.node("CumSum", [self.node("Add", [self.node(
+            "Cast", [self.const(gaps.astype(np.uint8))], to=6), one]),
+            self.const(np.array(0, np.int32))]), one])
+        flat = self.node("ScatterElements", [self.zeros(int(starts[-1]), np.float32), at,
+                                             values])
+        for name, piece in zip(names, self.split(flat, sizes), strict=True):
+            p = packed[name]
+            shaped = self.node("Reshape", [piece, self.const(np.array(p.shape, np.int64))],
+                               out=None if p.scales is not None else name)
+            if p.scales is not None:
+                scales = self.const(p.scales.reshape((-1,) + (1,) * (len(p.shape) - 1)))
+                self.node("Mul", [shaped, scales], out=name)
+
+    def zeros(self, n: int, dtype: type) -> str:
+        """A node making ``n`` zeros of ``dtype`` (stored as their count, not as zeros)."""
+        return self.node("ConstantOfShape", [self.const(np.array([n], np.int64))],
+                         value=self.numpy_helper.from_array(np.zeros(1, dtype)))
 
     def split(self, of: str, lengths: list[int]) -> list[str]:
         """``of`` cut into consecutive pieces of ``lengths``: one Split node, so a runtime
@@ -273,62 +281,6 @@ class _Builder:
         self.nodes.append(self.helper.make_node(
             "Split", [of, self.const(np.array(lengths, np.int64))], outs, axis=0))
         return outs
-
-    def rebuild(self, packed: dict[str, Packed]) -> None:
-        """Nodes computing every packed initializer, under its own name.
-
-        All weights are laid end to end as one flat array; its nonzeros are listed in
-        order, each as its gap from the one before (one stream, at the width that makes
-        the list shortest: a gap too long for it is bridged by filler entries that store
-        a zero, as Deep Compression's relative indices do) and its index into its own
-        weight's codebook (one stream per index width). The graph adds the gaps up
-        (CumSum), gathers each entry's value from its codebook, and scatters the values
-        into a zero array: every operation is over the nonzeros, not the weights."""
-        if not packed:
-            return
-        names = list(packed)
-        sizes = [math.prod(packed[n].shape) for n in names]
-        starts = np.cumsum([0] + sizes)
-        where = np.concatenate([np.flatnonzero(packed[n].live) + starts[i]
-                                for i, n in enumerate(names)])
-        gap_bits = min(WIDTHS, key=lambda g: _entries(where, g) * (g + 8))
-        positions = _with_fillers(where, gap_bits)
-        owner = np.searchsorted(starts, positions, side="right") - 1
-        values, streams = [], {}
-        for b in sorted({packed[n].bits for n in names}):
-            mine = [i for i, n in enumerate(names) if packed[n].bits == b]
-            parts = [packed[names[i]].index[positions[owner == i] - starts[i]] for i in mine]
-            streams[b] = (self.stream(np.concatenate(parts), b), mine, parts)
-        chunks: dict[int, str] = {}
-        for stream, mine, parts in streams.values():
-            pieces = self.split(stream, [len(part) for part in parts])
-            for i, piece in zip(mine, pieces, strict=True):
-                chunks[i] = self.node("Gather", [self.const(packed[names[i]].codebook), piece])
-        values = [chunks[i] for i in range(len(names))]
-        gaps = np.diff(positions, prepend=-1) - 1  # stored: gap - 1, in [0, 2**bits)
-        steps = self.node("Add", [self.stream(gaps, gap_bits), self.const(
-            np.array(1, np.int32))])
-        at = self.node("Cast", [self.node("Sub", [
-            self.node("CumSum", [steps, self.const(np.array(0, np.int32))]),
-            self.const(np.array(1, np.int32))])], to=7)  # INT64, as ScatterND wants
-        flat = self.node("ScatterND", [
-            self.node("ConstantOfShape", [self.const(np.array([starts[-1]], np.int64))],
-                      value=self.numpy_helper.from_array(np.zeros(1, np.float32))),
-            self.node("Unsqueeze", [at, self.const(np.array([1], np.int64))]),
-            self.node("Concat", values, axis=0)])
-        for name, piece in zip(names, self.split(flat, sizes), strict=True):
-            p = packed[name]
-            shaped = self.node("Reshape", [piece, self.const(np.array(p.shape, np.int64))],
-                               out=None if p.scales is not None else name)
-            if p.scales is not None:
-                scales = self.const(p.scales.reshape((-1,) + (1,) * (len(p.shape) - 1)))
-                self.node("Mul", [shaped, scales], out=name)
-
-
-def _entries(where: np.ndarray, gap_bits: int) -> int:
-    """Entries of a nonzero list at ``where`` with gaps of at most 2**gap_bits."""
-    gaps = np.diff(where, prepend=-1)
-    return int(np.ceil(gaps / (1 << gap_bits)).sum())
 
 
 def _with_fillers(where: np.ndarray, gap_bits: int) -> np.ndarray:
