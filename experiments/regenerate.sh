@@ -36,6 +36,10 @@ python bench/scale.py --models vgg16,gpt2,vit-b16,decoder-1.1b --out results/ben
 # 5,000 report.
 deepzip run default --seed 0 --data-dir "$DATA" --out runs/default && publish default
 deepzip run default --seed 1 --data-dir "$DATA" --out runs/default-seed1 && publish default-seed1
+# An ablation, not adopted: five pruning steps (the default of commit f1ef573), seed 0.
+git show f1ef573:src/deepzip/recipes/default.yaml > runs/default-5steps.yaml
+deepzip run runs/default-5steps.yaml --seed 0 --data-dir "$DATA" --out runs/default-5steps \
+  && publish default-5steps
 # The agp90 and small recipes, two seeds each; small shares agp90's pruned models (the
 # same pruning settings), so only its sharing runs.
 deepzip run agp90 --seed 0 --data-dir "$DATA" --out runs/agp90 && publish agp90
@@ -97,8 +101,10 @@ record results/export/onnx.txt deepzip export results/agp90/model.dzip -o runs/a
   --data-dir "$DATA"
 record results/export/onnx.txt deepzip export results/lenet5/model.dzip -o runs/lenet5.onnx \
   --data-dir "$DATA"
-# Pruning without retraining: magnitude, Wanda, BatchNorm re-estimated.
+# Pruning without retraining: magnitude, Wanda, SparseGPT, BatchNorm re-estimated; the
+# posttrain recipe.
 python experiments/oneshot.py resnet20 --data-dir "$DATA" --out results/oneshot/resnet20.md
+deepzip run posttrain --data-dir "$DATA" --out runs/posttrain && publish posttrain
 # The packed export against the fp32 one: sizes, session creation, latency, outputs.
 python bench/onnx_export.py results/agp90/model.dzip results/lenet5/model.dzip \
   --data-dir "$DATA" --out results/export/packed-onnx.md
