@@ -26,7 +26,7 @@ _WHERE = {
 }
 _MODULES = {"api", "atomic", "budget", "checkpoint", "checks", "cli", "codecs", "context", "data",
             "decide", "dzip", "dzip_torch", "errors", "export", "huffman", "kmeans", "loading",
-            "models", "normalization", "onnx_pack", "pipeline", "prune", "qat", "quantize",
+            "models", "normalization", "obs", "onnx_pack", "pipeline", "prune", "qat", "quantize",
             "recipe", "render", "report", "runfolder", "sharing", "sparsity", "stages",
             "targets", "task", "train"}
 
