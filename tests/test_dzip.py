@@ -610,14 +610,25 @@ def test_a_tied_embedding_is_pruned_shared_and_stored_once(tmp_path, bake):
 
 
 def test_a_shared_model_writes_the_bytes_of_its_plain_form(tmp_path):
-    """The writer's shortcuts for weights a codebook computes (no counting of their
-    values, one layer at a time) change nothing: same bytes as the dequantized model."""
+    """The writer's shortcuts for weights a codebook computes (encoded from their indices
+    and masks, never computed) change nothing: same bytes as the dequantized model."""
     from deepzip.dzip_torch import _plain_state
+    from deepzip.quantize import codebooks
 
     torch.manual_seed(0)
     model = get("resnet20").eval()
     prune_(model, PruneConfig("global", 0.7), bake=True)
     quantize_(model, QuantizeConfig(bits=4))
+    books = iter(codebooks(model).values())
+    with torch.no_grad():  # centroids the writer must merge or drop as the plain path does
+        next(books).codebook[0] = 1e-9  # zero in float16
+        book = next(books).codebook
+        book[1] = book[2] * (1 + 1e-6)  # one value in float16
+        next(books).codebook[3] = 0.0  # its weights are zeros
+        sw = next(books)
+        sw.mask &= sw.indices != 0  # centroid 0 left only where masked: not in the file
+        sw.codebook[0] = 0.5
+        next(books).mask[:] = False  # a layer pruned away
     plain = get("resnet20").eval()
     plain.load_state_dict(_plain_state(model))
     for books in ("float32", "float16", "int8"):

@@ -207,6 +207,7 @@ class Encoded:
 
 
 def encode_shared(w: np.ndarray, codebook_dtype: str) -> Encoded:
+    """A tensor of at most 256 distinct nonzero values, its codebook exactly those."""
     flat = w.ravel()
     nz = np.flatnonzero(flat)
     if flat.size < 1 << 31:  # positions and cluster indices in the smallest types: a big
@@ -215,6 +216,38 @@ def encode_shared(w: np.ndarray, codebook_dtype: str) -> Encoded:
     book = np.unique(values)
     idx = np.searchsorted(book, values).astype(np.uint16)
     del values
+    return encode_positions(nz, idx, book, w.shape, codebook_dtype)
+
+
+def encode_indexed(codebook: np.ndarray, indices: np.ndarray, mask: np.ndarray,
+                   codebook_dtype: str) -> Encoded:
+    """What :func:`encode_shared` writes of ``codebook[indices] * mask`` (its distinct
+    nonzero values rounded to ``codebook_dtype``), read straight from the indices and the
+    mask: the weights are never computed nor sorted, only the (at most 256) centroids."""
+    nz = np.flatnonzero(mask.ravel())
+    if mask.size < 1 << 31:
+        nz = nz.astype(np.int32)
+    ids = indices.ravel()[nz]
+    used = (np.bincount(ids, minlength=len(codebook)) > 0) & (codebook != 0)
+    values = np.unique(codebook[used])
+    rounded = values if codebook_dtype == "float32" else book_round(values, codebook_dtype)
+    book = np.unique(rounded[rounded != 0])  # rounding may merge centroids or reach zero
+    of = rounded[np.searchsorted(values, codebook[used])]
+    sym = np.full(len(codebook), -1, dtype=np.int32)
+    sym[np.flatnonzero(used)] = np.where(of != 0, np.searchsorted(book, of), -1)
+    idx = sym[ids]
+    del ids
+    if (idx < 0).any():
+        live = idx >= 0
+        nz, idx = nz[live], idx[live]
+    return encode_positions(nz, idx.astype(np.uint16), book, mask.shape, codebook_dtype)
+
+
+def encode_positions(nz: np.ndarray, idx: np.ndarray, book: np.ndarray,
+                     shape: tuple[int, ...], codebook_dtype: str) -> Encoded:
+    """The cheapest layout of a shared tensor of ``shape`` whose nonzeros, at the sorted
+    flat positions ``nz``, take the values ``book[idx]`` (``book``: ascending, nonzero)."""
+    numel = math.prod(shape)
     k = len(book)
     codebook_dtype, book_bytes = _book_bytes(book, codebook_dtype)
     base = {"clusters": k, "codebook_dtype": codebook_dtype}
@@ -222,12 +255,12 @@ def encode_shared(w: np.ndarray, codebook_dtype: str) -> Encoded:
     # Every layout's exact size is known from its codes' lengths before anything is
     # encoded: only the cheapest is encoded (ties go to the earlier layout).
     counts = np.bincount(idx, minlength=k)
-    dense_counts = np.append(counts, flat.size - len(nz))  # symbol k: a zero
+    dense_counts = np.append(counts, numel - len(nz))  # symbol k: a zero
     code = HuffmanCode.from_counts(dense_counts)
     lengths = pack_lengths(code.lengths)
     best_size = len(book_bytes) + len(lengths) + (int(dense_counts @ code.lengths) + 7) // 8
     best: Any = ("dense", code, lengths)
-    gaps, tail = _gaps(nz, flat.size)
+    gaps, tail = _gaps(nz, numel)
     for gap_bits in range(1, 9):
         gcode, icode, gb, ib = _sparse_codes(gaps, tail, counts, k, gap_bits)
         if (gb + ib + 7) // 8 + 8 * 2 >= best_size:
@@ -236,19 +269,19 @@ def encode_shared(w: np.ndarray, codebook_dtype: str) -> Encoded:
         size = len(book_bytes) + len(glen) + len(ilen) + (gb + 7) // 8 + (ib + 7) // 8
         if size < best_size:
             best_size, best = size, ("sparse", gap_bits, gcode, icode, glen, ilen)
-    if w.ndim >= 3 and 2 <= math.prod(w.shape[2:]) <= MAX_KERNEL and len(nz):
-        cand = _encode_kernels(flat, w.shape, book_bytes, idx, base)
+    if kernel_size(list(shape)) and len(nz):
+        cand = _encode_kernels(nz, shape, book_bytes, idx, base)
         if cand.nbytes < best_size:
             return cand
     if best[0] == "dense":
-        dense_syms = np.full(flat.size, k, dtype=np.uint16)
+        dense_syms = np.full(numel, k, dtype=np.uint16)
         dense_syms[nz] = idx
         data, nbits = encode(dense_syms, code)
         return Encoded({**base, "encoding": "dense", "index_nbits": nbits},
                         {"codebook": book_bytes, "index_lengths": lengths, "indices": data},
                         len(nz))
     _, gap_bits, gcode, icode, glen, ilen = best
-    runs, syms = _sparse_entries(nz, idx, flat.size, k, gap_bits)
+    runs, syms = _sparse_entries(nz, idx, numel, k, gap_bits)
     gdata, gbits = encode(runs, gcode)
     idata, ibits = encode(syms, icode)
     return Encoded({**base, "encoding": "sparse", "gap_bits": gap_bits, "entries": len(runs),
@@ -256,12 +289,6 @@ def encode_shared(w: np.ndarray, codebook_dtype: str) -> Encoded:
                     {"codebook": book_bytes, "gap_lengths": glen, "index_lengths": ilen,
                      "gaps": gdata, "indices": idata}, len(nz))
 
-
-    if w.ndim >= 3 and 2 <= math.prod(w.shape[2:]) <= MAX_KERNEL and len(nz):
-        cand = _encode_kernels(flat, w.shape, book_bytes, idx, base)
-        if cand.nbytes < best.nbytes:
-            best = cand
-    return best
 
 
 MAX_KERNEL = 16  # largest kernel (prod of the dims after the first two) the layout takes
@@ -330,7 +357,7 @@ def _unpack_subsets(data: bytes, nbits: int, radices: np.ndarray) -> np.ndarray:
     return digits
 
 
-def _encode_kernels(flat: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
+def _encode_kernels(nz: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
                     idx: np.ndarray, base: dict[str, Any]) -> Encoded:
     """The kernel layout at its cheapest run width: for each kernel (the weights
     ``w[o, i]`` of a convolution) how many of its weights are nonzero, coded as the
@@ -338,7 +365,9 @@ def _encode_kernels(flat: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
     which ones, as the rank of the pattern among those with that count (mixed-radix
     blocks: log2 C(size, n) bits each, no table); then the nonzeros' cluster indices."""
     size = math.prod(shape[2:])
-    live_mask = (flat != 0).reshape(-1, size)
+    live_mask = np.zeros(math.prod(shape), dtype=bool)
+    live_mask[nz] = True
+    live_mask = live_mask.reshape(-1, size)
     counts = live_mask.sum(1)
     live = np.flatnonzero(counts)
     rank, _ = _subset_tables(size)

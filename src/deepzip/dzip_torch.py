@@ -27,6 +27,7 @@ from .codecs import (
     RAW_DTYPES,
     RAW_INTS,
     book_round,
+    encode_indexed,
     encode_shared,
     folded_batchnorm,
     grid_encode,
@@ -38,7 +39,7 @@ from .codecs import (
 from .deprecated import moved
 from .dzip import BN_KEYS, PART_KIND, PARTS, VERSION, decode_arrays, read_container, write_file
 from .errors import DeepzipError, DeepzipFormatError
-from .targets import bake_, codebooks, is_pruned, join_name
+from .targets import SharedWeight, bake_, codebooks, is_pruned, join_name
 
 __all__ = ["FileInfo", "TensorSize", "info", "load", "load_state", "precision_changes",
            "round_to_file_precision_",
@@ -105,9 +106,10 @@ def _is_shared(w: torch.Tensor, book: torch.Tensor | None = None) -> bool:
     return torch.unique(w[w != 0]).numel() <= MAX_CLUSTERS
 
 
-def _codebook_keys(model: nn.Module) -> dict[str, torch.Tensor]:
+def _codebook_keys(model: nn.Module) -> dict[str, nn.Module]:
     """The weights a sharing parametrization computes from a codebook of at most 256
-    values (:class:`deepzip.quantize.SharedWeight` and its training form): key -> book."""
+    values (:class:`deepzip.quantize.SharedWeight` and its training form): key -> the
+    parametrization."""
     out = {}
     for layer, m in model.named_modules():
         if parametrize.is_parametrized(m):
@@ -115,8 +117,15 @@ def _codebook_keys(model: nn.Module) -> dict[str, torch.Tensor]:
                 book = getattr(plist[0], "codebook", None)
                 if len(plist) == 1 and isinstance(book, torch.Tensor) and \
                         book.numel() <= MAX_CLUSTERS:
-                    out[join_name(layer, attr)] = book.detach()
+                    out[join_name(layer, attr)] = plist[0]
     return out
+
+
+def _indexed(p: nn.Module | None) -> bool:
+    """A :class:`SharedWeight` whose file entry can be written from its indices and mask
+    alone (a finite floating codebook, a weight of 2+ dimensions)."""
+    return type(p) is SharedWeight and p.codebook.is_floating_point() and \
+        p.mask.dim() >= 2 and p.mask.numel() > 0 and bool(torch.isfinite(p.codebook).all())
 
 
 def _aliases(model: nn.Module, keys: list[str]) -> dict[str, str]:
@@ -327,12 +336,31 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
     offset = 0
     tensors, report = [], []
     seen: dict[str, dict[str, Any]] = {}  # key -> its shape and dtype, for its aliases
+
+    def add(entry: dict[str, Any], parts: dict[str, bytes], info: dict[str, Any]) -> None:
+        nonlocal offset
+        for pname in PARTS[entry["encoding"]]:  # back to back: the reader derives offsets
+            blobs.append(parts[pname])
+            offset += len(parts[pname])
+        tensors.append(entry)
+        report.append({"name": entry["name"], "shape": entry["shape"],
+                       "params": math.prod(entry["shape"]), "encoding": entry["encoding"],
+                       "bytes": sum(len(b) for b in parts.values()), **info})
+
     for key, lazy in state.items():
         if key in aliases and aliases[key] in seen and key not in owner:
             first = seen[aliases[key]]  # a tied tensor is never computed a second time
             tensors.append({"name": key, **first, "encoding": "alias", "of": aliases[key]})
             report.append({"name": key, "shape": first["shape"], "params": 0,
                            "encoding": "alias", "bytes": 0, "nonzero": 0, "of": aliases[key]})
+            continue
+        if key not in owner and _indexed(sw := known.get(key)):
+            enc = encode_indexed(sw.codebook.detach().float().cpu().numpy(),
+                                 sw.indices.cpu().numpy(), sw.mask.cpu().numpy(),
+                                 codebook_dtype)
+            seen[key] = {"shape": list(sw.mask.shape), "dtype": _dtype_name(sw.codebook)}
+            entry = {"name": key, **seen[key], **enc.meta}
+            add(entry, enc.parts, {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]})
             continue
         t = (lazy() if callable(lazy) else lazy).detach().cpu().contiguous()
         if t.is_floating_point() and bool(t.isnan().any()):
@@ -350,7 +378,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
                      "encoding": "bn", "eps": bns[prefix], "store": store}
             parts = {"data": _stored(scale, store) + _stored(shift, store)}
             info = {"nonzero": int(torch.count_nonzero(scale))}
-        elif _is_shared(t, known.get(key)):
+        elif _is_shared(t, b.codebook.detach() if (b := known.get(key)) is not None
+                        else None):
             w = t.float() if codebook_dtype == "float32" else \
                 _round_shared(t.float(), codebook_dtype)  # float32 keeps every value
             enc = encode_shared(w.numpy(), codebook_dtype)
@@ -363,13 +392,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
             entry.update({"encoding": "raw", "store": store})
             parts = {"data": _stored(t, store)}
             info = {"nonzero": int(torch.count_nonzero(t))}
-        for pname in PARTS[entry["encoding"]]:  # back to back: the reader derives offsets
-            blobs.append(parts[pname])
-            offset += len(parts[pname])
-        tensors.append(entry)
-        report.append({"name": entry["name"], "shape": list(t.shape), "params": t.numel(),
-                       "encoding": entry["encoding"], "bytes": sum(len(b) for b in parts.values()),
-                       **info})
+        add(entry, parts, info)
         del t
     header = {"format": "deepzip", "version": VERSION,
               "model": spec.to_dict() if spec else None, "tensors": tensors}
