@@ -158,26 +158,32 @@ def _sparse_entries(nz: np.ndarray, idx: np.ndarray, numel: int, k: int,
     gaps, tail = _gaps(nz, numel)
     fill = gaps >> gap_bits
     tail_fill, tail_rem = tail // span, tail % span
-    n = int(fill.sum(dtype=np.int64)) + len(nz) + tail_fill + (tail_rem > 0)
+    ends = [np.full(tail_fill, r_max, dtype=np.uint8)] + (
+        [np.array([tail_rem - 1], dtype=np.uint8)] if tail_rem else [])
+    end_syms = np.full(tail_fill + (tail_rem > 0), k, dtype=np.uint16)
+    if not fill.any():  # no gap needs a filler: one entry per nonzero, then the tail's
+        return (np.concatenate([(gaps & r_max).astype(np.uint8), *ends]),
+                np.concatenate([idx.astype(np.uint16), end_syms]))
+    n = int(fill.sum(dtype=np.int64)) + len(nz)
     runs = np.full(n, r_max, dtype=np.uint8)  # gap_bits <= 8; symbols <= 256: small types
     syms = np.full(n, k, dtype=np.uint16)
     real = np.cumsum(fill + 1, dtype=np.int64) - 1
     runs[real], syms[real] = gaps & r_max, idx
-    if tail_rem:
-        runs[-1] = tail_rem - 1
-    return runs, syms
+    return np.concatenate([runs, *ends]), np.concatenate([syms, end_syms])
 
 
-def _sparse_codes(gaps: np.ndarray, tail: int, sym_counts: np.ndarray, k: int,
-                  gap_bits: int) -> tuple[HuffmanCode, HuffmanCode, int, int]:
+def _sparse_codes(gaps: GapCounts, sym_counts: np.ndarray, k: int, gap_bits: int
+                  ) -> tuple[HuffmanCode, HuffmanCode, int, int]:
     """The run and symbol codes of the sparse layout at ``gap_bits`` and their streams'
     exact sizes in bits, from counts alone (what :func:`_sparse_entries` would build,
-    without building it). ``gaps``: the zeros before each nonzero; ``tail``: after the
-    last; ``sym_counts``: how often each real symbol occurs (length k)."""
+    without building it). ``gaps``: the zeros before each nonzero and after the last;
+    ``sym_counts``: how often each real symbol occurs (length k)."""
     span = 1 << gap_bits
-    tail_fill, tail_rem = divmod(tail, span)
-    fillers = int((gaps >> gap_bits).sum()) + tail_fill
-    runs = np.bincount(gaps & (span - 1), minlength=span)
+    tail_fill, tail_rem = divmod(gaps.tail, span)
+    fillers = int(gaps.small @ (np.arange(256) >> gap_bits)) \
+        + int((gaps.big >> gap_bits).sum()) + tail_fill
+    runs = gaps.small.reshape(-1, span).sum(0) + np.bincount(gaps.big & (span - 1),
+                                                             minlength=span)
     runs[span - 1] += fillers
     if tail_rem:
         runs[tail_rem - 1] += 1
@@ -186,6 +192,23 @@ def _sparse_codes(gaps: np.ndarray, tail: int, sym_counts: np.ndarray, k: int,
     syms[k] += fillers + (tail_rem > 0)
     gcode, icode = HuffmanCode.from_counts(runs), HuffmanCode.from_counts(syms)
     return gcode, icode, int(runs @ gcode.lengths), int(syms @ icode.lengths)
+
+
+@dataclass(frozen=True)
+class GapCounts:
+    """The zeros before each nonzero, counted once for every run width :func:`_sparse_codes`
+    tries: ``small[v]`` gaps of each length ``v`` < 256, the longer ones as they are, and
+    the zeros after the last nonzero (``tail``)."""
+
+    small: np.ndarray
+    big: np.ndarray
+    tail: int
+
+    @classmethod
+    def of(cls, gaps: np.ndarray, tail: int) -> GapCounts:
+        small = np.bincount(np.minimum(gaps, 256), minlength=257).astype(np.int64)
+        big = gaps[gaps >= 256].astype(np.int64) if small[256] else np.zeros(0, np.int64)
+        return cls(small[:256], big, tail)
 
 
 def _gaps(nz: np.ndarray, numel: int) -> tuple[np.ndarray, int]:
@@ -260,9 +283,9 @@ def encode_positions(nz: np.ndarray, idx: np.ndarray, book: np.ndarray,
     lengths = pack_lengths(code.lengths)
     best_size = len(book_bytes) + len(lengths) + (int(dense_counts @ code.lengths) + 7) // 8
     best: Any = ("dense", code, lengths)
-    gaps, tail = _gaps(nz, numel)
+    counted = GapCounts.of(*_gaps(nz, numel))
     for gap_bits in range(1, 9):
-        gcode, icode, gb, ib = _sparse_codes(gaps, tail, counts, k, gap_bits)
+        gcode, icode, gb, ib = _sparse_codes(counted, counts, k, gap_bits)
         if (gb + ib + 7) // 8 + 8 * 2 >= best_size:
             continue
         glen, ilen = pack_lengths(gcode.lengths), pack_lengths(icode.lengths)
@@ -378,9 +401,9 @@ def _encode_kernels(nz: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
     idata, ibits = encode(idx, icode)
     out = []
     count_counts = np.bincount(counts[live] - 1, minlength=size)
-    gaps, tail = _gaps(live, len(counts))
+    counted = GapCounts.of(*_gaps(live, len(counts)))
     for gap_bits in range(1, 9):
-        gcode, ccode, gb, cb = _sparse_codes(gaps, tail, count_counts, size, gap_bits)
+        gcode, ccode, gb, cb = _sparse_codes(counted, count_counts, size, gap_bits)
         cost = (gb + 7) // 8 + (cb + 7) // 8 + (1 << gap_bits) // 2
         if out and cost >= out[0][0]:
             continue  # the streams' exact sizes, known before encoding: keep the cheapest
@@ -419,7 +442,8 @@ def decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> 
     gap_bits, entries = meta["gap_bits"], meta["entries"]
     gcode = HuffmanCode(unpack_lengths(parts["gap_lengths"], 1 << gap_bits))
     runs = decode(parts["gaps"], meta["gap_nbits"], entries, gcode)
-    pos = np.cumsum(runs + 1) - 1
+    pos = np.cumsum(runs, dtype=np.int64)  # each entry's position: its run, and one
+    pos += np.arange(len(runs))  # more for each entry before it
     if meta["encoding"] == "kernel":
         return decode_kernels(meta, parts, numel, book, runs, pos)
     syms = decode(parts["indices"], meta["index_nbits"], entries, icode)
@@ -427,7 +451,10 @@ def decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> 
         raise DeepzipFormatError("sparse entries do not cover the tensor exactly")
     out = np.zeros(numel, dtype=np.float32)
     real = syms < k
-    out[pos[real]] = book[syms[real]]
+    if real.all():  # no fillers: every entry a nonzero
+        out[pos] = book[syms]
+    else:
+        out[pos[real]] = book[syms[real]]
     return out
 
 

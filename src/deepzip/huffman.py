@@ -142,6 +142,7 @@ def encode(symbols: np.ndarray, code: HuffmanCode) -> tuple[bytes, int]:
         raise DeepzipError("symbol without a Huffman code")
     small = lengths.astype(np.uint8)
     first = np.cumsum(lengths) - lengths  # where each symbol's code word starts in table
+    first32 = first.astype(np.int32)
     within = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
     shift = np.repeat(lengths, lengths) - 1 - within
     table = ((np.repeat(code.values().astype(np.int64), lengths) >> shift) & 1).astype(np.uint8)
@@ -151,17 +152,23 @@ def encode(symbols: np.ndarray, code: HuffmanCode) -> tuple[bytes, int]:
     for i in range(0, len(symbols), _BLOCK):
         block = symbols[i:i + _BLOCK]
         n = small[block]
-        start = np.cumsum(n, dtype=np.int64)
+        start = np.cumsum(n, dtype=np.int32)  # a block's bits fit an int32
         size = int(start[-1])
         start -= n  # each code word's first bit in the block's output
-        src = np.repeat(first[block] - start, n)
-        src += np.arange(size, dtype=np.int64)
+        src = np.repeat(first32[block] - start, n)
+        src += np.arange(size, dtype=np.int32)
         bits[at:at + size] = table[src]
         at += size
     return np.packbits(bits).tobytes(), total
 
 
 _BLOCK = 1 << 20  # symbols per block of the encoder
+
+
+def _symbol_type(alphabet: int) -> type[np.unsignedinteger]:
+    """The smallest type of an alphabet's symbols: the decoded arrays are as large as the
+    tensor's entries, and everything after the decoder reads them."""
+    return np.uint8 if alphabet <= 1 << 8 else np.uint16 if alphabet <= 1 << 16 else np.uint64
 
 
 def decode(data: bytes, nbits: int, count: int, code: HuffmanCode) -> np.ndarray:
@@ -175,13 +182,14 @@ def decode(data: bytes, nbits: int, count: int, code: HuffmanCode) -> np.ndarray
     if count == 0:
         if nbits:
             raise DeepzipFormatError("Huffman stream has bits but no symbols")
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=_symbol_type(len(code.lengths)))
     counts, order = code.tables()
     a = bitarray(endian="big")
     a.frombytes(data)
     del a[nbits:]
     try:
-        out = np.fromiter(canonical_decode(a, counts, order), dtype=np.int64, count=count)
+        out = np.fromiter(canonical_decode(a, counts, order), dtype=_symbol_type(
+            len(code.lengths)), count=count)
     except (ValueError, IndexError) as e:
         raise DeepzipFormatError(f"corrupt Huffman stream ({e})") from None
     if code.bits(out) != nbits:
