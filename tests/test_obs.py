@@ -80,6 +80,29 @@ def test_prune_sparsegpt_on_a_model_in_passes():
         prune_(copy.deepcopy(model), PruneConfig("sparsegpt", 0.5))
 
 
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_global_allocation_prunes_each_layer_as_global_magnitude_would(method):
+    """allocate: global takes each layer's sparsity from one magnitude threshold across
+    layers (the wide last layer and the small first one differ), and chooses within it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 10))
+    with torch.no_grad():
+        model[0].weight.mul_(4)  # the first layer's weights large: it keeps more
+    data = [(torch.randn(16, 3, 8, 8), None) for _ in range(2)]
+    magnitude = copy.deepcopy(model)
+    want = prune_(magnitude, PruneConfig("global", 0.7), bake=True)
+    got = prune_(model, PruneConfig(method, 0.7, allocate="global"), calibration=data,
+                 calibration_batches=2, bake=True)
+    assert want["0"] < 0.5 < want["3"]  # wanda rounds per row of 27 or 512 weights
+    assert got == pytest.approx(want, abs=1 / 27 if method == "wanda" else 0.002)
+    total = sum((m.weight == 0).sum() for m in (model[0], model[3]))
+    assert int(total) == pytest.approx(0.7 * (8 * 27 + 10 * 512), abs=8)
+    assert not torch.equal(model[3].weight != 0, magnitude[3].weight != 0)
+    with pytest.raises(DeepzipError, match="allocate"):
+        PruneConfig("percentile", 0.5, allocate="global")
+
+
 def test_an_embedding_falls_back_to_magnitude_per_row():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
     ids = torch.randint(0, 10, (32, 5))

@@ -232,10 +232,18 @@ class PruneConfig:
     exclude: list[str] = field(default_factory=list)
     per_layer: dict[str, float] = field(default_factory=dict)
     n_m: str | None = None  # "2:4": of every M weights along a row, keep the N best
+    allocate: str = "layer"  # wanda, sparsegpt: "global" prunes each layer as much as
+    # one magnitude threshold across layers would (small, sensitive layers keep more)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise DeepzipError(f"pruning method must be one of {METHODS}, got {self.method!r}")
+        if self.allocate not in ("layer", "global"):
+            raise DeepzipError(f"allocate must be layer or global, got {self.allocate!r}")
+        if self.allocate == "global" and (self.method not in ("wanda", "sparsegpt")
+                                          or self.n_m is not None or self.per_layer):
+            raise DeepzipError("allocate: global applies to wanda and sparsegpt amounts, "
+                               "without n_m or per_layer")
         if self.n_m is not None:
             n, m = _n_m(self.n_m)
             if self.method in ("std", "global") or self.per_layer:
@@ -309,12 +317,13 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
     if config.method in ("wanda", "sparsegpt") and calibration is None:
         raise DeepzipError(f"{config.method} pruning weighs weights by their inputs: pass "
                            "calibration=a loader of the model's inputs")
+    amounts = global_amounts(weights, targets, config.amount) if config.allocate == "global" \
+        else per_target(targets, config.per_layer, config.amount)
     if config.method == "sparsegpt":
-        keep = _obs_masks(model, targets, per_target(targets, config.per_layer, config.amount),
-                          config.n_m, calibration, calibration_batches)
+        keep = _obs_masks(model, targets, amounts, config.n_m, calibration,
+                          calibration_batches)
     elif config.method == "wanda":
         norms = input_norms(model, targets, calibration, calibration_batches)
-        amounts = per_target(targets, config.per_layer, config.amount)
         keep = (row_mask(wanda_scores(w, norms.get(t.name), t.module), amounts[t.name],
                          config.n_m) for t, w in zip(targets, weights, strict=True))
     elif config.n_m is not None:  # magnitude, N of every M
@@ -323,7 +332,6 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
         n = sum(w.numel() for w in weights)
         keep = smallest_masks(weights, round(config.amount * n))
     else:
-        amounts = per_target(targets, config.per_layer, config.amount)
         keep = (_layer_mask(w, config.method, amounts[t.name])
                 for t, w in zip(targets, weights, strict=True))
     out = {}
@@ -336,6 +344,16 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
             mask = getattr(t.module, f"{t.attr}_mask")
         out[t.name] = 1 - int(torch.count_nonzero(mask)) / mask.numel()
     return out
+
+
+def global_amounts(weights: Sequence[torch.Tensor], targets: Sequence[Target],
+                   amount: float) -> dict[str, float]:
+    """Each target's sparsity under one magnitude threshold that prunes ``amount`` of all
+    their weights together: the allocation of ``global`` pruning, for methods that choose
+    the weights within each layer themselves."""
+    n = round(amount * sum(w.numel() for w in weights))
+    return {t.name: 1 - int(torch.count_nonzero(m)) / m.numel()
+            for t, m in zip(targets, smallest_masks(weights, n), strict=True)}
 
 
 def _obs_masks(model: nn.Module, targets: Sequence[Target], amounts: Mapping[str, float],

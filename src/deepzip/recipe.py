@@ -39,11 +39,12 @@ class PruneStep:
     amount: float = 0.5
     epochs: int = 10
     n_m: str | None = None
+    allocate: str = "layer"
 
     def config(self, include: list[str] | None, exclude: list[str]) -> PruneConfig:
         """The library's :class:`~deepzip.prune.PruneConfig` for this step (it validates)."""
         return PruneConfig(self.method, self.amount, include=include, exclude=exclude,
-                           n_m=self.n_m)
+                           n_m=self.n_m, allocate=self.allocate)
 
 
 BUDGET_PROBES = 7  # a max_loss search of the sharing budget: the cap and six halvings
@@ -480,6 +481,8 @@ HELP = {
     "prune.steps.epochs": "masked retraining after this step (0: one shot)",
     "prune.steps.n_m": "N:M (2:4): of every M consecutive weights of a row, N kept "
                        "(percentile, wanda, sparsegpt)",
+    "prune.steps.allocate": "wanda, sparsegpt: layer (amount in every layer) or global "
+                            "(each layer as much as one magnitude threshold would prune)",
     "prune.calibration": "training examples that wanda and sparsegpt steps read",
     "prune.agp": "agp: gradual pruning (Zhu & Gupta 2017)",
     "prune.agp.final": "sparsity reached at end_epoch",
