@@ -309,6 +309,32 @@ def _check_dtypes(raw_dtype: str, codebook_dtype: str) -> None:
                            f"{codebook_dtype!r}")
 
 
+def _encode_bn(state: dict[str, Any], prefix: str, eps: float, shape: list[int],
+               raw_dtype: str) -> tuple[dict[str, Any], dict[str, bytes], dict[str, Any]]:
+    """A BatchNorm layer as the per-channel ``scale, shift`` it computes in eval mode."""
+    scale, shift = _bn_affine(state, prefix, eps)
+    store = _bn_store(scale, shift, raw_dtype)
+    entry = {"name": prefix, "shape": shape, "dtype": "float32", "encoding": "bn",
+             "eps": eps, "store": store}
+    return (entry, {"data": _stored(scale, store) + _stored(shift, store)},
+            {"nonzero": int(torch.count_nonzero(scale))})
+
+
+def _encode_dense(t: torch.Tensor, book: torch.Tensor | None, raw_dtype: str,
+                  codebook_dtype: str
+                  ) -> tuple[dict[str, Any], dict[str, bytes], dict[str, Any]]:
+    """One computed tensor: shared (few distinct values) or raw; its entry, parts, info."""
+    if _is_shared(t, book):
+        w = t.float() if codebook_dtype == "float32" else \
+            _round_shared(t.float(), codebook_dtype)  # float32 keeps every value
+        enc = encode_shared(w.numpy(), codebook_dtype)
+        return (dict(enc.meta), enc.parts,
+                {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]})
+    store = _raw_store(t, raw_dtype)
+    return ({"encoding": "raw", "store": store}, {"data": _stored(t, store)},
+            {"nonzero": int(torch.count_nonzero(t))})
+
+
 def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | None = None,
          raw_dtype: str = "float16", codebook_dtype: str = "float32",
          fold_batchnorm: bool = True) -> dict[str, Any]:
@@ -369,29 +395,15 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, spec: ModelSpec | No
         seen[key] = {"shape": list(t.shape), "dtype": _dtype_name(t)}
         if key in owner and not key.endswith(".weight"):
             continue  # a folded BatchNorm is written once, at its weight
-        entry: dict[str, Any] = {"name": key, **seen[key]}
         if key in owner:
             prefix = owner[key]
-            scale, shift = _bn_affine(state, prefix, bns[prefix])
-            store = _bn_store(scale, shift, raw_dtype)
-            entry = {"name": prefix, "shape": list(t.shape), "dtype": "float32",
-                     "encoding": "bn", "eps": bns[prefix], "store": store}
-            parts = {"data": _stored(scale, store) + _stored(shift, store)}
-            info = {"nonzero": int(torch.count_nonzero(scale))}
-        elif _is_shared(t, b.codebook.detach() if (b := known.get(key)) is not None
-                        else None):
-            w = t.float() if codebook_dtype == "float32" else \
-                _round_shared(t.float(), codebook_dtype)  # float32 keeps every value
-            enc = encode_shared(w.numpy(), codebook_dtype)
-            del w  # one layer's weights alive at a time
-            entry.update(enc.meta)
-            parts = enc.parts
-            info = {"nonzero": enc.nonzero, "clusters": enc.meta["clusters"]}
+            entry, parts, info = _encode_bn(state, prefix, bns[prefix], list(t.shape),
+                                            raw_dtype)
         else:
-            store = _raw_store(t, raw_dtype)
-            entry.update({"encoding": "raw", "store": store})
-            parts = {"data": _stored(t, store)}
-            info = {"nonzero": int(torch.count_nonzero(t))}
+            book = known.get(key)
+            entry, parts, info = _encode_dense(t, book.codebook.detach() if book is not None
+                                               else None, raw_dtype, codebook_dtype)
+            entry = {"name": key, **seen[key], **entry}
         add(entry, parts, info)
         del t
     header = {"format": "deepzip", "version": VERSION,
