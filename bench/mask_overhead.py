@@ -3,7 +3,7 @@
     python bench/mask_overhead.py --data-dir ../shared/data [--steps 30 --rounds 3]
 
 Both models are ResNet-20 with bf16 autocast and channels_last on the same batches; the
-masked one carries ``torch.nn.utils.prune`` masks on every Conv/Linear weight (80%
+masked one carries deepzip's masks (bool, a parametrization) on every Conv/Linear weight (80%
 global sparsity). Rounds alternate between the two to spread machine noise evenly.
 """
 

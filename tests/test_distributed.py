@@ -50,7 +50,7 @@ def test_two_gloo_processes_match_one(tmp_path, cifar_train):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for k, v in single.items():
         assert torch.equal(ranks[0][k], ranks[1][k]), k  # replicas stay identical
-        if k.endswith("weight_mask"):
+        if k.endswith("weight.0.mask"):
             assert torch.equal(ranks[0][k], v), k  # same masks as one process
         else:
             assert torch.allclose(ranks[0][k], v, atol=1e-5, rtol=1e-4), k

@@ -82,7 +82,10 @@ def test_prune_model_include_exclude_and_bake_keeps_outputs():
     sp = prune_(model, PruneConfig("percentile", 0.5, exclude=["conv1", "linear"]))
     assert "conv1" not in sp and "linear" not in sp and len(sp) == 18
     assert all(abs(v - 0.5) < 1e-3 for v in sp.values())
-    assert isinstance(model.layer1[0].conv1.weight_orig, nn.Parameter)
+    conv = model.layer1[0].conv1
+    assert isinstance(conv.parametrizations.weight.original, nn.Parameter)
+    assert masks(model)["layer1.0.conv1"].dtype == torch.bool  # a quarter of fp32's bytes
+    assert not any(isinstance(v, torch.Tensor) for v in vars(conv).values())  # no copy kept
     out = model(x)
     bake_(model)
     assert not masks(model)
@@ -91,6 +94,34 @@ def test_prune_model_include_exclude_and_bake_keeps_outputs():
     assert set(model.state_dict()) == set(get("resnet20").state_dict())
     restored = restore_masks_(model)
     assert len(restored) == 18 and torch.equal(model(x), out)
+
+
+def test_baking_a_deep_copy_leaves_the_original_masked():
+    """A deep copy of a parametrized module shares its class: baking the copy (a scored
+    step, a trial) must not strip the original's masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    prune_(model, PruneConfig("global", 0.5))
+    x = torch.randn(3, 8)
+    out = model(x)
+    baked = bake_(copy.deepcopy(model))
+    assert not masks(baked) and type(baked[0]) is nn.Linear
+    assert set(masks(model)) == {"0", "2"} and torch.equal(model(x), out)
+    assert torch.equal(baked(x), out)
+
+
+def test_a_torch_pruned_model_is_taken_over_with_its_zeros():
+    """A user's own ``torch.nn.utils.prune`` mask: its zeros stay pruned under deepzip's."""
+    from torch.nn.utils import prune as tprune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    tprune.random_unstructured(model[0], "weight", amount=0.5)
+    user = model[0].weight_mask.bool().clone()
+    prune_(model, PruneConfig("percentile", 0.25))
+    mask = masks(model)["0"]
+    assert not hasattr(model[0], "weight_mask") and not mask[~user].any()
+    assert torch.equal(model[0].weight != 0, mask)
 
 
 def test_repeated_pruning_tightens_and_keeps_zeros():
@@ -119,7 +150,7 @@ def test_masks_survive_training_with_momentum_and_weight_decay():
     fit(model, _random_loader(), TrainConfig(epochs=6, lr=0.1, momentum=0.9,
                                              weight_decay=5e-3, schedule="constant"))
     for t in prunable(model):
-        assert torch.equal(t.module.weight_mask, before[t.name])
+        assert torch.equal(masks(model)[t.name], before[t.name])
         assert torch.all(t.weight[before[t.name] == 0] == 0), t.name
     changed = model.layer2[0].conv1.weight[before["layer2.0.conv1"] == 1]
     assert changed.abs().sum() > 0
@@ -137,7 +168,7 @@ def test_agp_ramp_and_hook():
                       per_layer={"linear": 0.3})
     hist = fit(model, _random_loader(), TrainConfig(epochs=2, lr=0.01), after_step=agp)
     assert 0 < hist[0]["sparsity"] < hist[1]["sparsity"] == sparsity_of(model)  # logged ramp
-    sp = {n: 1 - float(m.mean()) for n, m in masks(model).items()}
+    sp = {n: 1 - float(m.float().mean()) for n, m in masks(model).items()}
     assert sp["linear"] == pytest.approx(0.3, abs=1e-3)
     assert sp["layer3.2.conv2"] == pytest.approx(0.7, abs=1e-3)
 
@@ -178,7 +209,7 @@ def test_agp_global_threshold_meets_model_target_unevenly():
     model = get("resnet20")
     agp = AGPSchedule(model, final=0.8, start=0, end=8, frequency=4, global_=True)
     fit(model, _random_loader(), TrainConfig(epochs=1, lr=0.01), after_step=agp)  # 8 steps
-    sp = [1 - float(m.mean()) for m in masks(model).values()]
+    sp = [1 - float(m.float().mean()) for m in masks(model).values()]
     assert sparsity_of(model) == pytest.approx(0.8, abs=1e-4)
     assert max(sp) - min(sp) > 0.1  # layers differ, unlike per-layer pruning
     with pytest.raises(DeepzipError):

@@ -84,7 +84,7 @@ def table(out: Path, cfg: TrainConfig) -> None:
 Made by `python examples/assignment/lab2_retrain.py --data-dir ../shared/data --epochs {cfg.epochs}`
 from the shipped baseline. Retraining: {cfg.epochs} epochs, SGD momentum {cfg.momentum}
 (Nesterov), lr {cfg.lr} with a {cfg.schedule} schedule, weight decay {cfg.weight_decay},
-batch {cfg.batch_size}, bf16 autocast; masks through `torch.nn.utils.prune`, so pruned
+batch {cfg.batch_size}, bf16 autocast; masks as bool parametrizations, so pruned
 weights stay exactly zero. Accuracy on the full CIFAR-10 test set in fp32. `seed_*`:
 the assignment's student answers (lr 0.001, batch 128, weight decay 1e-4, 20 epochs; their
 own 91.4% baseline). Per-epoch logs: `<name>.json` beside this file.

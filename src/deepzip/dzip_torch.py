@@ -52,8 +52,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def _plain_state(model: nn.Module, copy: bool = True, lazy: bool = False
                  ) -> dict[str, Any]:
-    """State dict as the plain model would have it: pruning masks (``weight_orig`` /
-    ``weight_mask``) and weight sharing (parametrizations) folded into ``weight``.
+    """State dict as the plain model would have it: pruning masks and weight sharing
+    (parametrizations; a user's ``torch.nn.utils.prune`` masks too) folded into ``weight``.
 
     Reads the effective weights instead of baking a deep copy: removing a
     parametrization from a copy would also strip it from the original's class. Keys come

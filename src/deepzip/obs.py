@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DeepzipError
-from .targets import Target, is_pruned
+from .targets import Target
 from .task import model_input
 
 __all__ = ["HESSIAN_BYTES", "hessians", "obs_assign", "obs_prune",
-           "reconstructable", "refit_codebook", "underlying", "with_hessians"]
+           "reconstructable", "refit_codebook", "with_hessians"]
 
 HESSIAN_BYTES = 1 << 29  # the Hessians one calibration pass gathers at most (512 MiB)
 BLOCK = 128  # columns whose mask is chosen together (SparseGPT's adaptive mask blocks)
@@ -143,13 +143,6 @@ def _gather(model: nn.Module, group: list[Target], calibration: Iterable[Any], b
         for h in hooks:
             h.remove()
     return sums
-
-
-def underlying(t: Target) -> torch.Tensor:
-    """The stored tensor under a target (under its mask, if pruned), to update in place."""
-    if hasattr(t.module, "parametrizations") and t.attr in t.module.parametrizations:
-        raise DeepzipError(f"{t.name} is shared (quantized): prune before sharing")
-    return getattr(t.module, f"{t.attr}_orig" if is_pruned(t.module, t.attr) else t.attr)
 
 
 def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:

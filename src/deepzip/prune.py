@@ -3,9 +3,10 @@
 What can be pruned (and shared, by :mod:`deepzip.quantize`) is any floating parameter of
 two or more dimensions (a :class:`Target`); by default those of Conv, Linear, Embedding,
 attention and RNN/LSTM/GRU layers, and with ``include`` patterns any other. Masks live in
-the model through ``torch.nn.utils.prune`` (``weight_orig`` * ``weight_mask``), so a
-pruned model is still a standard module, gradients of pruned weights are zero, and pruned
-weights stay exactly zero through training with momentum and weight decay. :func:`bake_`
+the model as :class:`deepzip.targets.Mask` parametrizations (``original * mask``, a bool
+mask: a quarter of the weights' bytes), so a pruned model is still a standard module,
+gradients of pruned weights are zero, and pruned weights stay exactly zero through
+training with momentum and weight decay. :func:`bake_`
 turns the masked weights back into plain weights with exact zeros; a baked model carries
 its masks as those zeros (:func:`restore_masks_`).
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import DeepzipError
-from .obs import obs_prune, underlying, with_hessians
+from .obs import obs_prune, with_hessians
 from .targets import (
     Target,
     bake_,
@@ -35,6 +36,7 @@ from .targets import (
     prunable,
     restore_masks_,
     set_mask,
+    underlying,
 )
 from .train import TrainConfig, calibrate, fit
 
@@ -295,7 +297,7 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
     (masked) weights and multiplied into the old one, so percentile q means total sparsity.
     ``bake=True`` (no retraining follows) zeroes the pruned weights in place and keeps no
     masks: no memory beyond the model's own but one layer's temporaries and a bit per
-    weight, where masks (``torch.nn.utils.prune``) hold a second copy of every weight.
+    weight, where masks (for retraining) hold a byte per weight.
 
     ``wanda`` reads ``calibration_batches`` batches of ``calibration`` (``(inputs, _)``
     batches, as the model takes them) through the model once, to weigh each weight by its
@@ -313,7 +315,7 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
     targets = prunable(model, config.include, config.exclude)
     if not targets:
         raise DeepzipError("no prunable parameters match the include/exclude patterns")
-    weights = [t.weight.detach() for t in targets]
+    weights = [underlying(t).detach() for t in targets]  # masked: zeros already there
     if config.method in ("wanda", "sparsegpt") and calibration is None:
         raise DeepzipError(f"{config.method} pruning weighs weights by their inputs: pass "
                            "calibration=a loader of the model's inputs")
@@ -340,8 +342,7 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
             with torch.no_grad():
                 t.weight.masked_fill_(~mask, 0)
         else:
-            set_mask(t, mask.to(t.weight.dtype))
-            mask = getattr(t.module, f"{t.attr}_mask")
+            mask = set_mask(t, mask)
         out[t.name] = 1 - int(torch.count_nonzero(mask)) / mask.numel()
     return out
 
@@ -618,8 +619,8 @@ def finetune_after_prune(
 ) -> list[dict[str, Any]]:
     """Masked retraining: :func:`deepzip.train.fit` on a model pruned by :func:`prune_`.
 
-    The masks ride along as ``torch.nn.utils.prune`` reparametrizations, so the gradient of
-    every pruned weight is zero and its value stays exactly zero; no extra hook is needed.
+    The masks ride along as parametrizations, so the gradient of every pruned weight is
+    zero and its value stays exactly zero; no extra hook is needed.
     """
     if not masks(model):
         raise DeepzipError("model has no pruning masks; call prune_ or restore_masks_ first")

@@ -2,10 +2,11 @@
 
 A :class:`Target` is one prunable, shareable parameter: by default the floating
 parameters of two or more dimensions of Conv, Linear, Embedding, attention and
-RNN/LSTM/GRU layers, and with ``include`` patterns any other. Pruning leaves masks
-(``torch.nn.utils.prune``: ``weight_orig`` * ``weight_mask``), weight sharing leaves a
-:class:`SharedWeight` parametrization (``codebook[indices] * mask``); both keep the model
-a standard module. The format writer reads them here without importing training.
+RNN/LSTM/GRU layers, and with ``include`` patterns any other. Pruning leaves a
+:class:`Mask` parametrization (``original * mask``, a bool mask), weight sharing a
+:class:`SharedWeight` one (``codebook[indices] * mask``); both keep the model a standard
+module (``torch.nn.utils.parametrize``). The format writer reads them here without
+importing training.
 
 A tensor tied under several names (a language model's embedding and output layer) is
 one target, named after its first owner: its mask and codebook go on every owner, so it
@@ -25,9 +26,9 @@ from torch.nn.utils import prune as tprune
 
 from .errors import DeepzipError
 
-__all__ = ["DEFAULT_LAYERS", "SharedWeight", "Target", "bake_", "codebooks", "dequantize_",
-           "install", "is_pruned", "join_name", "masks", "prunable", "pruned_attrs",
-           "restore_masks_", "set_mask", "shared_parameters"]
+__all__ = ["DEFAULT_LAYERS", "Mask", "SharedWeight", "Target", "bake_", "codebooks",
+           "dequantize_", "install", "is_pruned", "join_name", "masks", "prunable",
+           "pruned_attrs", "restore_masks_", "set_mask", "shared_parameters", "underlying"]
 
 
 DEFAULT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding,
@@ -102,6 +103,8 @@ def prunable(model: nn.Module, include: Sequence[str] | None = None,
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     found = []
     for layer, m in model.named_modules():
+        if ".parametrizations." in f".{layer}.":
+            continue  # a mask's or codebook's own modules: their weight is the layer's
         for attr, p in _params(m):
             if p.is_floating_point() and p.dim() >= 2:
                 owners.setdefault(id(p), []).append((m, attr))
@@ -125,6 +128,35 @@ def prunable(model: nn.Module, include: Sequence[str] | None = None,
     return [t for t in chosen if not t.matches(exclude or [])]
 
 
+class Mask(nn.Module):
+    """Parametrization ``weight = original * mask``, the mask kept as bool.
+
+    A quarter of the weights' bytes beside them, and the masked weight computed where it
+    is used, never kept: ``torch.nn.utils.prune`` holds an fp32 mask and the computed
+    weight as well, three copies of every weight. The pruned entries of ``original`` are
+    zero too (:func:`set_mask`), and stay zero through training: their gradient is zero,
+    and so is what momentum and weight decay make of it."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.bool())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, original, 0)  # ``* mask`` would cast it to floats
+
+
+def _mask_of(module: nn.Module, attr: str) -> Mask | None:
+    plists = getattr(module, "parametrizations", {})
+    return plists[attr][0] if attr in plists and isinstance(plists[attr][0], Mask) else None
+
+
+def _torch_pruned(module: nn.Module) -> list[str]:
+    """Parameters a user pruned with ``torch.nn.utils.prune`` (``X_orig * X_mask``)."""
+    return [h._tensor_name for h in module._forward_pre_hooks.values()
+            if isinstance(h, tprune.BasePruningMethod)
+            and hasattr(module, f"{h._tensor_name}_mask")]
+
+
 def is_pruned(module: nn.Module, attr: str | None = None) -> bool:
     """Does ``module`` carry a pruning mask (on ``attr``, or on any parameter)?"""
     names = pruned_attrs(module)
@@ -132,39 +164,75 @@ def is_pruned(module: nn.Module, attr: str | None = None) -> bool:
 
 
 def pruned_attrs(module: nn.Module) -> list[str]:
-    return [h._tensor_name for h in module._forward_pre_hooks.values()
-            if isinstance(h, tprune.BasePruningMethod)
-            and hasattr(module, f"{h._tensor_name}_mask")]
+    """The masked parameters of ``module``: deepzip's masks and ``torch.nn.utils.prune``'s."""
+    ours = [a for a in getattr(module, "parametrizations", {}) if _mask_of(module, a)]
+    return ours + _torch_pruned(module)
 
 
-def set_mask(t: Target, mask: torch.Tensor) -> None:
-    """Install or tighten a target's mask (on each owner of a tied tensor); pruned
-    weights are also zeroed underneath."""
-    for m, a in t.owners:
-        if is_pruned(m, a):
-            getattr(m, f"{a}_mask").mul_(mask.to(getattr(m, f"{a}_mask")))
-        else:
-            tprune.custom_from_mask(m, a, mask.to(getattr(m, a).device))
-        with torch.no_grad():
-            orig, msk = getattr(m, f"{a}_orig"), getattr(m, f"{a}_mask")
-            orig.mul_(msk)
-            setattr(m, a, orig * msk)  # refresh now, not at the next forward
+def underlying(t: Target) -> torch.Tensor:
+    """The stored tensor under a target (under its mask, if pruned), to update in place;
+    under a mask it holds the same values as the masked weight (its pruned entries are
+    zero), so reading it computes nothing."""
+    if _mask_of(t.module, t.attr) is not None:
+        return t.module.parametrizations[t.attr].original
+    if hasattr(t.module, "parametrizations") and t.attr in t.module.parametrizations:
+        raise DeepzipError(f"{t.name} is shared (quantized): prune before sharing")
+    return getattr(t.module, t.attr)
+
+
+def set_mask(t: Target, mask: torch.Tensor) -> torch.Tensor:
+    """Install or tighten a target's mask (one :class:`Mask` on every owner of a tied
+    tensor); pruned weights are also zeroed underneath. Returns the mask now in place."""
+    current = _mask_of(t.module, t.attr)
+    if current is None:
+        user = [(m, a) for m, a in t.owners if a in _torch_pruned(m)]
+        for m, a in user:
+            tprune.remove(m, a)  # a user's own torch.nn.utils.prune mask, made zeros
+        w = getattr(t.module, t.attr)
+        keep = mask.to(w.device, torch.bool)
+        if user:  # and those zeros stay pruned
+            keep &= w.detach() != 0
+        current = Mask(keep)
+        install(t, current)
+    else:
+        current.mask.logical_and_(mask.to(current.mask.device, torch.bool))
+    with torch.no_grad():
+        underlying(t).masked_fill_(~current.mask, 0)  # mul_ would cast the mask to floats
+    return current.mask
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The current masks of the pruned parameters, by target name."""
+    """The current masks (bool) of the pruned parameters, by target name."""
     out = {}
     for layer, m in model.named_modules():
-        for a in pruned_attrs(m):
-            out[Target(layer, m, a).name] = getattr(m, f"{a}_mask")
+        for a in getattr(m, "parametrizations", {}):
+            if (found := _mask_of(m, a)) is not None:
+                out.setdefault(Target(layer, m, a).name, found.mask)
     return out
+
+
+def _unparametrize(module: nn.Module, attr: str, computed: bool = True) -> None:
+    """``parametrize.remove_parametrizations`` on a class of the module's own: a deep copy
+    of a parametrized module shares its class with the original, and removing the copy's
+    parametrization would remove the original's property too. ``computed``: the tensor
+    left is the parametrization's output, not its original."""
+    cls = type(module)
+    own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)
+    parametrize.remove_parametrizations(module, attr, leave_parametrized=computed)
 
 
 def bake_(model: nn.Module) -> nn.Module:
     """Make masks permanent: plain parameters with exact zeros, no hooks."""
     for _, m in model.named_modules():
         for a in pruned_attrs(m):
-            tprune.remove(m, a)
+            if (mask := _mask_of(m, a)) is not None:
+                original = m.parametrizations[a].original
+                with torch.no_grad():
+                    original.masked_fill_(~mask.mask, 0)  # in place: no second copy
+                _unparametrize(m, a, computed=False)
+            else:
+                tprune.remove(m, a)
     return model
 
 
@@ -173,10 +241,10 @@ def restore_masks_(model: nn.Module, include: list[str] | None = None,
     """Re-attach masks to a baked model from its zeros, so retraining keeps them."""
     out = {}
     for t in prunable(model, include, exclude):
-        mask = (t.weight.detach() != 0).to(t.weight.dtype)
-        if mask.min() < 1:
+        mask = t.weight.detach() != 0
+        if not bool(mask.all()):
             set_mask(t, mask)
-            out[t.name] = 1 - float(mask.mean())
+            out[t.name] = 1 - int(mask.count_nonzero()) / mask.numel()
     return out
 
 
@@ -245,5 +313,5 @@ def dequantize_(model: nn.Module) -> nn.Module:
     owners = [(m, attr) for _, m in model.named_modules() if parametrize.is_parametrized(m)
               for attr, plist in m.parametrizations.items() if isinstance(plist[0], SharedWeight)]
     for m, attr in owners:
-        parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
+        _unparametrize(m, attr)
     return model
