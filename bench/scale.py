@@ -4,6 +4,7 @@ memory beyond what the process held before the stage (resident set, from the ker
 high-water mark, reset before each stage).
 
     python bench/scale.py [--models vgg16,gpt2,vit-b16,decoder-1.1b] [--out results/bench/scale.md]
+    python bench/scale.py --masked --out results/bench/masks.md   # the masked path alone
 
 Random weights of the real shapes: VGG-16 (Deep Compression's model, 138M), GPT-2 small
 (124M, the token embedding tied to the output layer), ViT-B/16 (86M) and a 1.1B-parameter
@@ -200,7 +201,8 @@ def _unshare(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(m, name, leave_parametrized=False)
 
 
-def run_model(name: str, tmp: Path, log: Callable[[str], None]) -> list[dict]:
+def run_model(name: str, tmp: Path, log: Callable[[str], None], masked_only: bool = False
+              ) -> list[dict]:
     make, batches, loss = MODELS[name]
     torch.manual_seed(0)
     model = make().eval()
@@ -224,6 +226,11 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None]) -> list[dict]:
         stage(f"torch.load (fp32 state_dict) #{i + 1}",
               lambda: torch.load(ref, weights_only=True, map_location="cpu"), None)
     ref.unlink()
+    if masked_only:  # the masked path alone (--masked): a short run for that change
+        model = None
+        gc.collect()
+        masked_path(make, stage)
+        return rows
     stage("prune: global 90%, in place", lambda: prune_(
         model, PruneConfig("global", 0.9), bake=True), "save")
     stage("fisher_sensitivity (2 batches of 1)",
@@ -259,11 +266,8 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None]) -> list[dict]:
     other = make()  # the other pruning paths, on fresh weights
     stage("prune: per-layer 90%, in place", lambda: prune_(
         other, PruneConfig("percentile", 0.9), bake=True), "save")
-    other = make()
-    stage("prune: global 90% with masks (retraining)",
-          lambda: prune_(other, PruneConfig("global", 0.9)), "save")
-    stage("bake_ (masks -> zeros)", lambda: bake_(other), "save")
     other = None
+    masked_path(make, stage)
     if name in POSTTRAIN:  # without retraining: calibration inputs choose masks and clusters
         gc.collect()
         other, calibration = make().eval(), batches()
@@ -278,6 +282,15 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None]) -> list[dict]:
     rows.append({"model": name, "stage": "file", "bytes": size, "fp32": fp32,
                  "params": params})
     return rows
+
+
+def masked_path(make: Callable[[], nn.Module], stage: Callable[..., object]) -> None:
+    """Pruning with masks (what retraining needs), then baking them, on fresh weights."""
+    gc.collect()
+    other = make()
+    stage("prune: global 90% with masks (retraining)",
+          lambda: prune_(other, PruneConfig("global", 0.9)), "save")
+    stage("bake_ (masks -> zeros)", lambda: bake_(other), "save")
 
 
 GOALS = {"prune": 3.0, "dzip.save": 3.0, "share: k-means": 10.0,
@@ -350,12 +363,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--masked", action="store_true",
+                   help="only the masked path (pruning for retraining, bake_) and the "
+                        "torch.save/load references")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one model
     args = p.parse_args()
     if args.one:  # in a process of its own, so no model's freed memory hides another's peak
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             rows = run_model(args.one, Path(tmp), lambda s: print(s, file=sys.stderr,
-                                                                   flush=True))
+                                                                   flush=True), args.masked)
         print(json.dumps(rows))
         return 0
     names = args.models.split(",")
@@ -364,21 +380,23 @@ def main() -> int:
         p.error(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
     rows: list[dict] = []
     for name in names:
-        child = subprocess.run([sys.executable, __file__, "--one", name], check=True,
+        child = subprocess.run([sys.executable, __file__, "--one", name,
+                                *(["--masked"] if args.masked else [])], check=True,
                                stdout=subprocess.PIPE, text=True)
         rows += json.loads(child.stdout.strip().splitlines()[-1])
     text = table(rows)
-    brief = summary(rows)
+    brief = "" if args.masked else summary(rows)
     print(brief + "\n\n" + text)
     if args.out:
         Path(args.out).write_text(
-            f"$ python bench/scale.py --models {args.models} --out {args.out}\n\n"
+            f"$ python bench/scale.py --models {args.models}"
+            f"{' --masked' if args.masked else ''} --out {args.out}\n\n"
             f"torch {torch.__version__}, one thread, each model in a process of its own; "
             "random weights of the real shapes; one run (torch.save/load: the median of "
             "three). Peak: the resident set's high-water mark during the stage minus what "
             f"was resident before it. Goals: prune and save <= 3x torch.save, load <= 2x "
-            f"torch.load, sharing <= 10x torch.save, peak <= 1x the model.\n\n{brief}\n\n"
-            f"{text}\n")
+            f"torch.load, sharing <= 10x torch.save, peak <= 1x the model.\n\n"
+            + (f"{brief}\n\n" if brief else "") + f"{text}\n")
     return 0
 
 

@@ -341,43 +341,72 @@ def _subset_tables(size: int) -> tuple[np.ndarray, list[np.ndarray]]:
     return rank, by_count
 
 
+def _blocks(radices: np.ndarray) -> np.ndarray:
+    """Radices as (blocks of ``_CHUNK``, groups, digits per group), padded with radix 1 (a
+    digit that adds nothing): each group's product fits 63 bits, so a group's number is
+    one uint64 and only its few groups per block need Python's big integers."""
+    r = np.asarray(radices, dtype=np.uint64)
+    per = max(1, 63 // int(r.max()).bit_length())
+    blocks = -(-len(r) // _CHUNK)
+    out = np.ones((blocks, -(-_CHUNK // per) * per), dtype=np.uint64)
+    flat = np.ones(blocks * _CHUNK, dtype=np.uint64)
+    flat[:len(r)] = r
+    out[:, :_CHUNK] = flat.reshape(blocks, _CHUNK)
+    return out.reshape(blocks, -1, per)
+
+
 def _pack_subsets(radices: np.ndarray, digits: np.ndarray) -> tuple[bytes, int]:
     """Digits (digit i < radices[i]) as mixed-radix numbers, one per block of ``_CHUNK``,
     each in the fewest bits that hold its product of radices, most significant first."""
-    out = []
-    for i in range(0, len(digits), _CHUNK):
-        v, top = 0, 1
-        for r, d in zip(radices[i:i + _CHUNK].tolist(), digits[i:i + _CHUNK].tolist(),
-                        strict=True):
-            v, top = v * r + d, top * r
-        nbits = (top - 1).bit_length()
-        if nbits:
-            raw = np.frombuffer(v.to_bytes((nbits + 7) // 8, "big"), dtype=np.uint8)
-            out.append(np.unpackbits(raw)[-nbits:])
-    bits = np.concatenate(out) if out else np.zeros(0, dtype=np.uint8)
+    if len(digits) == 0:
+        return b"", 0
+    r = _blocks(radices)
+    d = np.zeros(r.size, dtype=np.uint64)
+    d.reshape(len(r), -1)[:, :_CHUNK].flat[:len(digits)] = np.asarray(digits, np.uint64)
+    d = d.reshape(r.shape)
+    value = np.zeros(r.shape[:2], dtype=np.uint64)
+    top = np.ones(r.shape[:2], dtype=np.uint64)
+    for j in range(r.shape[2]):  # within a group: vectorized over every group at once
+        value = value * r[:, :, j] + d[:, :, j]
+        top *= r[:, :, j]
+    text = []
+    for values, tops in zip(value.tolist(), top.tolist(), strict=True):
+        v, t = 0, 1
+        for a, p in zip(values, tops, strict=True):
+            v, t = v * p + a, t * p
+        if (n := (t - 1).bit_length()):
+            text.append(format(v, f"0{n}b"))
+    bits = np.frombuffer("".join(text).encode("ascii"), dtype=np.uint8) - ord("0")
     return np.packbits(bits).tobytes(), len(bits)
 
 
 def _unpack_subsets(data: bytes, nbits: int, radices: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_pack_subsets`; the blocks must use exactly ``nbits`` bits."""
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    digits = np.zeros(len(radices), dtype=np.int64)
+    if len(radices) == 0:
+        if nbits:
+            raise DeepzipFormatError("kernel subsets stream has bits left over")
+        return np.zeros(0, dtype=np.int64)
+    r = _blocks(radices)
+    top = r.prod(axis=2)
+    bits = (np.unpackbits(np.frombuffer(data, dtype=np.uint8)) + ord("0")).tobytes()
+    value = np.zeros(r.shape[:2], dtype=np.uint64)
     pos = 0
-    for i in range(0, len(radices), _CHUNK):
-        block = radices[i:i + _CHUNK].tolist()
-        n = (math.prod(block) - 1).bit_length()
+    for b, tops in enumerate(top.tolist()):
+        n = (math.prod(tops) - 1).bit_length()
         if pos + n > nbits:
             raise DeepzipFormatError("kernel subsets stream is shorter than its counts need")
-        v = int.from_bytes(np.packbits(np.concatenate(
-            [np.zeros(-n % 8, dtype=np.uint8), bits[pos:pos + n]])).tobytes(), "big")
+        v = int(bits[pos:pos + n], 2) if n else 0
         pos += n
-        for j in range(len(block) - 1, -1, -1):
-            v, digits[i + j] = divmod(v, block[j])
+        for k in range(len(tops) - 1, -1, -1):
+            v, value[b, k] = divmod(v, tops[k])
         if v:
             raise DeepzipFormatError("kernel subsets stream holds an impossible value")
     if pos != nbits:
         raise DeepzipFormatError("kernel subsets stream has bits left over")
-    return digits
+    digits = np.zeros(r.shape, dtype=np.uint64)
+    for j in range(r.shape[2] - 1, -1, -1):
+        value, digits[:, :, j] = np.divmod(value, r[:, :, j])
+    return digits.reshape(len(r), -1)[:, :_CHUNK].reshape(-1)[:len(radices)].astype(np.int64)
 
 
 def _encode_kernels(nz: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
