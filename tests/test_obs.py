@@ -103,13 +103,18 @@ def test_global_allocation_prunes_each_layer_as_global_magnitude_would(method):
         PruneConfig("percentile", 0.5, allocate="global")
 
 
-def test_an_embedding_falls_back_to_magnitude_per_row():
-    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4))
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_an_embedding_and_a_tied_output_layer_stay_dense(method):
+    """As the methods' authors leave them: nothing weighs an embedding's rows."""
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10))
+    model[2].weight = model[0].weight  # tied, as a language model's output layer
     ids = torch.randint(0, 10, (32, 5))
-    sparsity = prune_(model, PruneConfig("sparsegpt", 0.5), calibration=[(ids, None)],
-                      bake=True)
-    assert sparsity == {"0": 0.5, "1": 0.5}
-    assert ((model[0].weight != 0).sum(1) == 4).all()
+    sparsity = prune_(model, PruneConfig(method, 0.5), calibration=[(ids, None)], bake=True)
+    assert sparsity == {"1": 0.5}
+    assert bool((model[0].weight != 0).all()) and model[2].weight is model[0].weight
+    with pytest.raises(DeepzipError, match="embeddings and tied weights dense"):
+        prune_(nn.Sequential(nn.Embedding(10, 8)), PruneConfig(method, 0.5),
+               calibration=[(ids, None)])
 
 
 def _shared(w, bits=3):

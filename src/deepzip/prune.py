@@ -313,12 +313,16 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
     if bake:
         bake_(model)
     targets = prunable(model, config.include, config.exclude)
+    if config.method in ("wanda", "sparsegpt"):
+        if calibration is None:
+            raise DeepzipError(f"{config.method} pruning weighs weights by their inputs: "
+                               "pass calibration=a loader of the model's inputs")
+        targets = [t for t in targets if not _lookup(t)]
     if not targets:
-        raise DeepzipError("no prunable parameters match the include/exclude patterns")
+        raise DeepzipError("no prunable parameters match the include/exclude patterns"
+                           + (f" ({config.method} leaves embeddings and tied weights dense)"
+                              if config.method in ("wanda", "sparsegpt") else ""))
     weights = [underlying(t).detach() for t in targets]  # masked: zeros already there
-    if config.method in ("wanda", "sparsegpt") and calibration is None:
-        raise DeepzipError(f"{config.method} pruning weighs weights by their inputs: pass "
-                           "calibration=a loader of the model's inputs")
     amounts = global_amounts(weights, targets, config.amount) if config.allocate == "global" \
         else per_target(targets, config.per_layer, config.amount)
     if config.method == "sparsegpt":
@@ -345,6 +349,14 @@ def prune_(model: nn.Module, config: PruneConfig, *, bake: bool = False,
             mask = set_mask(t, mask)
         out[t.name] = 1 - int(torch.count_nonzero(mask)) / mask.numel()
     return out
+
+
+def _lookup(t: Target) -> bool:
+    """An embedding, or a tensor tied to one (a language model's output layer): rows read
+    one at a time, with no inputs to weigh them by. Wanda and SparseGPT leave these dense
+    (so do their authors): pruned by magnitude per row at 50%, the tied embedding of
+    examples/stdlib_lm.py's model took its validation perplexity from 3.18 to 4.18."""
+    return bool(t.also) or isinstance(t.module, (nn.Embedding, nn.EmbeddingBag))
 
 
 def global_amounts(weights: Sequence[torch.Tensor], targets: Sequence[Target],
