@@ -1,8 +1,10 @@
+import importlib
 import io
 import json
 import math
 import pathlib
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -660,6 +662,15 @@ def test_every_committed_file_decodes_and_re_encodes_byte_for_byte(path, tmp_pat
     report = file.parent / "report.json"
     stages = json.loads(report.read_text())["stages"] if report.is_file() else {}
     raw = stages.get("quantize", {}).get("unshared") or e.raw_dtype
-    dzip_torch.save(dzip_torch.load(file), tmp_path / "again.dzip", spec=spec, raw_dtype=raw,
+    into = None
+    if spec is not None and ":" in spec.arch:  # a user's architecture: one of examples/
+        module, _, factory = spec.arch.partition(":")
+        sys.path.insert(0, str(REPO / "examples"))
+        try:
+            into = getattr(importlib.import_module(module), factory)()
+        finally:
+            sys.path.remove(str(REPO / "examples"))
+    dzip_torch.save(dzip_torch.load(file, into), tmp_path / "again.dzip", spec=spec,
+                    raw_dtype=raw,
                     codebook_dtype=e.codebook_dtype, fold_batchnorm=e.fold_batchnorm)
     assert (tmp_path / "again.dzip").read_bytes() == file.read_bytes()
