@@ -1,10 +1,8 @@
-import importlib
 import io
 import json
 import math
 import pathlib
 import struct
-import sys
 import zlib
 
 import numpy as np
@@ -645,12 +643,14 @@ COMMITTED = sorted(str(p.relative_to(REPO)) for folder in ("results", "examples"
 
 
 @pytest.mark.parametrize("path", COMMITTED)
-def test_every_committed_file_decodes_and_re_encodes_byte_for_byte(path, tmp_path):
+def test_every_committed_file_decodes_and_re_encodes_byte_for_byte(path, tmp_path,
+                                                                    monkeypatch):
     """Every .dzip the README and docs cite: the PyTorch side decodes it to exactly the
     tensors the NumPy reader gives, and encoding that model again with the run's own
     encode settings (its recipe.yaml; float16 where the run shipped unshared) writes the
     same bytes: nothing in the file depends on more than the model and the settings."""
     from deepzip import dzip_torch
+    from deepzip.entrypoints import load_entry_point
     from deepzip.recipe import load_recipe
 
     file = REPO / path
@@ -664,12 +664,8 @@ def test_every_committed_file_decodes_and_re_encodes_byte_for_byte(path, tmp_pat
     raw = stages.get("quantize", {}).get("unshared") or e.raw_dtype
     into = None
     if spec is not None and ":" in spec.arch:  # a user's architecture: one of examples/
-        module, _, factory = spec.arch.partition(":")
-        sys.path.insert(0, str(REPO / "examples"))
-        try:
-            into = getattr(importlib.import_module(module), factory)()
-        finally:
-            sys.path.remove(str(REPO / "examples"))
+        monkeypatch.syspath_prepend(str(REPO / "examples"))
+        into = load_entry_point(spec.arch, "--arch")()
     dzip_torch.save(dzip_torch.load(file, into), tmp_path / "again.dzip", spec=spec,
                     raw_dtype=raw,
                     codebook_dtype=e.codebook_dtype, fold_batchnorm=e.fold_batchnorm)

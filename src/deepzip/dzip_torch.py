@@ -55,8 +55,8 @@ def _plain_state(model: nn.Module, copy: bool = True, lazy: bool = False
     """State dict as the plain model would have it: pruning masks and weight sharing
     (parametrizations; a user's ``torch.nn.utils.prune`` masks too) folded into ``weight``.
 
-    Reads the effective weights instead of baking a deep copy: removing a
-    parametrization from a copy would also strip it from the original's class. Keys come
+    Reads the effective weights instead of baking a deep copy, which would hold a second
+    copy of the model. Keys come
     in a canonical order (by module, then name), so a model gives the same file whether
     it was pruned in this process or loaded from a checkpoint (PyTorch re-registers a
     pruned parameter last). ``copy=False``: the tensors as they are (meta ones too).
