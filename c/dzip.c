@@ -5,6 +5,7 @@
  * the tensor layouts; dzip_read. Everything read from the file is bounded before use.
  */
 #include "dzip.h"
+#include "huffman.h"
 
 #include <math.h>
 #include <setjmp.h>
@@ -656,35 +657,18 @@ static void code_from_nibbles(ctx_t *c, hcode *h, const uint8_t *p, size_t size,
     h->used = k;
 }
 
-/* Exactly count symbols from exactly nbits bits of p[0..size), most significant bit
- * first: a short stream, bits left over or a pattern that is no code word is refused. */
+/* Exactly count symbols from exactly nbits bits of p[0..size) (huffman.h): a short
+ * stream, bits left over or a pattern that is no code word is refused. */
 static int *huff_decode(ctx_t *c, const hcode *h, const uint8_t *p, size_t size,
                         int64_t nbits, int64_t count) {
-    int64_t pos = 0, i;
-    int *out;
+    int *out, status;
     if (nbits < 0 || (uint64_t)nbits > 8 * (uint64_t)size || count < 0 ||
         count > (nbits > 0 ? nbits : 0))
-        fail(c, "Huffman stream sizes are inconsistent");
+        fail(c, "%s", dz_huff_error(DZ_HUFF_SIZES));  /* before allocating */
     out = scratch(c, (size_t)(count ? count : 1) * sizeof *out);
-    for (i = 0; i < count; i++) {
-        int code = 0, first = 0, index = 0, len, found = -1;
-        for (len = 1; len < 16; len++) {
-            if (pos >= nbits) fail(c, "corrupt Huffman stream (too short)");
-            code |= (p[pos >> 3] >> (7 - (pos & 7))) & 1;
-            pos++;
-            if (code - first < h->count[len]) {
-                found = h->order[index + code - first];
-                break;
-            }
-            index += h->count[len];
-            first += h->count[len];
-            first <<= 1;
-            code <<= 1;
-        }
-        if (found < 0) fail(c, "corrupt Huffman stream (no such code word)");
-        out[i] = found;
-    }
-    if (pos != nbits) fail(c, "corrupt Huffman stream (bits left over)");
+    status = dz_huff_decode(p, size, nbits, count, h->count, h->order, h->used, out,
+                            (int)sizeof *out);
+    if (status != DZ_HUFF_OK) fail(c, "%s", dz_huff_error(status));
     return out;
 }
 

@@ -462,12 +462,10 @@ def decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> 
         book = np.frombuffer(parts["codebook"], dtype=FLOAT_STORES[store]).astype(np.float32)
     icode = None if meta["encoding"] == "kernel" else HuffmanCode(  # k + 1: zero is a symbol
         unpack_lengths(parts["index_lengths"], k + 1))
+    # Symbol k (zero, or a sparse run's filler) looks up 0.0: one gather, no mask.
+    values = np.append(book, np.float32(0))
     if meta["encoding"] == "dense":
-        syms = decode(parts["indices"], meta["index_nbits"], numel, icode)
-        out = np.zeros(numel, dtype=np.float32)
-        real = syms < k
-        out[real] = book[syms[real]]
-        return out
+        return values[decode(parts["indices"], meta["index_nbits"], numel, icode)]
     gap_bits, entries = meta["gap_bits"], meta["entries"]
     gcode = HuffmanCode(unpack_lengths(parts["gap_lengths"], 1 << gap_bits))
     runs = decode(parts["gaps"], meta["gap_nbits"], entries, gcode)
@@ -479,11 +477,7 @@ def decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> 
     if (pos[-1] if entries else -1) != numel - 1:
         raise DeepzipFormatError("sparse entries do not cover the tensor exactly")
     out = np.zeros(numel, dtype=np.float32)
-    real = syms < k
-    if real.all():  # no fillers: every entry a nonzero
-        out[pos] = book[syms]
-    else:
-        out[pos[real]] = book[syms[real]]
+    out[pos] = values[syms]  # a filler's position holds a zero, and writes one
     return out
 
 
