@@ -1,7 +1,9 @@
-/* deepzip._huffman: the compiled canonical Huffman decoder (c/huffman.h, the one the C
- * reader uses). Optional: deepzip/huffman.py falls back to bitarray where it was not
- * built. It decodes into a NumPy array the caller made, with the GIL released, at a few
- * nanoseconds a symbol where bitarray's iterator through np.fromiter takes about 35.
+/* deepzip._huffman: canonical Huffman coding compiled, the per-symbol floor of saving
+ * and loading a file. Decoding is c/huffman.h, the C reader's decoder, into a NumPy
+ * array the caller made, at a few nanoseconds a symbol where bitarray's iterator through
+ * np.fromiter takes about 35; encoding writes the code words into a buffer the caller
+ * sized. Both release the GIL. Optional: deepzip/huffman.py falls back to bitarray and
+ * NumPy where it was not built.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -78,15 +80,88 @@ done:
     Py_RETURN_NONE;
 }
 
+/* encode(symbols, lengths, codes, out) -> bits: symbols a contiguous buffer of unsigned
+ * (or non-negative) integers of 1, 2, 4 or 8 bytes; lengths (uint8) and codes (uint16)
+ * each symbol's code word; out a writable buffer of at least the bytes they need. */
+static PyObject *encode(PyObject *self, PyObject *args) {
+    Py_buffer syms, lengths, codes, out;
+    const uint8_t *len_of;
+    const uint16_t *code_of;
+    uint8_t *dst;
+    uint64_t acc = 0, sym;
+    int have = 0, bad = 0, width;
+    Py_ssize_t n, i, at = 0, alphabet;
+    long long nbits = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*", &syms, &lengths, &codes, &out)) return NULL;
+    width = (int)syms.itemsize;
+    alphabet = lengths.len;
+    if (!(width == 1 || width == 2 || width == 4 || width == 8) || codes.itemsize != 2 ||
+        codes.len != 2 * alphabet) {
+        PyErr_SetString(PyExc_ValueError, "symbols must be integers; codes uint16 per length");
+        goto done;
+    }
+    n = syms.len / width;
+    len_of = (const uint8_t *)lengths.buf;
+    code_of = (const uint16_t *)codes.buf;
+    dst = (uint8_t *)out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        int len;
+        switch (width) {
+        case 1: sym = ((const uint8_t *)syms.buf)[i]; break;
+        case 2: sym = ((const uint16_t *)syms.buf)[i]; break;
+        case 4: sym = ((const uint32_t *)syms.buf)[i]; break;
+        default: sym = ((const uint64_t *)syms.buf)[i]; break;
+        }
+        if (sym >= (uint64_t)alphabet || (len = len_of[sym]) == 0 || len > DZ_HUFF_MAX) {
+            bad = 1;
+            break;
+        }
+        acc = acc << len | code_of[sym];
+        have += len;
+        nbits += len;
+        while (have >= 8) {
+            if (at >= out.len) {
+                bad = 2;
+                break;
+            }
+            have -= 8;
+            dst[at++] = (uint8_t)(acc >> have);
+        }
+        if (bad) break;
+    }
+    if (!bad && have) {
+        if (at >= out.len)
+            bad = 2;
+        else
+            dst[at++] = (uint8_t)(acc << (8 - have));
+    }
+    Py_END_ALLOW_THREADS
+    if (bad)
+        PyErr_SetString(PyExc_ValueError, bad == 1 ? "symbol without a Huffman code"
+                                                   : "output buffer too small");
+done:
+    PyBuffer_Release(&syms);
+    PyBuffer_Release(&lengths);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&out);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(nbits);
+}
+
 static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS,
      "decode(data, nbits, count, counts, order, out): canonical Huffman decoding into out."},
+    {"encode", encode, METH_VARARGS,
+     "encode(symbols, lengths, codes, out) -> bits: canonical Huffman coding into out."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_huffman",
-    "The compiled canonical Huffman decoder shared with deepzip's C reader.", -1, methods,
+    "Canonical Huffman coding compiled; decoding shared with deepzip's C reader.", -1,
+    methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -1,11 +1,11 @@
 """Canonical Huffman coding on integer symbols (the core of the ``.dzip`` size).
 
 Only code lengths are stored; codes are rebuilt canonically (shorter codes first, ties by
-symbol value, as in DEFLATE). Encoding is vectorized NumPy. Decoding is the per-symbol
-floor of loading a file, so it runs in C: deepzip's own decoder (``deepzip._huffman``,
-the C reader's ``c/huffman.h``) where the package was built with a compiler, a few
-nanoseconds a symbol into a NumPy array; else ``bitarray``'s ``canonical_decode``, whose
-iterator through ``np.fromiter`` takes about 35.
+symbol value, as in DEFLATE). Coding the symbols is the per-symbol floor of saving and
+loading a file, so it runs in C where the package was built with a compiler
+(``deepzip._huffman``; its decoder is the C reader's ``c/huffman.h``), a few nanoseconds
+a symbol; else the encoder is vectorized NumPy and the decoder ``bitarray``'s
+``canonical_decode``, whose iterator through ``np.fromiter`` takes about 35.
 """
 
 from __future__ import annotations
@@ -134,10 +134,11 @@ class HuffmanCode:
 def encode(symbols: np.ndarray, code: HuffmanCode) -> tuple[bytes, int]:
     """Encode integer ``symbols`` -> (bytes, number of bits), MSB first.
 
-    Vectorized in NumPy, a block of symbols at a time: every code word's bits stand back
-    to back in one small table, and each output bit is gathered from it (its symbol's
-    code word, its place in it) in one pass; the bits are packed once. Memory beyond the
-    output: about 10 bytes per output bit of one block plus one byte per output bit.
+    In C where ``deepzip._huffman`` was built. Else vectorized in NumPy, a block of
+    symbols at a time: every code word's bits stand back to back in one small table, and
+    each output bit is gathered from it (its symbol's code word, its place in it) in one
+    pass; the bits are packed once. Memory beyond the output: about 10 bytes per output
+    bit of one block plus one byte per output bit.
     """
     symbols = np.asarray(symbols)
     if len(symbols) == 0:
@@ -149,12 +150,16 @@ def encode(symbols: np.ndarray, code: HuffmanCode) -> tuple[bytes, int]:
     if (counts[lengths == 0] > 0).any():
         raise DeepzipError("symbol without a Huffman code")
     small = lengths.astype(np.uint8)
+    total = int(counts @ lengths)
+    if _native is not None:
+        out = np.empty((total + 7) // 8, dtype=np.uint8)
+        _native.encode(np.ascontiguousarray(symbols), small, code.values(), out)
+        return out.tobytes(), total
     first = np.cumsum(lengths) - lengths  # where each symbol's code word starts in table
     first32 = first.astype(np.int32)
     within = np.arange(int(lengths.sum())) - np.repeat(first, lengths)
     shift = np.repeat(lengths, lengths) - 1 - within
     table = ((np.repeat(code.values().astype(np.int64), lengths) >> shift) & 1).astype(np.uint8)
-    total = int(counts @ lengths)
     bits = np.empty(total, dtype=np.uint8)
     at = 0
     for i in range(0, len(symbols), _BLOCK):
