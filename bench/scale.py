@@ -5,6 +5,7 @@ high-water mark, reset before each stage).
 
     python bench/scale.py [--models vgg16,gpt2,vit-b16,decoder-1.1b] [--out results/bench/scale.md]
     python bench/scale.py --masked --out results/bench/masks.md   # the masked path alone
+    python bench/scale.py --io --out results/bench/io.md   # prune, 4 bits, save and load
 
 Random weights of the real shapes: VGG-16 (Deep Compression's model, 138M), GPT-2 small
 (124M, the token embedding tied to the output layer), ViT-B/16 (86M) and a 1.1B-parameter
@@ -201,8 +202,10 @@ def _unshare(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(m, name, leave_parametrized=False)
 
 
-def run_model(name: str, tmp: Path, log: Callable[[str], None], masked_only: bool = False
+def run_model(name: str, tmp: Path, log: Callable[[str], None], mode: str = "full"
               ) -> list[dict]:
+    """The stages on one model: all of them ("full"), the masked path alone ("masked"),
+    or the file's own (--io: pruning, k-means sharing, save and the loaders)."""
     make, batches, loss = MODELS[name]
     torch.manual_seed(0)
     model = make().eval()
@@ -226,18 +229,19 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None], masked_only: boo
         stage(f"torch.load (fp32 state_dict) #{i + 1}",
               lambda: torch.load(ref, weights_only=True, map_location="cpu"), None)
     ref.unlink()
-    if masked_only:  # the masked path alone (--masked): a short run for that change
+    if mode == "masked":  # the masked path alone (--masked): a short run for that change
         model = None
         gc.collect()
         masked_path(make, stage)
         return rows
     stage("prune: global 90%, in place", lambda: prune_(
         model, PruneConfig("global", 0.9), bake=True), "save")
-    stage("fisher_sensitivity (2 batches of 1)",
-          lambda: fisher_sensitivity(model, batches(), loss), "save")
-    stage("share: entropy-constrained, 4 bits",
-          lambda: quantize_(model, QuantizeConfig(bits=4, entropy_weight=1.0)), "save")
-    _unshare(model)
+    if mode == "full":
+        stage("fisher_sensitivity (2 batches of 1)",
+              lambda: fisher_sensitivity(model, batches(), loss), "save")
+        stage("share: entropy-constrained, 4 bits",
+              lambda: quantize_(model, QuantizeConfig(bits=4, entropy_weight=1.0)), "save")
+        _unshare(model)
     stage("share: k-means, 4 bits", lambda: quantize_(model, QuantizeConfig(bits=4)), "save")
     path = tmp / f"{name}.dzip"
     stage("dzip.save", lambda: dzip_torch.save(model, path), "save")
@@ -253,6 +257,9 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None], masked_only: boo
     shapes = {k: list(v.shape) for k, v in meta.state_dict().items()}
     stage("dzip.load_state", lambda: dzip_torch.load_state(path, meta), "load")
     stage("read_arrays (NumPy)", lambda: dzip.read_arrays(path, shapes), "load")
+    if mode == "io":
+        path.unlink()
+        return _file_row(rows, name, size, fp32, params, log)
 
     def decode() -> None:
         from deepzip.export import to_safetensors
@@ -278,6 +285,11 @@ def run_model(name: str, tmp: Path, log: Callable[[str], None], masked_only: boo
             other, QuantizeConfig(bits=4), calibration=calibration,
             calibration_batches=len(calibration)), "save")
         other = None
+    return _file_row(rows, name, size, fp32, params, log)
+
+
+def _file_row(rows: list[dict], name: str, size: int, fp32: int, params: int,
+              log: Callable[[str], None]) -> list[dict]:
     log(f"{name}: file {size:,} bytes, {fp32 / size:.1f}x the fp32 state_dict")
     rows.append({"model": name, "stage": "file", "bytes": size, "fp32": fp32,
                  "params": params})
@@ -363,15 +375,21 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", default=None, help="write the markdown table here")
+    p.add_argument("--io", action="store_true",
+                   help="only the file's stages: pruning, k-means sharing, save, load")
     p.add_argument("--masked", action="store_true",
                    help="only the masked path (pruning for retraining, bake_) and the "
                         "torch.save/load references")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child: one model
     args = p.parse_args()
+    if args.io and args.masked:
+        p.error("--io and --masked are two different short runs: name one")
+    mode = "io" if args.io else "masked" if args.masked else "full"
+    flag = "" if mode == "full" else f" --{mode}"
     if args.one:  # in a process of its own, so no model's freed memory hides another's peak
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             rows = run_model(args.one, Path(tmp), lambda s: print(s, file=sys.stderr,
-                                                                   flush=True), args.masked)
+                                                                   flush=True), mode)
         print(json.dumps(rows))
         return 0
     names = args.models.split(",")
@@ -380,17 +398,15 @@ def main() -> int:
         p.error(f"unknown models {sorted(unknown)}; known: {', '.join(MODELS)}")
     rows: list[dict] = []
     for name in names:
-        child = subprocess.run([sys.executable, __file__, "--one", name,
-                                *(["--masked"] if args.masked else [])], check=True,
-                               stdout=subprocess.PIPE, text=True)
+        child = subprocess.run([sys.executable, __file__, "--one", name, *flag.split()],
+                               check=True, stdout=subprocess.PIPE, text=True)
         rows += json.loads(child.stdout.strip().splitlines()[-1])
     text = table(rows)
-    brief = "" if args.masked else summary(rows)
+    brief = "" if mode == "masked" else summary(rows)
     print(brief + "\n\n" + text)
     if args.out:
         Path(args.out).write_text(
-            f"$ python bench/scale.py --models {args.models}"
-            f"{' --masked' if args.masked else ''} --out {args.out}\n\n"
+            f"$ python bench/scale.py --models {args.models}{flag} --out {args.out}\n\n"
             f"torch {torch.__version__}, one thread, each model in a process of its own; "
             "random weights of the real shapes; one run (torch.save/load: the median of "
             "three). Peak: the resident set's high-water mark during the stage minus what "
