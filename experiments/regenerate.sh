@@ -31,6 +31,7 @@ record results/bench/fuzz.txt python bench/fuzz.py --only outputs --data-dir "$D
 python bench/c_reader.py --out results/bench/c-reader.txt
 python bench/scale.py --models vgg16,gpt2,vit-b16,decoder-1.1b --out results/bench/scale.md
 python bench/scale.py --masked --out results/bench/masks.md
+python bench/scale.py --io --models vgg16,gpt2,vit-b16 --out results/bench/io.md
 
 # ResNet-20 on CIFAR-10. The default recipe (max_loss 1 with a margin of two paired
 # standard errors) on the shipped ResNet-20, two seeds: 5,000 test images decide, the other

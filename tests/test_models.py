@@ -179,3 +179,24 @@ def test_model_spec_rejects_degenerate_normalization():
                 {"arch": ["x"], "num_classes": 10, "mean": [0], "std": [1]}]:
         with pytest.raises(DeepzipError, match="invalid model spec"):
             ModelSpec.from_dict(bad)
+
+
+def test_meta_build_gives_the_real_shapes_without_memory():
+    """What a file's architecture is checked against: the shapes of a real build, with
+    the initializers' fills skipped (on meta they took 3-4x a real build) and no memory."""
+    from torch import nn
+
+    from deepzip.checkpoint import meta_build
+
+    def others() -> nn.Module:  # initializers the shipped models do not use
+        return nn.Sequential(nn.Embedding(50, 8, padding_idx=0), nn.LSTM(8, 8),
+                             nn.TransformerEncoderLayer(8, 2, 16), nn.LayerNorm(8))
+
+    for make in [*(lambda n=n: get(n) for n in available()), others]:
+        torch.manual_seed(0)
+        real = make().state_dict()
+        with meta_build():
+            meta = make().state_dict()
+        assert {k: v.shape for k, v in meta.items()} == {k: v.shape for k, v in real.items()}
+        assert all(v.is_meta for v in meta.values())
+    assert not torch.empty(2).is_meta  # the mode ends with the block

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .checkpoint import ModelSpec, load_state_dict_strict
+from .checkpoint import ModelSpec, load_state_dict_strict, meta_build
 from .codecs import (
     BOOK_DTYPES,
     FLOAT_STORES,
@@ -435,7 +435,7 @@ def _meta_model(spec: ModelSpec | None) -> nn.Module | None:
     if spec is None:
         return None
     try:
-        with torch.device("meta"):
+        with meta_build():
             return spec.build()
     except Exception:  # noqa: BLE001 - not registered here, or a factory that needs memory
         return None
