@@ -27,9 +27,9 @@ from .errors import DeepzipError
 from .models import available, get, is_registered
 from .normalization import check_normalization
 
-__all__ = ["ModelSpec", "align_state_dict", "extract_state_dict", "guess_arch", "is_safetensors",
-           "load_checkpoint", "load_state_dict_strict", "read_safetensors", "require",
-           "save_checkpoint"]
+__all__ = ["ModelSpec", "align_state_dict", "extract_state_dict", "fit_state_dict", "guess_arch",
+           "is_safetensors", "load_checkpoint", "load_state_dict_strict", "read_safetensors",
+           "require", "save_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,14 @@ def align_state_dict(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load ``state`` into ``model``; on mismatch, one error naming the offending keys and,
     when a registered architecture fits the file, that architecture (``--arch resnet32``)."""
+    model.load_state_dict(fit_state_dict(model, state))
+
+
+def fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """``state`` renamed and completed for ``model`` (:func:`align_state_dict`), or the
+    error of :func:`load_state_dict_strict`. Reads only keys and shapes, so ``state`` may
+    be meta tensors: a reader checks a file before decoding it."""
     own = model.state_dict()
     state = align_state_dict(state, own)
     missing = sorted(set(own) - set(state))
@@ -168,7 +176,7 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
         hint = f"; it fits {' or '.join(f'--arch {a}' for a in fits)}" if fits else ""
         raise DeepzipError(f"checkpoint does not fit {type(model).__name__}: "
                            + "; ".join(parts) + hint)
-    model.load_state_dict(state)
+    return state
 
 
 class _SkipFills(TorchFunctionMode):

@@ -34,6 +34,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,8 @@ from .codecs import (
 from .deprecated import moved
 from .errors import DeepzipFormatError
 
-__all__ = ["BOOK_DTYPES", "RAW_DTYPES", "DeepzipFormatError", "decode_arrays", "folded_batchnorm",
+__all__ = ["BOOK_DTYPES", "RAW_DTYPES", "DeepzipFormatError", "check_arrays", "decode_arrays",
+           "iter_arrays", "folded_batchnorm",
            "read_arrays", "read_container", "write_file"]
 
 MAGIC = b"DZIP\x00\r\n\x1a"
@@ -316,11 +318,11 @@ def _check_entry(e: Any, data_len: int, seen: dict[str, list[int]]) -> dict[str,
     return {name: shape}
 
 
-def _check_header(header: dict[str, Any], data_len: int,
-                  expected: dict[str, list[int]] | None, where: str) -> int:
+def check_arrays(header: dict[str, Any], data_len: int,
+                 expected: dict[str, list[int]] | None, where: str) -> dict[str, list[int]]:
     """Validate every entry; check the keys and shapes against the model that will
-    receive them (``expected``), or cap the total when there is none. Returns the number
-    of elements the file decodes to: nothing is allocated before this passes."""
+    receive them (``expected``), or cap the total when there is none. Returns the keys and
+    shapes the file decodes to: nothing is allocated before this passes."""
     out: dict[str, list[int]] = {}
     for e in header["tensors"]:
         for key, shape in _check_entry(e, data_len, out).items():
@@ -340,7 +342,7 @@ def _check_header(header: dict[str, Any], data_len: int,
     if expected is None and total > MAX_ELEMENTS:
         raise DeepzipFormatError(f"{where}: declares {total:,} values, more than deepzip "
                                  f"decodes without a model to check them against")
-    return total
+    return out
 
 
 def _part_bytes(entry: dict[str, Any], data: memoryview) -> dict[str, bytes]:
@@ -375,15 +377,28 @@ def _decode_entry(e: dict[str, Any], data: memoryview,
     return {name: (decode_shared(e, parts, math.prod(shape)).reshape(shape), e["dtype"])}
 
 
+def iter_arrays(header: dict[str, Any], data: memoryview
+                ) -> Iterator[dict[str, tuple[np.ndarray, str]]]:
+    """Decode a header that :func:`check_arrays` accepted an entry at a time (key ->
+    (array, dtype name)), so a reader can put each away before the next is decoded; only
+    the arrays that aliases point to are kept."""
+    targets = {e["of"] for e in header["tensors"] if e["encoding"] == "alias"}
+    kept: dict[str, tuple[np.ndarray, str]] = {}
+    for e in header["tensors"]:
+        piece = _decode_entry(e, data, kept)
+        kept.update({k: v for k, v in piece.items() if k in targets})
+        yield piece
+
+
 def decode_arrays(header: dict[str, Any], data: memoryview,
                   expected: dict[str, list[int]] | None, where: str
                   ) -> dict[str, tuple[np.ndarray, str]]:
     """Validate the whole header (against ``expected`` keys and shapes, if given), then
     decode: key -> (array, dtype name). Nothing is allocated for an invalid file."""
-    _check_header(header, len(data), expected, where)
+    check_arrays(header, len(data), expected, where)
     out: dict[str, tuple[np.ndarray, str]] = {}
-    for e in header["tensors"]:
-        out.update(_decode_entry(e, data, out))
+    for piece in iter_arrays(header, data):
+        out.update(piece)
     return out
 
 

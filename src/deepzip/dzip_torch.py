@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .checkpoint import ModelSpec, load_state_dict_strict, meta_build
+from .checkpoint import ModelSpec, fit_state_dict, meta_build
 from .codecs import (
     BOOK_DTYPES,
     FLOAT_STORES,
@@ -37,7 +37,16 @@ from .codecs import (
     nonzero_huffman_bits,
 )
 from .deprecated import moved
-from .dzip import BN_KEYS, PART_KIND, PARTS, VERSION, decode_arrays, read_container, write_file
+from .dzip import (
+    BN_KEYS,
+    PART_KIND,
+    PARTS,
+    VERSION,
+    check_arrays,
+    iter_arrays,
+    read_container,
+    write_file,
+)
 from .errors import DeepzipError, DeepzipFormatError
 from .targets import SharedWeight, bake_, codebooks, is_pruned, join_name
 
@@ -441,25 +450,41 @@ def _meta_model(spec: ModelSpec | None) -> nn.Module | None:
         return None
 
 
-def load_state(path: str | os.PathLike[str], model: nn.Module | None = None
-               ) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
-    """Decode a ``.dzip`` file into a plain state_dict and its model spec (if recorded).
-
-    Every entry is validated first, and its keys and shapes are checked against
-    ``model`` (or the architecture the file records, built without memory), so a damaged
-    or hostile file is refused before anything is allocated for it.
-    """
+def _checked(path: str | os.PathLike[str], model: nn.Module | None
+             ) -> tuple[dict[str, Any], memoryview, ModelSpec | None, dict[str, list[int]]]:
+    """A file's header, data, spec and keys with shapes, every entry validated and its
+    keys and shapes checked against ``model`` (or the architecture the file records,
+    built without memory), so a damaged or hostile file is refused before anything is
+    allocated for it."""
     header, data, _ = read_container(path)
     spec = _spec_of(header, str(path))
     target = model if model is not None else _meta_model(spec)
     expected = _plain_shapes(target) if target is not None else None
-    decoded = decode_arrays(header, data, expected, str(path))
-    tensors: dict[int, torch.Tensor] = {}  # an alias shares its array: share the tensor too
-    state = {}
-    for key, (arr, dtype) in decoded.items():
-        if id(arr) not in tensors:
-            tensors[id(arr)] = torch.from_numpy(arr).to(_DTYPES[dtype])
-        state[key] = tensors[id(arr)]
+    return header, data, spec, check_arrays(header, len(data), expected, str(path))
+
+
+def _tensors(piece: dict[str, tuple[Any, str]], seen: dict[int, tuple[Any, torch.Tensor]]
+             ) -> dict[str, torch.Tensor]:
+    """Decoded arrays as tensors of their declared dtypes; an alias shares its array, and
+    shares the tensor too (``seen`` holds each array, so no id is reused while it
+    is)."""
+    out = {}
+    for key, (arr, dtype) in piece.items():
+        if id(arr) not in seen:
+            seen[id(arr)] = arr, torch.from_numpy(arr).to(_DTYPES[dtype])
+        out[key] = seen[id(arr)][1]
+    return out
+
+
+def load_state(path: str | os.PathLike[str], model: nn.Module | None = None
+               ) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
+    """Decode a ``.dzip`` file into a plain state_dict and its model spec (if recorded),
+    checked first as :func:`load` checks it."""
+    header, data, spec, _ = _checked(path, model)
+    state: dict[str, torch.Tensor] = {}
+    seen: dict[int, tuple[Any, torch.Tensor]] = {}
+    for piece in iter_arrays(header, data):
+        state.update(_tensors(piece, seen))
     return state, spec
 
 
@@ -468,9 +493,10 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
 
     ``model``: an instance to fill (any architecture, no registration needed); without
     it, the architecture recorded in the file is built from deepzip's registry (after
-    the file's shapes were checked against it).
+    the file's shapes were checked against it). Tensors are decoded and loaded a batch at
+    a time, so loading needs little memory beyond the model's own.
     """
-    state, spec = load_state(path, model)
+    header, data, spec, shapes = _checked(path, model)
     if model is None:
         if spec is None:
             raise DeepzipFormatError(f"{path} records no architecture: pass "
@@ -481,17 +507,41 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             raise DeepzipFormatError(
                 f"{path} records architecture {spec.arch!r}, which is not registered here: "
                 "pass the model to fill (--arch NAME or package.module:Factory)") from None
-    _fill(model, state, path)
+    _fill(model, header, data, shapes, path)
     return model.eval()
 
 
-def _fill(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
-    """Load a decoded state into ``model``; a file that lacks keys the model needs is a
-    format error of that file."""
+def _fitted(model: nn.Module, state: dict[str, torch.Tensor], path: Any
+            ) -> dict[str, torch.Tensor]:
+    """:func:`fit_state_dict`, its error a format error of the file."""
     try:
-        load_state_dict_strict(model, state)
+        return fit_state_dict(model, state)
     except DeepzipError as e:
         raise DeepzipFormatError(f"{path}: {e}") from None
+
+
+_FILL_BATCH = 1 << 26  # bytes of decoded tensors loaded into the model at a time
+
+
+def _fill(model: nn.Module, header: dict[str, Any], data: memoryview,
+          shapes: dict[str, list[int]], path: Any) -> None:
+    """Load the file's tensors into ``model`` a batch at a time. The keys and shapes are
+    checked whole first (a file that lacks keys the model needs is a format error of
+    that file), so each batch loads with ``strict=False`` and the model's own loading
+    hooks still run."""
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    fitted = _fitted(model, meta, path)
+    name = {id(v): k for k, v in fitted.items()}  # the file's key -> the model's
+    batch = {k: v for k, v in fitted.items() if not v.is_meta}  # what fitting filled in
+    size, seen = 0, {}
+    for piece in iter_arrays(header, data):
+        for key, t in _tensors(piece, seen).items():
+            batch[name[id(meta[key])]] = t
+            size += t.numel() * t.element_size()
+        if size >= _FILL_BATCH:
+            model.load_state_dict(batch, strict=False)
+            batch, size, seen = {}, 0, {}
+    model.load_state_dict(batch, strict=False)
 
 
 @dataclass(frozen=True)
@@ -596,7 +646,7 @@ def info(path: str | os.PathLike[str], model: nn.Module | None = None) -> FileIn
         except DeepzipError:  # an architecture not registered here: sizes from the file
             model = None
     if model is not None:
-        _fill(model, state, path)
+        model.load_state_dict(_fitted(model, state, path))
         fp32 = state_dict_bytes(model)
         params = sum(p.numel() for p in model.parameters())
     else:  # the same definition from the decoded tensors (tied ones are one object)
