@@ -449,6 +449,39 @@ def test_loading_a_batch_at_a_time_gives_the_same_model(tmp_path, monkeypatch, m
         assert one_by_one.decoder.weight is one_by_one.embedding.weight
 
 
+def test_load_decodes_shared_weights_in_place_unless_a_hook_must_see_them(tmp_path):
+    """A shared weight is decoded straight into the model's tensor (it never passes
+    through load_state_dict); a model whose loading is customized gets every value
+    through load_state_dict, where its hook sees them."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    torch.manual_seed(0)
+    model = make()
+    prune_(model, PruneConfig("global", 0.7))
+    quantize_(model, QuantizeConfig(bits=4))
+    save(model, tmp_path / "m.dzip")
+    want = load(tmp_path / "m.dzip", make()).state_dict()
+
+    plain, loaded = make(), []
+    keys = plain.load_state_dict
+    plain.load_state_dict = lambda sd, strict=True: (loaded.extend(sd), keys(sd, strict))[1]
+    ptr = plain[0].weight.data_ptr()
+    load(tmp_path / "m.dzip", plain)
+    assert "0.weight" not in loaded and "0.bias" in loaded  # in place; biases are raw
+    assert plain[0].weight.data_ptr() == ptr
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in want.items())
+
+    hooked, seen = make(), {}
+    hooked[0]._register_load_state_dict_pre_hook(
+        lambda sd, prefix, *_: seen.update({k: v.clone() for k, v in sd.items()
+                                            if k.startswith(prefix)}))
+    load(tmp_path / "m.dzip", hooked)
+    assert torch.equal(seen["0.weight"], want["0.weight"])
+    assert all(torch.equal(v, hooked.state_dict()[k]) for k, v in want.items())
+
+
 def test_tied_attention_lstm_model_roundtrips_identically(tmp_path):
     from deepzip.prune import prunable, sparsity_of
 

@@ -451,9 +451,14 @@ def _encode_kernels(nz: np.ndarray, shape: tuple[int, ...], book_bytes: bytes,
              "subsets": subsets}, int(counts.sum()))
 
 
-def decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> np.ndarray:
+def decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """Decode a dense, sparse or kernel-layout shared tensor whose entry
-    :func:`_check_entry` accepted."""
+    :func:`_check_entry` accepted, into ``out`` (float32, ``numel`` values, contiguous:
+    a model's own tensor, written once) where given."""
+    if out is None:
+        out = np.empty(numel, dtype=np.float32)
+    out = out.reshape(-1)
     k = meta["clusters"]
     store = meta["codebook_dtype"]
     if store in RAW_INTS:
@@ -465,27 +470,29 @@ def decode_shared(meta: dict[str, Any], parts: dict[str, bytes], numel: int) -> 
     # Symbol k (zero, or a sparse run's filler) looks up 0.0: one gather, no mask.
     values = np.append(book, np.float32(0))
     if meta["encoding"] == "dense":
-        return values[decode(parts["indices"], meta["index_nbits"], numel, icode)]
+        return np.take(values, decode(parts["indices"], meta["index_nbits"], numel, icode),
+                       out=out)
     gap_bits, entries = meta["gap_bits"], meta["entries"]
     gcode = HuffmanCode(unpack_lengths(parts["gap_lengths"], 1 << gap_bits))
     runs = decode(parts["gaps"], meta["gap_nbits"], entries, gcode)
     pos = np.cumsum(runs, dtype=np.int64)  # each entry's position: its run, and one
     pos += np.arange(len(runs))  # more for each entry before it
     if meta["encoding"] == "kernel":
-        return decode_kernels(meta, parts, numel, book, runs, pos)
+        return decode_kernels(meta, parts, out, book, runs, pos)
     syms = decode(parts["indices"], meta["index_nbits"], entries, icode)
     if (pos[-1] if entries else -1) != numel - 1:
         raise DeepzipFormatError("sparse entries do not cover the tensor exactly")
-    out = np.zeros(numel, dtype=np.float32)
+    out.fill(0)
     out[pos] = values[syms]  # a filler's position holds a zero, and writes one
     return out
 
 
-def decode_kernels(meta: dict[str, Any], parts: dict[str, bytes], numel: int,
+def decode_kernels(meta: dict[str, Any], parts: dict[str, bytes], out: np.ndarray,
                     book: np.ndarray, runs: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """The rest of a kernel-layout tensor, its runs of empty kernels decoded."""
+    """The rest of a kernel-layout tensor into ``out``, its runs of empty kernels
+    decoded."""
     size = kernel_size(meta["shape"])
-    kernels, k = numel // size, meta["clusters"]
+    kernels, k = len(out) // size, meta["clusters"]
     if (pos[-1] if len(pos) else -1) != kernels - 1:
         raise DeepzipFormatError("kernel entries do not cover the tensor exactly")
     ccode = HuffmanCode(unpack_lengths(parts["count_lengths"], size + 1))
@@ -506,9 +513,9 @@ def decode_kernels(meta: dict[str, Any], parts: dict[str, bytes], numel: int,
     idx = decode(parts["indices"], meta["index_nbits"], nonzero, icode)
     rows = np.zeros((len(live), size), dtype=np.float32)
     rows[masks] = book[idx]
-    out = np.zeros((kernels, size), dtype=np.float32)
-    out[live] = rows
-    return out.ravel()
+    out.fill(0)
+    out.reshape(kernels, size)[live] = rows
+    return out
 
 
 def folded_batchnorm(scale: np.ndarray, shift: np.ndarray, eps: float

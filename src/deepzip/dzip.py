@@ -34,7 +34,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -318,6 +318,9 @@ def _check_entry(e: Any, data_len: int, seen: dict[str, list[int]]) -> dict[str,
     return {name: shape}
 
 
+Into = Callable[[str], "np.ndarray | None"]  # a key -> where to decode it, or None
+
+
 def check_arrays(header: dict[str, Any], data_len: int,
                  expected: dict[str, list[int]] | None, where: str) -> dict[str, list[int]]:
     """Validate every entry; check the keys and shapes against the model that will
@@ -350,9 +353,11 @@ def _part_bytes(entry: dict[str, Any], data: memoryview) -> dict[str, bytes]:
 
 
 def _decode_entry(e: dict[str, Any], data: memoryview,
-                  done: dict[str, tuple[np.ndarray, str]]) -> dict[str, tuple[np.ndarray, str]]:
+                  done: dict[str, tuple[np.ndarray, str]], into: Into | None = None
+                  ) -> dict[str, tuple[np.ndarray, str]]:
     """Decode one entry that :func:`_check_entry` accepted: key -> (array, dtype name).
-    Raw arrays keep their stored type (the PyTorch side converts to ``dtype``)."""
+    Raw arrays keep their stored type (the PyTorch side converts to ``dtype``); a shared
+    float32 weight goes into the array ``into`` gives for its key, if any."""
     name, shape, enc = e["name"], e["shape"], e["encoding"]
     if enc == "alias":
         return {name: done[e["of"]]}
@@ -374,18 +379,21 @@ def _decode_entry(e: dict[str, Any], data: memoryview,
             return {f"{name}.{k}": (v, "int64" if k == "num_batches_tracked" else "float32")
                     for k, v in folded_batchnorm(both[0], both[1], e["eps"]).items()}
         return {name: (arr.reshape(shape), e["dtype"])}
-    return {name: (decode_shared(e, parts, math.prod(shape)).reshape(shape), e["dtype"])}
+    out = into(name) if into is not None and e["dtype"] == "float32" else None
+    return {name: (decode_shared(e, parts, math.prod(shape), out).reshape(shape), e["dtype"])}
 
 
-def iter_arrays(header: dict[str, Any], data: memoryview
+def iter_arrays(header: dict[str, Any], data: memoryview, into: Into | None = None
                 ) -> Iterator[dict[str, tuple[np.ndarray, str]]]:
     """Decode a header that :func:`check_arrays` accepted an entry at a time (key ->
     (array, dtype name)), so a reader can put each away before the next is decoded; only
-    the arrays that aliases point to are kept."""
+    the arrays that aliases point to are kept. ``into(key)``: where a shared float32
+    weight may be decoded straight to (a contiguous float32 array of its size; the
+    array is then the one returned), or None."""
     targets = {e["of"] for e in header["tensors"] if e["encoding"] == "alias"}
     kept: dict[str, tuple[np.ndarray, str]] = {}
     for e in header["tensors"]:
-        piece = _decode_entry(e, data, kept)
+        piece = _decode_entry(e, data, kept, into)
         kept.update({k: v for k, v in piece.items() if k in targets})
         yield piece
 

@@ -528,20 +528,53 @@ def _fill(model: nn.Module, header: dict[str, Any], data: memoryview,
     """Load the file's tensors into ``model`` a batch at a time. The keys and shapes are
     checked whole first (a file that lacks keys the model needs is a format error of
     that file), so each batch loads with ``strict=False`` and the model's own loading
-    hooks still run."""
+    hooks still run; where no hook can see it, a shared weight is decoded straight into
+    the model's tensor (no copy, no pages touched twice). A stream that proves corrupt
+    while decoding leaves the model partly filled."""
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     fitted = _fitted(model, meta, path)
     name = {id(v): k for k, v in fitted.items()}  # the file's key -> the model's
     batch = {k: v for k, v in fitted.items() if not v.is_meta}  # what fitting filled in
+    own = _writable(model)
+    direct: set[str] = set()
+
+    def into(key: str) -> Any:
+        t = own.get(name[id(meta[key])])
+        if t is None:
+            return None
+        direct.add(key)
+        return t.numpy()
+
     size, seen = 0, {}
-    for piece in iter_arrays(header, data):
-        for key, t in _tensors(piece, seen).items():
-            batch[name[id(meta[key])]] = t
-            size += t.numel() * t.element_size()
-        if size >= _FILL_BATCH:
-            model.load_state_dict(batch, strict=False)
-            batch, size, seen = {}, 0, {}
-    model.load_state_dict(batch, strict=False)
+    with torch.no_grad():
+        for piece in iter_arrays(header, data, into):
+            for key, t in _tensors(piece, seen).items():
+                if key not in direct:
+                    batch[name[id(meta[key])]] = t
+                    size += t.numel() * t.element_size()
+            if size >= _FILL_BATCH:
+                model.load_state_dict(batch, strict=False)
+                batch, size, seen = {}, 0, {}
+        model.load_state_dict(batch, strict=False)
+
+
+def _writable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's float32 CPU tensors that loading may write in place, by state_dict
+    key: none where a module customizes loading (a load hook anywhere, or its own
+    ``_load_from_state_dict``), since that code must see the values."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+           for m in modules.values()):
+        return {}
+    out = {}
+    for prefix, m in modules.items():
+        if type(m)._load_from_state_dict is not nn.Module._load_from_state_dict:
+            continue
+        for n, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None and t.dtype == torch.float32 and t.device.type == "cpu" \
+                    and t.is_contiguous() and n not in m._non_persistent_buffers_set:
+                out[join_name(prefix, n)] = t.detach()
+    return out
 
 
 @dataclass(frozen=True)
