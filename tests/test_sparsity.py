@@ -77,3 +77,17 @@ def test_one_shot_sparsegpt_steps_read_calibration_batches_and_are_kept(tmp_path
     kept = pruned[0].weight.detach()
     # the weights that stay were moved (OBS's update), not only masked
     assert not torch.equal(kept[kept != 0], before[kept != 0])
+
+
+def test_a_one_shot_step_before_a_retrained_one_is_a_waypoint(tmp_path):
+    """A step of 0 epochs that a retraining step follows is neither judged (its loss
+    would stop the pruning, or raise the smoothed losses of the steps that recover it)
+    nor kept; the last step and one-shot steps among one-shot steps are."""
+    ctx = _context(tmp_path, max_loss=100.0, steps=[
+        PruneStep("global", 0.5, 0), PruneStep("global", 0.6, 1), PruneStep("global", 0.7, 0),
+        PruneStep("global", 0.8, 0)])
+    model, spec = ctx.start()
+    Pruning(ctx)(model, spec)
+    search = ctx.state["stages"]["prune"]["search"]
+    assert [r["step"] for r in search["steps"]] == [2, 3, 4]
+    assert not step_path(tmp_path, 1).exists() and step_path(tmp_path, 3).is_file()

@@ -77,8 +77,10 @@ class Pruning:
 
     def iterative(self, model: nn.Module, spec: ModelSpec
                   ) -> tuple[nn.Module, Rows, dict[str, Any] | None]:
-        """Prune and retrain step by step. With ``keep_steps`` every step's model is scored
-        and kept (:meth:`top_step` picks the one the sharing budget is searched on); with
+        """Prune and retrain step by step. With ``keep_steps`` every retrained step's model
+        (and the last's) is scored and kept (:meth:`top_step` picks the one the sharing
+        budget is searched on); a one-shot step that a retrained one follows is a waypoint,
+        neither judged nor kept; with
         ``stop_over_budget``, each step's model is held against the pruning's part of
         ``max_loss`` and the first over it is undone. Unlike a probe, what is judged is
         the model the stage delivers."""
@@ -95,7 +97,10 @@ class Pruning:
                 c.recipe.train_config(p.train, step.epochs), loss_fn=c.loss(p.distill),
                 out_dir=c.out / "prune" / f"step{i}", desc=f"prune {i}",
                 calibration=p.calibration)
-            if p.keep_steps and not self.keep_step(model, spec, judged, i):
+            if p.keep_steps and not step.epochs and i < len(p.steps) and p.steps[i].epochs:
+                c.log(f"[prune] step {i}: one shot on the way to step {i + 1}, which "
+                      "retrains it: neither judged nor kept")
+            elif p.keep_steps and not self.keep_step(model, spec, judged, i):
                 break
             if before is not None and not self.within_share(
                     model, spec, judged, f"step {i}", step=i,
