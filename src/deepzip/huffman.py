@@ -55,18 +55,24 @@ def code_lengths(counts: np.ndarray, max_length: int = MAX_CODE_LENGTH) -> np.nd
 
 
 def _huffman_depths(counts: np.ndarray) -> np.ndarray:
-    heap = [(int(w), i, (i,)) for i, w in enumerate(counts)]
+    """Each symbol's depth in Huffman's tree: merge the two lightest nodes (ties by the
+    order nodes were made: symbols first, by value), then walk each node to the root.
+    A node is made after its children, so one backward pass gives every depth."""
+    n = len(counts)
+    heap = [(int(w), i) for i, w in enumerate(counts)]
     heapq.heapify(heap)
-    depth = np.zeros(len(counts), dtype=np.int64)
-    tie = len(counts)
+    parent = [0] * (2 * n - 1)
+    made = n
     while len(heap) > 1:
-        w1, _, s1 = heapq.heappop(heap)
-        w2, _, s2 = heapq.heappop(heap)
-        for s in (s1, s2):
-            depth[list(s)] += 1
-        heapq.heappush(heap, (w1 + w2, tie, s1 + s2))
-        tie += 1
-    return depth
+        w1, a = heapq.heappop(heap)
+        w2, b = heapq.heappop(heap)
+        parent[a] = parent[b] = made
+        heapq.heappush(heap, (w1 + w2, made))
+        made += 1
+    depth = [0] * made
+    for node in range(made - 2, -1, -1):
+        depth[node] = depth[parent[node]] + 1
+    return np.array(depth[:n], dtype=np.int64)
 
 
 @dataclass(frozen=True)
