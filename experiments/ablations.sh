@@ -31,6 +31,11 @@ python experiments/levers.py runs/agp90-seed1/prune/model.pt --data-dir "$DATA" 
   --out $OUT/agp90-seed1-pruned.txt
 python experiments/levers.py runs/agp90/prune/model.pt --data-dir "$DATA" --tables 3 \
   --out $OUT/sensitivity.txt
+# The position codes on the default's committed files (is there structure left to code?).
+for r in default default-seed1; do
+  python experiments/levers.py results/$r/model.dzip --data-dir "$DATA" --tables 2 \
+    --out $OUT/positions-$r.txt
+done
 
 # 2. Sharing variants from agp90's pruned models (only quantize, encode, verify run).
 for r in q320 qat320 qat500 qat80 qatlong320 budP budF defF; do from_pruned $r 0; done

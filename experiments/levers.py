@@ -9,7 +9,8 @@ On one pruned checkpoint (no training, so each row takes one evaluation); part o
    (``QuantizeConfig(entropy_weight=...)``) at 4-6 bit caps: accuracy right after
    clustering, Huffman bits per nonzero, bytes of indices plus fp16 codebooks;
 2. positions: the mask's cost under the order-0 bound of each layer (what the zero-run
-   code reaches) against a code that knows how many nonzeros each 3x3 kernel holds;
+   code reaches) against a code that knows how many nonzeros each 3x3 kernel holds, and
+   codes with one density per output channel, input channel or kernel tap;
 3. allocation: entropy-constrained clustering (6-bit cap) with one relative error for
    every layer against penalties weighted by each layer's Fisher sensitivity
    (``QuantizeConfig(sensitivity=fisher_sensitivity(...))``), over a range of weights.
@@ -69,12 +70,25 @@ def sharing(model: torch.nn.Module, score, settings=SHARING, sensitivity=None) -
     return rows
 
 
+def _rates(nz: np.ndarray, axis: int) -> float:
+    """Bits of a mask coded with one density per slice along ``axis`` (each slice's
+    count sent in log2(size + 1) bits): what a code would gain if some output channels,
+    input channels or kernel taps were much denser than others."""
+    rows = np.moveaxis(nz, axis, 0).reshape(nz.shape[axis], -1)
+    return float((_h(rows.mean(1)) * rows.shape[1]).sum()) + \
+        len(rows) * math.log2(rows.shape[1] + 1)
+
+
 def positions(model: torch.nn.Module) -> list[dict]:
     layer = kernel = 0.0
+    sliced = {"output channel": 0.0, "input channel": 0.0, "kernel tap": 0.0}
     for t in prunable(model):
         nz = t.weight.detach().numpy() != 0
         bound = float(_h(np.array(nz.mean()))) * nz.size
         layer += bound
+        flat = nz.reshape(nz.shape[0], nz.shape[1] if nz.ndim > 1 else 1, -1)
+        for (name, total), axis in zip(sliced.items(), (0, 1, 2), strict=True):
+            sliced[name] = total + min(bound, _rates(flat, axis))  # a code picks the cheaper
         if nz.ndim != 4:  # no kernels: the layer's bound
             kernel += bound
             continue
@@ -86,7 +100,9 @@ def positions(model: torch.nn.Module) -> list[dict]:
     return [{"mask code": "order-0 bound per layer (the zero-run code is within ~1%)",
              "bytes": int(layer / 8)},
             {"mask code": "nonzeros per 3x3 kernel, then which of the C(9, n) sets",
-             "bytes": int(kernel / 8)}]
+             "bytes": int(kernel / 8)},
+            *({"mask code": f"one density per {name} (where cheaper than the layer's)",
+               "bytes": int(bits / 8)} for name, bits in sliced.items())]
 
 
 def main() -> None:
