@@ -44,6 +44,9 @@ for s in 0 1; do
   [ -d runs/cal-s$s ] || cp -r runs/default$([ $s = 1 ] && echo -seed1) runs/cal-s$s
   deepzip run results/default-calibrated/recipe.yaml --seed $s --data-dir "$DATA" --out runs/cal-s$s
 done
+# An ablation, not adopted: the 50% step not retrained, its epochs moved to 80-90%.
+deepzip run experiments/recipes/default-late.yaml --seed 0 --data-dir "$DATA" \
+  --out runs/default-late && publish default-late
 # An ablation, not adopted: five pruning steps (the default of commit f1ef573), seed 0.
 git show f1ef573:src/deepzip/recipes/default.yaml > runs/default-5steps.yaml
 deepzip run runs/default-5steps.yaml --seed 0 --data-dir "$DATA" --out runs/default-5steps \
