@@ -517,7 +517,8 @@ HELP = {
                               "validation data; the first over loss_share of max_loss is "
                               "undone and the pruning stops with the step before it",
     "prune.keep_steps": "iterative, with max_loss: prune through every step, score and "
-                        "keep each step's model; the quantize stage chooses the step and "
+                        "keep each step's model (a 0-epoch step before a retrained one is "
+                        "a waypoint, not kept); the quantize stage chooses the step and "
                         "the sharing budget together (the smallest file within max_loss, "
                         "its margin paid once, on that file)",
     "prune.loss_share": "the part of max_loss the pruning may spend (stop_over_budget, "
