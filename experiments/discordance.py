@@ -20,7 +20,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 
 from deepzip import stages
 from deepzip.checkpoint import load_checkpoint
@@ -35,16 +34,6 @@ ARMS = {  # name: (alpha, temperature, soft loss)
     "kl-a1.0-t1": (1.0, 1.0, "kl"),
     "logit-mse": (1.0, 1.0, "mse"),
 }
-
-
-class LogitMatch(Distillation):
-    """The student's logits against the teacher's, squared (Ba & Caruana 2014)."""
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor
-                 ) -> torch.Tensor:
-        with torch.no_grad():
-            teacher = self.teacher(inputs).float()
-        return F.mse_loss(logits.float(), teacher)
 
 
 def counts(ref: torch.Tensor, new: torch.Tensor) -> tuple[int, int, float]:
@@ -77,7 +66,9 @@ def main() -> None:
                       eval_every=10**6)
     for name in args.arms:
         alpha, t, kind = ARMS[name]
-        loss = (LogitMatch if kind == "mse" else Distillation)(teacher, alpha, t)
+        # "mse": the logits against the teacher's, squared (Ba & Caruana 2014), which
+        # Distillation does for outputs it is told are not class scores
+        loss = Distillation(teacher, alpha, t, classification=kind != "mse")
         model = copy.deepcopy(start)
         stages.prune_step(model, task, spec, PruneConfig("global", args.amount), cfg,
                           loss_fn=loss, desc=name)
