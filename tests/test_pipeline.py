@@ -481,12 +481,9 @@ def test_stop_over_budget_keeps_the_last_pruning_step_within_its_part_of_max_los
         dataclasses.replace(recipe, max_loss=None, margin_se=0.0).validate()
 
 
-def test_keep_steps_chooses_the_step_and_the_sharing_budget_together(tmp_path):
-    """prune.keep_steps prunes through every step (stopping once one is over the whole
-    budget less its margin), keeps each step's model, smooths the losses against sparsity
-    and chooses the smallest file predicted within max_loss among the candidate steps and
-    probed budgets; the margin is paid once, by the file that ships."""
-    from deepzip import decide
+def _keep_steps_run(tmp_path):
+    """The tiny task through keep_steps to 30, 60, 99.9 and 99.95%: (its folder, the
+    report's stages, the watched test loader, the log)."""
     from deepzip.api import compress
 
     out = tmp_path / "run"
@@ -494,7 +491,18 @@ def test_keep_steps_chooses_the_step_and_the_sharing_budget_together(tmp_path):
     model, task, test = _tiny_classification(out)
     recipe = _steps_recipe([0.3, 0.6, 0.999, 0.9995], keep_steps=True)
     log: list[str] = []
-    stages = compress(model, task, recipe, out=out, log=log.append).report["stages"]
+    return out, compress(model, task, recipe, out=out, log=log.append).report["stages"], \
+        test, log
+
+
+def test_keep_steps_chooses_the_step_and_the_sharing_budget_together(tmp_path):
+    """prune.keep_steps prunes through every step (stopping once one is over the whole
+    budget less its margin), keeps each step's model, smooths the losses against sparsity
+    and chooses the smallest file predicted within max_loss among the candidate steps and
+    probed budgets; the margin is paid once, by the file that ships."""
+    from deepzip import decide
+
+    out, stages, test, _ = _keep_steps_run(tmp_path)
     search, budget = stages["prune"]["search"], stages["quantize"]["budget"]
     rows = search["steps"]
     assert [r["step"] for r in rows] == [1, 2, 3]  # step 3 is hopeless: step 4 never runs
@@ -516,6 +524,39 @@ def test_keep_steps_chooses_the_step_and_the_sharing_budget_together(tmp_path):
     assert "model.dzip" in test.first
     report = " ".join((out / "report.md").read_text().split())
     assert "paid once" in report and f"step {chosen.step} at" in report
+
+
+def test_keep_steps_searches_the_next_step_down_when_the_sparsest_is_over_at_the_cap(
+        tmp_path, monkeypatch):
+    """Where even the cap is over the budget on the sparsest candidate, nothing sparser
+    can pass there and no other step can be predicted from that probe: the budget search
+    moves to the next candidate down, and the run ships that step, shared within the
+    budget, not the step its own probe said was over."""
+    from deepzip import decide, stages
+    from deepzip.prune import sparsity_of
+
+    real = stages.search_budget
+
+    def noisy_above_half(model, *args, margin, **kwargs):  # step 2 (60%) scores too noisy
+        if sparsity_of(model) > 0.5:
+            margin = lambda _: 100.0  # noqa: E731
+        return real(model, *args, margin=margin, **kwargs)
+
+    monkeypatch.setattr(stages, "search_budget", noisy_above_half)
+    out, st, _, log = _keep_steps_run(tmp_path)
+    assert st["prune"]["search"]["top_step"] == 2
+    budget = st["quantize"]["budget"]
+    on2 = [p for p in budget["probes"] if p["step"] == 2]
+    assert len(on2) == 1 and on2[0]["target_bits"] == 6 and not on2[0]["within"]
+    assert any(p["within"] for p in budget["probes"] if p["step"] == 1)
+    assert budget["searched_step"] == 1 and budget["chosen_step"] == 1
+    assert st["quantize"]["step"] == 1 and budget["confirmed"][-1]["within"]
+    table = decide.from_rows(budget["options"])
+    assert {o.step for o in table} == {1, 2}
+    assert all(o.measured and not o.within(10.0) for o in table if o.step == 2)
+    assert any("step 2 is over the budget at the cap" in line for line in log)
+    report = " ".join((out / "report.md").read_text().split())
+    assert "the budget was searched on step 1" in report
 
 
 def test_max_loss_needs_validation_data(tmp_path):

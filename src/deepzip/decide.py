@@ -10,7 +10,8 @@ reads data), so a test can drive the policy alone:
    not decide alone).
 2. :func:`candidates`: the steps whose smoothed loss plus margin fits the budget.
 3. The sharing budget is searched on the sparsest candidate (its probes measure what
-   sharing costs there, in loss, margin and bytes). :func:`options` pairs every candidate
+   sharing costs there, in loss, margin and bytes); where even the cap is over, on the
+   next candidate down. :func:`options` pairs every candidate
    with every probed budget: its bytes measured (clustering only), its loss its smoothed
    loss plus what sharing cost the sparsest at as many bits per index or fewer (smoothed:
    fewer bits never cost less), its margin that probe's.

@@ -428,7 +428,8 @@ only at a step over the whole budget even less its margin. The losses are smooth
 they do not fall as the sparsity grows (pooled where a step scored better than the one
 before it), and a step is a candidate when its smoothed loss plus its margin is within
 `max_loss` {_budget_text(search)}: the margin is paid once, by the file that ships, not by
-each step. {"The sharing budget was searched on step " + str(top) + ", the sparsest candidate."
+each step. {"The sharing budget's search starts on step " + str(top) + ", the sparsest "
+            "candidate, and moves down a step while a step is over the budget at the cap."
             if top else "No step is a candidate: the model stays unpruned."}
 
 {markdown_table(rows, list(rows[0]))}
@@ -459,7 +460,8 @@ def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:
     """The ``max_loss`` search of a run: every probe and every full-stage confirmation."""
     if not budget:
         return ""
-    probes = _with_margin([{"target bits": p["target_bits"], f"validation {metric}": p["score"],
+    probes = _with_margin([{**({"step": p["step"]} if "step" in p else {}),
+                            "target bits": p["target_bits"], f"validation {metric}": p["score"],
                             "loss": p["loss"], "margin": p.get("margin", 0.0),
                             "bytes": p["file_bytes"], "within": p["within"]}
                            for p in budget["probes"]])
@@ -475,7 +477,7 @@ def _budget_section(budget: dict[str, Any] | None, metric: str) -> str:
 `max_loss` {_budget_text(budget)}: the smallest file whose loss against the baseline's
 validation {metric} ({budget['baseline_val_score']:.4g}) stays within it. Probes (each
 shares a copy of the pruned model at that budget of Huffman bits per nonzero index and
-trains its centroids briefly), bisecting from the cap.{_margin_line(budget)}
+trains its centroids briefly), bisecting from the cap.{_margin_line(budget)}{_moved(budget)}
 
 {markdown_table(probes, list(probes[0]))}
 {_options_section(budget, metric) if "options" in budget else ""}
@@ -484,6 +486,19 @@ then no sharing at all, the weights stored as float16):
 
 {markdown_table(full, list(full[0]))}
 """
+
+
+def _moved(budget: dict[str, Any]) -> str:
+    """Where the budget search moved down the candidate steps: each step over the budget
+    even at the cap (its first probe) hands the search to the next one."""
+    over = sorted({p["step"] for p in budget["probes"] if "step" in p}
+                  - {budget.get("searched_step")}, reverse=True)
+    if not over:
+        return ""
+    steps = ", ".join(str(s) for s in over)
+    return (f" Step{'s' if len(over) > 1 else ''} {steps} went over the budget even at the "
+            f"cap, so the search moved down to the next candidate: **the budget was searched "
+            f"on step {budget['searched_step']}**.")
 
 
 def _budget_text(search: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -30,6 +31,7 @@ __all__ = ["UNSHARED_DTYPE", "Sharing", "encoding"]
 
 UNSHARED_DTYPE = "float16"  # the weights of a model no sharing fits the budget of
 Budget = dict[str, Any]
+Probe = Callable[[nn.Module], tuple[float, list[dict[str, Any]]]]
 
 
 def encoding(ctx: RunContext) -> dict[str, Any]:
@@ -169,19 +171,23 @@ class Sharing:
         validation data, searched on probes of the pruned model (which stays as it is)."""
         c, q, t = self.ctx, self.ctx.recipe.quantize, self.ctx.terms()
 
-        def search() -> Budget:
-            c.log(f"[quantize] searching the smallest file within {t.words()} of the "
-                  f"baseline's validation {t.metric} {t.baseline:.4g}")
-            bits, probes = stages.search_budget(
-                model, c.task, spec, qcfg, baseline=t.baseline, max_loss=t.allowed,
+        def probe(pruned: nn.Module) -> tuple[float, list[dict[str, Any]]]:
+            return stages.search_budget(
+                pruned, c.task, spec, qcfg, baseline=t.baseline, max_loss=t.allowed,
                 probe=c.recipe.train_config({"weight_decay": 0.0, **q.train}, q.probe_epochs),
                 loss_fn=c.loss(q.distill), encoding=dataclasses.asdict(c.recipe.encode),
                 log=c.log, margin=c.margin, calibration=q.calibration)
+
+        def search() -> Budget:
+            c.log(f"[quantize] searching the smallest file within {t.words()} of the "
+                  f"baseline's validation {t.metric} {t.baseline:.4g}")
             found = {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
                      "margin_se": t.margin_se, "baseline_val_score": t.baseline,
-                     "probes": probes, "chosen": bits, "confirmed": []}
-            return {**found, **self.options(probes, spec, qcfg)} \
-                if c.recipe.prune.keep_steps else found
+                     "confirmed": []}
+            if c.recipe.prune.keep_steps:
+                return {**found, **self.options(model, probe, spec, qcfg)}
+            bits, probes = probe(model)
+            return {**found, "probes": probes, "chosen": bits}
 
         budget = c.kept(c.out / "quantize" / "budget.json", "budget search", search)
         return dataclasses.replace(qcfg, target_bits=budget["chosen"]), budget
@@ -191,32 +197,47 @@ class Sharing:
         return self.ctx.load(step_path(self.ctx.out, step), spec)[0] if step \
             else self.ctx.fresh()
 
-    def options(self, probes: list[dict[str, Any]], spec: ModelSpec, qcfg: QuantizeConfig
+    def options(self, model: nn.Module, probe: Probe, spec: ModelSpec, qcfg: QuantizeConfig
                 ) -> dict[str, Any]:
-        """``prune.keep_steps``: every candidate step at every probed budget
-        (:func:`deepzip.decide.options`; the three candidates below the searched one are
-        clustered for their bytes) and the smallest file predicted within the budget
-        (none: the one predicted nearest it)."""
+        """``prune.keep_steps``: the budget searched on the sparsest candidate (``model``)
+        and, where even its cap is over the budget, on the next candidate down; then every
+        candidate step at every budget probed there (:func:`deepzip.decide.options`; the
+        three candidates below the searched one are clustered for their bytes) and the
+        smallest file predicted within the budget (none: the one predicted nearest it)."""
         c, t = self.ctx, self.ctx.terms()
         search = c.state["stages"]["prune"]["search"]
         top, rows = search["top_step"], list(search["steps"])
         if top == 0:
             rows.append({"step": 0, "sparsity": sparsity_of(c.fresh()), "loss": 0.0,
                          "fit": 0.0, "margin": 0.0})
-        bits = sorted({p["target_bits"] for p in probes})
+        probes: list[dict[str, Any]] = []
+        while True:
+            found = [{**p, "step": top} for p in probe(model)[1]]
+            probes += found
+            lower = [s for s in search["candidates"] if s < top]
+            if any(p["within"] for p in found) or not lower:
+                break
+            c.log(f"[quantize] step {top} is over the budget at the cap: the budget is "
+                  f"searched on step {lower[-1]}, the next candidate")
+            top = lower[-1]
+            model = self.step_model(top, spec)
+        table = [o for s in sorted({p["step"] for p in probes} - {top})
+                 for o in decide.options(rows, s, [p for p in probes if p["step"] == s], {})]
+        bits = sorted({p["target_bits"] for p in probes if p["step"] == top})
         sizes = {}
-        for k in [s for s in search["candidates"] if s != top][-3:]:
+        for k in [s for s in search["candidates"] if s < top][-3:]:
             c.log(f"[quantize] bytes of step {k} shared at each probed budget")
             sizes[k] = stages.shared_sizes(self.step_model(k, spec), spec, qcfg, bits,
                                            encoding(c))
-        table = decide.options(rows, top, probes, sizes)
+        table += decide.options(rows, top, [p for p in probes if p["step"] == top], sizes)
         choice = decide.choose(table, t.allowed) or min(table, key=lambda o: o.loss + o.margin)
         c.log(f"[quantize] chosen: step {choice.step} (sparsity {choice.sparsity:.4f}) at "
               f"{choice.bits:.3f} bits, {choice.bytes:,} bytes, loss "
               f"{'measured' if choice.measured else 'predicted'} {choice.loss:.3g} + "
               f"margin {choice.margin:.3g} {t.units}")
-        return {"options": decide.as_rows(table), "chosen": choice.bits,
-                "chosen_step": choice.step, "candidates": search["candidates"]}
+        return {"probes": probes, "searched_step": top, "options": decide.as_rows(table),
+                "chosen": choice.bits, "chosen_step": choice.step,
+                "candidates": search["candidates"]}
 
     @staticmethod
     def next_option(budget: Budget) -> decide.Option | None:

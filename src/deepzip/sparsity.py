@@ -146,7 +146,7 @@ class Pruning:
         kept = decide.candidates(rows, t.allowed)
         top = max(kept, default=0)
         c.log("[prune] steps whose smoothed loss plus margin fits the budget: "
-              + (", ".join(map(str, kept)) + f"; the sharing budget is searched on step {top}"
+              + (", ".join(map(str, kept)) + f"; the sharing budget's search starts on step {top}"
                  if kept else "none: the model stays unpruned"))
         model = c.load(step_path(c.out, top), spec)[0] if top else c.fresh()
         return model, {"max_loss": t.allowed, "budget": str(t.budget), "units": t.units,
