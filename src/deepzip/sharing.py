@@ -210,32 +210,31 @@ class Sharing:
         if top == 0:
             rows.append({"step": 0, "sparsity": sparsity_of(c.fresh()), "loss": 0.0,
                          "fit": 0.0, "margin": 0.0})
-        probes: list[dict[str, Any]] = []
+        searched: dict[int, list[dict[str, Any]]] = {}  # step: its probes, in order
         while True:
-            found = [{**p, "step": top} for p in probe(model)[1]]
-            probes += found
+            searched[top] = [{**p, "step": top} for p in probe(model)[1]]
             lower = [s for s in search["candidates"] if s < top]
-            if any(p["within"] for p in found) or not lower:
+            if any(p["within"] for p in searched[top]) or not lower:
                 break
             c.log(f"[quantize] step {top} is over the budget at the cap: the budget is "
                   f"searched on step {lower[-1]}, the next candidate")
             top = lower[-1]
             model = self.step_model(top, spec)
-        table = [o for s in sorted({p["step"] for p in probes} - {top})
-                 for o in decide.options(rows, s, [p for p in probes if p["step"] == s], {})]
-        bits = sorted({p["target_bits"] for p in probes if p["step"] == top})
+        bits = sorted({p["target_bits"] for p in searched[top]})
         sizes = {}
-        for k in [s for s in search["candidates"] if s < top][-3:]:
+        for k in lower[-3:]:
             c.log(f"[quantize] bytes of step {k} shared at each probed budget")
             sizes[k] = stages.shared_sizes(self.step_model(k, spec), spec, qcfg, bits,
                                            encoding(c))
-        table += decide.options(rows, top, [p for p in probes if p["step"] == top], sizes)
+        table = [o for s, found in searched.items()
+                 for o in decide.options(rows, s, found, sizes if s == top else {})]
         choice = decide.choose(table, t.allowed) or min(table, key=lambda o: o.loss + o.margin)
         c.log(f"[quantize] chosen: step {choice.step} (sparsity {choice.sparsity:.4f}) at "
               f"{choice.bits:.3f} bits, {choice.bytes:,} bytes, loss "
               f"{'measured' if choice.measured else 'predicted'} {choice.loss:.3g} + "
               f"margin {choice.margin:.3g} {t.units}")
-        return {"probes": probes, "searched_step": top, "options": decide.as_rows(table),
+        return {"probes": [p for found in searched.values() for p in found],
+                "searched_step": top, "options": decide.as_rows(table),
                 "chosen": choice.bits, "chosen_step": choice.step,
                 "candidates": search["candidates"]}
 
